@@ -1,0 +1,882 @@
+//! The Tenant reconciler and its runtime: a kube-runtime `Controller` over Tenants (and the
+//! Secrets they own), a pipeline per Tenant — validate → role → schema → migrations →
+//! credentials → status — behind kube-runtime's finalizer helper, and the health server.
+
+pub mod plan;
+pub mod secret;
+pub mod status;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{future::BoxFuture, FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    api::{DeleteParams, Patch, PatchParams},
+    runtime::{
+        controller::{Action, Config as ControllerConfig, Controller},
+        events::{Event, EventType, Recorder, Reporter},
+        finalizer::{finalizer, Event as FinalizerEvent},
+        reflector::ObjectRef,
+        watcher,
+    },
+    Api, Client, Resource, ResourceExt,
+};
+use serde_json::json;
+use tracing::{info, instrument, warn, Span};
+
+use crate::{
+    crd::{condition, Phase, Tenant, TenantStatus, FINALIZER},
+    naming::Ident,
+    postgres::{migrations::MigrationSet, Admin, Holder},
+    telemetry::Metrics,
+};
+use plan::Plan;
+use secret::Decision;
+use status::StatusBuilder;
+
+/// Field manager for everything the operator writes with server-side apply.
+pub const FIELD_MANAGER: &str = "tenantry";
+
+/// A reconcile stage, with the fixed label used in metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Role,
+    Schema,
+    Migrations,
+    Credentials,
+    Status,
+    Cleanup,
+    Finalizer,
+}
+
+impl Stage {
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Role => "role",
+            Stage::Schema => "schema",
+            Stage::Migrations => "migrations",
+            Stage::Credentials => "credentials",
+            Stage::Status => "status",
+            Stage::Cleanup => "cleanup",
+            Stage::Finalizer => "finalizer",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database error during {}: {source}", stage.label())]
+    Database { stage: Stage, source: sqlx::Error },
+    #[error("kubernetes API error during {}: {source}", stage.label())]
+    Kube { stage: Stage, source: kube::Error },
+    #[error("migrations: {0}")]
+    Migration(#[from] crate::postgres::migrations::MigrateError),
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// The stage label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Database { stage, .. } | Error::Kube { stage, .. } => stage.label(),
+            Error::Migration(_) => Stage::Migrations.label(),
+            Error::Finalizer(e) => match &**e {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => Stage::Finalizer.label(),
+            },
+        }
+    }
+}
+
+fn db(stage: Stage) -> impl FnOnce(sqlx::Error) -> Error {
+    move |source| Error::Database { stage, source }
+}
+
+fn kube_err(stage: Stage) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { stage, source }
+}
+
+/// Shared state of all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub admin: Admin,
+    pub migrations: Arc<MigrationSet>,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// Consecutive failures per Tenant, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<Tenant>, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, admin: Admin, migrations: MigrationSet, metrics: Metrics) -> Self {
+        let reporter = Reporter {
+            controller: "tenantry".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            admin,
+            migrations: Arc::new(migrations),
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+
+    async fn event(
+        &self,
+        tenant: &Tenant,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(&note, 1000)),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &tenant.object_ref(&())).await {
+            warn!(error = %e, reason, "failed to publish event");
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now().to_string())
+}
+
+/// Entry point of one reconcile: everything goes through the finalizer helper.
+#[instrument(skip(tenant, ctx), fields(tenant = %tenant.name_any(), namespace = tenant.namespace().unwrap_or_default(), schema = tracing::field::Empty))]
+pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = tenant.namespace().unwrap_or_default();
+    let api: Api<Tenant> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = ObjectRef::from_obj(&*tenant);
+    let step_ctx = ctx.clone();
+    let result = finalizer(&api, FINALIZER, tenant, move |event| step(event, step_ctx))
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(
+        started.elapsed().as_secs_f64(),
+        result.as_ref().err().map(Error::metric_label),
+    );
+    if result.is_ok() {
+        ctx.failures.lock().expect("failures lock").remove(&key);
+    }
+    result
+}
+
+/// One finalizer step as an owned, boxed future (keeps the reconcile future `Send` for any
+/// lifetime, which the controller requires).
+fn step(
+    event: FinalizerEvent<Tenant>,
+    ctx: Arc<Context>,
+) -> BoxFuture<'static, Result<Action, Error>> {
+    async move {
+        match event {
+            FinalizerEvent::Apply(t) => apply(&t, &ctx).await,
+            FinalizerEvent::Cleanup(t) => cleanup(&t, &ctx).await,
+        }
+    }
+    .boxed()
+}
+
+/// Backoff after an error: 1 s doubling per consecutive failure, at most 5 minutes.
+pub fn error_policy(tenant: Arc<Tenant>, error: &Error, ctx: Arc<Context>) -> Action {
+    let mut failures = ctx.failures.lock().expect("failures lock");
+    let n = failures.entry(ObjectRef::from_obj(&*tenant)).or_insert(0);
+    *n = n.saturating_add(1);
+    let delay = Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300));
+    warn!(tenant = %tenant.name_any(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Writes `status` if it differs from what the Tenant has.
+async fn write_status(tenant: &Tenant, status: TenantStatus, ctx: &Context) -> Result<(), Error> {
+    let key = format!(
+        "{}/{}",
+        tenant.namespace().unwrap_or_default(),
+        tenant.name_any()
+    );
+    ctx.metrics.set_phase(key, Some(status.phase));
+    if tenant.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<Tenant> =
+        Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": Tenant::api_version(&()),
+        "kind": Tenant::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &tenant.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await
+    .map_err(kube_err(Stage::Status))?;
+    Ok(())
+}
+
+/// Records a failure in status (best effort) and returns the error for backoff.
+async fn fail_with(
+    tenant: &Tenant,
+    mut b: StatusBuilder,
+    step: &str,
+    err: Error,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let (reason, phase) = match &err {
+        Error::Database { source, .. } if crate::postgres::is_transient(source) => {
+            ("DatabaseUnavailable", Phase::Provisioning)
+        }
+        Error::Kube { .. } => ("KubernetesError", Phase::Provisioning),
+        _ => ("DatabaseError", Phase::Failed),
+    };
+    b.fail(step, reason, err.to_string(), phase);
+    ctx.event(
+        tenant,
+        EventType::Warning,
+        reason,
+        "Provision",
+        err.to_string(),
+    )
+    .await;
+    if let Err(e) = write_status(tenant, b.build(), ctx).await {
+        warn!(error = %e, "could not record failure in status");
+    }
+    Err(err)
+}
+
+/// Provisions a Tenant: the pipeline of steps, each reported as a condition.
+async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
+    let mut b = StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now());
+    let previous_phase = tenant.status.as_ref().map(|s| s.phase);
+
+    // 1. Validate (pure). Invalid specs wait for a change; nothing touches the database.
+    let plan = match plan::plan(tenant) {
+        Ok(p) => p,
+        Err(message) => {
+            b.not_ready("Invalid", message.clone(), Phase::Invalid);
+            if previous_phase != Some(Phase::Invalid)
+                || tenant.status.as_ref().and_then(|s| s.observed_generation)
+                    != tenant.metadata.generation
+            {
+                ctx.event(
+                    tenant,
+                    EventType::Warning,
+                    "InvalidSpec",
+                    "Validate",
+                    message,
+                )
+                .await;
+            }
+            write_status(tenant, b.build(), ctx).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let Plan {
+        ident: id,
+        owner,
+        secret_name,
+    } = plan;
+    Span::current().record("schema", id.as_str());
+
+    // Read what exists, once, before changing anything: conflicts stop us with nothing done.
+    let observed = match ctx.admin.observe(&id).await {
+        Ok(o) => o,
+        Err(e) => {
+            return fail_with(tenant, b, condition::ROLE_READY, db(Stage::Role)(e), ctx).await
+        }
+    };
+    let role_holder = observed.role_holder(&owner);
+    let schema_holder = observed.schema_holder(&owner);
+    for (what, step, holder) in [
+        ("role", condition::ROLE_READY, &role_holder),
+        ("schema", condition::SCHEMA_READY, &schema_holder),
+    ] {
+        let message = match holder {
+            Holder::Unmanaged => format!(
+                "{what} {} already exists and is not managed by tenantry; nothing was changed",
+                id.as_str()
+            ),
+            Holder::OtherTenant(o) => format!(
+                "{what} {} belongs to Tenant {}/{}; nothing was changed",
+                id.as_str(),
+                o.namespace,
+                o.name
+            ),
+            _ => continue,
+        };
+        b.fail(step, "Conflict", message.clone(), Phase::Conflict);
+        if previous_phase != Some(Phase::Conflict) {
+            ctx.event(tenant, EventType::Warning, "Conflict", "Provision", message)
+                .await;
+        }
+        write_status(tenant, b.build(), ctx).await?;
+        // Someone may drop the conflicting object by hand: look again now and then.
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
+
+    // 2. Role.
+    let mut fresh_password = None;
+    match (&role_holder, &observed.role) {
+        (Holder::Nobody, _) => {
+            let password = crate::postgres::scram::generate_password();
+            if let Err(e) = ctx.admin.create_role(&id, &owner, &password).await {
+                return fail_with(tenant, b, condition::ROLE_READY, db(Stage::Role)(e), ctx).await;
+            }
+            fresh_password = Some(password);
+            ctx.event(
+                tenant,
+                EventType::Normal,
+                "RoleCreated",
+                "Provision",
+                format!("created role {}", id.as_str()),
+            )
+            .await;
+            b.ok(
+                condition::ROLE_READY,
+                "Created",
+                format!("role {} created", id.as_str()),
+            );
+        }
+        (_, Some(state)) => {
+            if let Err(e) = ctx.admin.adopt_role(&id, &owner, state).await {
+                return fail_with(tenant, b, condition::ROLE_READY, db(Stage::Role)(e), ctx).await;
+            }
+            b.ok(
+                condition::ROLE_READY,
+                "Exists",
+                format!("role {} exists", id.as_str()),
+            );
+        }
+        (_, None) => unreachable!("a holder other than Nobody implies the role exists"),
+    }
+
+    // 3. Schema, owned by the role, closed to everyone else.
+    match (&schema_holder, &observed.schema) {
+        (Holder::Nobody, _) => {
+            if let Err(e) = ctx.admin.create_schema(&id, &owner).await {
+                return fail_with(
+                    tenant,
+                    b,
+                    condition::SCHEMA_READY,
+                    db(Stage::Schema)(e),
+                    ctx,
+                )
+                .await;
+            }
+            ctx.event(
+                tenant,
+                EventType::Normal,
+                "SchemaCreated",
+                "Provision",
+                format!(
+                    "created schema {} owned by role {}",
+                    id.as_str(),
+                    id.as_str()
+                ),
+            )
+            .await;
+            b.ok(
+                condition::SCHEMA_READY,
+                "Created",
+                format!("schema {} created", id.as_str()),
+            );
+        }
+        (_, Some(state)) => {
+            if let Err(e) = ctx.admin.adopt_schema(&id, &owner, state).await {
+                return fail_with(
+                    tenant,
+                    b,
+                    condition::SCHEMA_READY,
+                    db(Stage::Schema)(e),
+                    ctx,
+                )
+                .await;
+            }
+            b.ok(
+                condition::SCHEMA_READY,
+                "Exists",
+                format!("schema {} exists", id.as_str()),
+            );
+        }
+        (_, None) => unreachable!("a holder other than Nobody implies the schema exists"),
+    }
+    {
+        let s = b.status_mut();
+        s.schema = Some(id.as_str().to_string());
+        s.role = Some(id.as_str().to_string());
+    }
+
+    // 4. Migrations, as the tenant role, inside the schema.
+    match migrate(&id, ctx).await {
+        Ok((version, applied)) => {
+            b.status_mut().migration_version = version;
+            let v = version.map_or("none".to_string(), |v| v.to_string());
+            if !applied.is_empty() {
+                let list = applied
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                ctx.event(
+                    tenant,
+                    EventType::Normal,
+                    "MigrationsApplied",
+                    "Migrate",
+                    format!("applied migrations {list}; schema at version {v}"),
+                )
+                .await;
+            }
+            b.ok(
+                condition::MIGRATIONS_APPLIED,
+                "UpToDate",
+                format!("schema at migration version {v}"),
+            );
+        }
+        Err(Error::Migration(e)) if !e.is_transient() => {
+            let message = e.to_string();
+            b.fail(
+                condition::MIGRATIONS_APPLIED,
+                "MigrationFailed",
+                message.clone(),
+                Phase::Failed,
+            );
+            if tenant
+                .condition(condition::MIGRATIONS_APPLIED)
+                .is_none_or(|c| c.message != message)
+            {
+                ctx.event(
+                    tenant,
+                    EventType::Warning,
+                    "MigrationFailed",
+                    "Migrate",
+                    message,
+                )
+                .await;
+            }
+            write_status(tenant, b.build(), ctx).await?;
+            // Fixing a migration means a new migration set, which restarts the operator.
+            return Ok(Action::requeue(Duration::from_secs(600)));
+        }
+        Err(e) => return fail_with(tenant, b, condition::MIGRATIONS_APPLIED, e, ctx).await,
+    }
+
+    // 5. Credentials Secret.
+    let verifier = observed.role.as_ref().and_then(|r| r.verifier.clone());
+    if let Err(e) = credentials(
+        tenant,
+        &id,
+        &secret_name,
+        verifier.as_deref(),
+        fresh_password.as_deref(),
+        &mut b,
+        ctx,
+    )
+    .await
+    {
+        return fail_with(tenant, b, condition::CREDENTIALS_READY, e, ctx).await;
+    }
+    if b.clone().build().phase == Phase::Conflict {
+        write_status(tenant, b.build(), ctx).await?;
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
+    b.status_mut().secret_name = Some(secret_name.clone());
+
+    // 6. Ready.
+    b.ready(format!(
+        "schema {} ready with credentials in Secret {secret_name}",
+        id.as_str()
+    ));
+    let status = b.build();
+    if previous_phase != Some(Phase::Ready) {
+        info!(schema = id.as_str(), "tenant provisioned");
+        ctx.event(
+            tenant,
+            EventType::Normal,
+            "Provisioned",
+            "Provision",
+            format!(
+                "schema {} at migration version {} with credentials in Secret {secret_name}",
+                id.as_str(),
+                status
+                    .migration_version
+                    .map_or("none".into(), |v| v.to_string())
+            ),
+        )
+        .await;
+    }
+    write_status(tenant, status, ctx).await?;
+    // Periodic resync catches drift nobody told us about (a role altered by hand).
+    Ok(Action::requeue(Duration::from_secs(3600)))
+}
+
+/// Applies pending migrations; returns the schema's version and the versions applied now.
+/// A schema already up to date costs one read and no transaction.
+async fn migrate(id: &Ident, ctx: &Context) -> Result<(Option<i64>, Vec<i64>), Error> {
+    let applied = ctx
+        .admin
+        .applied_migrations(id)
+        .await
+        .map_err(db(Stage::Migrations))?;
+    let pending = ctx.migrations.pending(&applied)?;
+    let applied_now = if pending.is_empty() {
+        Vec::new()
+    } else {
+        ctx.admin.migrate(id, &ctx.migrations).await?
+    };
+    let version = applied
+        .iter()
+        .map(|(v, _)| *v)
+        .chain(applied_now.iter().copied())
+        .max();
+    Ok((version, applied_now))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn credentials(
+    tenant: &Tenant,
+    id: &Ident,
+    secret_name: &str,
+    verifier: Option<&str>,
+    fresh_password: Option<&str>,
+    b: &mut StatusBuilder,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let ns = tenant.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = secrets
+        .get_opt(secret_name)
+        .await
+        .map_err(kube_err(Stage::Credentials))?;
+    let endpoint = ctx.admin.endpoint();
+    let decision = secret::decide(
+        tenant,
+        existing.as_ref(),
+        endpoint,
+        id,
+        verifier,
+        fresh_password,
+    );
+    let (password, event) = match decision {
+        Decision::Keep => {
+            b.ok(
+                condition::CREDENTIALS_READY,
+                "Issued",
+                format!("credentials in Secret {secret_name}"),
+            );
+            return Ok(());
+        }
+        Decision::Conflict { message } => {
+            b.fail(
+                condition::CREDENTIALS_READY,
+                "Conflict",
+                message.clone(),
+                Phase::Conflict,
+            );
+            if tenant.status.as_ref().map(|s| s.phase) != Some(Phase::Conflict) {
+                ctx.event(
+                    tenant,
+                    EventType::Warning,
+                    "Conflict",
+                    "IssueCredentials",
+                    message,
+                )
+                .await;
+            }
+            return Ok(());
+        }
+        Decision::Repair { password } => {
+            let what = if existing.is_some() {
+                "repaired"
+            } else {
+                "issued"
+            };
+            (
+                password,
+                (
+                    if existing.is_some() {
+                        "CredentialsRepaired"
+                    } else {
+                        "CredentialsIssued"
+                    },
+                    format!("{what} Secret {secret_name}"),
+                ),
+            )
+        }
+        Decision::Rotate { reason } => {
+            let password = crate::postgres::scram::generate_password();
+            ctx.admin
+                .set_password(id, &password)
+                .await
+                .map_err(db(Stage::Credentials))?;
+            let kind = if existing.is_some() {
+                "CredentialsRepaired"
+            } else {
+                "CredentialsIssued"
+            };
+            (
+                password,
+                (
+                    kind,
+                    format!("{reason}: set a new password and wrote Secret {secret_name}"),
+                ),
+            )
+        }
+    };
+    let desired = secret::desired(tenant, endpoint, id, &password);
+    secrets
+        .patch(
+            secret_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+        .map_err(kube_err(Stage::Credentials))?;
+    ctx.event(
+        tenant,
+        EventType::Normal,
+        event.0,
+        "IssueCredentials",
+        event.1,
+    )
+    .await;
+    b.ok(
+        condition::CREDENTIALS_READY,
+        "Issued",
+        format!("credentials in Secret {secret_name}"),
+    );
+    Ok(())
+}
+
+/// Deletion according to `deletionPolicy`. Never reports success before the database work is
+/// done; copes with a Tenant that was never provisioned.
+async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
+    let key = format!(
+        "{}/{}",
+        tenant.namespace().unwrap_or_default(),
+        tenant.name_any()
+    );
+    // What was provisioned (status.schema) wins over what the spec says now.
+    let id = tenant
+        .status
+        .as_ref()
+        .and_then(|s| s.schema.as_deref())
+        .and_then(|s| Ident::parse("schema", s).ok())
+        .or_else(|| plan::plan(tenant).ok().map(|p| p.ident));
+    if let Some(id) = id {
+        if let Err(e) = cleanup_database(tenant, &id, ctx).await {
+            let mut b =
+                StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now());
+            let message = format!("deletion is waiting for the database: {e}");
+            b.not_ready("DeletionPending", message.clone(), Phase::Deleting);
+            ctx.event(
+                tenant,
+                EventType::Warning,
+                "DeletionPending",
+                "Delete",
+                message,
+            )
+            .await;
+            if let Err(e) = write_status(tenant, b.build(), ctx).await {
+                warn!(error = %e, "could not record deletion failure in status");
+            }
+            return Err(e);
+        }
+    }
+    // The Secret is owned by the Tenant and would be garbage-collected; deleting it here makes
+    // the credentials of a LOGIN-revoked or dropped role disappear at once.
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
+    if let Some(s) = secrets
+        .get_opt(&tenant.secret_name())
+        .await
+        .map_err(kube_err(Stage::Cleanup))?
+    {
+        let uid = tenant.uid();
+        if s.owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref())
+        {
+            secrets
+                .delete(&s.name_any(), &DeleteParams::default())
+                .await
+                .map_err(kube_err(Stage::Cleanup))?;
+        }
+    }
+    ctx.metrics.set_phase(key, None);
+    Ok(Action::await_change())
+}
+
+async fn cleanup_database(tenant: &Tenant, id: &Ident, ctx: &Context) -> Result<(), Error> {
+    let owner = crate::postgres::Owner::new(
+        &tenant.namespace().unwrap_or_default(),
+        &tenant.name_any(),
+        tenant.metadata.uid.as_deref().unwrap_or_default(),
+    );
+    let observed = ctx.admin.observe(id).await.map_err(db(Stage::Cleanup))?;
+    let role_ours = observed.role_holder(&owner) == Holder::ThisTenant;
+    let schema_ours = observed.schema_holder(&owner) == Holder::ThisTenant;
+    match tenant.spec.deletion_policy {
+        crate::crd::DeletionPolicy::Retain => {
+            if role_ours {
+                ctx.admin.retain(id).await.map_err(db(Stage::Cleanup))?;
+                ctx.event(
+                    tenant,
+                    EventType::Normal,
+                    "Retained",
+                    "Delete",
+                    format!(
+                        "kept schema {} and its data; role {} can no longer log in",
+                        id.as_str(),
+                        id.as_str()
+                    ),
+                )
+                .await;
+            }
+        }
+        crate::crd::DeletionPolicy::Delete => {
+            if role_ours || schema_ours {
+                ctx.admin
+                    .drop_tenant(id, schema_ours, role_ours)
+                    .await
+                    .map_err(db(Stage::Cleanup))?;
+                ctx.event(
+                    tenant,
+                    EventType::Normal,
+                    "Deleted",
+                    "Delete",
+                    format!(
+                        "dropped schema {} with its data and role {}",
+                        id.as_str(),
+                        id.as_str()
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Settings of `tenantry controller`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Watch Tenants in this namespace only (all namespaces when `None`).
+    pub namespace: Option<String>,
+    pub concurrency: u16,
+    pub health_addr: SocketAddr,
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    mut admin: Admin,
+    migrations: MigrationSet,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let tenants: Api<Tenant> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let secrets: Api<Secret> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    if let Err(e) = tenants
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        anyhow::bail!("cannot list Tenants ({e}); is the CRD installed? kubectl apply -f crds/");
+    }
+
+    let metrics = Metrics::default();
+    let synced = Arc::new(AtomicBool::new(false));
+    let health = crate::health::serve(
+        settings.health_addr,
+        metrics.clone(),
+        synced.clone(),
+        admin.clone(),
+    )
+    .await?;
+    info!(addr = %health, "health and metrics listening");
+
+    // The database may still be starting: keep trying, reporting not-ready meanwhile.
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match admin.bootstrap().await {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(error = %e, "database not ready; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+
+    let ctx = Arc::new(Context::new(client, admin, migrations, metrics));
+    let controller = Controller::new(tenants, watcher::Config::default())
+        .owns(
+            secrets,
+            watcher::Config::default().labels(&format!(
+                "{}={}",
+                secret::MANAGED_BY_LABEL,
+                secret::MANAGED_BY
+            )),
+        )
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .graceful_shutdown_on(shutdown);
+    let store = controller.store();
+    tokio::spawn(async move {
+        if store.wait_until_ready().await.is_ok() {
+            synced.store(true, Ordering::SeqCst);
+            info!("initial Tenant sync complete");
+        }
+    });
+    info!(
+        namespace = settings.namespace.as_deref().unwrap_or("<all>"),
+        migrations = ctx.migrations.latest(),
+        "controller started"
+    );
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile did not complete");
+            }
+        })
+        .await;
+    info!("controller stopped");
+    Ok(())
+}

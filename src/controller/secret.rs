@@ -1,0 +1,282 @@
+//! The credentials Secret: what it should contain (pure) and whether an existing one can be
+//! kept, repaired with its password, or must get a new password.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{api::core::v1::Secret, ByteString};
+use kube::{api::ObjectMeta, Resource, ResourceExt};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+
+use crate::{crd::Tenant, naming::Ident, postgres::Endpoint};
+
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "tenantry";
+pub const TENANT_LABEL: &str = "tenantry.dev/tenant";
+
+/// The keys of every credentials Secret.
+pub const KEYS: [&str; 8] = [
+    "host", "port", "dbname", "username", "password", "schema", "uri", "jdbc-uri",
+];
+
+fn enc(s: &str) -> String {
+    utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+}
+
+/// The Secret's `data`, as plain strings.
+pub fn credentials(endpoint: &Endpoint, id: &Ident, password: &str) -> BTreeMap<String, String> {
+    let user = id.as_str();
+    // A host that is a socket directory must be passed as a query parameter in URIs.
+    let (authority, host_param) = if endpoint.host.starts_with('/') {
+        (String::new(), format!("&host={}", enc(&endpoint.host)))
+    } else {
+        (
+            format!("{}:{}", endpoint.host, endpoint.port),
+            String::new(),
+        )
+    };
+    let uri = format!(
+        "postgresql://{}:{}@{}/{}?options={}{}{}",
+        enc(user),
+        enc(password),
+        authority,
+        enc(&endpoint.dbname),
+        enc(&format!("-c search_path={user}")),
+        host_param,
+        if endpoint.host.starts_with('/') {
+            format!("&port={}", endpoint.port)
+        } else {
+            String::new()
+        }
+    );
+    let jdbc = format!(
+        "jdbc:postgresql://{}:{}/{}?currentSchema={}&user={}&password={}",
+        endpoint.host,
+        endpoint.port,
+        enc(&endpoint.dbname),
+        enc(user),
+        enc(user),
+        enc(password)
+    );
+    BTreeMap::from([
+        ("host".into(), endpoint.host.clone()),
+        ("port".into(), endpoint.port.to_string()),
+        ("dbname".into(), endpoint.dbname.clone()),
+        ("username".into(), user.to_string()),
+        ("password".into(), password.to_string()),
+        ("schema".into(), id.as_str().to_string()),
+        ("uri".into(), uri),
+        ("jdbc-uri".into(), jdbc),
+    ])
+}
+
+/// The complete desired Secret for `tenant`, owned by it.
+pub fn desired(tenant: &Tenant, endpoint: &Endpoint, id: &Ident, password: &str) -> Secret {
+    let data = credentials(endpoint, id, password)
+        .into_iter()
+        .map(|(k, v)| (k, ByteString(v.into_bytes())))
+        .collect();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(tenant.secret_name()),
+            namespace: tenant.namespace(),
+            labels: Some(labels(tenant)),
+            owner_references: tenant.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Secret::default()
+    }
+}
+
+pub fn labels(tenant: &Tenant) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.into(), MANAGED_BY.into()),
+        (TENANT_LABEL.into(), tenant.name_any()),
+    ])
+}
+
+/// What to do about the credentials Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// It is complete and its password works: write nothing.
+    Keep,
+    /// Rewrite it with this (still valid) password: keys, labels or owner drifted.
+    Repair { password: String },
+    /// Set a new password on the role and write the Secret with it.
+    Rotate { reason: String },
+    /// A Secret of that name exists and is not this Tenant's: leave it alone.
+    Conflict { message: String },
+}
+
+/// Decides about an existing Secret. `verifier` is the role's stored SCRAM verifier when
+/// readable; `fresh_password` is set when the role was created in this reconcile.
+pub fn decide(
+    tenant: &Tenant,
+    existing: Option<&Secret>,
+    endpoint: &Endpoint,
+    id: &Ident,
+    verifier: Option<&str>,
+    fresh_password: Option<&str>,
+) -> Decision {
+    let Some(secret) = existing else {
+        return match fresh_password {
+            Some(p) => Decision::Repair { password: p.into() },
+            None => Decision::Rotate {
+                reason: "Secret is missing".into(),
+            },
+        };
+    };
+    let ours = secret.owner_references().iter().any(|o| {
+        o.kind == "Tenant"
+            && o.name == tenant.name_any()
+            && o.api_version.starts_with("tenantry.dev/")
+    });
+    if !ours {
+        return Decision::Conflict {
+            message: format!(
+                "Secret {} exists and is not owned by this Tenant; delete it or set spec.credentials.secretName",
+                secret.name_any()
+            ),
+        };
+    }
+    if let Some(p) = fresh_password {
+        return Decision::Repair { password: p.into() };
+    }
+    let password = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("password"))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .filter(|p| !p.is_empty());
+    let Some(password) = password else {
+        return Decision::Rotate {
+            reason: "Secret has no password".into(),
+        };
+    };
+    if let Some(v) = verifier {
+        if !crate::postgres::scram::verify(&password, v) {
+            return Decision::Rotate {
+                reason: "Secret password does not match the role".into(),
+            };
+        }
+    }
+    let want = desired(tenant, endpoint, id, &password);
+    let same_data = secret.data == want.data;
+    let same_owner = secret.metadata.owner_references == want.metadata.owner_references;
+    let labels_ok = want
+        .metadata
+        .labels
+        .as_ref()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| secret.labels().get(k) == Some(v));
+    if same_data && same_owner && labels_ok {
+        Decision::Keep
+    } else {
+        Decision::Repair { password }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+
+    fn tenant() -> Tenant {
+        let mut t = Tenant::test("acme").in_namespace("ns");
+        t.metadata.uid = Some("uid-1".into());
+        t
+    }
+
+    fn ep() -> Endpoint {
+        Endpoint {
+            host: "db.example".into(),
+            port: 5432,
+            dbname: "app".into(),
+        }
+    }
+
+    fn id() -> Ident {
+        Ident::parse("schema", "ns_acme").unwrap()
+    }
+
+    #[test]
+    fn credentials_have_every_key_and_usable_uris() {
+        let c = credentials(&ep(), &id(), "pw");
+        assert_eq!(
+            c.keys().map(String::as_str).collect::<Vec<_>>().len(),
+            KEYS.len()
+        );
+        for k in KEYS {
+            assert!(c.contains_key(k), "{k}");
+        }
+        assert_eq!(
+            c["uri"],
+            "postgresql://ns%5Facme:pw@db.example:5432/app?options=%2Dc%20search%5Fpath%3Dns%5Facme"
+        );
+        assert!(c["jdbc-uri"]
+            .starts_with("jdbc:postgresql://db.example:5432/app?currentSchema=ns%5Facme"));
+    }
+
+    #[test]
+    fn missing_secret_rotates_unless_password_is_fresh() {
+        let t = tenant();
+        assert!(matches!(
+            decide(&t, None, &ep(), &id(), None, None),
+            Decision::Rotate { .. }
+        ));
+        assert_eq!(
+            decide(&t, None, &ep(), &id(), None, Some("p")),
+            Decision::Repair {
+                password: "p".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unchanged_secret_is_kept_and_drift_is_repaired() {
+        let t = tenant();
+        let s = desired(&t, &ep(), &id(), "pw");
+        let v = crate::postgres::scram::verifier("pw");
+        assert_eq!(
+            decide(&t, Some(&s), &ep(), &id(), Some(&v), None),
+            Decision::Keep
+        );
+
+        let mut tampered = s.clone();
+        tampered
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("host".into(), ByteString(b"evil".to_vec()));
+        assert_eq!(
+            decide(&t, Some(&tampered), &ep(), &id(), Some(&v), None),
+            Decision::Repair {
+                password: "pw".into()
+            }
+        );
+
+        let other_v = crate::postgres::scram::verifier("other");
+        assert!(matches!(
+            decide(&t, Some(&s), &ep(), &id(), Some(&other_v), None),
+            Decision::Rotate { .. }
+        ));
+    }
+
+    #[test]
+    fn foreign_secret_is_a_conflict() {
+        let t = tenant();
+        let foreign = Secret {
+            metadata: ObjectMeta {
+                name: Some("acme-db".into()),
+                ..ObjectMeta::default()
+            },
+            ..Secret::default()
+        };
+        assert!(matches!(
+            decide(&t, Some(&foreign), &ep(), &id(), None, None),
+            Decision::Conflict { .. }
+        ));
+    }
+}

@@ -1,0 +1,193 @@
+//! Pure construction of a Tenant's status: conditions keep their transition time while their
+//! status stays the same, and the phase follows from the conditions.
+
+use crate::crd::{condition, Condition, Phase, TenantStatus};
+
+/// Builds the next status from the previous one.
+#[derive(Debug, Clone)]
+pub struct StatusBuilder {
+    previous: Vec<Condition>,
+    status: TenantStatus,
+    generation: Option<i64>,
+    now: String,
+}
+
+impl StatusBuilder {
+    pub fn new(previous: Option<&TenantStatus>, generation: Option<i64>, now: String) -> Self {
+        let previous_status = previous.cloned().unwrap_or_default();
+        let status = TenantStatus {
+            phase: previous_status.phase,
+            observed_generation: generation,
+            schema: previous_status.schema.clone(),
+            role: previous_status.role.clone(),
+            secret_name: previous_status.secret_name.clone(),
+            migration_version: previous_status.migration_version,
+            conditions: Vec::new(),
+        };
+        Self {
+            previous: previous_status.conditions,
+            status,
+            generation,
+            now,
+        }
+    }
+
+    pub fn status_mut(&mut self) -> &mut TenantStatus {
+        &mut self.status
+    }
+
+    /// Sets condition `type_`; the transition time only moves when the status changes.
+    pub fn set(&mut self, type_: &str, status: &str, reason: &str, message: impl Into<String>) {
+        let mut message = message.into();
+        if message.is_empty() {
+            // Some apiservers reject empty strings in server-side-applied status.
+            message = reason.to_string();
+        }
+        let last_transition_time = self
+            .previous
+            .iter()
+            .chain(self.status.conditions.iter())
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| self.now.clone());
+        let cond = Condition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            reason: reason.to_string(),
+            message,
+            last_transition_time,
+            observed_generation: self.generation,
+        };
+        match self.status.conditions.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => *c = cond,
+            None => self.status.conditions.push(cond),
+        }
+    }
+
+    pub fn ok(&mut self, type_: &str, reason: &str, message: impl Into<String>) {
+        self.set(type_, "True", reason, message)
+    }
+
+    /// Marks `failed_step` False and every later step Unknown, then Ready False.
+    pub fn fail(
+        &mut self,
+        failed_step: &str,
+        reason: &str,
+        message: impl Into<String>,
+        phase: Phase,
+    ) {
+        let message = message.into();
+        let mut after = false;
+        for step in condition::STEPS {
+            if step == failed_step {
+                self.set(step, "False", reason, message.clone());
+                after = true;
+            } else if after {
+                self.set(
+                    step,
+                    "Unknown",
+                    "Waiting",
+                    format!("waiting for {failed_step}"),
+                );
+            }
+        }
+        self.set(condition::READY, "False", reason, message);
+        self.status.phase = phase;
+    }
+
+    /// Ready False for a reason that is not one step's (invalid spec, unreachable database).
+    pub fn not_ready(&mut self, reason: &str, message: impl Into<String>, phase: Phase) {
+        let message = message.into();
+        // Keep the step conditions already known; say nothing new about them.
+        for c in &self.previous {
+            if c.type_ != condition::READY
+                && !self.status.conditions.iter().any(|x| x.type_ == c.type_)
+            {
+                self.status.conditions.push(c.clone());
+            }
+        }
+        self.set(condition::READY, "False", reason, message);
+        self.status.phase = phase;
+    }
+
+    pub fn ready(&mut self, message: impl Into<String>) {
+        self.set(condition::READY, "True", "Provisioned", message);
+        self.status.phase = Phase::Ready;
+    }
+
+    pub fn build(mut self) -> TenantStatus {
+        // Stable order: steps, then Ready.
+        let rank = |t: &str| {
+            condition::STEPS
+                .iter()
+                .position(|s| *s == t)
+                .unwrap_or(condition::STEPS.len())
+        };
+        self.status.conditions.sort_by_key(|c| rank(&c.type_));
+        self.status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_is_kept_while_status_is_unchanged() {
+        let mut b = StatusBuilder::new(None, Some(1), "t1".into());
+        b.ok(condition::ROLE_READY, "Created", "role x");
+        let first = b.build();
+        let mut b = StatusBuilder::new(Some(&first), Some(2), "t2".into());
+        b.ok(condition::ROLE_READY, "Exists", "role x");
+        let second = b.build();
+        assert_eq!(second.conditions[0].last_transition_time, "t1");
+        assert_eq!(second.conditions[0].observed_generation, Some(2));
+        let mut b = StatusBuilder::new(Some(&second), Some(2), "t3".into());
+        b.fail(
+            condition::ROLE_READY,
+            "DatabaseUnavailable",
+            "down",
+            Phase::Provisioning,
+        );
+        let third = b.build();
+        assert_eq!(third.conditions[0].last_transition_time, "t3");
+        assert_eq!(third.phase, Phase::Provisioning);
+    }
+
+    #[test]
+    fn failure_marks_later_steps_unknown_and_orders_conditions() {
+        let mut b = StatusBuilder::new(None, Some(1), "t".into());
+        b.ok(condition::ROLE_READY, "Created", "r");
+        b.ok(condition::SCHEMA_READY, "Created", "s");
+        b.fail(
+            condition::MIGRATIONS_APPLIED,
+            "MigrationFailed",
+            "boom",
+            Phase::Failed,
+        );
+        let s = b.build();
+        let got: Vec<_> = s
+            .conditions
+            .iter()
+            .map(|c| (c.type_.as_str(), c.status.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("RoleReady", "True"),
+                ("SchemaReady", "True"),
+                ("MigrationsApplied", "False"),
+                ("CredentialsReady", "Unknown"),
+                ("Ready", "False")
+            ]
+        );
+        assert_eq!(s.phase, Phase::Failed);
+    }
+
+    #[test]
+    fn empty_messages_are_replaced() {
+        let mut b = StatusBuilder::new(None, None, "t".into());
+        b.ok(condition::READY, "Provisioned", "");
+        assert_eq!(b.build().conditions[0].message, "Provisioned");
+    }
+}

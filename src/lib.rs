@@ -1,0 +1,14 @@
+//! tenantry: schema-per-tenant PostgreSQL on Kubernetes.
+//!
+//! Rooms: [`crd`] (the Tenant resource), [`naming`] (identifiers and quoting), [`postgres`]
+//! (provisioning and migrations), [`controller`] (the reconcile pipeline), [`health`] and
+//! [`telemetry`] (probes, metrics, logs), [`cli`] (the `tenantry` command line).
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod controller;
+pub mod crd;
+pub mod health;
+pub mod naming;
+pub mod postgres;
+pub mod telemetry;

@@ -1,0 +1,209 @@
+//! PostgreSQL identifiers for tenants: how schema and role names are derived from a Tenant,
+//! which names are acceptable, and how identifiers and literals are quoted before they reach SQL.
+//! Nothing here talks to a database; everything is pure and unit-tested.
+
+use std::fmt;
+
+/// PostgreSQL truncates identifiers longer than this many bytes (NAMEDATALEN - 1).
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// The schema the operator reserves for itself; no tenant may take it.
+pub const OPERATOR_SCHEMA: &str = "tenantry";
+
+/// Names no tenant schema or role may take, whatever its source.
+const RESERVED: &[&str] = &[
+    "public",
+    "information_schema",
+    OPERATOR_SCHEMA,
+    "postgres",
+    "tenantry_gateway",
+    "current_user",
+    "current_role",
+    "session_user",
+    "user",
+    "none",
+];
+
+/// Why a name cannot be used as a tenant identifier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("{what} must not be empty")]
+    Empty { what: &'static str },
+    #[error("{what} {name:?} is {len} bytes long; PostgreSQL identifiers are at most 63 bytes")]
+    TooLong {
+        what: &'static str,
+        name: String,
+        len: usize,
+    },
+    #[error("{what} {name:?} must start with a lowercase letter or underscore and contain only lowercase letters, digits and underscores")]
+    Invalid { what: &'static str, name: String },
+    #[error("{what} {name:?} is reserved")]
+    Reserved { what: &'static str, name: String },
+}
+
+/// A validated PostgreSQL identifier: lowercase ASCII letters, digits and `_`, starting with a
+/// letter or `_`, at most 63 bytes, not reserved. Its `Display` is the quoted form, so it can
+/// only reach SQL quoted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Ident(String);
+
+impl Ident {
+    /// Validates `name` as a tenant identifier; `what` names it in errors ("schema", "role").
+    pub fn parse(what: &'static str, name: &str) -> Result<Self, NameError> {
+        if name.is_empty() {
+            return Err(NameError::Empty { what });
+        }
+        if name.len() > MAX_IDENTIFIER_BYTES {
+            return Err(NameError::TooLong {
+                what,
+                name: name.to_string(),
+                len: name.len(),
+            });
+        }
+        let mut chars = name.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !first_ok || !rest_ok {
+            return Err(NameError::Invalid {
+                what,
+                name: name.to_string(),
+            });
+        }
+        if RESERVED.contains(&name) || name.starts_with("pg_") {
+            return Err(NameError::Reserved {
+                what,
+                name: name.to_string(),
+            });
+        }
+        Ok(Self(name.to_string()))
+    }
+
+    /// The bare name, for status fields, Secrets and bound parameters (never for SQL text).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Ident {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&quote_ident(&self.0))
+    }
+}
+
+/// Quotes any string as a PostgreSQL identifier (`"a""b"`).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string as a PostgreSQL string literal (`'it''s'`), for the few DDL positions that
+/// cannot take bound parameters (`COMMENT ON`, `PASSWORD`). Assumes
+/// `standard_conforming_strings = on` (the default since PostgreSQL 9.1); backslashes and NUL
+/// bytes are refused rather than guessed at.
+pub fn quote_literal(value: &str) -> Option<String> {
+    if value.contains('\\') || value.contains('\0') {
+        return None;
+    }
+    Some(format!("'{}'", value.replace('\'', "''")))
+}
+
+/// The schema name derived from a Tenant's namespace and name: `<namespace>_<name>` with `-`
+/// and `.` mapped to `_`. Kubernetes names are lowercase DNS names, so the result only needs
+/// length and reserved-word checks.
+pub fn default_schema_name(namespace: &str, name: &str) -> String {
+    let map = |s: &str| s.replace(['-', '.'], "_");
+    format!("{}_{}", map(namespace), map(name))
+}
+
+/// Resolves the schema (and role, which shares its name) for a Tenant.
+pub fn tenant_ident(
+    namespace: &str,
+    name: &str,
+    schema_override: Option<&str>,
+) -> Result<Ident, NameError> {
+    match schema_override {
+        Some(s) => Ident::parse("schema", s),
+        None => Ident::parse("schema", &default_schema_name(namespace, name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derives_from_namespace_and_name() {
+        let id = tenant_ident("team-a", "acme.corp", None).unwrap();
+        assert_eq!(id.as_str(), "team_a_acme_corp");
+        assert_eq!(id.to_string(), "\"team_a_acme_corp\"");
+    }
+
+    #[test]
+    fn override_wins() {
+        assert_eq!(
+            tenant_ident("ns", "x", Some("acme")).unwrap().as_str(),
+            "acme"
+        );
+    }
+
+    #[test]
+    fn rejects_reserved_and_system_names() {
+        for bad in [
+            "public",
+            "pg_catalog",
+            "pg_toast",
+            "information_schema",
+            "tenantry",
+        ] {
+            assert!(
+                matches!(Ident::parse("schema", bad), Err(NameError::Reserved { .. })),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for bad in [
+            "Acme",
+            "1abc",
+            "a-b",
+            "a b",
+            "a\"b",
+            "a;drop",
+            "tenant.x",
+            "ünïcode",
+            "аcme", /* Cyrillic а */
+        ] {
+            assert!(
+                matches!(Ident::parse("schema", bad), Err(NameError::Invalid { .. })),
+                "{bad} accepted"
+            );
+        }
+        assert!(matches!(
+            Ident::parse("schema", ""),
+            Err(NameError::Empty { .. })
+        ));
+    }
+
+    #[test]
+    fn length_is_measured_in_bytes() {
+        let ok = "a".repeat(63);
+        assert!(Ident::parse("schema", &ok).is_ok());
+        let long = "a".repeat(64);
+        assert!(matches!(
+            Ident::parse("schema", &long),
+            Err(NameError::TooLong { len: 64, .. })
+        ));
+        let derived = tenant_ident(&"n".repeat(40), &"m".repeat(40), None);
+        assert!(matches!(derived, Err(NameError::TooLong { len: 81, .. })));
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's").unwrap(), "'it''s'");
+        assert_eq!(quote_literal("a\\b"), None);
+    }
+}

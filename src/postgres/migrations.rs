@@ -1,0 +1,302 @@
+//! Tenant migration sets: loading them (the embedded default set or a mounted directory) and
+//! applying them inside one tenant schema, as the tenant role, under a per-schema lock.
+//!
+//! sqlx's migrator takes one advisory lock per database, which would serialise every tenant;
+//! here each tenant schema has its own lock and its own `tenantry_migrations` table.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use sqlx::{Connection, PgConnection};
+
+use crate::naming::Ident;
+
+/// Name of the table, inside each tenant schema, recording applied migrations.
+pub const HISTORY_TABLE: &str = "tenantry_migrations";
+
+/// One migration: `<version>_<description>.sql`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    pub version: i64,
+    pub description: String,
+    pub sql: String,
+    pub checksum: Vec<u8>,
+}
+
+/// An ordered set of migrations with unique, positive versions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationSet {
+    migrations: Vec<Migration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read migrations from {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("migration file {0:?} is not named <version>_<description>.sql with a positive integer version")]
+    BadName(String),
+    #[error("migration version {0} appears more than once")]
+    Duplicate(i64),
+}
+
+/// Why migrating one tenant failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("migration {version} ({description}) failed: {source}")]
+    Failed {
+        version: i64,
+        description: String,
+        source: sqlx::Error,
+    },
+    #[error("migration {version} was changed after it was applied to this schema (checksum mismatch); restore the original file or add a new migration instead")]
+    ChecksumMismatch { version: i64 },
+    #[error("schema has migration {version} applied, which the migration set does not contain")]
+    UnknownApplied { version: i64 },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl MigrateError {
+    /// Whether retrying later could help without any change to the migration set.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            MigrateError::Database(e) => super::is_transient(e),
+            MigrateError::Failed { source, .. } => super::is_transient(source),
+            _ => false,
+        }
+    }
+}
+
+include!(concat!(env!("OUT_DIR"), "/default_migrations.rs"));
+
+impl MigrationSet {
+    /// The set embedded from the repository's `migrations/` directory at build time.
+    pub fn embedded() -> Self {
+        Self::from_files(
+            DEFAULT_MIGRATIONS
+                .iter()
+                .map(|(n, s)| (n.to_string(), s.to_string())),
+        )
+        .expect("embedded migrations are checked at build time")
+    }
+
+    /// Loads every `*.sql` file of `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
+        let io = |source| LoadError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Kubernetes ConfigMap volumes add `..data` symlinks and dot-directories.
+            if name.starts_with('.') || !name.ends_with(".sql") {
+                continue;
+            }
+            let sql = std::fs::read_to_string(entry.path()).map_err(io)?;
+            files.push((name, sql));
+        }
+        Self::from_files(files)
+    }
+
+    pub fn from_files(
+        files: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, LoadError> {
+        let mut migrations = Vec::new();
+        for (name, sql) in files {
+            let stem = name
+                .strip_suffix(".sql")
+                .ok_or_else(|| LoadError::BadName(name.clone()))?;
+            let (version, description) = stem
+                .split_once('_')
+                .ok_or_else(|| LoadError::BadName(name.clone()))?;
+            let version: i64 = version
+                .parse()
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| LoadError::BadName(name.clone()))?;
+            let checksum = Sha256::digest(sql.as_bytes()).to_vec();
+            migrations.push(Migration {
+                version,
+                description: description.replace('_', " "),
+                sql,
+                checksum,
+            });
+        }
+        migrations.sort_by_key(|m| m.version);
+        if let Some(w) = migrations.windows(2).find(|w| w[0].version == w[1].version) {
+            return Err(LoadError::Duplicate(w[0].version));
+        }
+        Ok(Self { migrations })
+    }
+
+    pub fn migrations(&self) -> &[Migration] {
+        &self.migrations
+    }
+
+    /// The highest version in the set, if any.
+    pub fn latest(&self) -> Option<i64> {
+        self.migrations.last().map(|m| m.version)
+    }
+
+    /// Compares what a schema has applied with the set: the migrations still to run, or why the
+    /// schema cannot be migrated with this set.
+    pub fn pending(&self, applied: &[(i64, Vec<u8>)]) -> Result<Vec<&Migration>, MigrateError> {
+        for (version, checksum) in applied {
+            match self.migrations.iter().find(|m| m.version == *version) {
+                Some(m) if &m.checksum == checksum => {}
+                Some(_) => return Err(MigrateError::ChecksumMismatch { version: *version }),
+                None => return Err(MigrateError::UnknownApplied { version: *version }),
+            }
+        }
+        Ok(self
+            .migrations
+            .iter()
+            .filter(|m| !applied.iter().any(|(v, _)| *v == m.version))
+            .collect())
+    }
+}
+
+/// Applied migrations of a schema, or an empty list when it has no history table yet. Runs as
+/// the connection's current user, which must be able to read the schema.
+pub async fn applied(
+    conn: &mut PgConnection,
+    schema: &Ident,
+) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL")
+            .bind(schema.as_str())
+            .bind(HISTORY_TABLE)
+            .fetch_one(&mut *conn)
+            .await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as(&format!(
+        "SELECT version, checksum FROM {schema}.{HISTORY_TABLE} ORDER BY version"
+    ))
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// Brings one tenant schema up to date with `set`, in one transaction: either every pending
+/// migration is applied and recorded, or none is. Runs as the tenant role (`SET LOCAL ROLE`)
+/// with the schema as the only `search_path` entry, so everything the migrations create lands
+/// in the schema and belongs to the role. Returns the versions applied.
+pub async fn migrate(
+    conn: &mut PgConnection,
+    schema: &Ident,
+    set: &MigrationSet,
+) -> Result<Vec<i64>, MigrateError> {
+    let mut tx = conn.begin().await?;
+    sqlx::query(&format!(
+        "SET LOCAL ROLE {schema}; SET LOCAL search_path TO {schema}"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    // One lock per tenant schema: concurrent operators never migrate the same schema twice, and
+    // different tenants never wait for each other.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("tenantry.migrate:{}", schema.as_str()))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {schema}.{HISTORY_TABLE} (
+            version bigint PRIMARY KEY,
+            description text NOT NULL,
+            checksum bytea NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now(),
+            execution_ms bigint NOT NULL
+        )"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    // Re-read under the lock: another operator may have migrated meanwhile.
+    let applied = applied(&mut *tx, schema).await?;
+    let pending = set.pending(&applied)?;
+    let mut done = Vec::new();
+    for m in pending {
+        let started = std::time::Instant::now();
+        // No bound arguments: the simple query protocol, so a file may hold many statements.
+        sqlx::Executor::execute(&mut *tx, m.sql.as_str())
+            .await
+            .map_err(|source| MigrateError::Failed {
+                version: m.version,
+                description: m.description.clone(),
+                source,
+            })?;
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.{HISTORY_TABLE} (version, description, checksum, execution_ms) VALUES ($1, $2, $3, $4)"
+        ))
+        .bind(m.version)
+        .bind(&m.description)
+        .bind(&m.checksum)
+        .bind(started.elapsed().as_millis() as i64)
+        .execute(&mut *tx)
+        .await?;
+        done.push(m.version);
+    }
+    tx.commit().await?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(files: &[(&str, &str)]) -> Result<MigrationSet, LoadError> {
+        MigrationSet::from_files(files.iter().map(|(a, b)| (a.to_string(), b.to_string())))
+    }
+
+    #[test]
+    fn orders_by_version_and_names_description() {
+        let s = set(&[("10_b.sql", "b"), ("2_add_things.sql", "a")]).unwrap();
+        let v: Vec<_> = s.migrations().iter().map(|m| m.version).collect();
+        assert_eq!(v, [2, 10]);
+        assert_eq!(s.migrations()[0].description, "add things");
+        assert_eq!(s.latest(), Some(10));
+    }
+
+    #[test]
+    fn rejects_bad_names_and_duplicates() {
+        assert!(matches!(set(&[("x.sql", "")]), Err(LoadError::BadName(_))));
+        assert!(matches!(
+            set(&[("0_x.sql", "")]),
+            Err(LoadError::BadName(_))
+        ));
+        assert!(matches!(
+            set(&[("a_x.sql", "")]),
+            Err(LoadError::BadName(_))
+        ));
+        assert!(matches!(
+            set(&[("1_x.sql", ""), ("01_y.sql", "")]),
+            Err(LoadError::Duplicate(1))
+        ));
+    }
+
+    #[test]
+    fn pending_detects_changes() {
+        let s = set(&[("1_a.sql", "a"), ("2_b.sql", "b")]).unwrap();
+        let ck = s.migrations()[0].checksum.clone();
+        assert_eq!(s.pending(&[]).unwrap().len(), 2);
+        assert_eq!(s.pending(&[(1, ck)]).unwrap()[0].version, 2);
+        assert!(matches!(
+            s.pending(&[(1, vec![0])]),
+            Err(MigrateError::ChecksumMismatch { version: 1 })
+        ));
+        assert!(matches!(
+            s.pending(&[(3, vec![0])]),
+            Err(MigrateError::UnknownApplied { version: 3 })
+        ));
+    }
+
+    #[test]
+    fn embedded_set_is_valid() {
+        let s = MigrationSet::embedded();
+        assert!(s.latest().unwrap() >= 1);
+    }
+}
