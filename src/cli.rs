@@ -169,6 +169,7 @@ impl Cli {
                         concurrency: args.concurrency,
                         health_addr: args.health_addr,
                     },
+                    telemetry::Metrics::default(),
                     shutdown_signal(),
                 )
                 .await

@@ -145,6 +145,14 @@ impl Metrics {
         }
     }
 
+    /// Reconciles finished so far (any result).
+    pub fn reconciliations(&self) -> u64 {
+        ["ok", "error"]
+            .into_iter()
+            .map(|result| self.reconciles.get_or_create(&ResultLabel { result }).get())
+            .sum()
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

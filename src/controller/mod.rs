@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{future::BoxFuture, FutureExt, StreamExt};
+use futures::{future::BoxFuture, FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     api::{DeleteParams, Patch, PatchParams},
@@ -24,8 +24,9 @@ use kube::{
         controller::{Action, Config as ControllerConfig, Controller},
         events::{Event, EventType, Recorder, Reporter},
         finalizer::{finalizer, Event as FinalizerEvent},
-        reflector::ObjectRef,
-        watcher,
+        reflector::{self, reflector, ObjectRef},
+        watcher::{self, watcher},
+        WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
 };
@@ -804,6 +805,7 @@ pub async fn run(
     mut admin: Admin,
     migrations: MigrationSet,
     settings: Settings,
+    metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let tenants: Api<Tenant> = match &settings.namespace {
@@ -821,7 +823,6 @@ pub async fn run(
         anyhow::bail!("cannot list Tenants ({e}); is the CRD installed? kubectl apply -f crds/");
     }
 
-    let metrics = Metrics::default();
     let synced = Arc::new(AtomicBool::new(false));
     let health = crate::health::serve(
         settings.health_addr,
@@ -846,7 +847,20 @@ pub async fn run(
     }
 
     let ctx = Arc::new(Context::new(client, admin, migrations, metrics));
-    let controller = Controller::new(tenants, watcher::Config::default())
+    // Our own reflector (rather than Controller::new) so readiness can follow the watch:
+    // ready once the first full list has landed in the store.
+    let (reader, writer) = reflector::store();
+    let tenant_stream = reflector(
+        writer,
+        watcher(tenants, watcher::Config::default()).default_backoff(),
+    )
+    .inspect_ok(move |ev| {
+        if matches!(ev, watcher::Event::InitDone) && !synced.swap(true, Ordering::SeqCst) {
+            info!("initial Tenant sync complete");
+        }
+    })
+    .applied_objects();
+    let controller = Controller::for_stream(tenant_stream, reader)
         .owns(
             secrets,
             watcher::Config::default().labels(&format!(
@@ -857,13 +871,6 @@ pub async fn run(
         )
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(shutdown);
-    let store = controller.store();
-    tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            synced.store(true, Ordering::SeqCst);
-            info!("initial Tenant sync complete");
-        }
-    });
     info!(
         namespace = settings.namespace.as_deref().unwrap_or("<all>"),
         migrations = ctx.migrations.latest(),

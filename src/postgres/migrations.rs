@@ -193,10 +193,10 @@ pub async fn migrate(
     set: &MigrationSet,
 ) -> Result<Vec<i64>, MigrateError> {
     let mut tx = conn.begin().await?;
-    sqlx::query(&format!(
-        "SET LOCAL ROLE {schema}; SET LOCAL search_path TO {schema}"
-    ))
-    .execute(&mut *tx)
+    sqlx::Executor::execute(
+        &mut *tx,
+        format!("SET LOCAL ROLE {schema}; SET LOCAL search_path TO {schema}").as_str(),
+    )
     .await?;
     // One lock per tenant schema: concurrent operators never migrate the same schema twice, and
     // different tenants never wait for each other.
