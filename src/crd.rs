@@ -11,9 +11,9 @@ pub const GROUP: &str = "tenantry.dev";
 /// Finalizer the operator puts on every Tenant so that deletion waits for database cleanup.
 pub const FINALIZER: &str = "tenantry.dev/cleanup";
 
-/// A Tenant is one customer of a schema-per-tenant SaaS: tenantry gives it a PostgreSQL schema
-/// owned by a dedicated role, runs the tenant migrations inside that schema and issues the
-/// role's credentials as a Secret in the Tenant's namespace.
+/// Desired state of a Tenant, decided by the platform team. tenantry gives the Tenant a
+/// PostgreSQL schema owned by a dedicated role, runs the tenant migrations inside that schema
+/// and issues the role's credentials as a Secret in the Tenant's namespace.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "tenantry.dev",

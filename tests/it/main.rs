@@ -1,1 +1,10 @@
+//! Integration tests against a real kube-apiserver and a real PostgreSQL (see common/).
+//! One test binary: fixtures start once, tests isolate by namespace and schema.
 
+mod common;
+
+mod crd;
+mod deletion;
+mod e2e;
+mod failures;
+mod provision;

@@ -1,0 +1,374 @@
+//! Shared fixtures: one PostgreSQL cluster and one kube-apiserver per test binary (started by
+//! `scripts/stack.sh`, or taken from TENANTRY_TEST_DATABASE_URL + TENANTRY_TEST_KUBECONFIG),
+//! one random namespace per test, and an in-process controller scoped to that namespace.
+
+pub mod proxy;
+
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::{
+    api::{DeleteParams, ObjectMeta, PostParams},
+    Api, Client,
+};
+use sqlx::{postgres::PgPoolOptions, PgPool};
+use tenantry::{
+    controller::{self, Settings},
+    crd::Tenant,
+    postgres::{migrations::MigrationSet, Admin},
+    telemetry::Metrics,
+};
+use tokio::sync::oneshot;
+
+pub struct Env {
+    pub database_url: String,
+    pub kubeconfig: PathBuf,
+}
+
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared PostgreSQL + apiserver, started on first use; the CRD is installed.
+pub fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let env = match (
+            std::env::var("TENANTRY_TEST_DATABASE_URL"),
+            std::env::var("TENANTRY_TEST_KUBECONFIG"),
+        ) {
+            (Ok(database_url), Ok(kubeconfig)) => Env {
+                database_url,
+                kubeconfig: kubeconfig.into(),
+            },
+            _ => start_stack(),
+        };
+        let out = kubectl_with(
+            &env.kubeconfig,
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-f",
+                "crds/tenant.yaml",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "installing the CRD failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = kubectl_with(
+            &env.kubeconfig,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "crd/tenants.tenantry.dev",
+                "--timeout=60s",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "CRD not established: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        env
+    })
+}
+
+fn start_stack() -> Env {
+    let dir = tempfile::Builder::new()
+        .prefix("tenantry-it-")
+        .tempdir()
+        .expect("temp dir")
+        .keep();
+    let out = Command::new(repo().join("scripts/stack.sh"))
+        .arg("start")
+        .arg(&dir)
+        .arg("--watch-pid")
+        .arg(std::process::id().to_string())
+        .output()
+        .expect("running scripts/stack.sh");
+    assert!(
+        out.status.success(),
+        "scripts/stack.sh start failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("stack.sh printed no {k}"))
+            .to_string()
+    };
+    Env {
+        database_url: get("DATABASE_URL"),
+        kubeconfig: get("KUBECONFIG").into(),
+    }
+}
+
+fn kubectl_with(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .current_dir(repo())
+        .output()
+        .expect("running kubectl")
+}
+
+/// Runs kubectl against the test apiserver from the repository root.
+pub fn kubectl(args: &[&str]) -> std::process::Output {
+    kubectl_with(&env().kubeconfig, args)
+}
+
+/// Runs kubectl and returns stdout; fails the test on a non-zero exit.
+#[track_caller]
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let out = kubectl(args);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub async fn client() -> Client {
+    tenantry::cli::kube_client(Some(&env().kubeconfig), None)
+        .await
+        .expect("kube client")
+}
+
+/// An admin pool for assertions.
+pub async fn pg() -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&env().database_url)
+        .await
+        .expect("connect to test postgres")
+}
+
+/// A fresh namespace, deleted when dropped.
+pub struct TestNs {
+    pub name: String,
+    pub client: Client,
+}
+
+impl TestNs {
+    pub async fn new() -> Self {
+        let client = client().await;
+        let name = format!("t-{}", random_suffix());
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        Self { name, client }
+    }
+
+    pub fn tenants(&self) -> Api<Tenant> {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// The schema name the operator derives for `tenant` in this namespace.
+    pub fn schema(&self, tenant: &str) -> String {
+        tenantry::naming::default_schema_name(&self.name, tenant)
+    }
+
+    pub async fn create(&self, tenant: Tenant) -> Tenant {
+        self.tenants()
+            .create(&PostParams::default(), &tenant)
+            .await
+            .expect("create tenant")
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        // Namespaces hold Tenants with finalizers; deleting is best effort, the stack is
+        // thrown away with the test binary.
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+pub fn random_suffix() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..8)
+        .map(|_| (b'a' + rng.random_range(0..26u8)) as char)
+        .collect()
+}
+
+/// An operator running inside the test, watching one namespace.
+pub struct RunningController {
+    stop: Option<oneshot::Sender<()>>,
+    pub metrics: Metrics,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct ControllerOpts {
+    pub database_url: String,
+    pub migrations: MigrationSet,
+}
+
+impl Default for ControllerOpts {
+    fn default() -> Self {
+        Self {
+            database_url: env().database_url.clone(),
+            migrations: MigrationSet::embedded(),
+        }
+    }
+}
+
+impl RunningController {
+    pub async fn start(ns: &TestNs) -> Self {
+        Self::start_with(ns, ControllerOpts::default()).await
+    }
+
+    pub async fn start_with(ns: &TestNs, opts: ControllerOpts) -> Self {
+        let admin = Admin::new(&opts.database_url, 4, None, None).expect("admin options");
+        let metrics = Metrics::default();
+        let (tx, rx) = oneshot::channel::<()>();
+        let settings = Settings {
+            namespace: Some(ns.name.clone()),
+            concurrency: 4,
+            health_addr: "127.0.0.1:0".parse().unwrap(),
+        };
+        let client = ns.client.clone();
+        let m = metrics.clone();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.await;
+            };
+            if let Err(e) =
+                controller::run(client, admin, opts.migrations, settings, m, shutdown).await
+            {
+                panic!("controller failed: {e:#}");
+            }
+        });
+        Self {
+            stop: Some(tx),
+            metrics,
+            task,
+        }
+    }
+}
+
+impl Drop for RunningController {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.abort();
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails the test after `timeout`.
+#[track_caller]
+pub fn eventually<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> impl Future<Output = T> + '_
+where
+    F: FnMut() -> Fut + 'static,
+    Fut: Future<Output = Option<T>>,
+{
+    let caller = std::panic::Location::caller();
+    async move {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!("{caller}: timed out after {timeout:?} waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Waits until the Tenant satisfies `pred`, returning it.
+#[track_caller]
+pub fn wait_tenant<'a>(
+    ns: &'a TestNs,
+    name: &'a str,
+    what: &'a str,
+    pred: impl Fn(&Tenant) -> bool + Send + 'static,
+) -> impl Future<Output = Tenant> + 'a {
+    let api = ns.tenants();
+    let name = name.to_string();
+    let pred = std::sync::Arc::new(pred);
+    eventually(what, Duration::from_secs(60), move || {
+        let api = api.clone();
+        let name = name.clone();
+        let pred = pred.clone();
+        async move { api.get_opt(&name).await.ok().flatten().filter(|t| pred(t)) }
+    })
+}
+
+/// Waits until the Tenant is Ready.
+#[track_caller]
+pub fn wait_ready<'a>(ns: &'a TestNs, name: &'a str) -> impl Future<Output = Tenant> + 'a {
+    wait_tenant(ns, name, "tenant Ready", |t| t.is_ready())
+}
+
+/// Waits until the Tenant no longer exists.
+pub async fn wait_gone(ns: &TestNs, name: &str) {
+    let api = ns.tenants();
+    let name = name.to_string();
+    eventually("tenant gone", Duration::from_secs(60), move || {
+        let api = api.clone();
+        let name = name.clone();
+        async move { matches!(api.get_opt(&name).await, Ok(None)).then_some(()) }
+    })
+    .await
+}
+
+pub async fn delete_tenant(ns: &TestNs, name: &str) {
+    ns.tenants()
+        .delete(name, &DeleteParams::default())
+        .await
+        .expect("delete tenant");
+}
+
+/// A string value of a Secret.
+pub fn secret_value(s: &Secret, key: &str) -> String {
+    let bytes = &s.data.as_ref().expect("secret data")[key].0;
+    String::from_utf8(bytes.clone()).expect("utf-8 secret value")
+}
+
+/// Events recorded for a Tenant, as (type, reason, note).
+pub async fn events(ns: &TestNs, name: &str) -> Vec<(String, String, String)> {
+    let api: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    let list = api.list(&Default::default()).await.expect("list events");
+    list.items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,40 @@
+//! The committed CRD is what the binary generates, the apiserver accepts it, and kubectl
+//! explains it.
+
+use crate::common::*;
+
+#[test]
+fn committed_crd_matches_the_generated_one() {
+    let committed = std::fs::read_to_string(repo().join("crds/tenant.yaml")).unwrap();
+    assert!(
+        committed == tenantry::cli::crd_yaml(),
+        "crds/tenant.yaml is stale: run `cargo run -- crd > crds/tenant.yaml`"
+    );
+}
+
+#[test]
+fn kubectl_explain_reads_the_field_docs() {
+    env();
+    // The apiserver publishes a new CRD's OpenAPI a few seconds after it is established.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !kubectl(&["explain", "tenant.spec"]).status.success()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let out = kubectl_ok(&["explain", "tenant.spec"]);
+    for field in [
+        "deletionPolicy",
+        "hosts",
+        "schema",
+        "credentials",
+        "displayName",
+    ] {
+        assert!(out.contains(field), "{out}");
+    }
+    assert!(out.contains("Retain"), "{out}");
+    let out = kubectl_ok(&["explain", "tenant.spec.deletionPolicy"]);
+    assert!(out.contains("drops the schema with all its data"), "{out}");
+    let out = kubectl_ok(&["explain", "tenant.status"]);
+    assert!(out.contains("Observed state of a Tenant"), "{out}");
+}

@@ -1,0 +1,275 @@
+//! Bad input and bad days: invalid specs, names already taken, failing migrations and a
+//! database that goes away. Each stops with a condition and an Event and changes nothing it
+//! should not.
+
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+use tenantry::{
+    crd::{Phase, Tenant},
+    postgres::migrations::MigrationSet,
+};
+
+use crate::common::{proxy::Proxy, *};
+
+async fn exists(kind: &str, name: &str) -> bool {
+    let sql = match kind {
+        "role" => "SELECT count(*) FROM pg_roles WHERE rolname = $1",
+        _ => "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+    };
+    let n: i64 = sqlx::query_scalar(sql)
+        .bind(name)
+        .fetch_one(&pg().await)
+        .await
+        .unwrap();
+    n > 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_names_get_a_condition_and_an_event_and_no_sql() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+
+    ns.create(Tenant::test("reserved").with_schema("public"))
+        .await;
+    ns.create(Tenant::test("system").with_schema("pg_evil"))
+        .await;
+    ns.create(Tenant::test("quoted").with_schema("x\"; DROP SCHEMA public; --"))
+        .await;
+    let long = "a".repeat(63);
+    ns.create(Tenant::test(&long)).await;
+
+    for (name, needle) in [
+        ("reserved", "reserved"),
+        ("system", "reserved"),
+        ("quoted", "lowercase letters"),
+        (long.as_str(), "63 bytes"),
+    ] {
+        let t = wait_tenant(&ns, name, "Invalid phase", |t| {
+            t.status.as_ref().is_some_and(|s| s.phase == Phase::Invalid)
+        })
+        .await;
+        let ready = t.condition("Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "Invalid")
+        );
+        assert!(ready.message.contains(needle), "{name}: {}", ready.message);
+        let evs = events(&ns, name).await;
+        assert!(
+            evs.iter().any(|e| e.0 == "Warning" && e.1 == "InvalidSpec"),
+            "{name}: {evs:?}"
+        );
+    }
+    // No role or schema was created under any of these names (PostgreSQL would have
+    // truncated the long one to 63 bytes).
+    let pg = pg().await;
+    let leaked: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM pg_roles WHERE rolname LIKE $1 || '%' OR rolname LIKE 'x\"%')
+              + (SELECT count(*) FROM pg_namespace WHERE nspname LIKE $1 || '%' OR nspname LIKE 'x\"%' OR nspname = 'pg_evil')",
+    )
+    .bind(format!("{}_", ns.name.replace('-', "_")))
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(
+        leaked, 0,
+        "an invalid Tenant must not create a role or schema"
+    );
+    assert!(exists("schema", "public").await);
+
+    // Fixing the spec is what it waits for.
+    let fixed_schema = format!("fixed_{}", random_suffix());
+    ns.tenants()
+        .patch(
+            "reserved",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"schema": fixed_schema}})),
+        )
+        .await
+        .unwrap();
+    let t = wait_ready(&ns, "reserved").await;
+    assert_eq!(
+        t.status.unwrap().schema.as_deref(),
+        Some(fixed_schema.as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_that_is_already_taken_is_a_conflict_and_stays_untouched() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    let pg = pg().await;
+    let taken = format!("taken_{}", random_suffix());
+    sqlx::Executor::execute(
+        &pg,
+        format!("CREATE SCHEMA {taken}; CREATE TABLE {taken}.precious (v text); INSERT INTO {taken}.precious VALUES ('keep me')").as_str(),
+    )
+    .await
+    .unwrap();
+
+    ns.create(Tenant::test("squatter").with_schema(&taken))
+        .await;
+    let t = wait_tenant(&ns, "squatter", "Conflict", |t| {
+        t.status
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Conflict)
+    })
+    .await;
+    let c = t.condition("SchemaReady").unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "Conflict")
+    );
+    assert!(
+        c.message.contains("not managed by tenantry"),
+        "{}",
+        c.message
+    );
+    assert!(
+        !exists("role", &taken).await,
+        "no role may be created on conflict"
+    );
+    let v: String = sqlx::query_scalar(&format!("SELECT v FROM {taken}.precious"))
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(v, "keep me");
+    assert!(events(&ns, "squatter")
+        .await
+        .iter()
+        .any(|e| e.0 == "Warning" && e.1 == "Conflict"));
+
+    // Two Tenants asking for the same schema: the second one is told who has it.
+    let shared = format!("shared_{}", random_suffix());
+    ns.create(Tenant::test("first").with_schema(&shared)).await;
+    wait_ready(&ns, "first").await;
+    ns.create(Tenant::test("second").with_schema(&shared)).await;
+    let t = wait_tenant(&ns, "second", "Conflict", |t| {
+        t.status
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Conflict)
+    })
+    .await;
+    let msg = &t.condition("Ready").unwrap().message;
+    assert!(
+        msg.contains(&format!("belongs to Tenant {}/first", ns.name)),
+        "{msg}"
+    );
+    // Deleting the loser (Delete policy or not) must not touch the winner's schema.
+    delete_tenant(&ns, "second").await;
+    wait_gone(&ns, "second").await;
+    assert!(exists("schema", &shared).await && exists("role", &shared).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_migration_stops_only_its_tenant_and_applies_nothing() {
+    let ns = TestNs::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("1_widgets.sql"),
+        "CREATE TABLE widgets (id int PRIMARY KEY);",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("2_picky.sql"),
+        "DO $$ BEGIN IF current_schema() LIKE '%bad%' THEN RAISE EXCEPTION 'refusing schema %', current_schema(); END IF; END $$;\nCREATE TABLE gadgets (id int);",
+    )
+    .unwrap();
+    let migrations = MigrationSet::from_dir(dir.path()).unwrap();
+    let _ctl = RunningController::start_with(
+        &ns,
+        ControllerOpts {
+            migrations,
+            ..ControllerOpts::default()
+        },
+    )
+    .await;
+    ns.create(Tenant::test("good")).await;
+    ns.create(Tenant::test("bad")).await;
+
+    let good = wait_ready(&ns, "good").await;
+    assert_eq!(good.status.unwrap().migration_version, Some(2));
+    let bad = wait_tenant(&ns, "bad", "Failed", |t| {
+        t.status.as_ref().is_some_and(|s| s.phase == Phase::Failed)
+    })
+    .await;
+    let c = bad.condition("MigrationsApplied").unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "MigrationFailed")
+    );
+    assert!(
+        c.message.contains("migration 2 (picky) failed") && c.message.contains("refusing schema"),
+        "{}",
+        c.message
+    );
+    assert_eq!(bad.condition("CredentialsReady").unwrap().status, "Unknown");
+    assert!(events(&ns, "bad")
+        .await
+        .iter()
+        .any(|e| e.0 == "Warning" && e.1 == "MigrationFailed"));
+
+    // One transaction per tenant: migration 1 is not half-applied either.
+    let schema = ns.schema("bad");
+    let widgets: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(format!("{schema}.widgets"))
+        .fetch_one(&pg().await)
+        .await
+        .unwrap();
+    assert_eq!(widgets, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_after_the_database_comes_back_and_deletion_waits_for_it() {
+    let ns = TestNs::new().await;
+    let url = env().database_url.clone();
+    let upstream = {
+        let rest = url.split('@').nth(1).unwrap();
+        let hostport = rest.split('/').next().unwrap();
+        hostport.parse().unwrap()
+    };
+    let proxy = Proxy::start(upstream).await;
+    let proxied = url.replace(&upstream.to_string(), &proxy.addr.to_string());
+    let _ctl = RunningController::start_with(
+        &ns,
+        ControllerOpts {
+            database_url: proxied,
+            ..ControllerOpts::default()
+        },
+    )
+    .await;
+    // Let the controller bootstrap, then cut the database off.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set_up(false);
+    ns.create(Tenant::test("patient").deleting()).await;
+    let t = wait_tenant(&ns, "patient", "DatabaseUnavailable", |t| {
+        t.condition("Ready")
+            .is_some_and(|c| c.reason == "DatabaseUnavailable")
+    })
+    .await;
+    assert_eq!(t.status.unwrap().phase, Phase::Provisioning);
+    assert!(events(&ns, "patient")
+        .await
+        .iter()
+        .any(|e| e.1 == "DatabaseUnavailable"));
+
+    proxy.set_up(true);
+    wait_ready(&ns, "patient").await;
+
+    // Deletion while the database is away keeps the finalizer and says why.
+    proxy.set_up(false);
+    delete_tenant(&ns, "patient").await;
+    let t = wait_tenant(&ns, "patient", "DeletionPending", |t| {
+        t.condition("Ready")
+            .is_some_and(|c| c.reason == "DeletionPending")
+    })
+    .await;
+    assert_eq!(t.status.unwrap().phase, Phase::Deleting);
+    assert!(exists("schema", &ns.schema("patient")).await);
+    proxy.set_up(true);
+    wait_gone(&ns, "patient").await;
+    assert!(!exists("schema", &ns.schema("patient")).await);
+    assert!(!exists("role", &ns.schema("patient")).await);
+}

@@ -1,0 +1,334 @@
+//! Provisioning: a Tenant becomes a migrated schema owned by its role, with working
+//! credentials that reach nothing else; re-reconciling changes nothing; a lost or tampered
+//! Secret is repaired.
+
+use std::time::Duration;
+
+use kube::api::{DeleteParams, Patch, PatchParams};
+use serde_json::json;
+use sqlx::{Connection, PgConnection, Row};
+use tenantry::crd::{Phase, Tenant};
+
+use kube::ResourceExt;
+
+use crate::common::*;
+
+async fn login(uri: &str) -> Result<PgConnection, sqlx::Error> {
+    PgConnection::connect(uri).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_gets_schema_role_tables_and_working_isolated_credentials() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("acme").with_hosts(&["acme.example.com"]))
+        .await;
+    ns.create(Tenant::test("globex")).await;
+    let acme = wait_ready(&ns, "acme").await;
+    wait_ready(&ns, "globex").await;
+
+    let schema = ns.schema("acme");
+    let status = acme.status.clone().unwrap();
+    assert_eq!(status.phase, Phase::Ready);
+    assert_eq!(status.schema.as_deref(), Some(schema.as_str()));
+    assert_eq!(status.role.as_deref(), Some(schema.as_str()));
+    assert_eq!(status.secret_name.as_deref(), Some("acme-db"));
+    assert_eq!(status.migration_version, Some(2));
+    for c in [
+        "RoleReady",
+        "SchemaReady",
+        "MigrationsApplied",
+        "CredentialsReady",
+        "Ready",
+    ] {
+        assert_eq!(
+            acme.condition(c).map(|c| c.status.as_str()),
+            Some("True"),
+            "{c}"
+        );
+    }
+    assert!(acme
+        .finalizers()
+        .contains(&"tenantry.dev/cleanup".to_string()));
+
+    // The schema belongs to the role and holds the default migration set.
+    let pg = pg().await;
+    let owner: String = sqlx::query_scalar(
+        "SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = $1",
+    )
+    .bind(&schema)
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(owner, schema);
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT tablename::text, tableowner::text FROM pg_tables WHERE schemaname = $1 ORDER BY 1",
+    )
+    .bind(&schema)
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    let names: Vec<_> = tables.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(
+        names,
+        ["members", "projects", "tasks", "tenantry_migrations"]
+    );
+    assert!(
+        tables.iter().all(|t| t.1 == schema),
+        "tables owned by the tenant role: {tables:?}"
+    );
+
+    // The Secret carries every key, is owned by the Tenant, and its URI logs in.
+    let secret = ns.secrets().get("acme-db").await.unwrap();
+    for k in [
+        "host", "port", "dbname", "username", "password", "schema", "uri", "jdbc-uri",
+    ] {
+        assert!(!secret_value(&secret, k).is_empty(), "{k}");
+    }
+    assert!(secret_value(&secret, "password").len() >= 32);
+    let owner_ref = &secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner_ref.kind.as_str(), owner_ref.name.as_str()),
+        ("Tenant", "acme")
+    );
+    assert_eq!(owner_ref.controller, Some(true));
+    assert_eq!(
+        secret.metadata.labels.as_ref().unwrap()["tenantry.dev/tenant"],
+        "acme"
+    );
+
+    let mut conn = login(&secret_value(&secret, "uri"))
+        .await
+        .expect("login with the Secret's uri");
+    let (user, current_schema): (String, String) =
+        sqlx::query_as("SELECT current_user::text, current_schema()::text")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        (user.as_str(), current_schema.as_str()),
+        (schema.as_str(), schema.as_str())
+    );
+    let project_id: i64 =
+        sqlx::query_scalar("INSERT INTO projects (name) VALUES ($1) RETURNING id")
+            .bind("launch")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    sqlx::query("INSERT INTO tasks (project_id, title) VALUES ($1, $2)")
+        .bind(project_id)
+        .bind("write docs")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let title: String = sqlx::query_scalar("SELECT t.title FROM tasks t JOIN projects p ON p.id = t.project_id WHERE p.name = 'launch'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(title, "write docs");
+
+    // Nothing else is reachable: not the other tenant's tables, not its role, not public.
+    let other = ns.schema("globex");
+    for sql in [
+        format!("SELECT * FROM \"{other}\".projects"),
+        format!("INSERT INTO \"{other}\".projects (name) VALUES ('x')"),
+        format!("SET ROLE \"{other}\""),
+        "CREATE TABLE public.leak (id int)".to_string(),
+        format!("CREATE TABLE \"{other}\".leak (id int)"),
+    ] {
+        let err = sqlx::Executor::execute(&mut conn, sql.as_str())
+            .await
+            .expect_err(&format!("{sql} must fail"));
+        let code = err
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.to_string());
+        assert_eq!(code.as_deref(), Some("42501"), "{sql}: {err}");
+    }
+    let globex_rows: i64 =
+        sqlx::query_scalar(&format!("SELECT count(*) FROM \"{other}\".projects"))
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+    assert_eq!(globex_rows, 0);
+
+    // kubectl shows the printer columns.
+    let out = kubectl_ok(&["get", "tenants", "-n", &ns.name, "-o", "wide"]);
+    let header = out.lines().next().unwrap();
+    for col in [
+        "READY",
+        "PHASE",
+        "SCHEMA",
+        "MIGRATION",
+        "HOSTS",
+        "SECRET",
+        "AGE",
+    ] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert!(
+        out.contains("acme.example.com") && out.contains(&schema),
+        "{out}"
+    );
+
+    let evs = events(&ns, "acme").await;
+    for reason in [
+        "RoleCreated",
+        "SchemaCreated",
+        "MigrationsApplied",
+        "CredentialsIssued",
+        "Provisioned",
+    ] {
+        assert!(
+            evs.iter().any(|e| e.1 == reason),
+            "missing {reason} in {evs:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciling_a_ready_tenant_again_changes_nothing() {
+    let ns = TestNs::new().await;
+    let ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("steady")).await;
+    wait_ready(&ns, "steady").await;
+    let schema = ns.schema("steady");
+    let pg = pg().await;
+    let catalog_versions = || {
+        let pg = pg.clone();
+        let schema = schema.clone();
+        async move {
+            sqlx::query(
+                "SELECT (SELECT xmin::text FROM pg_authid WHERE rolname = $1),
+                        (SELECT xmin::text FROM pg_namespace WHERE nspname = $1),
+                        (SELECT count(*) FROM pg_description d JOIN pg_namespace n ON d.objoid = n.oid WHERE n.nspname = $1)",
+            )
+            .bind(&schema)
+            .fetch_one(&pg)
+            .await
+            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1), r.get::<i64, _>(2)))
+            .unwrap()
+        }
+    };
+    // Let any follow-up reconcile (triggered by our own status and Secret writes) finish.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_catalog = catalog_versions().await;
+    let secret_rv = ns
+        .secrets()
+        .get("steady-db")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version;
+
+    // Any change to the object triggers a reconcile; an annotation does not touch the spec.
+    let patched = ns
+        .tenants()
+        .patch(
+            "steady",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"example.com/touched": "1"}}})),
+        )
+        .await
+        .unwrap();
+    let tenant_rv = patched.metadata.resource_version.clone();
+    let count = ctl.metrics.reconciliations();
+    let m = ctl.metrics.clone();
+    eventually("another reconcile", Duration::from_secs(20), move || {
+        let m = m.clone();
+        async move { (m.reconciliations() > count).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert_eq!(
+        catalog_versions().await,
+        before_catalog,
+        "role or schema rewritten"
+    );
+    let after = ns.secrets().get("steady-db").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version, secret_rv,
+        "Secret rewritten"
+    );
+    let tenant = ns.tenants().get("steady").await.unwrap();
+    assert_eq!(
+        tenant.metadata.resource_version, tenant_rv,
+        "status rewritten"
+    );
+    let applied: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{schema}\".tenantry_migrations"
+    ))
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(applied, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_or_tampered_secret_is_repaired_with_a_new_password() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("fixme")).await;
+    wait_ready(&ns, "fixme").await;
+    let original = ns.secrets().get("fixme-db").await.unwrap();
+    let old_uri = secret_value(&original, "uri");
+    let old_uid = original.metadata.uid.clone();
+
+    ns.secrets()
+        .delete("fixme-db", &DeleteParams::default())
+        .await
+        .unwrap();
+    let secrets = ns.secrets();
+    let repaired = eventually("Secret recreated", Duration::from_secs(30), move || {
+        let secrets = secrets.clone();
+        let old_uid = old_uid.clone();
+        async move {
+            secrets
+                .get_opt("fixme-db")
+                .await
+                .ok()
+                .flatten()
+                .filter(|s| s.metadata.uid != old_uid)
+        }
+    })
+    .await;
+    let new_uri = secret_value(&repaired, "uri");
+    assert_ne!(new_uri, old_uri, "a lost password must be replaced");
+    login(&new_uri).await.expect("the new password works");
+    let err = login(&old_uri)
+        .await
+        .expect_err("the old password no longer works");
+    assert!(
+        err.to_string().contains("password authentication failed"),
+        "{err}"
+    );
+
+    // Tampering with the password is noticed too (the role's SCRAM verifier disagrees).
+    ns.secrets()
+        .patch(
+            "fixme-db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"password": "guessed"}})),
+        )
+        .await
+        .unwrap();
+    let secrets = ns.secrets();
+    let fixed = eventually(
+        "tampered password replaced",
+        Duration::from_secs(30),
+        move || {
+            let secrets = secrets.clone();
+            async move {
+                let s = secrets.get("fixme-db").await.ok()?;
+                (secret_value(&s, "password") != "guessed").then_some(s)
+            }
+        },
+    )
+    .await;
+    login(&secret_value(&fixed, "uri"))
+        .await
+        .expect("repaired credentials work");
+    let evs = events(&ns, "fixme").await;
+    assert!(evs.iter().any(|e| e.1 == "CredentialsRepaired"), "{evs:?}");
+}
