@@ -24,49 +24,13 @@ pub const FINALIZER: &str = "tenantry.dev/cleanup";
     category = "tenantry",
     status = "TenantStatus",
     doc = "A Tenant gets its own PostgreSQL schema, owned by its own role, migrated with the tenant migration set, with credentials issued as a Secret.",
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
-        description = "Whether the tenant is fully provisioned"
-    ),
-    printcolumn(
-        name = "Phase",
-        type_ = "string",
-        json_path = ".status.phase",
-        description = "Lifecycle phase"
-    ),
-    printcolumn(
-        name = "Schema",
-        type_ = "string",
-        json_path = ".status.schema",
-        description = "PostgreSQL schema of the tenant"
-    ),
-    printcolumn(
-        name = "Migration",
-        type_ = "integer",
-        json_path = ".status.migrationVersion",
-        description = "Latest applied migration version"
-    ),
-    printcolumn(
-        name = "Hosts",
-        type_ = "string",
-        json_path = ".spec.hosts",
-        priority = "1",
-        description = "Host names routed to this tenant"
-    ),
-    printcolumn(
-        name = "Secret",
-        type_ = "string",
-        json_path = ".status.secretName",
-        priority = "1",
-        description = "Credentials Secret"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Ready", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].status", "description":"Whether the tenant is fully provisioned"}"#,
+    printcolumn = r#"{"name":"Phase", "type":"string", "jsonPath":".status.phase", "description":"Lifecycle phase"}"#,
+    printcolumn = r#"{"name":"Schema", "type":"string", "jsonPath":".status.schema", "description":"PostgreSQL schema of the tenant"}"#,
+    printcolumn = r#"{"name":"Migration", "type":"integer", "jsonPath":".status.migrationVersion", "description":"Latest applied migration version"}"#,
+    printcolumn = r#"{"name":"Hosts", "type":"string", "jsonPath":".spec.hosts", "description":"Host names routed to this tenant", "priority":1}"#,
+    printcolumn = r#"{"name":"Secret", "type":"string", "jsonPath":".status.secretName", "description":"Credentials Secret", "priority":1}"#,
+    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TenantSpec {

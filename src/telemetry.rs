@@ -76,8 +76,7 @@ impl Default for Metrics {
         let duration = Histogram::new(
             [
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]
-            .into_iter(),
+            ],
         );
         let tenants = Family::<PhaseLabel, Gauge>::default();
         registry.register(

@@ -14,6 +14,9 @@ use crate::naming::Ident;
 /// Name of the table, inside each tenant schema, recording applied migrations.
 pub const HISTORY_TABLE: &str = "tenantry_migrations";
 
+/// A migration recorded in a schema: version and checksum.
+pub type Applied = (i64, Vec<u8>);
+
 /// One migration: `<version>_<description>.sql`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migration {
@@ -145,7 +148,7 @@ impl MigrationSet {
 
     /// Compares what a schema has applied with the set: the migrations still to run, or why the
     /// schema cannot be migrated with this set.
-    pub fn pending(&self, applied: &[(i64, Vec<u8>)]) -> Result<Vec<&Migration>, MigrateError> {
+    pub fn pending(&self, applied: &[Applied]) -> Result<Vec<&Migration>, MigrateError> {
         for (version, checksum) in applied {
             match self.migrations.iter().find(|m| m.version == *version) {
                 Some(m) if &m.checksum == checksum => {}
@@ -163,10 +166,7 @@ impl MigrationSet {
 
 /// Applied migrations of a schema, or an empty list when it has no history table yet. Runs as
 /// the connection's current user, which must be able to read the schema.
-pub async fn applied(
-    conn: &mut PgConnection,
-    schema: &Ident,
-) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
+pub async fn applied(conn: &mut PgConnection, schema: &Ident) -> Result<Vec<Applied>, sqlx::Error> {
     let exists: bool =
         sqlx::query_scalar("SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL")
             .bind(schema.as_str())
@@ -216,7 +216,7 @@ pub async fn migrate(
     .execute(&mut *tx)
     .await?;
     // Re-read under the lock: another operator may have migrated meanwhile.
-    let applied = applied(&mut *tx, schema).await?;
+    let applied = applied(&mut tx, schema).await?;
     let pending = set.pending(&applied)?;
     let mut done = Vec::new();
     for m in pending {

@@ -55,6 +55,17 @@ impl Owner {
     }
 }
 
+/// Role exists, rolcanlogin, role comment, verifier, schema exists, schema owner, schema comment.
+type ObservedRow = (
+    bool,
+    Option<bool>,
+    Option<String>,
+    Option<String>,
+    bool,
+    Option<String>,
+    Option<String>,
+);
+
 /// What exists in PostgreSQL for one tenant identifier.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observed {
@@ -231,15 +242,7 @@ impl Admin {
         } else {
             "NULL::text"
         };
-        let row: (
-            bool,
-            Option<bool>,
-            Option<String>,
-            Option<String>,
-            bool,
-            Option<String>,
-            Option<String>,
-        ) = sqlx::query_as(&format!(
+        let row: ObservedRow = sqlx::query_as(&format!(
             "SELECT r.oid IS NOT NULL, r.rolcanlogin, shobj_description(r.oid, 'pg_authid'), {verifier_expr}, \
                     n.oid IS NOT NULL, pg_get_userbyid(n.nspowner), obj_description(n.oid, 'pg_namespace') \
              FROM (SELECT $1::name AS nm) x \
@@ -384,7 +387,7 @@ impl Admin {
     pub fn applied_migrations<'a>(
         &'a self,
         id: &'a Ident,
-    ) -> BoxFuture<'a, Result<Vec<(i64, Vec<u8>)>, sqlx::Error>> {
+    ) -> BoxFuture<'a, Result<Vec<migrations::Applied>, sqlx::Error>> {
         async move {
             let mut conn = self.pool.acquire().await?;
             migrations::applied(&mut conn, id).await

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the tests and the dev stack need on a fresh Debian machine (idempotent):
+# PostgreSQL, etcd, curl/openssl, and a kube-apiserver built from Debian's sources (cached;
+# skipped when KUBEBUILDER_ASSETS points at prebuilt binaries).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+pkgs=()
+ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || pkgs+=(postgresql)
+command -v curl >/dev/null || pkgs+=(curl)
+command -v openssl >/dev/null || pkgs+=(openssl)
+command -v python3 >/dev/null || pkgs+=(python3)
+if ((${#pkgs[@]})); then
+  echo "setup: installing ${pkgs[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >&2
+fi
+if ! command -v kubectl >/dev/null; then
+  echo "setup: kubectl is required (https://kubernetes.io/docs/tasks/tools/)" >&2
+  exit 1
+fi
+"$here/test-apiserver.sh" assets >/dev/null
