@@ -73,11 +73,9 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("tenantry");
         let reconciles = Family::<ResultLabel, Counter>::default();
         let errors = Family::<StageLabel, Counter>::default();
-        let duration = Histogram::new(
-            [
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ],
-        );
+        let duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         let tenants = Family::<PhaseLabel, Gauge>::default();
         registry.register(
             "reconciliations",
