@@ -10,6 +10,7 @@ use kube::{config::KubeConfigOptions, Client, Config, CustomResourceExt};
 use crate::{
     controller,
     crd::Tenant,
+    naming::Ident,
     postgres::{migrations::MigrationSet, Admin},
     telemetry::{self, LogFormat},
 };
@@ -90,6 +91,28 @@ pub struct ControllerArgs {
     /// Address of the /healthz, /readyz and /metrics server.
     #[arg(long, env = "TENANTRY_HEALTH_ADDR", default_value = "0.0.0.0:8081")]
     pub health_addr: SocketAddr,
+
+    /// Role the API server logs in as; it becomes a member of every tenant role. Empty to
+    /// disable.
+    #[arg(
+        long,
+        env = "TENANTRY_GATEWAY_ROLE",
+        default_value = "tenantry_gateway"
+    )]
+    pub gateway_role: String,
+
+    /// Secret holding the gateway role's credentials (keys username, password, host, port,
+    /// dbname, uri). If it exists before the first start, its `password` is used.
+    #[arg(
+        long,
+        env = "TENANTRY_GATEWAY_SECRET",
+        default_value = "tenantry-gateway"
+    )]
+    pub gateway_secret: String,
+
+    /// Namespace of the gateway Secret (default: POD_NAMESPACE, else the kubeconfig namespace).
+    #[arg(long, env = "TENANTRY_GATEWAY_SECRET_NAMESPACE")]
+    pub gateway_secret_namespace: Option<String>,
 }
 
 /// Builds a kube client from an explicit kubeconfig or by inference.
@@ -152,14 +175,24 @@ impl Cli {
                     Some(dir) => MigrationSet::from_dir(dir)?,
                     None => MigrationSet::embedded(),
                 };
+                let gateway = match args.gateway_role.as_str() {
+                    "" => None,
+                    name => Some(Ident::parse_role(name).context("--gateway-role")?),
+                };
                 let admin = Admin::new(
                     &args.database_url,
                     args.db_max_connections,
                     args.tenant_db_host.clone(),
                     args.tenant_db_port,
                 )
-                .context("--database-url")?;
+                .context("--database-url")?
+                .with_gateway(gateway.clone());
                 let client = kube_client(args.kubeconfig.as_ref(), args.context.as_deref()).await?;
+                let gateway_namespace = args
+                    .gateway_secret_namespace
+                    .clone()
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                    .unwrap_or_else(|| client.default_namespace().to_string());
                 controller::run(
                     client,
                     admin,
@@ -168,6 +201,7 @@ impl Cli {
                         namespace: args.namespace,
                         concurrency: args.concurrency,
                         health_addr: args.health_addr,
+                        gateway_secret: gateway.map(|_| (gateway_namespace, args.gateway_secret)),
                     },
                     telemetry::Metrics::default(),
                     shutdown_signal(),

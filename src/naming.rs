@@ -80,6 +80,17 @@ impl Ident {
         Ok(Self(name.to_string()))
     }
 
+    /// Validates the syntax of a role name chosen by the operator's administrator (such as the
+    /// gateway role); reserved tenant names are allowed, `pg_*` is not.
+    pub fn parse_role(name: &str) -> Result<Self, NameError> {
+        match Self::parse("role", name) {
+            Err(NameError::Reserved { .. }) if !name.starts_with("pg_") && name != "public" => {
+                Ok(Self(name.to_string()))
+            }
+            other => other,
+        }
+    }
+
     /// The bare name, for status fields, Secrets and bound parameters (never for SQL text).
     pub fn as_str(&self) -> &str {
         &self.0

@@ -589,7 +589,7 @@ async fn credentials(
         verifier,
         fresh_password,
     );
-    let (password, event) = match decision {
+    let (material, event) = match decision {
         Decision::Keep => {
             b.ok(
                 condition::CREDENTIALS_READY,
@@ -617,14 +617,14 @@ async fn credentials(
             }
             return Ok(());
         }
-        Decision::Repair { password } => {
+        Decision::Repair(material) => {
             let what = if existing.is_some() {
                 "repaired"
             } else {
                 "issued"
             };
             (
-                password,
+                material,
                 (
                     if existing.is_some() {
                         "CredentialsRepaired"
@@ -635,7 +635,7 @@ async fn credentials(
                 ),
             )
         }
-        Decision::Rotate { reason } => {
+        Decision::Rotate { reason, jwt_key } => {
             let password = crate::postgres::scram::generate_password();
             ctx.admin
                 .set_password(id, &password)
@@ -647,7 +647,7 @@ async fn credentials(
                 "CredentialsIssued"
             };
             (
-                password,
+                secret::Material { password, jwt_key },
                 (
                     kind,
                     format!("{reason}: set a new password and wrote Secret {secret_name}"),
@@ -655,7 +655,7 @@ async fn credentials(
             )
         }
     };
-    let desired = secret::desired(tenant, endpoint, id, &password);
+    let desired = secret::desired(tenant, endpoint, id, &material);
     secrets
         .patch(
             secret_name,
@@ -797,6 +797,89 @@ pub struct Settings {
     pub namespace: Option<String>,
     pub concurrency: u16,
     pub health_addr: SocketAddr,
+    /// Where the gateway role's credentials are kept (namespace, name), when the admin has a
+    /// gateway role.
+    pub gateway_secret: Option<(String, String)>,
+}
+
+/// Makes sure the API gateway role exists and its credentials Secret matches it. A Secret
+/// created beforehand by the platform supplies the password; otherwise one is generated.
+pub async fn ensure_gateway(
+    client: &Client,
+    admin: &Admin,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let Some(gw) = admin.gateway() else {
+        return Ok(());
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let existing = secrets.get_opt(name).await?;
+    let password = existing
+        .as_ref()
+        .and_then(|s| s.data.as_ref()?.get("password"))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .filter(|p| !p.is_empty());
+    let password = match password {
+        Some(p) => p,
+        None => crate::postgres::scram::generate_password(),
+    };
+    admin.ensure_gateway(&password).await?;
+    let ep = admin.endpoint();
+    let uri = format!(
+        "postgresql://{}:{}@{}:{}/{}",
+        gw.as_str(),
+        percent_encoding::utf8_percent_encode(&password, percent_encoding::NON_ALPHANUMERIC),
+        ep.host,
+        ep.port,
+        ep.dbname
+    );
+    let data: std::collections::BTreeMap<String, k8s_openapi::ByteString> = [
+        ("username", gw.as_str().to_string()),
+        ("password", password),
+        ("host", ep.host.clone()),
+        ("port", ep.port.to_string()),
+        ("dbname", ep.dbname.clone()),
+        ("uri", uri),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.into_bytes())))
+    .collect();
+    if existing.as_ref().and_then(|s| s.data.as_ref()) == Some(&data) {
+        return Ok(());
+    }
+    let desired = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(
+                [
+                    (
+                        secret::MANAGED_BY_LABEL.to_string(),
+                        secret::MANAGED_BY.to_string(),
+                    ),
+                    (
+                        "app.kubernetes.io/component".to_string(),
+                        "gateway-credentials".to_string(),
+                    ),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    secrets
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await?;
+    info!(role = gw.as_str(), secret = %format!("{namespace}/{name}"), "gateway credentials written");
+    Ok(())
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -846,6 +929,9 @@ pub async fn run(
         }
     }
 
+    if let Some((ns, name)) = &settings.gateway_secret {
+        ensure_gateway(&client, &admin, ns, name).await?;
+    }
     let ctx = Arc::new(Context::new(client, admin, migrations, metrics));
     // Our own reflector (rather than Controller::new) so readiness can follow the watch:
     // ready once the first full list has landed in the store.

@@ -7,23 +7,39 @@ use k8s_openapi::{api::core::v1::Secret, ByteString};
 use kube::{api::ObjectMeta, Resource, ResourceExt};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
-use crate::{crd::Tenant, naming::Ident, postgres::Endpoint};
+use crate::{
+    crd::Tenant,
+    naming::Ident,
+    postgres::{scram, Endpoint},
+};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "tenantry";
 pub const TENANT_LABEL: &str = "tenantry.dev/tenant";
 
 /// The keys of every credentials Secret.
-pub const KEYS: [&str; 8] = [
-    "host", "port", "dbname", "username", "password", "schema", "uri", "jdbc-uri",
+pub const KEYS: [&str; 9] = [
+    "host", "port", "dbname", "username", "password", "schema", "uri", "jdbc-uri", "jwt-key",
 ];
+
+/// Key of the tenant's JWT signing key (HS256; the key is the value's bytes as stored).
+pub const JWT_KEY: &str = "jwt-key";
+
+/// What a credentials Secret carries that cannot be derived: the role's password and the
+/// tenant's token signing key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Material {
+    pub password: String,
+    pub jwt_key: String,
+}
 
 fn enc(s: &str) -> String {
     utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
 }
 
 /// The Secret's `data`, as plain strings.
-pub fn credentials(endpoint: &Endpoint, id: &Ident, password: &str) -> BTreeMap<String, String> {
+pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<String, String> {
+    let password = m.password.as_str();
     let user = id.as_str();
     // A host that is a socket directory must be passed as a query parameter in URIs.
     let (authority, host_param) = if endpoint.host.starts_with('/') {
@@ -66,12 +82,13 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, password: &str) -> BTreeMap<
         ("schema".into(), id.as_str().to_string()),
         ("uri".into(), uri),
         ("jdbc-uri".into(), jdbc),
+        (JWT_KEY.into(), m.jwt_key.clone()),
     ])
 }
 
 /// The complete desired Secret for `tenant`, owned by it.
-pub fn desired(tenant: &Tenant, endpoint: &Endpoint, id: &Ident, password: &str) -> Secret {
-    let data = credentials(endpoint, id, password)
+pub fn desired(tenant: &Tenant, endpoint: &Endpoint, id: &Ident, m: &Material) -> Secret {
+    let data = credentials(endpoint, id, m)
         .into_iter()
         .map(|(k, v)| (k, ByteString(v.into_bytes())))
         .collect();
@@ -101,10 +118,10 @@ pub fn labels(tenant: &Tenant) -> BTreeMap<String, String> {
 pub enum Decision {
     /// It is complete and its password works: write nothing.
     Keep,
-    /// Rewrite it with this (still valid) password: keys, labels or owner drifted.
-    Repair { password: String },
-    /// Set a new password on the role and write the Secret with it.
-    Rotate { reason: String },
+    /// Rewrite it with this (still valid) material: keys, labels or owner drifted.
+    Repair(Material),
+    /// Set a new password on the role and write the Secret with it (and this signing key).
+    Rotate { reason: String, jwt_key: String },
     /// A Secret of that name exists and is not this Tenant's: leave it alone.
     Conflict { message: String },
 }
@@ -120,10 +137,15 @@ pub fn decide(
     fresh_password: Option<&str>,
 ) -> Decision {
     let Some(secret) = existing else {
+        let jwt_key = scram::generate_jwt_key();
         return match fresh_password {
-            Some(p) => Decision::Repair { password: p.into() },
+            Some(p) => Decision::Repair(Material {
+                password: p.into(),
+                jwt_key,
+            }),
             None => Decision::Rotate {
                 reason: "Secret is missing".into(),
+                jwt_key,
             },
         };
     };
@@ -140,41 +162,53 @@ pub fn decide(
             ),
         };
     }
+    let value = |key: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .filter(|v| !v.is_empty())
+    };
+    // A signing key survives everything but its own loss: rotating it would log every user out.
+    let jwt_key = value(JWT_KEY)
+        .filter(|k| k.len() >= scram::MIN_JWT_KEY_BYTES)
+        .unwrap_or_else(scram::generate_jwt_key);
     if let Some(p) = fresh_password {
-        return Decision::Repair { password: p.into() };
+        return Decision::Repair(Material {
+            password: p.into(),
+            jwt_key,
+        });
     }
-    let password = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("password"))
-        .and_then(|b| String::from_utf8(b.0.clone()).ok())
-        .filter(|p| !p.is_empty());
-    let Some(password) = password else {
+    let Some(password) = value("password") else {
         return Decision::Rotate {
             reason: "Secret has no password".into(),
+            jwt_key,
         };
     };
     if let Some(v) = verifier {
-        if !crate::postgres::scram::verify(&password, v) {
+        if !scram::verify(&password, v) {
             return Decision::Rotate {
                 reason: "Secret password does not match the role".into(),
+                jwt_key,
             };
         }
     }
-    let want = desired(tenant, endpoint, id, &password);
+    let material = Material { password, jwt_key };
+    let want = desired(tenant, endpoint, id, &material);
     let same_data = secret.data == want.data;
     let same_owner = secret.metadata.owner_references == want.metadata.owner_references;
     let labels_ok = want
         .metadata
         .labels
         .as_ref()
-        .unwrap()
+        .expect("desired Secret has labels")
         .iter()
         .all(|(k, v)| secret.labels().get(k) == Some(v));
     if same_data && same_owner && labels_ok {
         Decision::Keep
     } else {
-        Decision::Repair { password }
+        Decision::Repair(material)
     }
 }
 
@@ -201,9 +235,16 @@ mod tests {
         Ident::parse("schema", "ns_acme").unwrap()
     }
 
+    fn m(p: &str) -> Material {
+        Material {
+            password: p.into(),
+            jwt_key: "k".repeat(64),
+        }
+    }
+
     #[test]
     fn credentials_have_every_key_and_usable_uris() {
-        let c = credentials(&ep(), &id(), "pw");
+        let c = credentials(&ep(), &id(), &m("pw"));
         assert_eq!(
             c.keys().map(String::as_str).collect::<Vec<_>>().len(),
             KEYS.len()
@@ -226,18 +267,19 @@ mod tests {
             decide(&t, None, &ep(), &id(), None, None),
             Decision::Rotate { .. }
         ));
-        assert_eq!(
-            decide(&t, None, &ep(), &id(), None, Some("p")),
-            Decision::Repair {
-                password: "p".into()
+        match decide(&t, None, &ep(), &id(), None, Some("p")) {
+            Decision::Repair(m) => {
+                assert_eq!(m.password, "p");
+                assert!(m.jwt_key.len() >= scram::MIN_JWT_KEY_BYTES);
             }
-        );
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn unchanged_secret_is_kept_and_drift_is_repaired() {
         let t = tenant();
-        let s = desired(&t, &ep(), &id(), "pw");
+        let s = desired(&t, &ep(), &id(), &m("pw"));
         let v = crate::postgres::scram::verifier("pw");
         assert_eq!(
             decide(&t, Some(&s), &ep(), &id(), Some(&v), None),
@@ -252,16 +294,18 @@ mod tests {
             .insert("host".into(), ByteString(b"evil".to_vec()));
         assert_eq!(
             decide(&t, Some(&tampered), &ep(), &id(), Some(&v), None),
-            Decision::Repair {
-                password: "pw".into()
-            }
+            Decision::Repair(m("pw"))
         );
 
         let other_v = crate::postgres::scram::verifier("other");
-        assert!(matches!(
+        // A new password keeps the signing key.
+        assert_eq!(
             decide(&t, Some(&s), &ep(), &id(), Some(&other_v), None),
-            Decision::Rotate { .. }
-        ));
+            Decision::Rotate {
+                reason: "Secret password does not match the role".into(),
+                jwt_key: "k".repeat(64)
+            }
+        );
     }
 
     #[test]

@@ -55,10 +55,12 @@ impl Owner {
     }
 }
 
-/// Role exists, rolcanlogin, role comment, verifier, schema exists, schema owner, schema comment.
+/// Role exists, rolcanlogin, gateway member, role comment, verifier, schema exists, schema
+/// owner, schema comment.
 type ObservedRow = (
     bool,
     Option<bool>,
+    bool,
     Option<String>,
     Option<String>,
     bool,
@@ -76,6 +78,8 @@ pub struct Observed {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoleState {
     pub can_login: bool,
+    /// Whether the API gateway role is a member (may `SET ROLE` to it).
+    pub gateway_member: bool,
     pub owner: Option<Owner>,
     /// The stored SCRAM verifier, when the admin role may read `pg_authid`.
     pub verifier: Option<String>,
@@ -157,6 +161,7 @@ pub struct Admin {
     pool: PgPool,
     superuser: bool,
     endpoint: Endpoint,
+    gateway: Option<Ident>,
 }
 
 /// Connection options for `url` with statement logging off: DDL carrying password verifiers
@@ -190,7 +195,55 @@ impl Admin {
             pool,
             superuser: false,
             endpoint,
+            gateway: None,
         })
+    }
+
+    /// Makes every tenant role provisioned from now on a role that `gateway` may switch to.
+    pub fn with_gateway(mut self, gateway: Option<Ident>) -> Self {
+        self.gateway = gateway;
+        self
+    }
+
+    pub fn gateway(&self) -> Option<&Ident> {
+        self.gateway.as_ref()
+    }
+
+    /// Creates the gateway role (LOGIN, NOINHERIT, no other attributes) if it is missing, and
+    /// sets its password.
+    pub async fn ensure_gateway(&self, password: &str) -> Result<(), sqlx::Error> {
+        let Some(gw) = &self.gateway else {
+            return Ok(());
+        };
+        let verifier = quote_literal(&scram::verifier(password)).expect("verifier is base64");
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+                .bind(gw.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+        if !exists {
+            let created = sqlx::Executor::execute(
+                &self.pool,
+                format!(
+                    "CREATE ROLE {gw} LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE \
+                     NOREPLICATION NOBYPASSRLS PASSWORD {verifier}"
+                )
+                .as_str(),
+            )
+            .await;
+            match created {
+                Ok(_) => return Ok(()),
+                // Another operator created it meanwhile.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42710") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        sqlx::Executor::execute(
+            &self.pool,
+            format!("ALTER ROLE {gw} PASSWORD {verifier}").as_str(),
+        )
+        .await?;
+        Ok(())
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -243,18 +296,23 @@ impl Admin {
             "NULL::text"
         };
         let row: ObservedRow = sqlx::query_as(&format!(
-            "SELECT r.oid IS NOT NULL, r.rolcanlogin, shobj_description(r.oid, 'pg_authid'), {verifier_expr}, \
+            "SELECT r.oid IS NOT NULL, r.rolcanlogin, \
+                    EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.member \
+                            WHERE m.roleid = r.oid AND g.rolname = $2), \
+                    shobj_description(r.oid, 'pg_authid'), {verifier_expr}, \
                     n.oid IS NOT NULL, pg_get_userbyid(n.nspowner), obj_description(n.oid, 'pg_namespace') \
              FROM (SELECT $1::name AS nm) x \
              LEFT JOIN pg_roles r ON r.rolname = x.nm \
              LEFT JOIN pg_namespace n ON n.nspname = x.nm"
         ))
         .bind(id.as_str())
+        .bind(self.gateway.as_ref().map(|g| g.as_str().to_string()))
         .fetch_one(&self.pool)
         .await?;
         let (
             role_exists,
             can_login,
+            gateway_member,
             role_comment,
             verifier,
             schema_exists,
@@ -264,6 +322,7 @@ impl Admin {
         Ok(Observed {
             role: role_exists.then(|| RoleState {
                 can_login: can_login.unwrap_or(false),
+                gateway_member,
                 owner: Owner::parse(role_comment.as_deref()),
                 verifier,
             }),
@@ -304,6 +363,9 @@ impl Admin {
             sqlx::Executor::execute(&mut *tx, format!("GRANT {id} TO CURRENT_USER").as_str())
                 .await?;
         }
+        if let Some(gw) = &self.gateway {
+            sqlx::Executor::execute(&mut *tx, format!("GRANT {id} TO {gw}").as_str()).await?;
+        }
         tx.commit().await
     }
 
@@ -321,6 +383,9 @@ impl Admin {
         if state.owner.as_ref() != Some(owner) {
             let comment = quote_literal(&owner.comment()).ok_or_else(bad_mark)?;
             stmts.push(format!("COMMENT ON ROLE {id} IS {comment}"));
+        }
+        if let (Some(gw), false) = (&self.gateway, state.gateway_member) {
+            stmts.push(format!("GRANT {id} TO {gw}"));
         }
         if stmts.is_empty() {
             return Ok(false);
@@ -411,7 +476,12 @@ impl Admin {
     /// `Retain` deletion: the role keeps its schema and data but can no longer log in, and its
     /// open sessions end.
     pub async fn retain(&self, id: &Ident) -> Result<(), sqlx::Error> {
-        sqlx::Executor::execute(&self.pool, format!("ALTER ROLE {id} NOLOGIN").as_str()).await?;
+        let mut sql = format!("ALTER ROLE {id} NOLOGIN");
+        if let Some(gw) = &self.gateway {
+            // The API must stop serving a deleted tenant even if its registry lags.
+            sql.push_str(&format!(";\nREVOKE {id} FROM {gw}"));
+        }
+        sqlx::Executor::execute(&self.pool, sql.as_str()).await?;
         self.terminate_sessions(id).await
     }
 

@@ -215,6 +215,12 @@ pub fn random_suffix() -> String {
         .collect()
 }
 
+/// The gateway role of the test operator for `ns` (one per namespace, so parallel tests do
+/// not fight over its password).
+pub fn gateway_role(ns: &TestNs) -> String {
+    format!("gw_{}", ns.name.replace('-', "_"))
+}
+
 /// An operator running inside the test, watching one namespace.
 pub struct RunningController {
     stop: Option<oneshot::Sender<()>>,
@@ -242,13 +248,17 @@ impl RunningController {
     }
 
     pub async fn start_with(ns: &TestNs, opts: ControllerOpts) -> Self {
-        let admin = Admin::new(&opts.database_url, 4, None, None).expect("admin options");
+        let gateway = gateway_role(ns);
+        let admin = Admin::new(&opts.database_url, 4, None, None)
+            .expect("admin options")
+            .with_gateway(Some(tenantry::naming::Ident::parse_role(&gateway).unwrap()));
         let metrics = Metrics::default();
         let (tx, rx) = oneshot::channel::<()>();
         let settings = Settings {
             namespace: Some(ns.name.clone()),
             concurrency: 4,
             health_addr: "127.0.0.1:0".parse().unwrap(),
+            gateway_secret: Some((ns.name.clone(), "tenantry-gateway".into())),
         };
         let client = ns.client.clone();
         let m = metrics.clone();
