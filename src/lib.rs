@@ -5,10 +5,12 @@
 //! [`telemetry`] (probes, metrics, logs), [`cli`] (the `tenantry` command line).
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod health;
 pub mod naming;
 pub mod postgres;
+pub mod registry;
 pub mod telemetry;

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod api;
 mod crd;
 mod deletion;
 mod e2e;

@@ -1,0 +1,240 @@
+//! JWT authentication. Each tenant's tokens are HS256-signed with the `jwt-key` of its
+//! credentials Secret; one optional platform issuer signs with RS256, ES256 or HS256. Each key
+//! accepts exactly one algorithm (no `none`, no HS/RS confusion); `exp` is required, `nbf` and
+//! (when configured) `iss`/`aud` are checked with a small leeway.
+
+use std::collections::HashSet;
+
+use axum::http::{header, HeaderMap};
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+use super::error::ApiError;
+
+/// The claim carrying the tenant's id (its metadata.name).
+pub const TENANT_CLAIM: &str = "tenant";
+
+/// The platform issuer's verification key.
+#[derive(Clone)]
+pub struct PlatformKey {
+    pub key: DecodingKey,
+    pub alg: Algorithm,
+}
+
+impl PlatformKey {
+    /// Reads a key file: a PEM public key for RS256/ES256, the raw secret bytes for HS256.
+    pub fn from_file(path: &std::path::Path, alg: &str) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("reading platform key {}: {e}", path.display()))?;
+        let (key, alg) = match alg {
+            "RS256" => (DecodingKey::from_rsa_pem(&bytes)?, Algorithm::RS256),
+            "ES256" => (DecodingKey::from_ec_pem(&bytes)?, Algorithm::ES256),
+            "HS256" => {
+                anyhow::ensure!(
+                    bytes.len() >= 32,
+                    "an HS256 platform key must be at least 32 bytes"
+                );
+                (DecodingKey::from_secret(&bytes), Algorithm::HS256)
+            }
+            other => anyhow::bail!(
+                "unsupported platform key algorithm {other:?}; use RS256, ES256 or HS256"
+            ),
+        };
+        Ok(Self { key, alg })
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct AuthConfig {
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway_secs: u64,
+    pub platform: Option<PlatformKey>,
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The tenant claim of a token, read without verification: only used to pick the key that
+/// will verify it.
+pub fn peek_tenant(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    v.get(TENANT_CLAIM)?.as_str().map(str::to_string)
+}
+
+fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
+    let mut v = Validation::new(alg);
+    v.algorithms = vec![alg];
+    v.leeway = cfg.leeway_secs;
+    v.validate_nbf = true;
+    v.required_spec_claims = HashSet::from(["exp".to_string()]);
+    match &cfg.audience {
+        Some(aud) => v.set_audience(&[aud]),
+        None => v.validate_aud = false,
+    }
+    if let Some(iss) = &cfg.issuer {
+        v.set_issuer(&[iss]);
+    }
+    v
+}
+
+fn invalid(detail: impl Into<String>) -> ApiError {
+    ApiError::unauthorized(detail, "invalid_token")
+}
+
+/// Verifies `token` with the tenant's key or the platform key, and returns its claims.
+pub fn verify(token: &str, tenant_key: Option<&[u8]>, cfg: &AuthConfig) -> Result<Value, ApiError> {
+    let header = decode_header(token).map_err(|e| invalid(format!("malformed token: {e}")))?;
+    let mut candidates: Vec<(DecodingKey, Algorithm)> = Vec::new();
+    if header.alg == Algorithm::HS256 {
+        if let Some(k) = tenant_key {
+            candidates.push((DecodingKey::from_secret(k), Algorithm::HS256));
+        }
+    }
+    if let Some(p) = &cfg.platform {
+        if p.alg == header.alg {
+            candidates.push((p.key.clone(), p.alg));
+        }
+    }
+    if candidates.is_empty() {
+        return Err(invalid(format!(
+            "tokens signed with {:?} are not accepted",
+            header.alg
+        )));
+    }
+    let mut last = None;
+    for (key, alg) in candidates {
+        match decode::<Value>(token, &key, &validation(alg, cfg)) {
+            Ok(data) => return Ok(data.claims),
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.expect("at least one candidate");
+    use jsonwebtoken::errors::ErrorKind as K;
+    Err(invalid(match e.kind() {
+        K::ExpiredSignature => "token expired".to_string(),
+        K::ImmatureSignature => "token not valid yet".to_string(),
+        K::InvalidSignature => "invalid signature".to_string(),
+        K::InvalidAudience => "wrong audience".to_string(),
+        K::InvalidIssuer => "wrong issuer".to_string(),
+        K::MissingRequiredClaim(c) => format!("missing claim {c}"),
+        other => format!("invalid token: {other:?}"),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn token(claims: Value, key: &[u8]) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(key),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn accepts_a_valid_tenant_token() {
+        let t = token(json!({"tenant": "acme", "exp": now() + 60}), KEY);
+        assert_eq!(peek_tenant(&t).as_deref(), Some("acme"));
+        let claims = verify(&t, Some(KEY), &AuthConfig::default()).unwrap();
+        assert_eq!(claims["tenant"], "acme");
+    }
+
+    #[test]
+    fn rejects_forged_expired_and_unsigned_tokens() {
+        let cfg = AuthConfig::default();
+        let wrong = token(
+            json!({"tenant": "acme", "exp": now() + 60}),
+            b"another key of thirty-two bytes!",
+        );
+        assert!(verify(&wrong, Some(KEY), &cfg)
+            .unwrap_err()
+            .detail
+            .contains("signature"));
+        let expired = token(json!({"tenant": "acme", "exp": now() - 3600}), KEY);
+        assert!(verify(&expired, Some(KEY), &cfg)
+            .unwrap_err()
+            .detail
+            .contains("expired"));
+        let no_exp = token(json!({"tenant": "acme"}), KEY);
+        assert!(verify(&no_exp, Some(KEY), &cfg).is_err());
+        let future = token(
+            json!({"tenant": "acme", "exp": now() + 7200, "nbf": now() + 3600}),
+            KEY,
+        );
+        assert!(verify(&future, Some(KEY), &cfg).is_err());
+        // alg: none, hand-made.
+        let none = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#),
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"tenant":"acme","exp":{}}}"#, now() + 60))
+        );
+        assert_eq!(verify(&none, Some(KEY), &cfg).unwrap_err().status, 401);
+        // RS256 header against an HMAC key (algorithm confusion).
+        let mut h = Header::new(Algorithm::HS256);
+        h.alg = Algorithm::HS256;
+        let parts: Vec<String> = token(json!({"tenant": "acme", "exp": now() + 60}), KEY)
+            .split('.')
+            .map(str::to_string)
+            .collect();
+        let rs_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let confused = format!("{rs_header}.{}.{}", parts[1], parts[2]);
+        assert!(verify(&confused, Some(KEY), &cfg)
+            .unwrap_err()
+            .detail
+            .contains("not accepted"));
+        assert!(verify("garbage", Some(KEY), &cfg).is_err());
+    }
+
+    #[test]
+    fn checks_issuer_and_audience_when_configured() {
+        let cfg = AuthConfig {
+            issuer: Some("https://idp".into()),
+            audience: Some("tenantry".into()),
+            ..AuthConfig::default()
+        };
+        let ok = token(
+            json!({"tenant": "a", "exp": now() + 60, "iss": "https://idp", "aud": "tenantry"}),
+            KEY,
+        );
+        assert!(verify(&ok, Some(KEY), &cfg).is_ok());
+        let bad = token(
+            json!({"tenant": "a", "exp": now() + 60, "iss": "https://evil", "aud": "tenantry"}),
+            KEY,
+        );
+        assert!(verify(&bad, Some(KEY), &cfg)
+            .unwrap_err()
+            .detail
+            .contains("issuer"));
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+    }
+}

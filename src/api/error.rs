@@ -1,0 +1,205 @@
+//! The API's one error type: RFC 9457 problem+json bodies with stable `type`s. Internal
+//! details go to the log, never to the client.
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+/// Base of every problem `type` URI.
+pub const PROBLEM_BASE: &str = "https://tenantry.dev/problems/";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// Stable machine-readable kind, the last segment of the problem `type`.
+    pub kind: &'static str,
+    pub detail: String,
+    pub retry_after: Option<u64>,
+    /// Adds `WWW-Authenticate: Bearer` (401 responses).
+    pub challenge: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            detail: detail.into(),
+            retry_after: None,
+            challenge: None,
+        }
+    }
+
+    pub fn bad_request(kind: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, kind, detail)
+    }
+
+    pub fn unauthorized(detail: impl Into<String>, error: &'static str) -> Self {
+        Self {
+            challenge: Some(error),
+            ..Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+        }
+    }
+
+    pub fn forbidden(kind: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, kind, detail)
+    }
+
+    pub fn not_found(kind: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, kind, detail)
+    }
+
+    pub fn unavailable(kind: &'static str, detail: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, kind, detail)
+        }
+    }
+
+    /// A real fault: logged in full, reported without details.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the server failed to handle the request; the incident is logged",
+        )
+    }
+
+    fn title(&self) -> &'static str {
+        self.status.canonical_reason().unwrap_or("Error")
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status.as_u16(), self.kind, self.detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": format!("{PROBLEM_BASE}{}", self.kind),
+            "title": self.title(),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let mut res = (self.status, body.to_string()).into_response();
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(error) = self.challenge {
+            let v = format!("Bearer realm=\"tenantry\", error=\"{error}\"");
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_str(&v).expect("ascii"),
+            );
+        }
+        res
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut => ApiError::unavailable(
+                "pool-exhausted",
+                "all database connections are busy; retry shortly",
+                1,
+            ),
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                let msg = db.message().to_string();
+                let detail = match db.constraint() {
+                    Some(c) => format!("{msg} (constraint {c})"),
+                    None => msg,
+                };
+                match &*code {
+                    "23505" => ApiError::new(StatusCode::CONFLICT, "unique-violation", detail),
+                    "23503" => ApiError::new(StatusCode::CONFLICT, "foreign-key-violation", detail),
+                    "23502" => ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "not-null-violation",
+                        detail,
+                    ),
+                    "23514" => {
+                        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "check-violation", detail)
+                    }
+                    "23P01" => ApiError::new(StatusCode::CONFLICT, "exclusion-violation", detail),
+                    "428C9" => {
+                        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "generated-column", detail)
+                    }
+                    "42501" => ApiError::forbidden("permission-denied", detail),
+                    "57014" => ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "statement-timeout",
+                        "the query took too long",
+                    ),
+                    "25006" => ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read-only", detail),
+                    c if c.starts_with("22") => ApiError::bad_request("invalid-value", detail),
+                    c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57") => {
+                        tracing::warn!(error = %e, "database unavailable");
+                        ApiError::unavailable(
+                            "database-unavailable",
+                            "the database is unavailable; retry shortly",
+                            2,
+                        )
+                    }
+                    _ => ApiError::internal(e),
+                }
+            }
+            sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::unavailable(
+                    "database-unavailable",
+                    "the database is unavailable; retry shortly",
+                    2,
+                )
+            }
+            _ => ApiError::internal(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn renders_problem_json_with_headers() {
+        let res = ApiError::unauthorized("token expired", "invalid_token").into_response();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            res.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        assert!(res.headers()[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token"));
+        let body = axum::body::to_bytes(res.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["type"], "https://tenantry.dev/problems/unauthorized");
+        assert_eq!(v["status"], 401);
+        let res = ApiError::unavailable("tenant-not-ready", "x", 5).into_response();
+        assert_eq!(res.headers()[header::RETRY_AFTER], "5");
+    }
+
+    #[test]
+    fn pool_exhaustion_is_503() {
+        assert_eq!(
+            ApiError::from(sqlx::Error::PoolTimedOut).status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}

@@ -1,0 +1,751 @@
+//! The data API's SQL: the tenant schema's catalog (what tables and columns exist), parsing of
+//! PostgREST-style query parameters against it, and construction of statements in which every
+//! identifier comes from the catalog and is quoted, and every value is a bound parameter.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use super::error::ApiError;
+use crate::naming::quote_ident;
+
+/// Tables the API never serves.
+const HIDDEN_TABLES: &[&str] = &[crate::postgres::migrations::HISTORY_TABLE];
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Column {
+    pub name: String,
+    /// SQL type as PostgreSQL formats it (`bigint`, `text`, `timestamp with time zone`).
+    #[serde(rename = "type")]
+    pub type_sql: String,
+    pub nullable: bool,
+    pub has_default: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Table {
+    pub name: String,
+    pub columns: Vec<Column>,
+    /// Single-column primary key, used by `/v1/tables/{table}/{id}`.
+    pub primary_key: Option<String>,
+}
+
+impl Table {
+    pub fn column(&self, name: &str) -> Result<&Column, ApiError> {
+        self.columns.iter().find(|c| c.name == name).ok_or_else(|| {
+            ApiError::bad_request(
+                "unknown-column",
+                format!("table {} has no column {name:?}", self.name),
+            )
+        })
+    }
+}
+
+/// Tables and columns of one tenant schema.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Catalog {
+    pub tables: BTreeMap<String, Table>,
+}
+
+impl Catalog {
+    /// Reads the catalog of `schema` (tables, partitioned tables and views).
+    pub async fn load(conn: &mut PgConnection, schema: &str) -> Result<Self, sqlx::Error> {
+        let rows: Vec<(String, String, String, bool, bool, bool)> = sqlx::query_as(
+            "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                    a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '',
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
+                            AND i.indnatts = 1 AND i.indkey[0] = a.attnum)
+             FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_attribute a ON a.attrelid = c.oid
+             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v') AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY c.relname, a.attnum",
+        )
+        .bind(schema)
+        .fetch_all(conn)
+        .await?;
+        let mut tables: BTreeMap<String, Table> = BTreeMap::new();
+        for (table, column, type_sql, not_null, has_default, pk) in rows {
+            if HIDDEN_TABLES.contains(&table.as_str()) {
+                continue;
+            }
+            let t = tables.entry(table.clone()).or_insert_with(|| Table {
+                name: table,
+                columns: Vec::new(),
+                primary_key: None,
+            });
+            if pk {
+                t.primary_key = Some(column.clone());
+            }
+            t.columns.push(Column {
+                name: column,
+                type_sql,
+                nullable: !not_null,
+                has_default,
+            });
+        }
+        Ok(Self { tables })
+    }
+
+    /// The table named exactly `name` (no schema prefix, no quoting, no case folding).
+    pub fn table(&self, name: &str) -> Result<&Table, ApiError> {
+        self.tables
+            .get(name)
+            .ok_or_else(|| ApiError::not_found("unknown-table", format!("no table named {name:?}")))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Neq,
+    Lt,
+    Lte,
+    Gt,
+    Gte,
+    Like,
+    Ilike,
+    In,
+    IsNull,
+    IsNotNull,
+    IsTrue,
+    IsFalse,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterValue {
+    None,
+    One(String),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub column: String,
+    pub op: Op,
+    pub value: FilterValue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    pub column: String,
+    pub desc: bool,
+    pub nulls_first: Option<bool>,
+}
+
+/// A parsed request against one table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Query {
+    pub select: Option<Vec<String>>,
+    pub filters: Vec<Filter>,
+    pub order: Vec<Order>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+pub struct Limits {
+    pub default_limit: i64,
+    pub max_limit: i64,
+    pub max_offset: i64,
+}
+
+fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, ApiError> {
+    let col = table.column(column)?;
+    let (op, rest) = raw.split_once('.').ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid-filter",
+            format!("filter {column}={raw:?} must look like op.value (e.g. eq.42)"),
+        )
+    })?;
+    let (op, value) = match op {
+        "eq" => (Op::Eq, FilterValue::One(rest.into())),
+        "neq" => (Op::Neq, FilterValue::One(rest.into())),
+        "lt" => (Op::Lt, FilterValue::One(rest.into())),
+        "lte" => (Op::Lte, FilterValue::One(rest.into())),
+        "gt" => (Op::Gt, FilterValue::One(rest.into())),
+        "gte" => (Op::Gte, FilterValue::One(rest.into())),
+        "like" => (Op::Like, FilterValue::One(rest.replace('*', "%"))),
+        "ilike" => (Op::Ilike, FilterValue::One(rest.replace('*', "%"))),
+        "in" => {
+            let inner = rest
+                .strip_prefix('(')
+                .and_then(|r| r.strip_suffix(')'))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid-filter",
+                        format!("{column}=in.… needs a list: in.(a,b)"),
+                    )
+                })?;
+            let items: Vec<String> = if inner.is_empty() {
+                Vec::new()
+            } else {
+                inner
+                    .split(',')
+                    .map(|s| s.trim_matches('"').to_string())
+                    .collect()
+            };
+            (Op::In, FilterValue::List(items))
+        }
+        "is" => match rest {
+            "null" => (Op::IsNull, FilterValue::None),
+            "notnull" => (Op::IsNotNull, FilterValue::None),
+            "true" => (Op::IsTrue, FilterValue::None),
+            "false" => (Op::IsFalse, FilterValue::None),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid-filter",
+                    format!("{column}=is.{rest}: use is.null, is.notnull, is.true or is.false"),
+                ))
+            }
+        },
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid-filter",
+                format!(
+                    "unknown operator {other:?} (eq, neq, lt, lte, gt, gte, like, ilike, in, is)"
+                ),
+            ))
+        }
+    };
+    Ok(Filter {
+        column: col.name.clone(),
+        op,
+        value,
+    })
+}
+
+fn parse_int(name: &str, v: &str) -> Result<i64, ApiError> {
+    v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid-parameter",
+            format!("{name} must be a non-negative integer"),
+        )
+    })
+}
+
+/// Parses query parameters against `table`. Names outside `select`, `order`, `limit` and
+/// `offset` are column filters.
+pub fn parse(
+    params: &[(String, String)],
+    table: &Table,
+    limits: &Limits,
+) -> Result<Query, ApiError> {
+    let mut q = Query {
+        limit: limits.default_limit,
+        ..Query::default()
+    };
+    for (k, v) in params {
+        match k.as_str() {
+            "select" => {
+                let cols = v
+                    .split(',')
+                    .map(|c| table.column(c.trim()).map(|c| c.name.clone()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                q.select = Some(cols);
+            }
+            "order" => {
+                for item in v.split(',') {
+                    let mut parts = item.split('.');
+                    let column = table.column(parts.next().unwrap_or_default())?.name.clone();
+                    let mut o = Order {
+                        column,
+                        desc: false,
+                        nulls_first: None,
+                    };
+                    for p in parts {
+                        match p {
+                            "asc" => o.desc = false,
+                            "desc" => o.desc = true,
+                            "nullsfirst" => o.nulls_first = Some(true),
+                            "nullslast" => o.nulls_first = Some(false),
+                            other => return Err(ApiError::bad_request("invalid-order", format!("unknown order modifier {other:?} (asc, desc, nullsfirst, nullslast)"))),
+                        }
+                    }
+                    q.order.push(o);
+                }
+            }
+            "limit" => {
+                q.limit = parse_int("limit", v)?;
+                if q.limit > limits.max_limit {
+                    return Err(ApiError::bad_request(
+                        "invalid-parameter",
+                        format!("limit is at most {}", limits.max_limit),
+                    ));
+                }
+            }
+            "offset" => {
+                q.offset = parse_int("offset", v)?;
+                if q.offset > limits.max_offset {
+                    return Err(ApiError::bad_request(
+                        "invalid-parameter",
+                        format!(
+                            "offset is at most {}; filter on a key instead",
+                            limits.max_offset
+                        ),
+                    ));
+                }
+            }
+            column => q.filters.push(parse_filter(table, column, v)?),
+        }
+    }
+    Ok(q)
+}
+
+/// A bound parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bind {
+    Text(String),
+    TextArray(Vec<String>),
+    Json(Value),
+}
+
+/// A statement and its parameters, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sql {
+    pub text: String,
+    pub binds: Vec<Bind>,
+}
+
+impl Sql {
+    fn param(&mut self, b: Bind) -> String {
+        self.binds.push(b);
+        format!("${}", self.binds.len())
+    }
+
+    /// Runs the statement, which returns one JSON text value.
+    pub async fn fetch_json(&self, conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+        let mut q = sqlx::query_scalar::<_, String>(&self.text);
+        for b in &self.binds {
+            q = match b {
+                Bind::Text(s) => q.bind(s),
+                Bind::TextArray(v) => q.bind(v),
+                Bind::Json(j) => q.bind(sqlx::types::Json(j)),
+            };
+        }
+        q.fetch_one(conn).await
+    }
+}
+
+fn qualified(schema: &str, table: &Table) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(&table.name))
+}
+
+fn where_clause(
+    sql: &mut Sql,
+    table: &Table,
+    filters: &[Filter],
+    alias: &str,
+) -> Result<String, ApiError> {
+    let mut parts = Vec::new();
+    for f in filters {
+        let col = table.column(&f.column)?;
+        let c = format!("{alias}.{}", quote_ident(&col.name));
+        let t = &col.type_sql;
+        let cmp = |sql: &mut Sql, op: &str, v: &str| {
+            let p = sql.param(Bind::Text(v.to_string()));
+            format!("{c} {op} CAST({p} AS {t})")
+        };
+        parts.push(match (&f.op, &f.value) {
+            (Op::Eq, FilterValue::One(v)) => cmp(sql, "=", v),
+            (Op::Neq, FilterValue::One(v)) => cmp(sql, "<>", v),
+            (Op::Lt, FilterValue::One(v)) => cmp(sql, "<", v),
+            (Op::Lte, FilterValue::One(v)) => cmp(sql, "<=", v),
+            (Op::Gt, FilterValue::One(v)) => cmp(sql, ">", v),
+            (Op::Gte, FilterValue::One(v)) => cmp(sql, ">=", v),
+            (Op::Like, FilterValue::One(v)) => {
+                format!("{c}::text LIKE {}", sql.param(Bind::Text(v.clone())))
+            }
+            (Op::Ilike, FilterValue::One(v)) => {
+                format!("{c}::text ILIKE {}", sql.param(Bind::Text(v.clone())))
+            }
+            (Op::In, FilterValue::List(vs)) => {
+                let p = sql.param(Bind::TextArray(vs.clone()));
+                format!("{c} = ANY(CAST({p} AS {t}[]))")
+            }
+            (Op::IsNull, _) => format!("{c} IS NULL"),
+            (Op::IsNotNull, _) => format!("{c} IS NOT NULL"),
+            (Op::IsTrue, _) => format!("{c} IS TRUE"),
+            (Op::IsFalse, _) => format!("{c} IS FALSE"),
+            _ => return Err(ApiError::bad_request("invalid-filter", "malformed filter")),
+        });
+    }
+    Ok(if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", parts.join(" AND "))
+    })
+}
+
+fn column_list(table: &Table, select: Option<&Vec<String>>, alias: &str) -> String {
+    match select {
+        Some(cols) => cols
+            .iter()
+            .map(|c| format!("{alias}.{}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => table
+            .columns
+            .iter()
+            .map(|c| format!("{alias}.{}", quote_ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// `SELECT` rows as one JSON array.
+pub fn select(schema: &str, table: &Table, q: &Query) -> Result<Sql, ApiError> {
+    let mut sql = Sql {
+        text: String::new(),
+        binds: Vec::new(),
+    };
+    let cols = column_list(table, q.select.as_ref(), "_t");
+    let wh = where_clause(&mut sql, table, &q.filters, "_t")?;
+    let order = if q.order.is_empty() {
+        match &table.primary_key {
+            Some(pk) => format!(" ORDER BY _t.{}", quote_ident(pk)),
+            None => String::new(),
+        }
+    } else {
+        let items: Vec<String> = q
+            .order
+            .iter()
+            .map(|o| {
+                format!(
+                    "_t.{}{}{}",
+                    quote_ident(&o.column),
+                    if o.desc { " DESC" } else { " ASC" },
+                    match o.nulls_first {
+                        Some(true) => " NULLS FIRST",
+                        Some(false) => " NULLS LAST",
+                        None => "",
+                    }
+                )
+            })
+            .collect();
+        format!(" ORDER BY {}", items.join(", "))
+    };
+    let limit = sql.param(Bind::Text(q.limit.to_string()));
+    let offset = sql.param(Bind::Text(q.offset.to_string()));
+    sql.text = format!(
+        "SELECT coalesce(json_agg(_r), '[]'::json)::text FROM (SELECT {cols} FROM {} AS _t{wh}{order} LIMIT CAST({limit} AS bigint) OFFSET CAST({offset} AS bigint)) AS _r",
+        qualified(schema, table)
+    );
+    Ok(sql)
+}
+
+fn pk(table: &Table) -> Result<&Column, ApiError> {
+    let name = table.primary_key.as_deref().ok_or_else(|| {
+        ApiError::bad_request(
+            "no-primary-key",
+            format!("table {} has no single-column primary key", table.name),
+        )
+    })?;
+    table.column(name)
+}
+
+/// One row by primary key, as a JSON object (or NULL).
+pub fn by_id(
+    schema: &str,
+    table: &Table,
+    id: &str,
+    select: Option<&Vec<String>>,
+) -> Result<Sql, ApiError> {
+    let pk = pk(table)?;
+    let mut sql = Sql {
+        text: String::new(),
+        binds: Vec::new(),
+    };
+    let p = sql.param(Bind::Text(id.to_string()));
+    sql.text = format!(
+        "SELECT coalesce((SELECT row_to_json(_r)::text FROM (SELECT {} FROM {} AS _t WHERE _t.{} = CAST({p} AS {})) AS _r), 'null')",
+        column_list(table, select, "_t"),
+        qualified(schema, table),
+        quote_ident(&pk.name),
+        pk.type_sql
+    );
+    Ok(sql)
+}
+
+/// Column names of a JSON body (an object or an array of objects), checked against the table.
+fn body_columns<'a>(table: &'a Table, rows: &[Value]) -> Result<Vec<&'a Column>, ApiError> {
+    let mut cols: Vec<&Column> = Vec::new();
+    for row in rows {
+        let obj = row.as_object().ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid-body",
+                "expected a JSON object or an array of objects",
+            )
+        })?;
+        for k in obj.keys() {
+            let c = table.column(k)?;
+            if !cols.iter().any(|x| x.name == c.name) {
+                cols.push(c);
+            }
+        }
+    }
+    if cols.is_empty() {
+        return Err(ApiError::bad_request("invalid-body", "no columns given"));
+    }
+    Ok(cols)
+}
+
+/// `INSERT` of one or more rows from JSON; returns the created rows as a JSON array. Rows
+/// are grouped by the set of keys they carry, so a column a row leaves out gets its default
+/// rather than NULL.
+pub fn insert(schema: &str, table: &Table, rows: Vec<Value>) -> Result<Sql, ApiError> {
+    if rows.is_empty() {
+        return Err(ApiError::bad_request("invalid-body", "nothing to insert"));
+    }
+    let mut groups: Vec<(Vec<String>, Vec<Value>)> = Vec::new();
+    for row in rows {
+        let cols = body_columns(table, std::slice::from_ref(&row))?;
+        let mut key: Vec<String> = cols.iter().map(|c| c.name.clone()).collect();
+        key.sort();
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.push(row),
+            None => groups.push((key, vec![row])),
+        }
+    }
+    let mut sql = Sql {
+        text: String::new(),
+        binds: Vec::new(),
+    };
+    let t = qualified(schema, table);
+    let returning = column_list(table, None, t.as_str());
+    let mut ctes = Vec::new();
+    for (i, (cols, rows)) in groups.into_iter().enumerate() {
+        let names: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+        let src: Vec<String> = cols
+            .iter()
+            .map(|c| format!("_j.{}", quote_ident(c)))
+            .collect();
+        let p = sql.param(Bind::Json(Value::Array(rows)));
+        ctes.push(format!(
+            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM json_populate_recordset(NULL::{t}, CAST({p} AS json)) AS _j RETURNING {returning})",
+            names.join(", "),
+            src.join(", "),
+        ));
+    }
+    let union: Vec<String> = (0..ctes.len())
+        .map(|i| format!("SELECT * FROM _ins{i}"))
+        .collect();
+    sql.text = format!(
+        "WITH {}, _all AS ({}) SELECT coalesce(json_agg(_all), '[]'::json)::text FROM _all",
+        ctes.join(", "),
+        union.join(" UNION ALL ")
+    );
+    Ok(sql)
+}
+
+/// `UPDATE` of the filtered rows with the columns of a JSON object; returns them.
+pub fn update(
+    schema: &str,
+    table: &Table,
+    filters: &[Filter],
+    patch: Value,
+) -> Result<Sql, ApiError> {
+    let cols = body_columns(table, std::slice::from_ref(&patch))?;
+    let mut sql = Sql {
+        text: String::new(),
+        binds: Vec::new(),
+    };
+    let p = sql.param(Bind::Json(patch));
+    let set: Vec<String> = cols
+        .iter()
+        .map(|c| format!("{} = _j.{}", quote_ident(&c.name), quote_ident(&c.name)))
+        .collect();
+    let wh = where_clause(&mut sql, table, filters, "_t")?;
+    let t = qualified(schema, table);
+    sql.text = format!(
+        "WITH _upd AS (UPDATE {t} AS _t SET {} FROM json_populate_record(NULL::{t}, CAST({p} AS json)) AS _j{wh} RETURNING {})
+         SELECT coalesce(json_agg(_upd), '[]'::json)::text FROM _upd",
+        set.join(", "),
+        column_list(table, None, "_t")
+    );
+    Ok(sql)
+}
+
+/// `DELETE` of the filtered rows; returns them.
+pub fn delete(schema: &str, table: &Table, filters: &[Filter]) -> Result<Sql, ApiError> {
+    let mut sql = Sql {
+        text: String::new(),
+        binds: Vec::new(),
+    };
+    let wh = where_clause(&mut sql, table, filters, "_t")?;
+    sql.text = format!(
+        "WITH _del AS (DELETE FROM {} AS _t{wh} RETURNING {})
+         SELECT coalesce(json_agg(_del), '[]'::json)::text FROM _del",
+        qualified(schema, table),
+        column_list(table, None, "_t")
+    );
+    Ok(sql)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tasks() -> Table {
+        let c = |n: &str, t: &str| Column {
+            name: n.into(),
+            type_sql: t.into(),
+            nullable: true,
+            has_default: false,
+        };
+        Table {
+            name: "tasks".into(),
+            columns: vec![c("id", "bigint"), c("title", "text"), c("due_date", "date")],
+            primary_key: Some("id".into()),
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            default_limit: 100,
+            max_limit: 1000,
+            max_offset: 100_000,
+        }
+    }
+
+    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_filters_order_and_paging() {
+        let q = parse(
+            &p(&[
+                ("id", "gte.3"),
+                ("title", "like.a*"),
+                ("due_date", "is.null"),
+                ("id", "in.(1,2)"),
+                ("order", "title.desc.nullslast,id"),
+                ("limit", "5"),
+                ("select", "id,title"),
+            ]),
+            &tasks(),
+            &limits(),
+        )
+        .unwrap();
+        assert_eq!(q.filters.len(), 4);
+        assert_eq!(q.filters[1].value, FilterValue::One("a%".into()));
+        assert_eq!(
+            q.filters[3].value,
+            FilterValue::List(vec!["1".into(), "2".into()])
+        );
+        assert_eq!(
+            q.order[0],
+            Order {
+                column: "title".into(),
+                desc: true,
+                nulls_first: Some(false)
+            }
+        );
+        assert_eq!(q.limit, 5);
+        let sql = select("acme", &tasks(), &q).unwrap();
+        assert!(
+            sql.text
+                .contains(r#"FROM "acme"."tasks" AS _t WHERE _t."id" >= CAST($1 AS bigint)"#),
+            "{}",
+            sql.text
+        );
+        assert!(
+            sql.text.contains(r#"_t."id" = ANY(CAST($3 AS bigint[]))"#),
+            "{}",
+            sql.text
+        );
+        assert!(
+            sql.text
+                .contains(r#"ORDER BY _t."title" DESC NULLS LAST, _t."id" ASC"#),
+            "{}",
+            sql.text
+        );
+        assert_eq!(sql.binds[0], Bind::Text("3".into()));
+    }
+
+    #[test]
+    fn hostile_names_and_values_never_reach_sql_text() {
+        let t = tasks();
+        for bad in [
+            "title; drop table x",
+            "\"title\"",
+            "TITLE",
+            "other_schema.tasks",
+            "../id",
+        ] {
+            let e = parse(&p(&[(bad, "eq.1")]), &t, &limits()).unwrap_err();
+            assert_eq!(e.kind, "unknown-column", "{bad}");
+        }
+        let q = parse(
+            &p(&[("title", "eq.'; DROP SCHEMA public; --")]),
+            &t,
+            &limits(),
+        )
+        .unwrap();
+        let sql = select("acme", &t, &q).unwrap();
+        assert!(!sql.text.contains("DROP"), "{}", sql.text);
+        assert!(parse(&p(&[("select", "id,pg_sleep(10)")]), &t, &limits()).is_err());
+        assert!(parse(&p(&[("order", "id;drop")]), &t, &limits()).is_err());
+        assert!(parse(&p(&[("order", "id.sideways")]), &t, &limits()).is_err());
+        assert!(parse(&p(&[("id", "~~.1")]), &t, &limits()).is_err());
+        assert!(parse(&p(&[("limit", "100000")]), &t, &limits()).is_err());
+        assert!(parse(&p(&[("limit", "-1")]), &t, &limits()).is_err());
+    }
+
+    #[test]
+    fn catalog_lookup_is_exact() {
+        let mut c = Catalog::default();
+        c.tables.insert("tasks".into(), tasks());
+        assert!(c.table("tasks").is_ok());
+        for bad in [
+            "Tasks",
+            "\"tasks\"",
+            "public.tasks",
+            "pg_catalog.pg_authid",
+            "tasks ",
+            "tаsks",
+        ] {
+            assert_eq!(c.table(bad).unwrap_err().kind, "unknown-table", "{bad}");
+        }
+    }
+
+    #[test]
+    fn write_statements() {
+        let t = tasks();
+        let sql = insert("acme", &t, vec![serde_json::json!({"title": "x"})]).unwrap();
+        assert!(
+            sql.text.contains(r#"INSERT INTO "acme"."tasks" ("title")"#),
+            "{}",
+            sql.text
+        );
+        assert!(insert("acme", &t, vec![serde_json::json!({"nope": 1})]).is_err());
+        assert!(insert("acme", &t, vec![serde_json::json!(1)]).is_err());
+        let f = parse(&p(&[("id", "eq.1")]), &t, &limits()).unwrap().filters;
+        let sql = update("acme", &t, &f, serde_json::json!({"title": "y"})).unwrap();
+        assert!(
+            sql.text.contains(r#"SET "title" = _j."title""#) && sql.text.contains("WHERE"),
+            "{}",
+            sql.text
+        );
+        let sql = delete("acme", &t, &f).unwrap();
+        assert!(
+            sql.text
+                .contains(r#"DELETE FROM "acme"."tasks" AS _t WHERE"#),
+            "{}",
+            sql.text
+        );
+        let sql = by_id("acme", &t, "7", None).unwrap();
+        assert!(
+            sql.text.contains(r#"_t."id" = CAST($1 AS bigint)"#),
+            "{}",
+            sql.text
+        );
+    }
+}

@@ -1,0 +1,423 @@
+//! The API's live tenant registry: a watch-fed index of Tenants and the signing keys in their
+//! credentials Secrets, with one writer (the watch task) and many readers (request handlers).
+//! Readers never call the apiserver; names and hosts claimed twice are routable by nobody.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, RwLock,
+    },
+};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    runtime::{watcher, WatchStreamExt},
+    Api, ResourceExt,
+};
+use tracing::{info, warn};
+
+use crate::{controller::secret as creds, crd::Tenant};
+
+/// What the API knows about one Tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantInfo {
+    pub namespace: String,
+    pub name: String,
+    pub display_name: String,
+    pub hosts: Vec<String>,
+    /// Schema and role (same name); `None` until provisioned.
+    pub schema: Option<String>,
+    pub ready: bool,
+    pub migration_version: Option<i64>,
+    pub secret_name: String,
+}
+
+impl TenantInfo {
+    pub fn from_tenant(t: &Tenant) -> Self {
+        let status = t.status.as_ref();
+        Self {
+            namespace: t.namespace().unwrap_or_default(),
+            name: t.name_any(),
+            display_name: t.spec.display_name.clone().unwrap_or_else(|| t.name_any()),
+            hosts: t
+                .spec
+                .hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            schema: status.and_then(|s| s.schema.clone()),
+            // Ready as last reported, even while a spec edit (a new host, a display name) is
+            // being reconciled: the schema cannot change, so serving it stays correct.
+            ready: t
+                .condition(crate::crd::condition::READY)
+                .is_some_and(|c| c.status == "True")
+                && t.metadata.deletion_timestamp.is_none(),
+            migration_version: status.and_then(|s| s.migration_version),
+            secret_name: status
+                .and_then(|s| s.secret_name.clone())
+                .unwrap_or_else(|| t.secret_name()),
+        }
+    }
+}
+
+type Key = (String, String);
+
+/// A routable tenant: its info and its token signing key.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub info: Arc<TenantInfo>,
+    pub jwt_key: Option<Arc<[u8]>>,
+}
+
+/// Result of looking a tenant up.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Found(Entry),
+    /// Two or more Tenants claim this name or host.
+    Ambiguous(Vec<String>),
+    Unknown,
+}
+
+#[derive(Default)]
+struct Index {
+    tenants: HashMap<Key, Arc<TenantInfo>>,
+    by_name: HashMap<String, Vec<Key>>,
+    by_host: HashMap<String, Vec<Key>>,
+    /// (namespace, secret name) → jwt-key bytes.
+    keys: HashMap<Key, Arc<[u8]>>,
+}
+
+impl Index {
+    fn unlink(&mut self, key: &Key) {
+        if let Some(old) = self.tenants.remove(key) {
+            remove_from(&mut self.by_name, &old.name, key);
+            for h in &old.hosts {
+                remove_from(&mut self.by_host, h, key);
+            }
+        }
+    }
+
+    fn upsert(&mut self, info: TenantInfo) {
+        let key = (info.namespace.clone(), info.name.clone());
+        if self.tenants.get(&key).is_some_and(|old| **old == info) {
+            return;
+        }
+        self.unlink(&key);
+        self.by_name
+            .entry(info.name.clone())
+            .or_default()
+            .push(key.clone());
+        for h in &info.hosts {
+            self.by_host.entry(h.clone()).or_default().push(key.clone());
+        }
+        self.tenants.insert(key, Arc::new(info));
+    }
+
+    fn entry(&self, key: &Key) -> Option<Entry> {
+        let info = self.tenants.get(key)?.clone();
+        let jwt_key = self
+            .keys
+            .get(&(info.namespace.clone(), info.secret_name.clone()))
+            .cloned();
+        Some(Entry { info, jwt_key })
+    }
+
+    fn lookup(&self, keys: Option<&Vec<Key>>) -> Lookup {
+        match keys.map(Vec::as_slice) {
+            None | Some([]) => Lookup::Unknown,
+            Some([one]) => self.entry(one).map_or(Lookup::Unknown, Lookup::Found),
+            Some(many) => {
+                Lookup::Ambiguous(many.iter().map(|(ns, n)| format!("{ns}/{n}")).collect())
+            }
+        }
+    }
+}
+
+fn remove_from(map: &mut HashMap<String, Vec<Key>>, k: &str, key: &Key) {
+    if let Some(v) = map.get_mut(k) {
+        v.retain(|x| x != key);
+        if v.is_empty() {
+            map.remove(k);
+        }
+    }
+}
+
+fn jwt_key_of(s: &Secret) -> Option<Arc<[u8]>> {
+    let bytes = &s.data.as_ref()?.get(creds::JWT_KEY)?.0;
+    (bytes.len() >= crate::postgres::scram::MIN_JWT_KEY_BYTES).then(|| Arc::from(bytes.as_slice()))
+}
+
+/// The registry. Cheap to clone; all clones share one index.
+#[derive(Clone, Default)]
+pub struct Registry {
+    index: Arc<RwLock<Index>>,
+    tenants_synced: Arc<AtomicBool>,
+    secrets_synced: Arc<AtomicBool>,
+}
+
+/// One watch event, from either stream.
+pub enum Change {
+    Tenants(watcher::Event<Tenant>),
+    Secrets(watcher::Event<Secret>),
+}
+
+impl Registry {
+    /// True once both watches have delivered their first full list.
+    pub fn is_synced(&self) -> bool {
+        self.tenants_synced.load(Ordering::SeqCst) && self.secrets_synced.load(Ordering::SeqCst)
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.read().expect("registry lock").tenants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn by_name(&self, name: &str) -> Lookup {
+        let idx = self.index.read().expect("registry lock");
+        idx.lookup(idx.by_name.get(name))
+    }
+
+    pub fn by_host(&self, host: &str) -> Lookup {
+        let idx = self.index.read().expect("registry lock");
+        idx.lookup(idx.by_host.get(&host.to_ascii_lowercase()))
+    }
+
+    /// Applies one watch event. The only writer.
+    pub fn apply(
+        &self,
+        change: Change,
+        tenant_buf: &mut Vec<TenantInfo>,
+        secret_buf: &mut Vec<Secret>,
+    ) {
+        let mut idx = self.index.write().expect("registry lock");
+        match change {
+            Change::Tenants(ev) => match ev {
+                watcher::Event::Apply(t) => idx.upsert(TenantInfo::from_tenant(&t)),
+                watcher::Event::Delete(t) => {
+                    idx.unlink(&(t.namespace().unwrap_or_default(), t.name_any()))
+                }
+                watcher::Event::Init => tenant_buf.clear(),
+                watcher::Event::InitApply(t) => tenant_buf.push(TenantInfo::from_tenant(&t)),
+                watcher::Event::InitDone => {
+                    // A relist replaces everything: Tenants deleted while disconnected vanish.
+                    let keep: std::collections::HashSet<Key> = tenant_buf
+                        .iter()
+                        .map(|i| (i.namespace.clone(), i.name.clone()))
+                        .collect();
+                    let stale: Vec<Key> = idx
+                        .tenants
+                        .keys()
+                        .filter(|k| !keep.contains(*k))
+                        .cloned()
+                        .collect();
+                    for k in stale {
+                        idx.unlink(&k);
+                    }
+                    for info in tenant_buf.drain(..) {
+                        idx.upsert(info);
+                    }
+                    if !self.tenants_synced.swap(true, Ordering::SeqCst) {
+                        info!(tenants = idx.tenants.len(), "tenant registry synced");
+                    }
+                }
+            },
+            Change::Secrets(ev) => match ev {
+                watcher::Event::Apply(s) => {
+                    let key = (s.namespace().unwrap_or_default(), s.name_any());
+                    match jwt_key_of(&s) {
+                        Some(k) => idx.keys.insert(key, k),
+                        None => idx.keys.remove(&key),
+                    };
+                }
+                watcher::Event::Delete(s) => {
+                    idx.keys
+                        .remove(&(s.namespace().unwrap_or_default(), s.name_any()));
+                }
+                watcher::Event::Init => secret_buf.clear(),
+                watcher::Event::InitApply(s) => secret_buf.push(s),
+                watcher::Event::InitDone => {
+                    idx.keys = secret_buf
+                        .drain(..)
+                        .filter_map(|s| {
+                            Some((
+                                (s.namespace().unwrap_or_default(), s.name_any()),
+                                jwt_key_of(&s)?,
+                            ))
+                        })
+                        .collect();
+                    self.secrets_synced.store(true, Ordering::SeqCst);
+                }
+            },
+        }
+    }
+
+    /// Feeds the registry from a merged stream of changes until it ends.
+    pub async fn run(&self, changes: impl Stream<Item = Change>) {
+        let mut tenant_buf = Vec::new();
+        let mut secret_buf = Vec::new();
+        let mut changes = std::pin::pin!(changes);
+        while let Some(change) = changes.next().await {
+            self.apply(change, &mut tenant_buf, &mut secret_buf);
+        }
+    }
+
+    /// Watches Tenants and tenantry-managed Secrets (all namespaces or one) and keeps the
+    /// registry current; retries with backoff across apiserver outages, serving the last
+    /// known state meanwhile.
+    pub async fn watch(&self, tenants: Api<Tenant>, secrets: Api<Secret>) {
+        let tenant_events = watcher(tenants, watcher::Config::default())
+            .default_backoff()
+            .filter_map(|r| async move {
+                r.map_err(|e| warn!(error = %e, "tenant watch error; retrying"))
+                    .ok()
+                    .map(Change::Tenants)
+            });
+        let secret_events = watcher(
+            secrets,
+            watcher::Config::default().labels(&format!(
+                "{}={}",
+                creds::MANAGED_BY_LABEL,
+                creds::MANAGED_BY
+            )),
+        )
+        .default_backoff()
+        .filter_map(|r| async move {
+            r.map_err(|e| warn!(error = %e, "secret watch error; retrying"))
+                .ok()
+                .map(Change::Secrets)
+        });
+        self.run(futures::stream::select(tenant_events, secret_events))
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{Condition, TenantStatus};
+    use k8s_openapi::ByteString;
+
+    fn ready(name: &str, ns: &str, hosts: &[&str]) -> Tenant {
+        let mut t = Tenant::test(name).in_namespace(ns).with_hosts(hosts);
+        t.metadata.generation = Some(1);
+        t.status = Some(TenantStatus {
+            schema: Some(format!("{ns}_{name}")),
+            observed_generation: Some(1),
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Condition::default()
+            }],
+            ..TenantStatus::default()
+        });
+        t
+    }
+
+    fn apply(r: &Registry, c: Change) {
+        r.apply(c, &mut Vec::new(), &mut Vec::new());
+    }
+
+    fn found(l: Lookup) -> Entry {
+        match l {
+            Lookup::Found(e) => e,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn indexes_by_name_and_host_and_follows_updates() {
+        let r = Registry::default();
+        apply(
+            &r,
+            Change::Tenants(watcher::Event::Apply(ready("acme", "a", &["acme.io"]))),
+        );
+        assert!(found(r.by_name("acme")).info.ready);
+        assert_eq!(found(r.by_host("ACME.io")).info.name, "acme");
+        apply(
+            &r,
+            Change::Tenants(watcher::Event::Apply(ready("acme", "a", &["new.io"]))),
+        );
+        assert!(matches!(r.by_host("acme.io"), Lookup::Unknown));
+        assert_eq!(found(r.by_host("new.io")).info.name, "acme");
+        apply(
+            &r,
+            Change::Tenants(watcher::Event::Delete(ready("acme", "a", &[]))),
+        );
+        assert!(matches!(r.by_name("acme"), Lookup::Unknown));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn duplicate_names_and_hosts_are_ambiguous_until_resolved() {
+        let r = Registry::default();
+        apply(
+            &r,
+            Change::Tenants(watcher::Event::Apply(ready("acme", "a", &["x.io"]))),
+        );
+        apply(
+            &r,
+            Change::Tenants(watcher::Event::Apply(ready("acme", "b", &[]))),
+        );
+        apply(
+            &r,
+            Change::Tenants(watcher::Event::Apply(ready("other", "c", &["x.io"]))),
+        );
+        assert!(matches!(r.by_name("acme"), Lookup::Ambiguous(v) if v.len() == 2));
+        assert!(matches!(r.by_host("x.io"), Lookup::Ambiguous(_)));
+        apply(
+            &r,
+            Change::Tenants(watcher::Event::Delete(ready("acme", "b", &[]))),
+        );
+        assert_eq!(found(r.by_name("acme")).info.namespace, "a");
+    }
+
+    #[test]
+    fn relist_drops_tenants_deleted_while_away_and_gates_sync() {
+        let r = Registry::default();
+        let (mut tb, mut sb) = (Vec::new(), Vec::new());
+        r.apply(
+            Change::Tenants(watcher::Event::Apply(ready("gone", "a", &[]))),
+            &mut tb,
+            &mut sb,
+        );
+        r.apply(Change::Tenants(watcher::Event::Init), &mut tb, &mut sb);
+        r.apply(
+            Change::Tenants(watcher::Event::InitApply(ready("kept", "a", &[]))),
+            &mut tb,
+            &mut sb,
+        );
+        assert!(!r.is_synced());
+        r.apply(Change::Tenants(watcher::Event::InitDone), &mut tb, &mut sb);
+        r.apply(Change::Secrets(watcher::Event::Init), &mut tb, &mut sb);
+        r.apply(Change::Secrets(watcher::Event::InitDone), &mut tb, &mut sb);
+        assert!(r.is_synced());
+        assert!(matches!(r.by_name("gone"), Lookup::Unknown));
+        assert!(matches!(r.by_name("kept"), Lookup::Found(_)));
+    }
+
+    #[test]
+    fn signing_keys_come_from_the_tenant_secret() {
+        let r = Registry::default();
+        apply(
+            &r,
+            Change::Tenants(watcher::Event::Apply(ready("acme", "a", &[]))),
+        );
+        let mut s = Secret::default();
+        s.metadata.name = Some("acme-db".into());
+        s.metadata.namespace = Some("a".into());
+        s.data = Some([("jwt-key".to_string(), ByteString(vec![b'k'; 40]))].into());
+        apply(&r, Change::Secrets(watcher::Event::Apply(s.clone())));
+        assert_eq!(found(r.by_name("acme")).jwt_key.unwrap().len(), 40);
+        s.data = Some([("jwt-key".to_string(), ByteString(vec![b'k'; 8]))].into());
+        apply(&r, Change::Secrets(watcher::Event::Apply(s)));
+        assert!(
+            found(r.by_name("acme")).jwt_key.is_none(),
+            "short keys are refused"
+        );
+    }
+}
