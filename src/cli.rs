@@ -48,6 +48,9 @@ pub enum Command {
     Api(Box<ApiArgs>),
     /// Print the Tenant CustomResourceDefinition as YAML.
     Crd,
+    /// Mint a JWT for a tenant's users, signed with the tenant's key from its credentials
+    /// Secret (for development and for platforms that issue tenant tokens).
+    Token(TokenArgs),
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +118,79 @@ pub struct ControllerArgs {
     /// Namespace of the gateway Secret (default: POD_NAMESPACE, else the kubeconfig namespace).
     #[arg(long, env = "TENANTRY_GATEWAY_SECRET_NAMESPACE")]
     pub gateway_secret_namespace: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The Tenant (metadata.name).
+    pub tenant: String,
+
+    /// Namespace of the Tenant (default: the kubeconfig namespace).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+
+    /// Subject (`sub` claim).
+    #[arg(long, default_value = "tenantry-cli")]
+    pub subject: String,
+
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl_secs: u64,
+
+    /// Kubeconfig file; without it the usual inference applies.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Signs a tenant token: HS256 with the tenant's `jwt-key`, claims `tenant`, `sub`, `iat`, `exp`.
+pub fn mint_token(
+    tenant: &str,
+    key: &[u8],
+    subject: &str,
+    ttl_secs: u64,
+) -> anyhow::Result<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims =
+        serde_json::json!({"tenant": tenant, "sub": subject, "iat": now, "exp": now + ttl_secs});
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(key),
+    )?)
+}
+
+async fn run_token(args: TokenArgs) -> anyhow::Result<()> {
+    let client = kube_client(args.kubeconfig.as_ref(), None).await?;
+    let ns = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let tenant = kube::Api::<Tenant>::namespaced(client.clone(), &ns)
+        .get(&args.tenant)
+        .await
+        .with_context(|| format!("reading Tenant {ns}/{}", args.tenant))?;
+    let secret_name = tenant
+        .status
+        .as_ref()
+        .and_then(|s| s.secret_name.clone())
+        .unwrap_or_else(|| tenant.secret_name());
+    let secret = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client, &ns)
+        .get(&secret_name)
+        .await
+        .with_context(|| format!("reading Secret {ns}/{secret_name}"))?;
+    let key = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(crate::controller::secret::JWT_KEY))
+        .map(|b| b.0.clone())
+        .ok_or_else(|| anyhow::anyhow!("Secret {ns}/{secret_name} has no jwt-key yet"))?;
+    println!(
+        "{}",
+        mint_token(&args.tenant, &key, &args.subject, args.ttl_secs)?
+    );
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -312,6 +388,7 @@ impl Cli {
                 print!("{}", crd_yaml());
                 Ok(())
             }
+            Command::Token(args) => run_token(args).await,
             Command::Api(args) => {
                 telemetry::init_logging(&self.log_level, self.log_format)?;
                 run_api(*args).await

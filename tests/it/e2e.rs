@@ -26,19 +26,53 @@ fn free_port() -> u16 {
 }
 
 async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http(port, "GET", path, &[], None).await
+}
+
+/// A minimal HTTP/1.1 client: status and the whole response text.
+async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .ok()?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str("Host: localhost\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body.unwrap_or(""));
+    s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
     Some((code, buf))
+}
+
+fn spawn_logged(args: &[&str], envs: &[(&str, &str)], log_name: &str) -> Operator {
+    let log = std::fs::File::create(std::env::temp_dir().join(log_name)).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tenantry"));
+    cmd.args(args)
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log));
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    Operator(cmd.spawn().expect("start tenantry"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,25 +81,25 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
     let ns = TestNs::new().await;
     kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", "crds/"]);
     let port = free_port();
-    let log =
-        std::fs::File::create(std::env::temp_dir().join(format!("tenantry-e2e-{}.log", ns.name)))
-            .unwrap();
-    let _op = Operator(
-        Command::new(env!("CARGO_BIN_EXE_tenantry"))
-            .args([
-                "controller",
-                "--namespace",
-                &ns.name,
-                "--health-addr",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args(["--log-format", "json"])
-            .env("DATABASE_URL", &env.database_url)
-            .env("KUBECONFIG", &env.kubeconfig)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start tenantry controller"),
+    let kubeconfig = env.kubeconfig.to_string_lossy().into_owned();
+    let health = format!("127.0.0.1:{port}");
+    let _op = spawn_logged(
+        &[
+            "controller",
+            "--namespace",
+            &ns.name,
+            "--health-addr",
+            &health,
+            "--log-format",
+            "json",
+            "--gateway-secret-namespace",
+            &ns.name,
+        ],
+        &[
+            ("DATABASE_URL", &env.database_url),
+            ("KUBECONFIG", &kubeconfig),
+        ],
+        &format!("tenantry-e2e-{}.log", ns.name),
     );
 
     eventually(
@@ -106,6 +140,84 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
     );
     let described = kubectl_ok(&["describe", "tenant", "acme", "-n", &ns.name]);
     assert!(described.contains("Provisioned"), "{described}");
+
+    // The API binary, logged in as the gateway role from the operator's Secret, serves them.
+    let gateway = ns.secrets().get("tenantry-gateway").await.unwrap();
+    let api_port = free_port();
+    let listen = format!("127.0.0.1:{api_port}");
+    let _api = spawn_logged(
+        &[
+            "api",
+            "--namespace",
+            &ns.name,
+            "--listen",
+            &listen,
+            "--base-domain",
+            "tenants.test",
+            "--pool-size",
+            "4",
+        ],
+        &[
+            ("DATABASE_URL", &secret_value(&gateway, "uri")),
+            ("KUBECONFIG", &kubeconfig),
+        ],
+        &format!("tenantry-e2e-api-{}.log", ns.name),
+    );
+    eventually("api /readyz", Duration::from_secs(30), move || async move {
+        http_get(api_port, "/readyz")
+            .await
+            .filter(|(c, _)| *c == 200)
+    })
+    .await;
+    let out = Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .args(["token", "acme", "-n", &ns.name])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let auth = format!("Bearer {token}");
+    let acme_host = "acme.tenants.test";
+    let (code, text) = http(
+        api_port,
+        "POST",
+        "/v1/tables/projects",
+        &[("Host", acme_host), ("Authorization", &auth)],
+        Some(r#"{"name":"from e2e"}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 201, "{text}");
+    let (code, text) = http(
+        api_port,
+        "GET",
+        "/v1/tables/projects?select=name",
+        &[("Host", acme_host), ("Authorization", &auth)],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{text}");
+    assert!(text.ends_with(r#"[{"name":"from e2e"}]"#), "{text}");
+    // The same token on globex's host is refused.
+    let (code, text) = http(
+        api_port,
+        "GET",
+        "/v1/tables/projects",
+        &[("Host", "globex.example.com"), ("Authorization", &auth)],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 403, "{text}");
+    let (code, text) = http_get(api_port, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(text.contains("tenantry_api_registry_tenants 3"), "{text}");
+    assert!(text.contains(r#"route="/v1/tables/{table}""#), "{text}");
 
     let (_, metrics) = http_get(port, "/metrics").await.unwrap();
     assert!(
