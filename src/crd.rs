@@ -109,7 +109,7 @@ pub struct TenantStatus {
     pub migration_version: Option<i64>,
 
     /// One condition per provisioning step (RoleReady, SchemaReady, MigrationsApplied,
-    /// CredentialsReady) plus Ready.
+    /// CredentialsReady), Ready, and Routable (no other Tenant shares its name or a host).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -185,6 +185,8 @@ pub mod condition {
     pub const MIGRATIONS_APPLIED: &str = "MigrationsApplied";
     pub const CREDENTIALS_READY: &str = "CredentialsReady";
     pub const READY: &str = "Ready";
+    /// Whether the API can route to the tenant: no other Tenant has its name or a host of it.
+    pub const ROUTABLE: &str = "Routable";
     pub const STEPS: [&str; 4] = [
         ROLE_READY,
         SCHEMA_READY,

@@ -114,12 +114,24 @@ pub struct Context {
     pub migrations: Arc<MigrationSet>,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    /// Every Tenant the controller watches, to spot names and hosts claimed twice.
+    pub store: reflector::Store<Tenant>,
+    /// Asks the controller to reconcile other Tenants (whose Routable condition a change to
+    /// this one makes stale).
+    retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<Tenant>>,
     /// Consecutive failures per Tenant, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<Tenant>, u32>>,
 }
 
 impl Context {
-    pub fn new(client: Client, admin: Admin, migrations: MigrationSet, metrics: Metrics) -> Self {
+    pub fn new(
+        client: Client,
+        admin: Admin,
+        migrations: MigrationSet,
+        metrics: Metrics,
+        store: reflector::Store<Tenant>,
+        retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<Tenant>>,
+    ) -> Self {
         let reporter = Reporter {
             controller: "tenantry".into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -130,7 +142,28 @@ impl Context {
             admin,
             migrations: Arc::new(migrations),
             metrics,
+            store,
+            retrigger,
             failures: Mutex::default(),
+        }
+    }
+
+    /// Reconciles the other Tenants whose Routable condition no longer matches because of
+    /// `me` (`gone` when `me` is being deleted). Only inconsistent ones are triggered, so two
+    /// clashing Tenants do not keep waking each other.
+    fn retrigger_related(&self, me: &Tenant, gone: bool) {
+        let me_ref = format!("{}/{}", me.namespace().unwrap_or_default(), me.name_any());
+        for other in self.store.state() {
+            if other.namespace() == me.namespace() && other.name_any() == me.name_any() {
+                continue;
+            }
+            let clash = !gone && !plan::routing_clashes(&other, [me]).is_empty();
+            let cond = other.condition(condition::ROUTABLE);
+            let says_clash = cond.is_some_and(|c| c.status == "False");
+            let blames_me = cond.is_some_and(|c| c.message.contains(&format!("Tenant {me_ref} ")));
+            if (clash && !says_clash) || (!clash && says_clash && blames_me) {
+                let _ = self.retrigger.send(ObjectRef::from_obj(&*other));
+            }
         }
     }
 
@@ -310,6 +343,38 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         secret_name,
     } = plan;
     Span::current().record("schema", id.as_str());
+
+    // Routing: the API refuses names and hosts that two Tenants claim; say so here.
+    let all = ctx.store.state();
+    let clashes = plan::routing_clashes(tenant, all.iter().map(|t| &**t));
+    if clashes.is_empty() {
+        b.set(
+            condition::ROUTABLE,
+            "True",
+            "Unique",
+            "no other Tenant has this name or its hosts",
+        );
+    } else {
+        let message = format!(
+            "the API will not route to this tenant: {}",
+            clashes.join("; ")
+        );
+        if tenant
+            .condition(condition::ROUTABLE)
+            .is_none_or(|c| c.message != message)
+        {
+            ctx.event(
+                tenant,
+                EventType::Warning,
+                "AmbiguousRouting",
+                "Validate",
+                message.clone(),
+            )
+            .await;
+        }
+        b.set(condition::ROUTABLE, "False", "Ambiguous", message);
+    }
+    ctx.retrigger_related(tenant, false);
 
     // Read what exists, once, before changing anything: conflicts stop us with nothing done.
     let observed = match ctx.admin.observe(&id).await {
@@ -736,6 +801,7 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         }
     }
     ctx.metrics.set_phase(key, None);
+    ctx.retrigger_related(tenant, true);
     Ok(Action::await_change())
 }
 
@@ -788,6 +854,12 @@ async fn cleanup_database(tenant: &Tenant, id: &Ident, ctx: &Context) -> Result<
         }
     }
     Ok(())
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// Settings of `tenantry controller`.
@@ -932,10 +1004,18 @@ pub async fn run(
     if let Some((ns, name)) = &settings.gateway_secret {
         ensure_gateway(&client, &admin, ns, name).await?;
     }
-    let ctx = Arc::new(Context::new(client, admin, migrations, metrics));
     // Our own reflector (rather than Controller::new) so readiness can follow the watch:
     // ready once the first full list has landed in the store.
     let (reader, writer) = reflector::store();
+    let (retrigger, retriggered) = tokio::sync::mpsc::unbounded_channel();
+    let ctx = Arc::new(Context::new(
+        client,
+        admin,
+        migrations,
+        metrics,
+        reader.clone(),
+        retrigger,
+    ));
     let tenant_stream = reflector(
         writer,
         watcher(tenants, watcher::Config::default()).default_backoff(),
@@ -947,6 +1027,7 @@ pub async fn run(
     })
     .applied_objects();
     let controller = Controller::for_stream(tenant_stream, reader)
+        .reconcile_on(tokio_stream_from(retriggered))
         .owns(
             secrets,
             watcher::Config::default().labels(&format!(

@@ -83,6 +83,41 @@ pub fn plan(tenant: &Tenant) -> Result<Plan, String> {
     })
 }
 
+/// Other Tenants that the API could not tell apart from `me`: the same name in another
+/// namespace (the tenant id on the wire is the name) or a shared host.
+pub fn routing_clashes<'a>(
+    me: &Tenant,
+    others: impl IntoIterator<Item = &'a Tenant>,
+) -> Vec<String> {
+    let my_ns = me.namespace().unwrap_or_default();
+    let mut out = Vec::new();
+    for other in others {
+        let ns = other.namespace().unwrap_or_default();
+        if ns == my_ns && other.name_any() == me.name_any() {
+            continue;
+        }
+        if other.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if other.name_any() == me.name_any() {
+            out.push(format!(
+                "Tenant {ns}/{} has the same name",
+                other.name_any()
+            ));
+        }
+        for h in &me.spec.hosts {
+            if other.spec.hosts.iter().any(|o| o.eq_ignore_ascii_case(h)) {
+                out.push(format!(
+                    "Tenant {ns}/{} also claims host {h}",
+                    other.name_any()
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +153,27 @@ mod tests {
         assert!(e.contains("twice"), "{e}");
         let e = plan(&t("acme").with_secret_name("Bad_Name")).unwrap_err();
         assert!(e.contains("secretName"), "{e}");
+    }
+
+    #[test]
+    fn clashes_on_name_or_host() {
+        let me = t("acme").with_hosts(&["a.io"]);
+        let same = t("acme");
+        let other_ns = Tenant::test("acme").in_namespace("team-b");
+        let host = Tenant::test("x")
+            .in_namespace("team-c")
+            .with_hosts(&["A.io"]);
+        let fine = Tenant::test("y")
+            .in_namespace("team-c")
+            .with_hosts(&["b.io"]);
+        let c = routing_clashes(&me, [&same, &other_ns, &host, &fine]);
+        assert_eq!(
+            c,
+            [
+                "Tenant team-b/acme has the same name",
+                "Tenant team-c/x also claims host a.io"
+            ]
+        );
     }
 
     #[test]

@@ -273,3 +273,47 @@ async fn converges_after_the_database_comes_back_and_deletion_waits_for_it() {
     assert!(!exists("schema", &ns.schema("patient")).await);
     assert!(!exists("role", &ns.schema("patient")).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_host_marks_both_tenants_unroutable_until_resolved() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("first").with_hosts(&["shop.example.com"]))
+        .await;
+    let t = wait_ready(&ns, "first").await;
+    assert_eq!(t.condition("Routable").unwrap().status, "True");
+    ns.create(Tenant::test("second").with_hosts(&["shop.example.com"]))
+        .await;
+    let unroutable = |t: &Tenant| t.condition("Routable").is_some_and(|c| c.status == "False");
+    let second = wait_tenant(&ns, "second", "Routable=False", unroutable).await;
+    let msg = &second.condition("Routable").unwrap().message;
+    assert!(
+        msg.contains(&format!(
+            "Tenant {}/first also claims host shop.example.com",
+            ns.name
+        )),
+        "{msg}"
+    );
+    assert!(
+        second.is_ready(),
+        "routing ambiguity does not stop provisioning"
+    );
+    // The first one is told as well, without waiting for its periodic resync.
+    wait_tenant(
+        &ns,
+        "first",
+        "Routable=False on the earlier Tenant",
+        unroutable,
+    )
+    .await;
+    assert!(events(&ns, "second")
+        .await
+        .iter()
+        .any(|e| e.0 == "Warning" && e.1 == "AmbiguousRouting"));
+
+    delete_tenant(&ns, "second").await;
+    wait_tenant(&ns, "first", "Routable=True again", |t| {
+        t.condition("Routable").is_some_and(|c| c.status == "True")
+    })
+    .await;
+}
