@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole system locally: PostgreSQL, a kube-apiserver + etcd, the tenantry operator,
-# and an example Tenant. Prints commands to try; Ctrl-C stops everything.
+# the tenantry API and an example Tenant. Runs and prints requests that work; Ctrl-C stops
+# everything.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -29,6 +30,34 @@ done
 kubectl apply -f examples/tenant-minimal.yaml >/dev/null
 kubectl wait --for=condition=Ready tenant/acme --timeout=60s >/dev/null
 
+# The API logs in as the gateway role, with the credentials the operator wrote.
+gateway_uri=$(kubectl get secret tenantry-gateway -o jsonpath='{.data.uri}' | base64 -d)
+DATABASE_URL=$gateway_uri "$root/target/debug/tenantry" api --listen 127.0.0.1:8080 \
+  --base-domain tenants.localhost >"$dir/api.log" 2>&1 &
+pids+=($!)
+until curl -sf http://127.0.0.1:8080/readyz >/dev/null; do
+  kill -0 "${pids[1]}" 2>/dev/null || { cat "$dir/api.log"; exit 1; }
+  sleep 0.3
+done
+TOKEN=$("$root/target/debug/tenantry" token acme)
+export TOKEN
+run() {
+  local shown
+  shown=$(printf '%q ' "$@")
+  echo "\$ ${shown//$TOKEN/\$TOKEN}"
+  "$@"
+  printf '\n\n'
+}
+echo
+echo "Requests against the API (TOKEN=\$(target/debug/tenantry token acme)):"
+echo
+run curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/tenant
+run curl -s -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \
+  -d '{"name":"launch","description":"first project"}' http://127.0.0.1:8080/v1/tables/projects
+run curl -s -H "Authorization: Bearer $TOKEN" 'http://127.0.0.1:8080/v1/tables/projects?select=id,name&order=name.asc'
+run curl -s -H 'Host: acme.tenants.localhost' -H "Authorization: Bearer $TOKEN" 'http://127.0.0.1:8080/v1/tables/projects/1'
+run curl -s -H "Authorization: Bearer $TOKEN" -H 'X-Tenant: globex' http://127.0.0.1:8080/v1/tenant
+
 cat <<MSG
 
 tenantry is running. In another shell:
@@ -41,9 +70,13 @@ tenantry is running. In another shell:
   kubectl apply -f examples/tenant-full.yaml && kubectl wait --for=condition=Ready tenant/globex
   kubectl delete tenant acme
   curl -s http://127.0.0.1:8081/metrics | grep tenantry_
+  export TOKEN=\$(target/debug/tenantry token acme)
+  curl -s -H "Authorization: Bearer \$TOKEN" 'http://127.0.0.1:8080/v1/tables/tasks?status=eq.todo'
+  curl -s http://127.0.0.1:8080/openapi.json
 
 Admin database: $DATABASE_URL
 Operator log:   $dir/operator.log
+API log:        $dir/api.log
 Press Ctrl-C to stop everything.
 MSG
 kubectl get tenants -o wide
