@@ -239,7 +239,7 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     let method = req.method().to_string();
     let span = tracing::info_span!("request", %method, %route, tenant = tracing::field::Empty, status = tracing::field::Empty);
     let started = Instant::now();
-    let res = next.run(req).instrument(span.clone()).await;
+    let res = as_problem(next.run(req).instrument(span.clone()).await);
     let status = res.status().as_u16();
     span.record("status", status);
     state
@@ -257,6 +257,39 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         .get_or_create(&RouteLabel { route })
         .observe(started.elapsed().as_secs_f64());
     res
+}
+
+/// Rejections produced by axum itself (body too large, wrong method, bad path) become
+/// problem+json like every other error.
+fn as_problem(res: Response) -> Response {
+    let status = res.status();
+    let is_problem = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return res;
+    }
+    let kind = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload-too-large",
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+        StatusCode::NOT_FOUND => "not-found",
+        s if s.is_client_error() => "bad-request",
+        _ => "internal",
+    };
+    let detail = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            "the request body is larger than the server accepts".to_string()
+        }
+        StatusCode::METHOD_NOT_ALLOWED => "this route does not support that method".to_string(),
+        s => s.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let mut problem = ApiError::new(status, kind, detail).into_response();
+    if let Some(allow) = res.headers().get(header::ALLOW) {
+        problem.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    problem
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
