@@ -118,6 +118,23 @@ pub struct ControllerArgs {
     /// Namespace of the gateway Secret (default: POD_NAMESPACE, else the kubeconfig namespace).
     #[arg(long, env = "TENANTRY_GATEWAY_SECRET_NAMESPACE")]
     pub gateway_secret_namespace: Option<String>,
+
+    /// Elect a leader through a Lease so that several replicas can run; only the leader
+    /// reconciles.
+    #[arg(long, env = "TENANTRY_LEADER_ELECTION")]
+    pub leader_election: bool,
+
+    /// Name of the leader Lease.
+    #[arg(long, env = "TENANTRY_LEASE_NAME", default_value = "tenantry-operator")]
+    pub lease_name: String,
+
+    /// Namespace of the leader Lease (default: POD_NAMESPACE, else the kubeconfig namespace).
+    #[arg(long, env = "TENANTRY_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// Seconds a leader that stops renewing keeps the lease; a standby takes over after it.
+    #[arg(long, env = "TENANTRY_LEASE_DURATION_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
+    pub lease_duration_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -295,6 +312,12 @@ pub async fn kube_client(
     Ok(Client::try_from(config)?)
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "tenantry".into())
+}
+
 /// Resolves when SIGTERM or Ctrl-C arrives.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -412,11 +435,22 @@ impl Cli {
                 .context("--database-url")?
                 .with_gateway(gateway.clone());
                 let client = kube_client(args.kubeconfig.as_ref(), args.context.as_deref()).await?;
+                let own_namespace = std::env::var("POD_NAMESPACE")
+                    .unwrap_or_else(|_| client.default_namespace().to_string());
                 let gateway_namespace = args
                     .gateway_secret_namespace
                     .clone()
-                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
-                    .unwrap_or_else(|| client.default_namespace().to_string());
+                    .unwrap_or_else(|| own_namespace.clone());
+                let leader = args.leader_election.then(|| crate::leader::LeaseConfig {
+                    namespace: args.lease_namespace.clone().unwrap_or(own_namespace),
+                    name: args.lease_name.clone(),
+                    identity: std::env::var("POD_NAME")
+                        .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
+                    lease_duration: std::time::Duration::from_secs(args.lease_duration_secs),
+                    renew_every: std::time::Duration::from_secs(
+                        (args.lease_duration_secs / 3).max(1),
+                    ),
+                });
                 let args = *args;
                 controller::run(
                     client,
@@ -427,6 +461,7 @@ impl Cli {
                         concurrency: args.concurrency,
                         health_addr: args.health_addr,
                         gateway_secret: gateway.map(|_| (gateway_namespace, args.gateway_secret)),
+                        leader,
                     },
                     telemetry::Metrics::default(),
                     shutdown_signal(),

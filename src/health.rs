@@ -13,10 +13,19 @@ use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::ge
 
 use crate::{postgres::Admin, telemetry::Metrics};
 
+/// What `/readyz` reports on.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    /// The first full list of Tenants has arrived.
+    pub synced: Arc<AtomicBool>,
+    /// A replica waiting for the leader lease: ready (so rollouts proceed), but idle.
+    pub standby: Arc<AtomicBool>,
+}
+
 #[derive(Clone)]
 struct HealthState {
     metrics: Metrics,
-    synced: Arc<AtomicBool>,
+    readiness: Readiness,
     admin: Admin,
 }
 
@@ -24,12 +33,12 @@ struct HealthState {
 pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
-    synced: Arc<AtomicBool>,
+    readiness: Readiness,
     admin: Admin,
 ) -> anyhow::Result<SocketAddr> {
     let state = HealthState {
         metrics,
-        synced,
+        readiness,
         admin,
     };
     let app = Router::new()
@@ -50,7 +59,10 @@ pub async fn serve(
 }
 
 async fn readyz(State(s): State<HealthState>) -> impl IntoResponse {
-    if !s.synced.load(Ordering::SeqCst) {
+    if s.readiness.standby.load(Ordering::SeqCst) {
+        return (StatusCode::OK, "standby\n");
+    }
+    if !s.readiness.synced.load(Ordering::SeqCst) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "tenant watch not synced yet\n",

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod health;
+pub mod leader;
 pub mod naming;
 pub mod postgres;
 pub mod registry;

@@ -872,6 +872,8 @@ pub struct Settings {
     /// Where the gateway role's credentials are kept (namespace, name), when the admin has a
     /// gateway role.
     pub gateway_secret: Option<(String, String)>,
+    /// Leader election; `None` runs as the only replica.
+    pub leader: Option<crate::leader::LeaseConfig>,
 }
 
 /// Makes sure the API gateway role exists and its credentials Secret matches it. A Secret
@@ -979,14 +981,49 @@ pub async fn run(
     }
 
     let synced = Arc::new(AtomicBool::new(false));
+    let standby = Arc::new(AtomicBool::new(settings.leader.is_some()));
     let health = crate::health::serve(
         settings.health_addr,
         metrics.clone(),
-        synced.clone(),
+        crate::health::Readiness {
+            synced: synced.clone(),
+            standby: standby.clone(),
+        },
         admin.clone(),
     )
     .await?;
     info!(addr = %health, "health and metrics listening");
+
+    // With leader election, wait for the lease; keep renewing it in the background and stop
+    // reconciling the moment it is lost.
+    let lost_rx = match settings.leader.clone() {
+        Some(cfg) => {
+            let elector = crate::leader::LeaderElector::new(client.clone(), cfg);
+            elector.acquire().await;
+            standby.store(false, Ordering::SeqCst);
+            let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                elector.keep().await;
+                let _ = lost_tx.send(());
+            });
+            Some(lost_rx)
+        }
+        None => None,
+    };
+    let lost = Arc::new(AtomicBool::new(false));
+    let lost_flag = lost.clone();
+    let shutdown = async move {
+        let lease_lost = async {
+            match lost_rx {
+                Some(rx) => rx.await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown => {}
+            true = lease_lost => lost_flag.store(true, Ordering::SeqCst),
+        }
+    };
 
     // The database may still be starting: keep trying, reporting not-ready meanwhile.
     let mut delay = Duration::from_millis(500);
@@ -1051,6 +1088,9 @@ pub async fn run(
             }
         })
         .await;
+    if lost.load(Ordering::SeqCst) {
+        anyhow::bail!("lost the leader lease; exiting so that this replica restarts as a standby");
+    }
     info!("controller stopped");
     Ok(())
 }

@@ -261,3 +261,94 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
         .await
         .unwrap();
 }
+
+fn reconciliations(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("tenantry_reconciliations_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_leader_dies() {
+    let env = env();
+    let ns = TestNs::new().await;
+    let kubeconfig = env.kubeconfig.to_string_lossy().into_owned();
+    let gateway = format!("gw_{}", ns.name.replace('-', "_"));
+    let start = |id: &'static str, port: u16| {
+        let health = format!("127.0.0.1:{port}");
+        spawn_logged(
+            &[
+                "controller",
+                "--namespace",
+                &ns.name,
+                "--health-addr",
+                &health,
+                "--leader-election",
+                "--lease-namespace",
+                &ns.name,
+                "--lease-duration-secs",
+                "4",
+                "--gateway-role",
+                &gateway,
+                "--gateway-secret-namespace",
+                &ns.name,
+            ],
+            &[
+                ("DATABASE_URL", env.database_url.as_str()),
+                ("KUBECONFIG", kubeconfig.as_str()),
+                ("POD_NAME", id),
+            ],
+            &format!("tenantry-e2e-{}-{id}.log", ns.name),
+        )
+    };
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = start("op-a", port_a);
+    eventually("op-a ready", Duration::from_secs(30), move || async move {
+        http_get(port_a, "/readyz").await.filter(|(c, _)| *c == 200)
+    })
+    .await;
+    let b = start("op-b", port_b);
+    // A standby is ready (so rollouts proceed) but says so and does not reconcile.
+    let (_, body) = eventually("op-b ready", Duration::from_secs(30), move || async move {
+        http_get(port_b, "/readyz").await.filter(|(c, _)| *c == 200)
+    })
+    .await;
+    assert!(body.ends_with("standby\n"), "{body}");
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(ns.client.clone(), &ns.name);
+    let holder = |l: &k8s_openapi::api::coordination::v1::Lease| {
+        l.spec.as_ref().and_then(|s| s.holder_identity.clone())
+    };
+    assert_eq!(
+        holder(&leases.get("tenantry-operator").await.unwrap()).as_deref(),
+        Some("op-a")
+    );
+
+    ns.create(tenantry::crd::Tenant::test("before")).await;
+    wait_ready(&ns, "before").await;
+    let (_, m) = http_get(port_b, "/metrics").await.unwrap();
+    assert_eq!(reconciliations(&m), 0, "the standby must not reconcile");
+
+    // The leader dies without releasing the lease; the standby takes over within its duration.
+    let _ = a.0.kill();
+    let _ = a.0.wait();
+    let killed = std::time::Instant::now();
+    let l = leases.clone();
+    eventually("op-b holds the lease", Duration::from_secs(15), move || {
+        let l = l.clone();
+        async move {
+            let lease = l.get("tenantry-operator").await.ok()?;
+            (lease.spec?.holder_identity.as_deref() == Some("op-b")).then_some(())
+        }
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(4 + 3), "takeover took {took:?}");
+    ns.create(tenantry::crd::Tenant::test("after")).await;
+    wait_ready(&ns, "after").await;
+    let (_, m) = http_get(port_b, "/metrics").await.unwrap();
+    assert!(reconciliations(&m) > 0);
+    drop(b);
+}

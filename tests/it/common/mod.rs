@@ -259,6 +259,7 @@ impl RunningController {
             concurrency: 4,
             health_addr: "127.0.0.1:0".parse().unwrap(),
             gateway_secret: Some((ns.name.clone(), "tenantry-gateway".into())),
+            leader: None,
         };
         let client = ns.client.clone();
         let m = metrics.clone();
