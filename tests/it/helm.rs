@@ -1,0 +1,304 @@
+//! The Helm chart, with the real Helm v4 engine (helm-python-sdk): lint and render for default
+//! and all-options values, bad values refused, CRDs identical to the generated ones, and an
+//! install into the test apiserver whose ServiceAccounts' RBAC is proven by running the
+//! operator and the API with their tokens, exactly as the chart's Deployments run them.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+fn helm_python() -> PathBuf {
+    std::env::var_os("TENANTRY_HELM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/tenantry/helm-venv/bin/python")
+        })
+}
+
+#[track_caller]
+fn check_py(args: &[&str]) -> String {
+    let out = Command::new(helm_python())
+        .arg(repo().join("tests/helm/check.py"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("run tests/helm/check.py (scripts/setup.sh installs helm-python-sdk)");
+    assert!(
+        out.status.success(),
+        "check.py {args:?}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn chart_lints_and_renders_for_default_and_all_options() {
+    let out = check_py(&["lint", "charts/tenantry", "tests/helm/values-all.yaml"]);
+    assert!(out.contains(r#""values": "defaults""#), "{out}");
+    for kind in [
+        "ServiceMonitor",
+        "Ingress",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+    ] {
+        assert!(out.contains(kind), "all-options render lacks {kind}: {out}");
+    }
+    let out = check_py(&["bad", "charts/tenantry"]);
+    assert_eq!(out.matches("refused as expected").count(), 6, "{out}");
+}
+
+#[test]
+fn chart_crds_are_the_generated_ones() {
+    let chart = std::fs::read(repo().join("charts/tenantry/crds/tenant.yaml")).unwrap();
+    let root = std::fs::read(repo().join("crds/tenant.yaml")).unwrap();
+    assert!(
+        chart == root,
+        "charts/tenantry/crds/tenant.yaml differs from crds/tenant.yaml: copy it"
+    );
+}
+
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A kubeconfig that authenticates with `token` (a ServiceAccount's, from TokenRequest).
+fn token_kubeconfig(token: &str, dir: &std::path::Path, name: &str) -> PathBuf {
+    let admin = std::fs::read_to_string(&env().kubeconfig).unwrap();
+    let server = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .unwrap()
+        .to_string();
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    insecure-skip-tls-verify: true\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Starts the `tenantry` binary with the container spec of a Deployment the chart installed:
+/// its args and plain env, `fieldRef` env filled in, `secretKeyRef` env from `secret_env`.
+fn run_like_deployment(
+    deploy: &Value,
+    kubeconfig: &PathBuf,
+    secret_env: &[(&str, String)],
+    overrides: &[(&str, String)],
+    log: &str,
+) -> Proc {
+    let c = &deploy["spec"]["template"]["spec"]["containers"][0];
+    let mut args: Vec<String> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    for (flag, value) in overrides {
+        args.retain(|a| !a.starts_with(&format!("{flag}=")));
+        args.push(format!("{flag}={value}"));
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tenantry"));
+    cmd.args(&args).env("KUBECONFIG", kubeconfig);
+    for e in c["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        if let Some(v) = e["value"].as_str() {
+            cmd.env(name, v);
+        } else if let Some(path) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            let v = match path {
+                "metadata.name" => "tenantry-under-test".to_string(),
+                "metadata.namespace" => deploy["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                other => panic!("unexpected fieldRef {other}"),
+            };
+            cmd.env(name, v);
+        } else {
+            let (_, v) = secret_env
+                .iter()
+                .find(|(k, _)| *k == name)
+                .unwrap_or_else(|| panic!("no value for {name}"));
+            cmd.env(name, v);
+        }
+    }
+    let logf = std::fs::File::create(std::env::temp_dir().join(log)).unwrap();
+    cmd.stdout(Stdio::from(logf.try_clone().unwrap()))
+        .stderr(Stdio::from(logf));
+    Proc(cmd.spawn().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_rbac_is_sufficient_for_operator_and_api() {
+    let env = env();
+    let tenants_ns = TestNs::new().await;
+    let release_ns = format!("tenantry-system-{}", random_suffix());
+    let release = "tenantry";
+    let gateway_role = format!("gw_{}", release_ns.replace('-', "_"));
+    kubectl_ok(&["create", "namespace", &release_ns]);
+    kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "tenantry-db",
+        "-n",
+        &release_ns,
+        &format!("--from-literal=url={}", env.database_url),
+    ]);
+    let values = json!({
+        "database": {"existingSecret": "tenantry-db"},
+        "watchNamespaces": [tenants_ns.name],
+        "operator": {"gateway": {"role": gateway_role}},
+        "api": {"replicas": 1}
+    });
+    let out = check_py(&[
+        "install",
+        &env.kubeconfig.to_string_lossy(),
+        &release_ns,
+        "charts/tenantry",
+        release,
+        &values.to_string(),
+    ]);
+    assert!(out.contains("deployed"), "{out}");
+
+    let deploy = |name: &str| -> Value {
+        serde_json::from_str(&kubectl_ok(&[
+            "get",
+            "deployment",
+            name,
+            "-n",
+            &release_ns,
+            "-o",
+            "json",
+        ]))
+        .unwrap()
+    };
+    let operator_deploy = deploy("tenantry-operator");
+    let api_deploy = deploy("tenantry-api");
+    let sa = |d: &Value| {
+        d["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let op_token = kubectl_ok(&["create", "token", &sa(&operator_deploy), "-n", &release_ns]);
+    let api_token = kubectl_ok(&["create", "token", &sa(&api_deploy), "-n", &release_ns]);
+    let op_kc = token_kubeconfig(op_token.trim(), dir.path(), "operator");
+    let api_kc = token_kubeconfig(api_token.trim(), dir.path(), "api");
+
+    // The operator SA may not do what it was not granted (the token really is restricted).
+    let out = Command::new("kubectl")
+        .args(["get", "pods", "-n", &release_ns])
+        .env("KUBECONFIG", &op_kc)
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("forbidden"));
+
+    let op_port = free_port();
+    let _operator = run_like_deployment(
+        &operator_deploy,
+        &op_kc,
+        &[("DATABASE_URL", env.database_url.clone())],
+        &[("--health-addr", format!("127.0.0.1:{op_port}"))],
+        &format!("tenantry-helm-operator-{release_ns}.log"),
+    );
+    tenants_ns
+        .create(tenantry::crd::Tenant::test("charted").with_hosts(&["charted.example.com"]))
+        .await;
+    let t = wait_ready(&tenants_ns, "charted").await;
+    assert!(t.is_ready());
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(tenants_ns.client.clone(), &release_ns);
+    let lease = leases
+        .get("tenantry-operator")
+        .await
+        .expect("leader Lease in the release namespace");
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some("tenantry-under-test")
+    );
+
+    let gateway: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(tenants_ns.client.clone(), &release_ns);
+    let gateway_uri = secret_value(&gateway.get("tenantry-gateway").await.unwrap(), "uri");
+    let api_port = free_port();
+    let _api = run_like_deployment(
+        &api_deploy,
+        &api_kc,
+        &[("DATABASE_URL", gateway_uri)],
+        &[("--listen", format!("127.0.0.1:{api_port}"))],
+        &format!("tenantry-helm-api-{release_ns}.log"),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .args(["token", "charted", "-n", &tenants_ns.name])
+        .env("KUBECONFIG", &env.kubeconfig)
+        .output()
+        .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let status = eventually(
+        "API serves the tenant",
+        Duration::from_secs(30),
+        move || {
+            let token = token.clone();
+            async move {
+                let out = tokio::process::Command::new("curl")
+                    .args([
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "-H",
+                        "Host: charted.example.com",
+                        "-H",
+                        &format!("Authorization: Bearer {token}"),
+                    ])
+                    .arg(format!("http://127.0.0.1:{api_port}/v1/tables/projects"))
+                    .output()
+                    .await
+                    .ok()?;
+                let code = String::from_utf8_lossy(&out.stdout).to_string();
+                (code == "200").then_some(code)
+            }
+        },
+    )
+    .await;
+    assert_eq!(status, "200");
+
+    delete_tenant(&tenants_ns, "charted").await;
+    wait_gone(&tenants_ns, "charted").await;
+    for log in [
+        format!("tenantry-helm-operator-{release_ns}.log"),
+        format!("tenantry-helm-api-{release_ns}.log"),
+    ] {
+        let text = std::fs::read_to_string(std::env::temp_dir().join(&log)).unwrap();
+        assert!(
+            !text.contains("forbidden"),
+            "{log} shows a missing permission:\n{text}"
+        );
+    }
+}
