@@ -7,6 +7,7 @@ mod api;
 mod crd;
 mod deletion;
 mod e2e;
+mod examples;
 mod failures;
 mod helm;
 mod provision;
