@@ -1,0 +1,419 @@
+//! Fleet benchmarks against a real kube-apiserver and PostgreSQL, each beside its baseline in
+//! the same run (see BENCHMARKS.md):
+//!
+//!   cargo bench --bench fleet -- provision N      N Tenants → all Ready, vs the same DDL without Kubernetes
+//!   cargo bench --bench fleet -- migrate N        one additive migration over N tenants, vs the same SQL; no-op resync
+//!   cargo bench --bench fleet -- api N            GET by primary key with JWT over N tenants (wrk), vs plain axum + sqlx
+//!   cargo bench --bench fleet -- registry N       API registry: sync of N Tenants, RSS, Ready → routable
+//!
+//! Options: --concurrency C (operator reconciles and admin pool, default 8), --pool P (API pool,
+//! default 16), --seconds S (wrk duration, default 10).
+
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    process::Command,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, TryStreamExt};
+use kube::{
+    api::{ObjectMeta, PostParams},
+    runtime::{watcher, WatchStreamExt},
+    Api, Client,
+};
+use sqlx::postgres::PgPoolOptions;
+use tenantry::{
+    controller::{self, Settings},
+    crd::Tenant,
+    naming::Ident,
+    postgres::{migrations::MigrationSet, Admin, Owner},
+    telemetry::Metrics,
+};
+use tokio::sync::oneshot;
+
+struct Stack {
+    database_url: String,
+    kubeconfig: PathBuf,
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn start_stack() -> Stack {
+    let dir = tempfile::Builder::new()
+        .prefix("tenantry-bench-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let out = Command::new(repo().join("scripts/stack.sh"))
+        .args([
+            "start",
+            dir.to_str().unwrap(),
+            "--watch-pid",
+            &std::process::id().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    let stack = Stack {
+        database_url: get("DATABASE_URL"),
+        kubeconfig: get("KUBECONFIG").into(),
+    };
+    for args in [
+        vec!["apply", "--server-side", "-f", "crds/tenant.yaml"],
+        vec![
+            "wait",
+            "--for=condition=Established",
+            "crd/tenants.tenantry.dev",
+            "--timeout=60s",
+        ],
+    ] {
+        let ok = Command::new("kubectl")
+            .args(&args)
+            .env("KUBECONFIG", &stack.kubeconfig)
+            .current_dir(repo())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    stack
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn client(stack: &Stack) -> Client {
+    tenantry::cli::kube_client(Some(&stack.kubeconfig), None)
+        .await
+        .unwrap()
+}
+
+async fn namespace(client: &Client, name: &str) {
+    let ns = k8s_openapi::api::core::v1::Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let _ = Api::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await;
+}
+
+struct Operator {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    metrics: Metrics,
+}
+
+impl Operator {
+    async fn start(
+        stack: &Stack,
+        client: &Client,
+        ns: &str,
+        concurrency: u16,
+        migrations: MigrationSet,
+    ) -> Self {
+        let gw = Ident::parse_role("bench_gateway").unwrap();
+        let admin = Admin::new(&stack.database_url, concurrency as u32, None, None)
+            .unwrap()
+            .with_gateway(Some(gw));
+        let settings = Settings {
+            namespace: Some(ns.into()),
+            concurrency,
+            health_addr: "127.0.0.1:0".parse().unwrap(),
+            gateway_secret: Some((ns.into(), "tenantry-gateway".into())),
+            leader: None,
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let metrics = Metrics::default();
+        let (c, m) = (client.clone(), metrics.clone());
+        let task = tokio::spawn(async move {
+            controller::run(c, admin, migrations, settings, m, async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            stop: Some(tx),
+            task,
+            metrics,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
+    }
+}
+
+/// Waits until `pred` holds for `n` Tenants of `ns`, following a watch (no polling lists).
+async fn wait_for(client: &Client, ns: &str, n: usize, pred: impl Fn(&Tenant) -> bool) {
+    let api: Api<Tenant> = Api::namespaced(client.clone(), ns);
+    let mut done: HashSet<String> = HashSet::new();
+    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects());
+    while let Some(t) = stream.try_next().await.unwrap() {
+        let name = t.metadata.name.clone().unwrap();
+        if pred(&t) {
+            done.insert(name);
+        } else {
+            done.remove(&name);
+        }
+        if done.len() >= n {
+            return;
+        }
+    }
+}
+
+async fn create_tenants(client: &Client, ns: &str, n: usize) {
+    let api: Api<Tenant> = Api::namespaced(client.clone(), ns);
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                api.create(&PostParams::default(), &Tenant::test(&format!("t{i:05}")))
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+/// The operator's DDL for `n` tenants, without Kubernetes: role, schema, migrations, over
+/// `conc` connections (the baseline).
+async fn raw_provision(
+    stack: &Stack,
+    prefix: &str,
+    n: usize,
+    conc: usize,
+    set: &MigrationSet,
+) -> Duration {
+    let admin = Admin::new(&stack.database_url, conc as u32, None, None)
+        .unwrap()
+        .with_gateway(Some(Ident::parse_role("bench_gateway").unwrap()));
+    let mut admin2 = admin.clone();
+    admin2.bootstrap().await.unwrap();
+    admin2
+        .ensure_gateway("bench-gateway-password-0123456789")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let admin = admin2.clone();
+            async move {
+                let id = Ident::parse("schema", &format!("{prefix}_{i:05}")).unwrap();
+                let owner = Owner::new("raw", &format!("{prefix}{i}"), "uid");
+                admin
+                    .create_role(&id, &owner, &tenantry::postgres::scram::generate_password())
+                    .await
+                    .unwrap();
+                admin.create_schema(&id, &owner).await.unwrap();
+                admin.migrate(&id, set).await.unwrap();
+            }
+        })
+        .buffer_unordered(conc)
+        .collect::<Vec<_>>()
+        .await;
+    started.elapsed()
+}
+
+async fn raw_migrate(
+    stack: &Stack,
+    prefix: &str,
+    n: usize,
+    conc: usize,
+    set: &MigrationSet,
+) -> Duration {
+    let admin = Admin::new(&stack.database_url, conc as u32, None, None).unwrap();
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let admin = admin.clone();
+            async move {
+                let id = Ident::parse("schema", &format!("{prefix}_{i:05}")).unwrap();
+                admin.migrate(&id, set).await.unwrap();
+            }
+        })
+        .buffer_unordered(conc)
+        .collect::<Vec<_>>()
+        .await;
+    started.elapsed()
+}
+
+fn with_extra_migration() -> MigrationSet {
+    let mut files: Vec<(String, String)> = MigrationSet::embedded()
+        .migrations()
+        .iter()
+        .map(|m| {
+            (
+                format!("{}_{}.sql", m.version, m.description.replace(' ', "_")),
+                m.sql.clone(),
+            )
+        })
+        .collect();
+    files.push((
+        "3_task_priority.sql".into(),
+        "ALTER TABLE tasks ADD COLUMN priority integer NOT NULL DEFAULT 0;".into(),
+    ));
+    MigrationSet::from_files(files).unwrap()
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+async fn provision(stack: &Stack, n: usize, conc: u16) -> String {
+    let client = client(stack).await;
+    let ns = format!("bench-provision-{n}");
+    namespace(&client, &ns).await;
+    let baseline = raw_provision(
+        stack,
+        &format!("rawp{n}"),
+        n,
+        conc as usize,
+        &MigrationSet::embedded(),
+    )
+    .await;
+    let op = Operator::start(stack, &client, &ns, conc, MigrationSet::embedded()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let waiter = {
+        let (c, ns) = (client.clone(), ns.clone());
+        tokio::spawn(async move { wait_for(&c, &ns, n, |t| t.is_ready()).await })
+    };
+    create_tenants(&client, &ns, n).await;
+    let created = started.elapsed();
+    waiter.await.unwrap();
+    let took = started.elapsed();
+    let text = op.metrics.encode();
+    let reconcile_sum: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tenantry_reconcile_duration_seconds_sum "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    op.stop().await;
+    format!(
+        "| provision {n} tenants → Ready (concurrency {conc}) | {:.2} s | raw SQL, {conc} connections: {:.2} s | {:.2}× | creates done after {:.2} s; reconcile time summed {:.1} s ({} reconciles) |",
+        took.as_secs_f64(),
+        baseline.as_secs_f64(),
+        ratio(took, baseline),
+        created.as_secs_f64(),
+        reconcile_sum,
+        op_reconciles(&text),
+    )
+}
+
+fn op_reconciles(text: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with("tenantry_reconciliations_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+async fn migrate(stack: &Stack, n: usize, conc: u16) -> Vec<String> {
+    let client = client(stack).await;
+    let ns = format!("bench-migrate-{n}");
+    namespace(&client, &ns).await;
+    let prefix = format!("rawm{n}");
+    raw_provision(stack, &prefix, n, conc as usize, &MigrationSet::embedded()).await;
+    let op = Operator::start(stack, &client, &ns, conc, MigrationSet::embedded()).await;
+    create_tenants(&client, &ns, n).await;
+    wait_for(&client, &ns, n, |t| t.is_ready()).await;
+    op.stop().await;
+
+    let set = with_extra_migration();
+    let baseline = raw_migrate(stack, &prefix, n, conc as usize, &set).await;
+    let started = Instant::now();
+    let op = Operator::start(stack, &client, &ns, conc, set.clone()).await;
+    wait_for(&client, &ns, n, |t| {
+        t.status.as_ref().and_then(|s| s.migration_version) == Some(3)
+    })
+    .await;
+    let took = started.elapsed();
+    op.stop().await;
+
+    // No-op resync: a restart with nothing to apply.
+    let started = Instant::now();
+    let op = Operator::start(stack, &client, &ns, conc, set).await;
+    while op_reconciles(&op.metrics.encode()) < n as u64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let noop = started.elapsed();
+    op.stop().await;
+    vec![
+        format!(
+            "| one additive migration over {n} tenants (operator restart) | {:.2} s | raw SQL, {conc} connections: {:.2} s | {:.2}× | includes operator start and initial list |",
+            took.as_secs_f64(),
+            baseline.as_secs_f64(),
+            ratio(took, baseline)
+        ),
+        format!(
+            "| no-op resync of {n} tenants (operator restart) | {:.2} s | goal ≤ 5 s | {:.2}× of goal | every tenant reconciled once: no DDL, no Secret or status writes |",
+            noop.as_secs_f64(),
+            noop.as_secs_f64() / 5.0
+        ),
+    ]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let what = args.first().cloned().unwrap_or_else(|| "provision".into());
+    let n: usize = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(100);
+    let conc = arg("--concurrency", 8) as u16;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let stack = start_stack();
+        println!(
+            "| benchmark | tenantry | baseline (same run) | ratio | notes |\n|---|---|---|---|---|"
+        );
+        match what.as_str() {
+            "provision" => println!("{}", provision(&stack, n, conc).await),
+            "migrate" => {
+                for l in migrate(&stack, n, conc).await {
+                    println!("{l}");
+                }
+            }
+            "api" => println!("{}", api_bench(&stack, n, conc).await),
+            "registry" => println!("{}", registry_bench(&stack, n).await),
+            other => panic!("unknown benchmark {other}"),
+        }
+    });
+}
+
+include!("api_bench.rs");
