@@ -107,6 +107,19 @@ fn kube_err(stage: Stage) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Kube { stage, source }
 }
 
+/// What a full reconcile verified for a Ready tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Verified {
+    generation: Option<i64>,
+    secret_version: Option<String>,
+    migration_version: Option<i64>,
+    at: Instant,
+}
+
+/// How long a full verification (database reads, Secret check) is trusted: reconciles
+/// triggered by watch events in between cost no database round trip and no apiserver call.
+const VERIFIED_FOR: Duration = Duration::from_secs(300);
+
 /// Shared state of all reconciles.
 pub struct Context {
     pub client: Client,
@@ -116,6 +129,10 @@ pub struct Context {
     pub metrics: Metrics,
     /// Every Tenant the controller watches, to spot names and hosts claimed twice.
     pub store: reflector::Store<Tenant>,
+    /// The watch cache of tenantry-managed Secrets.
+    pub secrets: reflector::Store<Secret>,
+    /// Tenants fully verified recently (uid → what was verified), for cheap no-op reconciles.
+    verified: Mutex<HashMap<String, Verified>>,
     /// Asks the controller to reconcile other Tenants (whose Routable condition a change to
     /// this one makes stale).
     retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<Tenant>>,
@@ -130,6 +147,7 @@ impl Context {
         migrations: MigrationSet,
         metrics: Metrics,
         store: reflector::Store<Tenant>,
+        secrets: reflector::Store<Secret>,
         retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<Tenant>>,
     ) -> Self {
         let reporter = Reporter {
@@ -143,6 +161,8 @@ impl Context {
             migrations: Arc::new(migrations),
             metrics,
             store,
+            secrets,
+            verified: Mutex::default(),
             retrigger,
             failures: Mutex::default(),
         }
@@ -154,7 +174,9 @@ impl Context {
     fn retrigger_related(&self, me: &Tenant, gone: bool) {
         let me_ref = format!("{}/{}", me.namespace().unwrap_or_default(), me.name_any());
         for other in self.store.state() {
-            if other.namespace() == me.namespace() && other.name_any() == me.name_any() {
+            if other.metadata.namespace == me.metadata.namespace
+                && other.metadata.name == me.metadata.name
+            {
                 continue;
             }
             let clash = !gone && !plan::routing_clashes(&other, [me]).is_empty();
@@ -280,6 +302,30 @@ async fn write_status(tenant: &Tenant, status: TenantStatus, ctx: &Context) -> R
     Ok(())
 }
 
+/// Steps taken in this reconcile, as (Event reason, note): published as one `Provisioned`
+/// Event on first provisioning, or one Event each otherwise.
+type Journal = Vec<(&'static str, String)>;
+
+async fn flush(tenant: &Tenant, journal: &mut Journal, ctx: &Context) {
+    for (reason, note) in journal.drain(..) {
+        ctx.event(tenant, EventType::Normal, reason, "Provision", note)
+            .await;
+    }
+}
+
+/// Publishes the steps done so far, then records the failure.
+async fn fail_after(
+    journal: &mut Journal,
+    tenant: &Tenant,
+    b: StatusBuilder,
+    step: &str,
+    err: Error,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    flush(tenant, journal, ctx).await;
+    fail_with(tenant, b, step, err, ctx).await
+}
+
 /// Records a failure in status (best effort) and returns the error for backoff.
 async fn fail_with(
     tenant: &Tenant,
@@ -314,6 +360,7 @@ async fn fail_with(
 async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let mut b = StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now());
     let previous_phase = tenant.status.as_ref().map(|s| s.phase);
+    let mut journal: Journal = Vec::new();
 
     // 1. Validate (pure). Invalid specs wait for a change; nothing touches the database.
     let plan = match plan::plan(tenant) {
@@ -376,11 +423,25 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     }
     ctx.retrigger_related(tenant, false);
 
+    // Fast path: nothing relevant changed since a recent full verification (our own Secret
+    // and status writes come back as watch events; they need no second look).
+    if let Some(wait) = recently_verified(tenant, &b, &secret_name, ctx) {
+        return Ok(Action::requeue(wait));
+    }
+
     // Read what exists, once, before changing anything: conflicts stop us with nothing done.
     let observed = match ctx.admin.observe(&id).await {
         Ok(o) => o,
         Err(e) => {
-            return fail_with(tenant, b, condition::ROLE_READY, db(Stage::Role)(e), ctx).await
+            return fail_after(
+                &mut journal,
+                tenant,
+                b,
+                condition::ROLE_READY,
+                db(Stage::Role)(e),
+                ctx,
+            )
+            .await
         }
     };
     let role_holder = observed.role_holder(&owner);
@@ -418,17 +479,18 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         (Holder::Nobody, _) => {
             let password = crate::postgres::scram::generate_password();
             if let Err(e) = ctx.admin.create_role(&id, &owner, &password).await {
-                return fail_with(tenant, b, condition::ROLE_READY, db(Stage::Role)(e), ctx).await;
+                return fail_after(
+                    &mut journal,
+                    tenant,
+                    b,
+                    condition::ROLE_READY,
+                    db(Stage::Role)(e),
+                    ctx,
+                )
+                .await;
             }
             fresh_password = Some(password);
-            ctx.event(
-                tenant,
-                EventType::Normal,
-                "RoleCreated",
-                "Provision",
-                format!("created role {}", id.as_str()),
-            )
-            .await;
+            journal.push(("RoleCreated", format!("created role {}", id.as_str())));
             b.ok(
                 condition::ROLE_READY,
                 "Created",
@@ -437,7 +499,15 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         }
         (_, Some(state)) => {
             if let Err(e) = ctx.admin.adopt_role(&id, &owner, state).await {
-                return fail_with(tenant, b, condition::ROLE_READY, db(Stage::Role)(e), ctx).await;
+                return fail_after(
+                    &mut journal,
+                    tenant,
+                    b,
+                    condition::ROLE_READY,
+                    db(Stage::Role)(e),
+                    ctx,
+                )
+                .await;
             }
             b.ok(
                 condition::ROLE_READY,
@@ -452,7 +522,8 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     match (&schema_holder, &observed.schema) {
         (Holder::Nobody, _) => {
             if let Err(e) = ctx.admin.create_schema(&id, &owner).await {
-                return fail_with(
+                return fail_after(
+                    &mut journal,
                     tenant,
                     b,
                     condition::SCHEMA_READY,
@@ -461,18 +532,14 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
                 )
                 .await;
             }
-            ctx.event(
-                tenant,
-                EventType::Normal,
+            journal.push((
                 "SchemaCreated",
-                "Provision",
                 format!(
                     "created schema {} owned by role {}",
                     id.as_str(),
                     id.as_str()
                 ),
-            )
-            .await;
+            ));
             b.ok(
                 condition::SCHEMA_READY,
                 "Created",
@@ -481,7 +548,8 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         }
         (_, Some(state)) => {
             if let Err(e) = ctx.admin.adopt_schema(&id, &owner, state).await {
-                return fail_with(
+                return fail_after(
+                    &mut journal,
                     tenant,
                     b,
                     condition::SCHEMA_READY,
@@ -515,14 +583,10 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
                     .map(i64::to_string)
                     .collect::<Vec<_>>()
                     .join(", ");
-                ctx.event(
-                    tenant,
-                    EventType::Normal,
+                journal.push((
                     "MigrationsApplied",
-                    "Migrate",
-                    format!("applied migrations {list}; schema at version {v}"),
-                )
-                .await;
+                    format!("applied migrations {list} (schema at version {v})"),
+                ));
             }
             b.ok(
                 condition::MIGRATIONS_APPLIED,
@@ -551,29 +615,53 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
                 )
                 .await;
             }
+            flush(tenant, &mut journal, ctx).await;
             write_status(tenant, b.build(), ctx).await?;
             // Fixing a migration means a new migration set, which restarts the operator.
             return Ok(Action::requeue(Duration::from_secs(600)));
         }
-        Err(e) => return fail_with(tenant, b, condition::MIGRATIONS_APPLIED, e, ctx).await,
+        Err(e) => {
+            return fail_after(
+                &mut journal,
+                tenant,
+                b,
+                condition::MIGRATIONS_APPLIED,
+                e,
+                ctx,
+            )
+            .await
+        }
     }
 
     // 5. Credentials Secret.
     let verifier = observed.role.as_ref().and_then(|r| r.verifier.clone());
-    if let Err(e) = credentials(
+    let secret_version = match credentials(
         tenant,
         &id,
         &secret_name,
         verifier.as_deref(),
         fresh_password.as_deref(),
         &mut b,
+        &mut journal,
         ctx,
     )
     .await
     {
-        return fail_with(tenant, b, condition::CREDENTIALS_READY, e, ctx).await;
-    }
+        Ok(v) => v,
+        Err(e) => {
+            return fail_after(
+                &mut journal,
+                tenant,
+                b,
+                condition::CREDENTIALS_READY,
+                e,
+                ctx,
+            )
+            .await
+        }
+    };
     if b.clone().build().phase == Phase::Conflict {
+        flush(tenant, &mut journal, ctx).await;
         write_status(tenant, b.build(), ctx).await?;
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
@@ -587,24 +675,94 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let status = b.build();
     if previous_phase != Some(Phase::Ready) {
         info!(schema = id.as_str(), "tenant provisioned");
+        // One Event for the whole provisioning (each apiserver write costs at fleet scale);
+        // its note lists the steps taken.
+        let steps = journal
+            .iter()
+            .map(|(_, n)| n.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
         ctx.event(
             tenant,
             EventType::Normal,
             "Provisioned",
             "Provision",
             format!(
-                "schema {} at migration version {} with credentials in Secret {secret_name}",
+                "schema {} at migration version {} with credentials in Secret {secret_name}{}",
                 id.as_str(),
                 status
                     .migration_version
-                    .map_or("none".into(), |v| v.to_string())
+                    .map_or("none".into(), |v| v.to_string()),
+                if steps.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {steps}")
+                }
             ),
         )
         .await;
+    } else {
+        flush(tenant, &mut journal, ctx).await;
     }
+    let verified = Verified {
+        generation: tenant.metadata.generation,
+        secret_version,
+        migration_version: status.migration_version,
+        at: Instant::now(),
+    };
     write_status(tenant, status, ctx).await?;
+    if let Some(uid) = tenant.uid() {
+        ctx.verified
+            .lock()
+            .expect("verified lock")
+            .insert(uid, verified);
+    }
     // Periodic resync catches drift nobody told us about (a role altered by hand).
     Ok(Action::requeue(Duration::from_secs(3600)))
+}
+
+/// When `tenant` was fully verified recently and nothing it depends on changed since (spec
+/// generation, its Secret, the migration set, its status), the time left until a full check
+/// is due again.
+fn recently_verified(
+    tenant: &Tenant,
+    b: &StatusBuilder,
+    secret_name: &str,
+    ctx: &Context,
+) -> Option<Duration> {
+    let status = tenant.status.as_ref()?;
+    if status.phase != Phase::Ready || status.observed_generation != tenant.metadata.generation {
+        return None;
+    }
+    // The routing condition computed just now must match what the status says.
+    let routable_now = b.clone().build();
+    let now_cond = routable_now
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::ROUTABLE);
+    let then_cond = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::ROUTABLE);
+    if now_cond.map(|c| (&c.status, &c.message)) != then_cond.map(|c| (&c.status, &c.message)) {
+        return None;
+    }
+    let verified = ctx
+        .verified
+        .lock()
+        .expect("verified lock")
+        .get(&tenant.uid()?)?
+        .clone();
+    let secret = ctx
+        .secrets
+        .get(&ObjectRef::new(secret_name).within(tenant.metadata.namespace.as_deref()?))?;
+    let fresh = verified.generation == tenant.metadata.generation
+        && verified.secret_version.is_some()
+        && verified.secret_version == secret.metadata.resource_version
+        && verified.migration_version == ctx.migrations.latest()
+        && status.migration_version == ctx.migrations.latest();
+    let age = verified.at.elapsed();
+    (fresh && age < VERIFIED_FOR).then(|| VERIFIED_FOR - age)
 }
 
 /// Applies pending migrations; returns the schema's version and the versions applied now.
@@ -637,16 +795,20 @@ async fn credentials(
     verifier: Option<&str>,
     fresh_password: Option<&str>,
     b: &mut StatusBuilder,
+    journal: &mut Journal,
     ctx: &Context,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let ns = tenant.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing = secrets
-        .get_opt(secret_name)
-        .await
-        .map_err(kube_err(Stage::Credentials))?;
     let endpoint = ctx.admin.endpoint();
-    let decision = secret::decide(
+    // The watch cache answers the common case (nothing to do) without an apiserver call; any
+    // other verdict is confirmed on a live read, because the cache may lag our own writes.
+    let cached = ctx
+        .secrets
+        .get(&ObjectRef::new(secret_name).within(&ns))
+        .map(|s| (*s).clone());
+    let mut existing = cached;
+    let mut decision = secret::decide(
         tenant,
         existing.as_ref(),
         endpoint,
@@ -654,6 +816,20 @@ async fn credentials(
         verifier,
         fresh_password,
     );
+    if decision != Decision::Keep {
+        existing = secrets
+            .get_opt(secret_name)
+            .await
+            .map_err(kube_err(Stage::Credentials))?;
+        decision = secret::decide(
+            tenant,
+            existing.as_ref(),
+            endpoint,
+            id,
+            verifier,
+            fresh_password,
+        );
+    }
     let (material, event) = match decision {
         Decision::Keep => {
             b.ok(
@@ -661,7 +837,7 @@ async fn credentials(
                 "Issued",
                 format!("credentials in Secret {secret_name}"),
             );
-            return Ok(());
+            return Ok(existing.and_then(|s| s.metadata.resource_version));
         }
         Decision::Conflict { message } => {
             b.fail(
@@ -680,7 +856,7 @@ async fn credentials(
                 )
                 .await;
             }
-            return Ok(());
+            return Ok(None);
         }
         Decision::Repair(material) => {
             let what = if existing.is_some() {
@@ -721,7 +897,7 @@ async fn credentials(
         }
     };
     let desired = secret::desired(tenant, endpoint, id, &material);
-    secrets
+    let written = secrets
         .patch(
             secret_name,
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -729,20 +905,13 @@ async fn credentials(
         )
         .await
         .map_err(kube_err(Stage::Credentials))?;
-    ctx.event(
-        tenant,
-        EventType::Normal,
-        event.0,
-        "IssueCredentials",
-        event.1,
-    )
-    .await;
+    journal.push((event.0, event.1));
     b.ok(
         condition::CREDENTIALS_READY,
         "Issued",
         format!("credentials in Secret {secret_name}"),
     );
-    Ok(())
+    Ok(written.metadata.resource_version)
 }
 
 /// Deletion according to `deletionPolicy`. Never reports success before the database work is
@@ -1045,12 +1214,27 @@ pub async fn run(
     // ready once the first full list has landed in the store.
     let (reader, writer) = reflector::store();
     let (retrigger, retriggered) = tokio::sync::mpsc::unbounded_channel();
+    let (secret_reader, secret_writer) = reflector::store::<Secret>();
+    let secret_stream = reflector(
+        secret_writer,
+        watcher(
+            secrets,
+            watcher::Config::default().labels(&format!(
+                "{}={}",
+                secret::MANAGED_BY_LABEL,
+                secret::MANAGED_BY
+            )),
+        )
+        .default_backoff(),
+    )
+    .touched_objects();
     let ctx = Arc::new(Context::new(
         client,
         admin,
         migrations,
         metrics,
         reader.clone(),
+        secret_reader,
         retrigger,
     ));
     let tenant_stream = reflector(
@@ -1065,15 +1249,14 @@ pub async fn run(
     .applied_objects();
     let controller = Controller::for_stream(tenant_stream, reader)
         .reconcile_on(tokio_stream_from(retriggered))
-        .owns(
-            secrets,
-            watcher::Config::default().labels(&format!(
-                "{}={}",
-                secret::MANAGED_BY_LABEL,
-                secret::MANAGED_BY
-            )),
+        .owns_stream(secret_stream)
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(settings.concurrency)
+                // Our own Secret and status writes arrive as watch events milliseconds apart:
+                // one follow-up reconcile instead of one each.
+                .debounce(Duration::from_millis(200)),
         )
-        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(shutdown);
     info!(
         namespace = settings.namespace.as_deref().unwrap_or("<all>"),

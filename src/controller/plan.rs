@@ -89,28 +89,28 @@ pub fn routing_clashes<'a>(
     me: &Tenant,
     others: impl IntoIterator<Item = &'a Tenant>,
 ) -> Vec<String> {
-    let my_ns = me.namespace().unwrap_or_default();
+    // Runs for every reconcile over every watched Tenant: compare borrowed strings, allocate
+    // only for an actual clash.
+    let (my_ns, my_name) = (
+        me.metadata.namespace.as_deref(),
+        me.metadata.name.as_deref(),
+    );
     let mut out = Vec::new();
     for other in others {
-        let ns = other.namespace().unwrap_or_default();
-        if ns == my_ns && other.name_any() == me.name_any() {
+        let (ns, name) = (
+            other.metadata.namespace.as_deref(),
+            other.metadata.name.as_deref(),
+        );
+        if (ns == my_ns && name == my_name) || other.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        if other.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        if other.name_any() == me.name_any() {
-            out.push(format!(
-                "Tenant {ns}/{} has the same name",
-                other.name_any()
-            ));
+        let ns_name = || format!("{}/{}", ns.unwrap_or_default(), name.unwrap_or_default());
+        if name == my_name {
+            out.push(format!("Tenant {} has the same name", ns_name()));
         }
         for h in &me.spec.hosts {
             if other.spec.hosts.iter().any(|o| o.eq_ignore_ascii_case(h)) {
-                out.push(format!(
-                    "Tenant {ns}/{} also claims host {h}",
-                    other.name_any()
-                ));
+                out.push(format!("Tenant {} also claims host {h}", ns_name()));
             }
         }
     }

@@ -171,17 +171,20 @@ async fn tenant_gets_schema_role_tables_and_working_isolated_credentials() {
         "{out}"
     );
 
+    // One Event tells the whole provisioning story.
     let evs = events(&ns, "acme").await;
-    for reason in [
-        "RoleCreated",
-        "SchemaCreated",
-        "MigrationsApplied",
-        "CredentialsIssued",
-        "Provisioned",
+    let provisioned: Vec<_> = evs.iter().filter(|e| e.1 == "Provisioned").collect();
+    assert_eq!(provisioned.len(), 1, "{evs:?}");
+    for step in [
+        "created role",
+        "created schema",
+        "applied migrations 1, 2",
+        "issued Secret acme-db",
     ] {
         assert!(
-            evs.iter().any(|e| e.1 == reason),
-            "missing {reason} in {evs:?}"
+            provisioned[0].2.contains(step),
+            "{step} missing from {:?}",
+            provisioned[0].2
         );
     }
 }
