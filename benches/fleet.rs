@@ -6,7 +6,8 @@
 //!   cargo bench --bench fleet -- api N            GET by primary key with JWT over N tenants (wrk), vs plain axum + sqlx
 //!   cargo bench --bench fleet -- registry N       API registry: sync of N Tenants, RSS, Ready → routable
 //!
-//! Options: --concurrency C (operator reconciles and admin pool, default 8), --pool P (API pool,
+//! Options: --concurrency C (reconciles in flight, default 16), --connections K (database
+//! connections of the operator and of the raw-SQL baseline, default 8), --pool P (API pool,
 //! default 16), --seconds S (wrk duration, default 10).
 
 use std::{
@@ -296,11 +297,12 @@ async fn provision(stack: &Stack, n: usize, conc: u16) -> String {
     let client = client(stack).await;
     let ns = format!("bench-provision-{n}");
     namespace(&client, &ns).await;
+    let connections = arg("--connections", 8) as usize;
     let baseline = raw_provision(
         stack,
         &format!("rawp{n}"),
         n,
-        conc as usize,
+        connections,
         &MigrationSet::embedded(),
     )
     .await;
@@ -323,7 +325,7 @@ async fn provision(stack: &Stack, n: usize, conc: u16) -> String {
         .unwrap_or(0.0);
     op.stop().await;
     format!(
-        "| provision {n} tenants → Ready (concurrency {conc}) | {:.2} s | raw SQL, {conc} connections: {:.2} s | {:.2}× | creates done after {:.2} s; reconcile time summed {:.1} s ({} reconciles) |",
+        "| provision {n} tenants → Ready (concurrency {conc}, {connections} connections) | {:.2} s | raw SQL, {connections} connections: {:.2} s | {:.2}× | creates done after {:.2} s; reconcile time summed {:.1} s ({} reconciles) |",
         took.as_secs_f64(),
         baseline.as_secs_f64(),
         ratio(took, baseline),
@@ -345,14 +347,15 @@ async fn migrate(stack: &Stack, n: usize, conc: u16) -> Vec<String> {
     let ns = format!("bench-migrate-{n}");
     namespace(&client, &ns).await;
     let prefix = format!("rawm{n}");
-    raw_provision(stack, &prefix, n, conc as usize, &MigrationSet::embedded()).await;
+    let connections = arg("--connections", 8) as usize;
+    raw_provision(stack, &prefix, n, connections, &MigrationSet::embedded()).await;
     let op = Operator::start(stack, &client, &ns, conc, MigrationSet::embedded()).await;
     create_tenants(&client, &ns, n).await;
     wait_for(&client, &ns, n, |t| t.is_ready()).await;
     op.stop().await;
 
     let set = with_extra_migration();
-    let baseline = raw_migrate(stack, &prefix, n, conc as usize, &set).await;
+    let baseline = raw_migrate(stack, &prefix, n, connections, &set).await;
     let started = Instant::now();
     let op = Operator::start(stack, &client, &ns, conc, set.clone()).await;
     wait_for(&client, &ns, n, |t| {
@@ -372,7 +375,7 @@ async fn migrate(stack: &Stack, n: usize, conc: u16) -> Vec<String> {
     op.stop().await;
     vec![
         format!(
-            "| one additive migration over {n} tenants (operator restart) | {:.2} s | raw SQL, {conc} connections: {:.2} s | {:.2}× | includes operator start and initial list |",
+            "| one additive migration over {n} tenants (operator restart, concurrency {conc}, {connections} connections) | {:.2} s | raw SQL, {connections} connections: {:.2} s | {:.2}× | includes operator start and initial list |",
             took.as_secs_f64(),
             baseline.as_secs_f64(),
             ratio(took, baseline)
@@ -392,7 +395,7 @@ fn main() {
         .collect();
     let what = args.first().cloned().unwrap_or_else(|| "provision".into());
     let n: usize = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(100);
-    let conc = arg("--concurrency", 8) as u16;
+    let conc = arg("--concurrency", 16) as u16;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -77,7 +77,7 @@ pub struct ControllerArgs {
     pub migrations_dir: Option<PathBuf>,
 
     /// Tenants reconciled in parallel.
-    #[arg(long, env = "TENANTRY_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, env = "TENANTRY_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub concurrency: u16,
 
     /// Size of the admin connection pool.
