@@ -163,7 +163,7 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
 
     // Warm both (prepared statements, catalog caches), then measure.
     let _ = wrk(plain_port, &plain_script, 2, connections);
-    let _ = wrk(port, &script, 3, connections);
+    let _ = wrk(port, &script, seconds, connections);
     let base = wrk(plain_port, &plain_script, seconds, connections);
     let peak = Arc::new(AtomicI64::new(0));
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));

@@ -85,7 +85,11 @@ pub struct PoolConfig {
 /// Opens the shared pool and refuses roles that would make isolation depend on our code
 /// alone (superusers, BYPASSRLS), unless `allow_privileged`.
 pub async fn connect(url: &str, cfg: PoolConfig, allow_privileged: bool) -> anyhow::Result<PgPool> {
-    let opts = crate::postgres::connect_options(url)?.application_name("tenantry-api");
+    let opts = crate::postgres::connect_options(url)?
+        .application_name("tenantry-api")
+        // One prepared statement per (tenant table, query shape) per connection: tenants
+        // times shapes, not the default 100, or every request would re-prepare.
+        .statement_cache_capacity(4096);
     let pool = PgPoolOptions::new()
         .max_connections(cfg.size)
         .min_connections(0)

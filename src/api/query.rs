@@ -330,6 +330,9 @@ impl Sql {
     }
 }
 
+/// The table as statements name it: always schema-qualified, so that a prepared statement's
+/// plan stays valid whatever the connection's `search_path` (switching tenants re-plans
+/// unqualified statements; the pool's statement cache holds thousands of qualified ones).
 fn qualified(schema: &str, table: &Table) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(&table.name))
 }
@@ -431,7 +434,7 @@ pub fn select(schema: &str, table: &Table, q: &Query) -> Result<Sql, ApiError> {
     let limit = sql.param(Bind::Text(q.limit.to_string()));
     let offset = sql.param(Bind::Text(q.offset.to_string()));
     sql.text = format!(
-        "SELECT coalesce(json_agg(_r), '[]'::json)::text FROM (SELECT {cols} FROM {} AS _t{wh}{order} LIMIT CAST({limit} AS bigint) OFFSET CAST({offset} AS bigint)) AS _r",
+        "SELECT coalesce(pg_catalog.json_agg(_r), '[]'::json)::text FROM (SELECT {cols} FROM {} AS _t{wh}{order} LIMIT CAST({limit} AS bigint) OFFSET CAST({offset} AS bigint)) AS _r",
         qualified(schema, table)
     );
     Ok(sql)
@@ -461,7 +464,7 @@ pub fn by_id(
     };
     let p = sql.param(Bind::Text(id.to_string()));
     sql.text = format!(
-        "SELECT coalesce((SELECT row_to_json(_r)::text FROM (SELECT {} FROM {} AS _t WHERE _t.{} = CAST({p} AS {})) AS _r), 'null')",
+        "SELECT coalesce((SELECT pg_catalog.row_to_json(_r)::text FROM (SELECT {} FROM {} AS _t WHERE _t.{} = CAST({p} AS {})) AS _r), 'null')",
         column_list(table, select, "_t"),
         qualified(schema, table),
         quote_ident(&pk.name),
@@ -525,7 +528,7 @@ pub fn insert(schema: &str, table: &Table, rows: Vec<Value>) -> Result<Sql, ApiE
             .collect();
         let p = sql.param(Bind::Json(Value::Array(rows)));
         ctes.push(format!(
-            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM json_populate_recordset(NULL::{t}, CAST({p} AS json)) AS _j RETURNING {returning})",
+            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM pg_catalog.json_populate_recordset(NULL::{t}, CAST({p} AS json)) AS _j RETURNING {returning})",
             names.join(", "),
             src.join(", "),
         ));
@@ -534,7 +537,7 @@ pub fn insert(schema: &str, table: &Table, rows: Vec<Value>) -> Result<Sql, ApiE
         .map(|i| format!("SELECT * FROM _ins{i}"))
         .collect();
     sql.text = format!(
-        "WITH {}, _all AS ({}) SELECT coalesce(json_agg(_all), '[]'::json)::text FROM _all",
+        "WITH {}, _all AS ({}) SELECT coalesce(pg_catalog.json_agg(_all), '[]'::json)::text FROM _all",
         ctes.join(", "),
         union.join(" UNION ALL ")
     );
@@ -561,8 +564,8 @@ pub fn update(
     let wh = where_clause(&mut sql, table, filters, "_t")?;
     let t = qualified(schema, table);
     sql.text = format!(
-        "WITH _upd AS (UPDATE {t} AS _t SET {} FROM json_populate_record(NULL::{t}, CAST({p} AS json)) AS _j{wh} RETURNING {})
-         SELECT coalesce(json_agg(_upd), '[]'::json)::text FROM _upd",
+        "WITH _upd AS (UPDATE {t} AS _t SET {} FROM pg_catalog.json_populate_record(NULL::{t}, CAST({p} AS json)) AS _j{wh} RETURNING {})
+         SELECT coalesce(pg_catalog.json_agg(_upd), '[]'::json)::text FROM _upd",
         set.join(", "),
         column_list(table, None, "_t")
     );
@@ -578,7 +581,7 @@ pub fn delete(schema: &str, table: &Table, filters: &[Filter]) -> Result<Sql, Ap
     let wh = where_clause(&mut sql, table, filters, "_t")?;
     sql.text = format!(
         "WITH _del AS (DELETE FROM {} AS _t{wh} RETURNING {})
-         SELECT coalesce(json_agg(_del), '[]'::json)::text FROM _del",
+         SELECT coalesce(pg_catalog.json_agg(_del), '[]'::json)::text FROM _del",
         qualified(schema, table),
         column_list(table, None, "_t")
     );
