@@ -149,6 +149,7 @@ impl Operator {
             health_addr: "127.0.0.1:0".parse().unwrap(),
             gateway_secret: Some((ns.into(), "tenantry-gateway".into())),
             leader: None,
+            rollout: Default::default(),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let metrics = Metrics::default();

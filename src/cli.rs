@@ -132,6 +132,15 @@ pub struct ControllerArgs {
     #[arg(long, env = "TENANTRY_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
 
+    /// Rollout of a new migration set: migrate this many already-provisioned tenants first
+    /// and the rest only once they all succeeded (0: no canary).
+    #[arg(long, env = "TENANTRY_ROLLOUT_CANARY", default_value_t = 0)]
+    pub rollout_canary: usize,
+
+    /// Stop migrating tenants once this many failed the new set (0: never stop).
+    #[arg(long, env = "TENANTRY_ROLLOUT_MAX_FAILURES", default_value_t = 0)]
+    pub rollout_max_failures: usize,
+
     /// Seconds a leader that stops renewing keeps the lease; a standby takes over after it.
     #[arg(long, env = "TENANTRY_LEASE_DURATION_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
     pub lease_duration_secs: u64,
@@ -462,6 +471,10 @@ impl Cli {
                         health_addr: args.health_addr,
                         gateway_secret: gateway.map(|_| (gateway_namespace, args.gateway_secret)),
                         leader,
+                        rollout: controller::RolloutPolicy {
+                            canary: args.rollout_canary,
+                            max_failures: args.rollout_max_failures,
+                        },
                     },
                     telemetry::Metrics::default(),
                     shutdown_signal(),

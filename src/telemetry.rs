@@ -65,7 +65,10 @@ pub struct Metrics {
     errors: Family<StageLabel, Counter>,
     duration: Histogram,
     tenants: Family<PhaseLabel, Gauge>,
-    phases: Arc<Mutex<HashMap<String, Phase>>>,
+    phases: Arc<Mutex<HashMap<String, (Phase, Option<i64>)>>>,
+    target_version: Gauge,
+    behind: Gauge,
+    failed: Gauge,
 }
 
 impl Default for Metrics {
@@ -102,7 +105,28 @@ impl Default for Metrics {
                 .get_or_create(&PhaseLabel { phase: p.as_str() })
                 .set(0);
         }
+        let target_version = Gauge::default();
+        let behind = Gauge::default();
+        let failed = Gauge::default();
+        registry.register(
+            "migration_target_version",
+            "Latest version of the operator's migration set",
+            target_version.clone(),
+        );
+        registry.register(
+            "tenants_migration_pending",
+            "Tenants not yet at the target migration version",
+            behind.clone(),
+        );
+        registry.register(
+            "tenants_migration_failed",
+            "Tenants whose migration failed",
+            failed.clone(),
+        );
         Self {
+            target_version,
+            behind,
+            failed,
             registry: Arc::new(registry),
             reconciles,
             errors,
@@ -124,9 +148,11 @@ impl Metrics {
     }
 
     /// Records the phase of one tenant (`None` once it is gone) and refreshes the gauges.
-    pub fn set_phase(&self, key: String, phase: Option<Phase>) {
+    /// Records the phase and migration version of one tenant (`None` once it is gone) and
+    /// refreshes the gauges.
+    pub fn set_phase(&self, key: String, state: Option<(Phase, Option<i64>)>) {
         let mut phases = self.phases.lock().expect("metrics lock");
-        match phase {
+        match state {
             Some(p) => {
                 phases.insert(key, p);
             }
@@ -135,10 +161,38 @@ impl Metrics {
             }
         }
         for p in Phase::ALL {
-            let n = phases.values().filter(|x| **x == p).count();
+            let n = phases.values().filter(|x| x.0 == p).count();
             self.tenants
                 .get_or_create(&PhaseLabel { phase: p.as_str() })
                 .set(n as i64);
+        }
+        let target = self.target_version.get();
+        if target > 0 {
+            let behind = phases.values().filter(|x| x.1 != Some(target)).count();
+            self.behind.set(behind as i64);
+        }
+    }
+
+    /// The latest version of the migration set, against which tenants count as pending.
+    pub fn set_migration_target(&self, target: Option<i64>) {
+        self.target_version.set(target.unwrap_or(0));
+    }
+
+    /// Aggregate progress of a migration rollout; logs a line per tenth of the fleet.
+    pub fn rollout(&self, target: Option<i64>, behind: usize, failed: usize) {
+        let before = self.behind.get();
+        self.target_version.set(target.unwrap_or(0));
+        self.behind.set(behind as i64);
+        self.failed.set(failed as i64);
+        let total = self.phases.lock().expect("metrics lock").len().max(1) as i64;
+        let step = (total / 10).max(1);
+        if before != behind as i64 && (behind as i64 / step != before / step || behind == 0) {
+            tracing::info!(
+                target_version = target,
+                pending = behind,
+                failed,
+                "migration rollout progress"
+            );
         }
     }
 
@@ -167,8 +221,8 @@ mod tests {
         let m = Metrics::default();
         m.reconciled(0.1, None);
         m.reconciled(0.2, Some("migrations"));
-        m.set_phase("ns/a".into(), Some(Phase::Ready));
-        m.set_phase("ns/b".into(), Some(Phase::Ready));
+        m.set_phase("ns/a".into(), Some((Phase::Ready, Some(2))));
+        m.set_phase("ns/b".into(), Some((Phase::Ready, Some(2))));
         m.set_phase("ns/b".into(), None);
         let text = m.encode();
         assert!(

@@ -131,6 +131,11 @@ pub struct Context {
     pub store: reflector::Store<Tenant>,
     /// The watch cache of tenantry-managed Secrets.
     pub secrets: reflector::Store<Secret>,
+    rollout: RolloutPolicy,
+    /// Tenants being migrated right now (for the canary).
+    migrating: std::sync::atomic::AtomicUsize,
+    /// Tenants whose migration failed since this process started.
+    migration_failures: std::sync::atomic::AtomicUsize,
     /// Tenants fully verified recently (uid → what was verified), for cheap no-op reconciles.
     verified: Mutex<HashMap<String, Verified>>,
     /// Asks the controller to reconcile other Tenants (whose Routable condition a change to
@@ -149,6 +154,7 @@ impl Context {
         store: reflector::Store<Tenant>,
         secrets: reflector::Store<Secret>,
         retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<Tenant>>,
+        rollout: RolloutPolicy,
     ) -> Self {
         let reporter = Reporter {
             controller: "tenantry".into(),
@@ -162,6 +168,9 @@ impl Context {
             metrics,
             store,
             secrets,
+            rollout,
+            migrating: Default::default(),
+            migration_failures: Default::default(),
             verified: Mutex::default(),
             retrigger,
             failures: Mutex::default(),
@@ -281,7 +290,8 @@ async fn write_status(tenant: &Tenant, status: TenantStatus, ctx: &Context) -> R
         tenant.namespace().unwrap_or_default(),
         tenant.name_any()
     );
-    ctx.metrics.set_phase(key, Some(status.phase));
+    ctx.metrics
+        .set_phase(key, Some((status.phase, status.migration_version)));
     if tenant.status.as_ref() == Some(&status) {
         return Ok(());
     }
@@ -573,8 +583,37 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     }
 
     // 4. Migrations, as the tenant role, inside the schema.
+    let mut held_back = None;
     match migrate(&id, ctx).await {
-        Ok((version, applied)) => {
+        Ok(Migrated {
+            version,
+            held: Some((reason, message)),
+            ..
+        }) => {
+            // The tenant keeps working at its current version meanwhile.
+            b.status_mut().migration_version = version;
+            if reason == "RolloutHalted"
+                && tenant
+                    .condition(condition::MIGRATIONS_APPLIED)
+                    .is_none_or(|c| c.reason != reason)
+            {
+                ctx.event(
+                    tenant,
+                    EventType::Warning,
+                    reason,
+                    "Migrate",
+                    message.clone(),
+                )
+                .await;
+            }
+            b.set(condition::MIGRATIONS_APPLIED, "False", reason, message);
+            held_back = Some(reason);
+        }
+        Ok(Migrated {
+            version,
+            applied,
+            held: None,
+        }) => {
             b.status_mut().migration_version = version;
             let v = version.map_or("none".to_string(), |v| v.to_string());
             if !applied.is_empty() {
@@ -717,6 +756,11 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
             .expect("verified lock")
             .insert(uid, verified);
     }
+    match held_back {
+        Some("RolloutPending") => return Ok(Action::requeue(Duration::from_secs(5))),
+        Some(_) => return Ok(Action::requeue(Duration::from_secs(60))),
+        None => {}
+    }
     // Periodic resync catches drift nobody told us about (a role altered by hand).
     Ok(Action::requeue(Duration::from_secs(3600)))
 }
@@ -767,24 +811,64 @@ fn recently_verified(
 
 /// Applies pending migrations; returns the schema's version and the versions applied now.
 /// A schema already up to date costs one read and no transaction.
-async fn migrate(id: &Ident, ctx: &Context) -> Result<(Option<i64>, Vec<i64>), Error> {
+async fn migrate(id: &Ident, ctx: &Context) -> Result<Migrated, Error> {
     let applied = ctx
         .admin
         .applied_migrations(id)
         .await
         .map_err(db(Stage::Migrations))?;
     let pending = ctx.migrations.pending(&applied)?;
-    let applied_now = if pending.is_empty() {
-        Vec::new()
-    } else {
-        ctx.admin.migrate(id, &ctx.migrations).await?
-    };
-    let version = applied
-        .iter()
-        .map(|(v, _)| *v)
-        .chain(applied_now.iter().copied())
-        .max();
-    Ok((version, applied_now))
+    let current = applied.iter().map(|(v, _)| *v).max();
+    if pending.is_empty() {
+        return Ok(Migrated {
+            version: current,
+            applied: Vec::new(),
+            held: None,
+        });
+    }
+    // New tenants get the whole set at once; tenants already migrated once follow the rollout.
+    let gated = !applied.is_empty();
+    if gated {
+        match admit(ctx) {
+            Admit::Go => {}
+            Admit::Wait(m) => {
+                return Ok(Migrated {
+                    version: current,
+                    applied: Vec::new(),
+                    held: Some(("RolloutPending", m)),
+                })
+            }
+            Admit::Halted(m) => {
+                return Ok(Migrated {
+                    version: current,
+                    applied: Vec::new(),
+                    held: Some(("RolloutHalted", m)),
+                })
+            }
+        }
+    }
+    let result = ctx.admin.migrate(id, &ctx.migrations).await;
+    if gated {
+        if matches!(&result, Err(e) if !e.is_transient()) {
+            ctx.migration_failures.fetch_add(1, Ordering::SeqCst);
+        }
+        ctx.migrating.fetch_sub(1, Ordering::SeqCst);
+    }
+    let applied_now = result?;
+    let version = current.into_iter().chain(applied_now.iter().copied()).max();
+    Ok(Migrated {
+        version,
+        applied: applied_now,
+        held: None,
+    })
+}
+
+/// Outcome of the migration step.
+struct Migrated {
+    version: Option<i64>,
+    applied: Vec<i64>,
+    /// Pending migrations held back by the rollout: (condition reason, message).
+    held: Option<(&'static str, String)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1043,6 +1127,77 @@ pub struct Settings {
     pub gateway_secret: Option<(String, String)>,
     /// Leader election; `None` runs as the only replica.
     pub leader: Option<crate::leader::LeaseConfig>,
+    /// How a new migration set rolls out over tenants that are already provisioned.
+    pub rollout: RolloutPolicy,
+}
+
+/// Rollout control for a new migration set across existing tenants.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RolloutPolicy {
+    /// Migrate this many tenants first; the rest wait until they are all at the new version.
+    /// 0: no canary.
+    pub canary: usize,
+    /// Stop migrating once this many tenants failed the new set. 0: never stop.
+    pub max_failures: usize,
+}
+
+/// What the rollout lets one tenant do now.
+enum Admit {
+    Go,
+    Wait(String),
+    Halted(String),
+}
+
+/// Decides, from the Tenants in the watch cache (so it survives restarts) and from this
+/// process's own in-flight and failed migrations (which the cache may not show yet), whether a
+/// tenant may migrate now. `Go` reserves an in-flight slot the caller must release.
+fn admit(ctx: &Context) -> Admit {
+    let target = ctx.migrations.latest();
+    let mut total = 0usize;
+    let mut done = 0usize;
+    let mut failed_seen = 0usize;
+    for t in ctx.store.state() {
+        total += 1;
+        if t.status.as_ref().and_then(|s| s.migration_version) == target {
+            done += 1;
+        }
+        if t.condition(condition::MIGRATIONS_APPLIED)
+            .is_some_and(|c| c.reason == "MigrationFailed")
+        {
+            failed_seen += 1;
+        }
+    }
+    let failed = failed_seen.max(ctx.migration_failures.load(Ordering::SeqCst));
+    ctx.metrics
+        .rollout(target, total.saturating_sub(done), failed);
+    let p = ctx.rollout;
+    let version = target.unwrap_or_default();
+    if p.max_failures > 0 && failed >= p.max_failures {
+        return Admit::Halted(format!(
+            "rollout of migration version {version} halted: {failed} tenants failed it (limit {}); fix the migration set and restart the operator",
+            p.max_failures
+        ));
+    }
+    loop {
+        let in_flight = ctx.migrating.load(Ordering::SeqCst);
+        if p.canary > 0 && done < p.canary && done + in_flight + failed >= p.canary {
+            return Admit::Wait(if failed > 0 {
+                format!("the canary failed: {failed} of {} canary tenants could not reach version {version}", p.canary)
+            } else {
+                format!(
+                    "waiting for the canary: {done} of {} canary tenants at version {version}",
+                    p.canary
+                )
+            });
+        }
+        if ctx
+            .migrating
+            .compare_exchange(in_flight, in_flight + 1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return Admit::Go;
+        }
+    }
 }
 
 /// Makes sure the API gateway role exists and its credentials Secret matches it. A Secret
@@ -1149,6 +1304,7 @@ pub async fn run(
         anyhow::bail!("cannot list Tenants ({e}); is the CRD installed? kubectl apply -f crds/");
     }
 
+    metrics.set_migration_target(migrations.latest());
     let synced = Arc::new(AtomicBool::new(false));
     let standby = Arc::new(AtomicBool::new(settings.leader.is_some()));
     let health = crate::health::serve(
@@ -1236,6 +1392,7 @@ pub async fn run(
         reader.clone(),
         secret_reader,
         retrigger,
+        settings.rollout,
     ));
     let tenant_stream = reflector(
         writer,

@@ -11,3 +11,4 @@ mod examples;
 mod failures;
 mod helm;
 mod provision;
+mod rollout;

@@ -231,6 +231,7 @@ pub struct RunningController {
 pub struct ControllerOpts {
     pub database_url: String,
     pub migrations: MigrationSet,
+    pub rollout: tenantry::controller::RolloutPolicy,
 }
 
 impl Default for ControllerOpts {
@@ -238,6 +239,7 @@ impl Default for ControllerOpts {
         Self {
             database_url: env().database_url.clone(),
             migrations: MigrationSet::embedded(),
+            rollout: Default::default(),
         }
     }
 }
@@ -260,6 +262,7 @@ impl RunningController {
             health_addr: "127.0.0.1:0".parse().unwrap(),
             gateway_secret: Some((ns.name.clone(), "tenantry-gateway".into())),
             leader: None,
+            rollout: opts.rollout,
         };
         let client = ns.client.clone();
         let m = metrics.clone();
