@@ -57,6 +57,9 @@ struct PhaseLabel {
     phase: &'static str,
 }
 
+/// Phase and migration version of one tenant, as last reconciled.
+type TenantState = (Phase, Option<i64>);
+
 /// The operator's metrics, registered under the `tenantry` prefix.
 #[derive(Clone)]
 pub struct Metrics {
@@ -65,7 +68,7 @@ pub struct Metrics {
     errors: Family<StageLabel, Counter>,
     duration: Histogram,
     tenants: Family<PhaseLabel, Gauge>,
-    phases: Arc<Mutex<HashMap<String, (Phase, Option<i64>)>>>,
+    phases: Arc<Mutex<HashMap<String, TenantState>>>,
     target_version: Gauge,
     behind: Gauge,
     failed: Gauge,
@@ -150,7 +153,7 @@ impl Metrics {
     /// Records the phase of one tenant (`None` once it is gone) and refreshes the gauges.
     /// Records the phase and migration version of one tenant (`None` once it is gone) and
     /// refreshes the gauges.
-    pub fn set_phase(&self, key: String, state: Option<(Phase, Option<i64>)>) {
+    pub fn set_phase(&self, key: String, state: Option<TenantState>) {
         let mut phases = self.phases.lock().expect("metrics lock");
         match state {
             Some(p) => {
