@@ -623,10 +623,17 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
                     .map(i64::to_string)
                     .collect::<Vec<_>>()
                     .join(", ");
-                journal.push((
-                    "MigrationsApplied",
-                    format!("applied migrations {list} (schema at version {v})"),
-                ));
+                // A fleet rollout is reported per tenant by status.migrationVersion and in
+                // aggregate by metrics and log lines; an Event per tenant would double the
+                // apiserver writes of a rollout.
+                if previous_phase == Some(Phase::Ready) {
+                    tracing::debug!(versions = %list, "applied migrations");
+                } else {
+                    journal.push((
+                        "MigrationsApplied",
+                        format!("applied migrations {list} (schema at version {v})"),
+                    ));
+                }
             }
             b.ok(
                 condition::MIGRATIONS_APPLIED,
