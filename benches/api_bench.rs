@@ -188,15 +188,20 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     .unwrap();
     sampling.store(false, Ordering::SeqCst);
     sampler.await.unwrap();
-    let mem: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT usename::text, (SELECT count(*) FROM pg_stat_activity a2 WHERE a2.usename = a.usename) FROM pg_stat_activity a WHERE usename = 'bench_gateway' LIMIT 1",
-    )
-    .fetch_all(&admin)
-    .await
-    .unwrap_or_default();
-    let _ = mem;
+    // Private memory of the API's PostgreSQL backends after visiting many tenant schemas
+    // (catalog and relation caches, prepared statements): RssAnon from /proc.
+    let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE usename = 'bench_gateway'")
+        .fetch_all(&admin)
+        .await
+        .unwrap_or_default();
+    let anon: Vec<u64> = pids.iter().map(|p| rss_kb(*p as u32, "RssAnon:")).filter(|k| *k > 0).collect();
+    let backend_mb = if anon.is_empty() {
+        f64::NAN
+    } else {
+        anon.iter().sum::<u64>() as f64 / anon.len() as f64 / 1024.0
+    };
     format!(
-        "| GET by primary key with JWT, random tenant of {n} (wrk, {connections} connections, {seconds} s) | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx | plain axum + sqlx, one schema: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | {:.2}× | pool {pool_size}; peak gateway connections {} |",
+        "| GET by primary key with JWT, random tenant of {n} (wrk, {connections} connections, {seconds} s) | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx | plain axum + sqlx, one schema: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | {:.2}× | pool {pool_size}; peak gateway connections {}; backend private memory {:.1} MB each |",
         ours.rps,
         ours.p50_ms,
         ours.p99_ms,
@@ -205,7 +210,8 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
         base.p50_ms,
         base.p99_ms,
         ours.rps / base.rps,
-        peak.load(Ordering::SeqCst)
+        peak.load(Ordering::SeqCst),
+        backend_mb
     )
 }
 

@@ -273,16 +273,7 @@ async fn raw_migrate(
 }
 
 fn with_extra_migration() -> MigrationSet {
-    let mut files: Vec<(String, String)> = MigrationSet::embedded()
-        .migrations()
-        .iter()
-        .map(|m| {
-            (
-                format!("{}_{}.sql", m.version, m.description.replace(' ', "_")),
-                m.sql.clone(),
-            )
-        })
-        .collect();
+    let mut files = MigrationSet::embedded().to_files();
     files.push((
         "3_task_priority.sql".into(),
         "ALTER TABLE tasks ADD COLUMN priority integer NOT NULL DEFAULT 0;".into(),

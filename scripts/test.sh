@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
-cargo test --locked --all-targets "$@"
+cargo test --locked --lib --bins --tests "$@"

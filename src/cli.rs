@@ -53,12 +53,9 @@ pub enum Command {
     Token(TokenArgs),
 }
 
+/// How to reach the Kubernetes API.
 #[derive(Debug, Args)]
-pub struct ControllerArgs {
-    /// Admin connection to the tenants' database (a role with CREATEROLE, or a superuser).
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
-
+pub struct KubeArgs {
     /// Kubeconfig file; without it the usual inference applies (KUBECONFIG, ~/.kube/config,
     /// in-cluster service account).
     #[arg(long, env = "KUBECONFIG")]
@@ -67,6 +64,22 @@ pub struct ControllerArgs {
     /// Kubeconfig context to use.
     #[arg(long)]
     pub context: Option<String>,
+}
+
+impl KubeArgs {
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        kube_client(self.kubeconfig.as_ref(), self.context.as_deref()).await
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Admin connection to the tenants' database (a role with CREATEROLE, or a superuser).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
 
     /// Watch Tenants in this namespace only (default: all namespaces).
     #[arg(long, env = "TENANTRY_NAMESPACE")]
@@ -226,13 +239,8 @@ pub struct ApiArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
-    /// Kubeconfig file; without it the usual inference applies.
-    #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
-
-    /// Kubeconfig context to use.
-    #[arg(long)]
-    pub context: Option<String>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 
     /// Serve Tenants of this namespace only (default: all namespaces).
     #[arg(long, env = "TENANTRY_NAMESPACE")]
@@ -391,7 +399,7 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     )
     .await
     .context("--database-url")?;
-    let client = kube_client(args.kubeconfig.as_ref(), args.context.as_deref()).await?;
+    let client = args.kube.client().await?;
     let registry = crate::registry::Registry::default();
     let (tenants, secrets) = match &args.namespace {
         Some(ns) => (
@@ -443,7 +451,7 @@ impl Cli {
                 )
                 .context("--database-url")?
                 .with_gateway(gateway.clone());
-                let client = kube_client(args.kubeconfig.as_ref(), args.context.as_deref()).await?;
+                let client = args.kube.client().await?;
                 let own_namespace = std::env::var("POD_NAMESPACE")
                     .unwrap_or_else(|_| client.default_namespace().to_string());
                 let gateway_namespace = args

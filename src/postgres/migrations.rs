@@ -137,6 +137,20 @@ impl MigrationSet {
         Ok(Self { migrations })
     }
 
+    /// The set as `<version>_<description>.sql` files, the inverse of [`MigrationSet::from_files`]
+    /// (to derive a new set from this one).
+    pub fn to_files(&self) -> Vec<(String, String)> {
+        self.migrations
+            .iter()
+            .map(|m| {
+                (
+                    format!("{}_{}.sql", m.version, m.description.replace(' ', "_")),
+                    m.sql.clone(),
+                )
+            })
+            .collect()
+    }
+
     pub fn migrations(&self) -> &[Migration] {
         &self.migrations
     }

@@ -2,28 +2,11 @@
 //! `tenantry` binary runs as a process, kubectl waits for Ready and deletes.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use crate::common::*;
-
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     http(port, "GET", path, &[], None).await
@@ -63,7 +46,7 @@ async fn http(
     Some((code, buf))
 }
 
-fn spawn_logged(args: &[&str], envs: &[(&str, &str)], log_name: &str) -> Operator {
+fn spawn_logged(args: &[&str], envs: &[(&str, &str)], log_name: &str) -> Proc {
     let log = std::fs::File::create(std::env::temp_dir().join(log_name)).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tenantry"));
     cmd.args(args)
@@ -72,7 +55,7 @@ fn spawn_logged(args: &[&str], envs: &[(&str, &str)], log_name: &str) -> Operato
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    Operator(cmd.spawn().expect("start tenantry"))
+    Proc(cmd.spawn().expect("start tenantry"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

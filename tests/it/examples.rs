@@ -134,12 +134,7 @@ fn the_example_migration_configmap_is_a_valid_migration_set() {
 
 #[test]
 fn the_install_bundle_is_the_current_chart_render() {
-    let python = std::env::var_os("TENANTRY_HELM_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap())
-                .join(".cache/tenantry/helm-venv/bin/python")
-        });
+    let python = helm_python();
     let out = std::process::Command::new(python)
         .args(["tests/helm/check.py", "render", "charts/tenantry"])
         .current_dir(repo())

@@ -13,15 +13,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-fn helm_python() -> PathBuf {
-    std::env::var_os("TENANTRY_HELM_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap())
-                .join(".cache/tenantry/helm-venv/bin/python")
-        })
-}
-
 #[track_caller]
 fn check_py(args: &[&str]) -> String {
     let out = Command::new(helm_python())
@@ -63,23 +54,6 @@ fn chart_crds_are_the_generated_ones() {
         chart == root,
         "charts/tenantry/crds/tenant.yaml differs from crds/tenant.yaml: copy it"
     );
-}
-
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A kubeconfig that authenticates with `token` (a ServiceAccount's, from TokenRequest).

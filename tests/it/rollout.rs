@@ -10,16 +10,7 @@ use tenantry::{
 use crate::common::*;
 
 fn set_with(extra: &[(&str, &str)]) -> MigrationSet {
-    let mut files: Vec<(String, String)> = MigrationSet::embedded()
-        .migrations()
-        .iter()
-        .map(|m| {
-            (
-                format!("{}_{}.sql", m.version, m.description.replace(' ', "_")),
-                m.sql.clone(),
-            )
-        })
-        .collect();
+    let mut files = MigrationSet::embedded().to_files();
     for (name, sql) in extra {
         files.retain(|(n, _)| !n.starts_with(&name[..2]));
         files.push((name.to_string(), sql.to_string()));

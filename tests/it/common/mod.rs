@@ -386,3 +386,32 @@ pub async fn events(ns: &TestNs, name: &str) -> Vec<(String, String, String)> {
         })
         .collect()
 }
+
+/// A child process killed when the guard drops (operators and APIs run as binaries).
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Python with helm-python-sdk that `scripts/setup.sh` installs (or TENANTRY_HELM_PYTHON).
+pub fn helm_python() -> PathBuf {
+    std::env::var_os("TENANTRY_HELM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/tenantry/helm-venv/bin/python")
+        })
+}
