@@ -588,6 +588,31 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     match migrate(&id, ctx).await {
         Ok(Migrated {
             version,
+            held: Some(_),
+            ..
+        }) if tenant
+            .condition(condition::MIGRATIONS_APPLIED)
+            .is_some_and(|c| c.reason == "MigrationFailed") =>
+        {
+            // This tenant's own failure is what holds the rollout: keep reporting it (it is
+            // also what makes the halt survive a restart).
+            let message = tenant
+                .condition(condition::MIGRATIONS_APPLIED)
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            b.status_mut().migration_version = version;
+            b.fail(
+                condition::MIGRATIONS_APPLIED,
+                "MigrationFailed",
+                message,
+                Phase::Failed,
+            );
+            flush(tenant, &mut journal, ctx).await;
+            write_status(tenant, b.build(), ctx).await?;
+            return Ok(Action::requeue(Duration::from_secs(600)));
+        }
+        Ok(Migrated {
+            version,
             held: Some((reason, message)),
             ..
         }) => {

@@ -100,6 +100,17 @@ async fn a_failing_set_stops_after_the_canary_and_stays_stopped() {
         },
     )
     .await;
+    let canary = ns.tenants().get(failed[0]).await.unwrap();
+    assert_eq!(
+        canary.condition("MigrationsApplied").unwrap().reason,
+        "MigrationFailed",
+        "the canary keeps reporting its failure after a restart"
+    );
+    let m = ctl.metrics.encode();
+    assert!(
+        m.contains("tenantry_tenants_migration_failed 1"),
+        "the halt is remembered: {m}"
+    );
     for n in names {
         let applied: i64 = sqlx::query_scalar(&format!(
             "SELECT count(*) FROM \"{}\".tenantry_migrations",
