@@ -51,6 +51,18 @@ pub async fn gateway_uri(ns: &TestNs) -> String {
 impl Api {
     /// An API serving the Tenants of `namespace` (all namespaces when `None`).
     pub async fn start(ns: &TestNs, namespace: Option<&str>) -> Self {
+        Self::start_with_auth(
+            ns,
+            namespace,
+            AuthConfig {
+                leeway_secs: 5,
+                ..AuthConfig::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn start_with_auth(ns: &TestNs, namespace: Option<&str>, auth: AuthConfig) -> Self {
         let pool = api::connect(
             &gateway_uri(ns).await,
             PoolConfig {
@@ -77,10 +89,7 @@ impl Api {
         let watch = tokio::spawn(async move { r.watch(tenants, secrets).await });
         let settings = Settings {
             base_domain: Some("tenants.test".into()),
-            auth: AuthConfig {
-                leeway_secs: 5,
-                ..AuthConfig::default()
-            },
+            auth,
             limits: LimitsConfig {
                 max_body_bytes: 64 * 1024,
                 ..LimitsConfig::default()
@@ -936,4 +945,102 @@ async fn many_tenants_in_parallel_each_see_only_their_own_rows_within_the_pool()
         peak >= 1 && peak <= POOL_SIZE as i64,
         "peak gateway connections {peak} (pool {POOL_SIZE})"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_issuer_tokens_are_accepted_with_exactly_their_algorithm() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("acme")).await;
+    wait_ready(&ns, "acme").await;
+    // An RS256 key pair, as a platform identity provider would have.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pem");
+    let public = dir.path().join("public.pem");
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            key.to_str().unwrap(),
+        ],
+        vec![
+            "pkey",
+            "-in",
+            key.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            public.to_str().unwrap(),
+        ],
+    ] {
+        assert!(std::process::Command::new("openssl")
+            .args(&args)
+            .status()
+            .unwrap()
+            .success());
+    }
+    let platform = api::auth::PlatformKey::from_file(&public, "RS256").unwrap();
+    let auth = AuthConfig {
+        issuer: Some("https://id.example.com".into()),
+        audience: Some("tenantry".into()),
+        leeway_secs: 5,
+        platform: Some(platform),
+    };
+    let api = Api::start_with_auth(&ns, Some(&ns.name), auth).await;
+    let claims = |tenant: &str, iss: &str| json!({"tenant": tenant, "sub": "u", "iss": iss, "aud": "tenantry", "exp": now() + 300});
+    let private = std::fs::read(&key).unwrap();
+    let rs = |c: Value| {
+        encode(
+            &Header::new(Algorithm::RS256),
+            &c,
+            &EncodingKey::from_rsa_pem(&private).unwrap(),
+        )
+        .unwrap()
+    };
+    let good = rs(claims("acme", "https://id.example.com"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, v, _) = api
+            .call(
+                Method::GET,
+                "/v1/tenant",
+                &[("authorization", &bearer(&good))],
+                None,
+            )
+            .await;
+        if s == 200 {
+            assert_eq!(v["name"], "acme");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "platform token never accepted: {s} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Wrong issuer; and the classic confusion: HS256 "signed" with the public key as secret.
+    let wrong_iss = rs(claims("acme", "https://evil.example.com"));
+    let confused = encode(
+        &Header::new(Algorithm::HS256),
+        &claims("acme", "https://id.example.com"),
+        &EncodingKey::from_secret(&std::fs::read(&public).unwrap()),
+    )
+    .unwrap();
+    for (what, t) in [
+        ("wrong issuer", wrong_iss),
+        ("HS256 with the RSA public key", confused),
+    ] {
+        let (s, v, _) = api
+            .call(
+                Method::GET,
+                "/v1/tenant",
+                &[("authorization", &bearer(&t))],
+                None,
+            )
+            .await;
+        assert_eq!(s, 401, "{what}: {v}");
+    }
 }
