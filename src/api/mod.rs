@@ -577,6 +577,31 @@ async fn list_tables(
     Ok(Json(json!({ "tables": c.tables.values().collect::<Vec<_>>() })).into_response())
 }
 
+/// Runs the statement `build` makes for `table` (looked up in the tenant's catalog) in the
+/// tenant's transaction, and returns its JSON text.
+async fn on_table<F>(
+    state: &AppState,
+    t: TenantRequest,
+    table: String,
+    read_only: bool,
+    build: F,
+) -> Result<String, ApiError>
+where
+    F: FnOnce(&str, &query::Table, &Limits) -> Result<query::Sql, ApiError> + Send + 'static,
+{
+    let schema = t.schema.clone();
+    let st = state.clone();
+    in_tenant(state, &schema, read_only, move |conn| {
+        async move {
+            let c = catalog(&st, &t, conn).await?;
+            let sql = build(t.schema.as_str(), c.table(&table)?, &limits(&st))?;
+            Ok(sql.fetch_json(conn).await?)
+        }
+        .boxed()
+    })
+    .await
+}
+
 async fn list_rows(
     State(state): State<AppState>,
     Path(table): Path<String>,
@@ -584,18 +609,8 @@ async fn list_rows(
     t: TenantRequest,
 ) -> Result<Response, ApiError> {
     let p = params(raw)?;
-    let schema = t.schema.clone();
-    let st = state.clone();
-    let body = in_tenant(&state, &schema, true, move |conn| {
-        async move {
-            let c = catalog(&st, &t, conn).await?;
-            let table = c.table(&table)?;
-            let q = query::parse(&p, table, &limits(&st))?;
-            Ok(query::select(t.schema.as_str(), table, &q)?
-                .fetch_json(conn)
-                .await?)
-        }
-        .boxed()
+    let body = on_table(&state, t, table, true, move |schema, tbl, limits| {
+        query::select(schema, tbl, &query::parse(&p, tbl, limits)?)
     })
     .await?;
     Ok(json_response(StatusCode::OK, body))
@@ -608,26 +623,15 @@ async fn get_row(
     t: TenantRequest,
 ) -> Result<Response, ApiError> {
     let p = params(raw)?;
-    let schema = t.schema.clone();
-    let st = state.clone();
-    let body = in_tenant(&state, &schema, true, move |conn| {
-        async move {
-            let c = catalog(&st, &t, conn).await?;
-            let tbl = c.table(&table)?;
-            let q = query::parse(&p, tbl, &limits(&st))?;
-            if !q.filters.is_empty() || !q.order.is_empty() {
-                return Err(ApiError::bad_request(
-                    "invalid-parameter",
-                    "only select= applies to a single row",
-                ));
-            }
-            Ok(
-                query::by_id(t.schema.as_str(), tbl, &id, q.select.as_ref())?
-                    .fetch_json(conn)
-                    .await?,
-            )
+    let body = on_table(&state, t, table, true, move |schema, tbl, limits| {
+        let q = query::parse(&p, tbl, limits)?;
+        if !q.filters.is_empty() || !q.order.is_empty() {
+            return Err(ApiError::bad_request(
+                "invalid-parameter",
+                "only select= applies to a single row",
+            ));
         }
-        .boxed()
+        query::by_id(schema, tbl, &id, q.select.as_ref())
     })
     .await?;
     if body == "null" {
@@ -662,17 +666,8 @@ async fn insert_rows(
             ))
         }
     };
-    let schema = t.schema.clone();
-    let st = state.clone();
-    let out = in_tenant(&state, &schema, false, move |conn| {
-        async move {
-            let c = catalog(&st, &t, conn).await?;
-            let tbl = c.table(&table)?;
-            Ok(query::insert(t.schema.as_str(), tbl, rows)?
-                .fetch_json(conn)
-                .await?)
-        }
-        .boxed()
+    let out = on_table(&state, t, table, false, move |schema, tbl, _| {
+        query::insert(schema, tbl, rows)
     })
     .await?;
     let body = if single {
@@ -727,20 +722,10 @@ async fn update_rows(
             "PATCH takes one JSON object",
         ));
     }
-    let schema = t.schema.clone();
-    let st = state.clone();
-    let out = in_tenant(&state, &schema, false, move |conn| {
-        async move {
-            let c = catalog(&st, &t, conn).await?;
-            let tbl = c.table(&table)?;
-            let mut q = query::parse(&p, tbl, &limits(&st))?;
-            q.limit = 0;
-            check_mass_change(&headers, &q, &Method::PATCH)?;
-            Ok(query::update(t.schema.as_str(), tbl, &q.filters, patch)?
-                .fetch_json(conn)
-                .await?)
-        }
-        .boxed()
+    let out = on_table(&state, t, table, false, move |schema, tbl, limits| {
+        let q = query::parse(&p, tbl, limits)?;
+        check_mass_change(&headers, &q, &Method::PATCH)?;
+        query::update(schema, tbl, &q.filters, patch)
     })
     .await?;
     Ok(json_response(StatusCode::OK, out))
@@ -754,19 +739,10 @@ async fn delete_rows(
     t: TenantRequest,
 ) -> Result<Response, ApiError> {
     let p = params(raw)?;
-    let schema = t.schema.clone();
-    let st = state.clone();
-    let out = in_tenant(&state, &schema, false, move |conn| {
-        async move {
-            let c = catalog(&st, &t, conn).await?;
-            let tbl = c.table(&table)?;
-            let q = query::parse(&p, tbl, &limits(&st))?;
-            check_mass_change(&headers, &q, &Method::DELETE)?;
-            Ok(query::delete(t.schema.as_str(), tbl, &q.filters)?
-                .fetch_json(conn)
-                .await?)
-        }
-        .boxed()
+    let out = on_table(&state, t, table, false, move |schema, tbl, limits| {
+        let q = query::parse(&p, tbl, limits)?;
+        check_mass_change(&headers, &q, &Method::DELETE)?;
+        query::delete(schema, tbl, &q.filters)
     })
     .await?;
     Ok(json_response(StatusCode::OK, out))
