@@ -219,19 +219,18 @@ async fn raw_provision(
     conc: usize,
     set: &MigrationSet,
 ) -> Duration {
-    let admin = Admin::new(&stack.database_url, conc as u32, None, None)
+    let mut admin = Admin::new(&stack.database_url, conc as u32, None, None)
         .unwrap()
         .with_gateway(Some(Ident::parse_role("bench_gateway").unwrap()));
-    let mut admin2 = admin.clone();
-    admin2.bootstrap().await.unwrap();
-    admin2
+    admin.bootstrap().await.unwrap();
+    admin
         .ensure_gateway("bench-gateway-password-0123456789")
         .await
         .unwrap();
     let started = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
-            let admin = admin2.clone();
+            let admin = admin.clone();
             async move {
                 let id = Ident::parse("schema", &format!("{prefix}_{i:05}")).unwrap();
                 let owner = Owner::new("raw", &format!("{prefix}{i}"), "uid");
