@@ -68,7 +68,7 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     op.stop().await;
 
     let admin = PgPoolOptions::new().max_connections(8).connect(&stack.database_url).await.unwrap();
-    let schemas: Vec<String> = (0..n).map(|i| tenantry::naming::default_schema_name(&ns, &format!("t{i:05}"))).collect();
+    let schemas: Vec<String> = (0..n).map(|i| tenantry::domain::naming::default_schema_name(&ns, &format!("t{i:05}"))).collect();
     futures::stream::iter(schemas.clone())
         .map(|s| {
             let admin = admin.clone();

@@ -30,9 +30,10 @@ use kube::{
 use sqlx::postgres::PgPoolOptions;
 use tenantry::{
     controller::{self, Settings},
-    crd::Tenant,
-    naming::Ident,
-    postgres::{migrations::MigrationSet, Admin, Owner},
+    domain::crd::Tenant,
+    domain::naming::Ident,
+    domain::state::Owner,
+    postgres::{migrations::MigrationSet, Admin},
     telemetry::Metrics,
 };
 use tokio::sync::oneshot;
@@ -235,7 +236,7 @@ async fn raw_provision(
                 let id = Ident::parse("schema", &format!("{prefix}_{i:05}")).unwrap();
                 let owner = Owner::new("raw", &format!("{prefix}{i}"), "uid");
                 admin
-                    .create_role(&id, &owner, &tenantry::postgres::scram::generate_password())
+                    .create_role(&id, &owner, &tenantry::domain::scram::generate_password())
                     .await
                     .unwrap();
                 admin.create_schema(&id, &owner).await.unwrap();

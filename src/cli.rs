@@ -9,8 +9,7 @@ use kube::{config::KubeConfigOptions, Client, Config, CustomResourceExt};
 
 use crate::{
     controller,
-    crd::Tenant,
-    naming::Ident,
+    domain::{crd::Tenant, credentials, naming::Ident},
     postgres::{migrations::MigrationSet, Admin},
     telemetry::{self, LogFormat},
 };
@@ -210,11 +209,7 @@ async fn run_token(args: TokenArgs) -> anyhow::Result<()> {
         .get(&args.tenant)
         .await
         .with_context(|| format!("reading Tenant {ns}/{}", args.tenant))?;
-    let secret_name = tenant
-        .status
-        .as_ref()
-        .and_then(|s| s.secret_name.clone())
-        .unwrap_or_else(|| tenant.secret_name());
+    let secret_name = credentials::effective_secret_name(&tenant);
     let secret = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client, &ns)
         .get(&secret_name)
         .await
@@ -222,7 +217,7 @@ async fn run_token(args: TokenArgs) -> anyhow::Result<()> {
     let key = secret
         .data
         .as_ref()
-        .and_then(|d| d.get(crate::controller::secret::JWT_KEY))
+        .and_then(|d| d.get(credentials::JWT_KEY))
         .map(|b| b.0.clone())
         .ok_or_else(|| anyhow::anyhow!("Secret {ns}/{secret_name} has no jwt-key yet"))?;
     println!(

@@ -8,10 +8,9 @@
 pub mod api;
 pub mod cli;
 pub mod controller;
-pub mod crd;
+pub mod domain;
 pub mod health;
 pub mod leader;
-pub mod naming;
 pub mod postgres;
 pub mod registry;
 pub mod telemetry;

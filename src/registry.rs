@@ -18,7 +18,11 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use crate::{controller::secret as creds, crd::Tenant};
+use crate::domain::{
+    crd::Tenant,
+    credentials as creds,
+    routing::{Claims, Key, Route, RoutingIndex},
+};
 
 /// What the API knows about one Tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,18 +55,14 @@ impl TenantInfo {
             // Ready as last reported, even while a spec edit (a new host, a display name) is
             // being reconciled: the schema cannot change, so serving it stays correct.
             ready: t
-                .condition(crate::crd::condition::READY)
+                .condition(crate::domain::crd::condition::READY)
                 .is_some_and(|c| c.status == "True")
                 && t.metadata.deletion_timestamp.is_none(),
             migration_version: status.and_then(|s| s.migration_version),
-            secret_name: status
-                .and_then(|s| s.secret_name.clone())
-                .unwrap_or_else(|| t.secret_name()),
+            secret_name: creds::effective_secret_name(t),
         }
     }
 }
-
-type Key = (String, String);
 
 /// A routable tenant: its info and its token signing key.
 #[derive(Debug, Clone)]
@@ -83,34 +83,24 @@ pub enum Lookup {
 #[derive(Default)]
 struct Index {
     tenants: HashMap<Key, Arc<TenantInfo>>,
-    by_name: HashMap<String, Vec<Key>>,
-    by_host: HashMap<String, Vec<Key>>,
+    /// Who claims which name and host: the rule the operator's Routable condition uses.
+    routes: RoutingIndex,
     /// (namespace, secret name) → jwt-key bytes.
     keys: HashMap<Key, Arc<[u8]>>,
 }
 
 impl Index {
     fn unlink(&mut self, key: &Key) {
-        if let Some(old) = self.tenants.remove(key) {
-            remove_from(&mut self.by_name, &old.name, key);
-            for h in &old.hosts {
-                remove_from(&mut self.by_host, h, key);
-            }
-        }
+        self.tenants.remove(key);
+        self.routes.remove(key);
     }
 
-    fn upsert(&mut self, info: TenantInfo) {
+    fn upsert(&mut self, t: &Tenant) {
+        let info = TenantInfo::from_tenant(t);
         let key = (info.namespace.clone(), info.name.clone());
+        self.routes.set(key.clone(), Claims::of(t));
         if self.tenants.get(&key).is_some_and(|old| **old == info) {
             return;
-        }
-        self.unlink(&key);
-        self.by_name
-            .entry(info.name.clone())
-            .or_default()
-            .push(key.clone());
-        for h in &info.hosts {
-            self.by_host.entry(h.clone()).or_default().push(key.clone());
         }
         self.tenants.insert(key, Arc::new(info));
     }
@@ -124,29 +114,20 @@ impl Index {
         Some(Entry { info, jwt_key })
     }
 
-    fn lookup(&self, keys: Option<&Vec<Key>>) -> Lookup {
-        match keys.map(Vec::as_slice) {
-            None | Some([]) => Lookup::Unknown,
-            Some([one]) => self.entry(one).map_or(Lookup::Unknown, Lookup::Found),
-            Some(many) => {
+    fn lookup(&self, route: Route<'_>) -> Lookup {
+        match route {
+            Route::Nobody => Lookup::Unknown,
+            Route::One(k) => self.entry(k).map_or(Lookup::Unknown, Lookup::Found),
+            Route::Ambiguous(many) => {
                 Lookup::Ambiguous(many.iter().map(|(ns, n)| format!("{ns}/{n}")).collect())
             }
         }
     }
 }
 
-fn remove_from(map: &mut HashMap<String, Vec<Key>>, k: &str, key: &Key) {
-    if let Some(v) = map.get_mut(k) {
-        v.retain(|x| x != key);
-        if v.is_empty() {
-            map.remove(k);
-        }
-    }
-}
-
 fn jwt_key_of(s: &Secret) -> Option<Arc<[u8]>> {
     let bytes = &s.data.as_ref()?.get(creds::JWT_KEY)?.0;
-    (bytes.len() >= crate::postgres::scram::MIN_JWT_KEY_BYTES).then(|| Arc::from(bytes.as_slice()))
+    (bytes.len() >= creds::MIN_JWT_KEY_BYTES).then(|| Arc::from(bytes.as_slice()))
 }
 
 /// The registry. Cheap to clone; all clones share one index.
@@ -179,36 +160,34 @@ impl Registry {
 
     pub fn by_name(&self, name: &str) -> Lookup {
         let idx = self.index.read().expect("registry lock");
-        idx.lookup(idx.by_name.get(name))
+        idx.lookup(idx.routes.by_name(name))
     }
 
     pub fn by_host(&self, host: &str) -> Lookup {
         let idx = self.index.read().expect("registry lock");
-        idx.lookup(idx.by_host.get(&host.to_ascii_lowercase()))
+        idx.lookup(idx.routes.by_host(&host.to_ascii_lowercase()))
     }
 
     /// Applies one watch event. The only writer.
     pub fn apply(
         &self,
         change: Change,
-        tenant_buf: &mut Vec<TenantInfo>,
+        tenant_buf: &mut Vec<Tenant>,
         secret_buf: &mut Vec<Secret>,
     ) {
         let mut idx = self.index.write().expect("registry lock");
         match change {
             Change::Tenants(ev) => match ev {
-                watcher::Event::Apply(t) => idx.upsert(TenantInfo::from_tenant(&t)),
+                watcher::Event::Apply(t) => idx.upsert(&t),
                 watcher::Event::Delete(t) => {
                     idx.unlink(&(t.namespace().unwrap_or_default(), t.name_any()))
                 }
                 watcher::Event::Init => tenant_buf.clear(),
-                watcher::Event::InitApply(t) => tenant_buf.push(TenantInfo::from_tenant(&t)),
+                watcher::Event::InitApply(t) => tenant_buf.push(t),
                 watcher::Event::InitDone => {
                     // A relist replaces everything: Tenants deleted while disconnected vanish.
-                    let keep: std::collections::HashSet<Key> = tenant_buf
-                        .iter()
-                        .map(|i| (i.namespace.clone(), i.name.clone()))
-                        .collect();
+                    let keep: std::collections::HashSet<Key> =
+                        tenant_buf.iter().map(crate::domain::routing::key).collect();
                     let stale: Vec<Key> = idx
                         .tenants
                         .keys()
@@ -218,8 +197,8 @@ impl Registry {
                     for k in stale {
                         idx.unlink(&k);
                     }
-                    for info in tenant_buf.drain(..) {
-                        idx.upsert(info);
+                    for t in tenant_buf.drain(..) {
+                        idx.upsert(&t);
                     }
                     if !self.tenants_synced.swap(true, Ordering::SeqCst) {
                         info!(tenants = idx.tenants.len(), "tenant registry synced");
@@ -279,11 +258,7 @@ impl Registry {
             });
         let secret_events = watcher(
             secrets,
-            watcher::Config::default().labels(&format!(
-                "{}={}",
-                creds::MANAGED_BY_LABEL,
-                creds::MANAGED_BY
-            )),
+            watcher::Config::default().labels(&creds::managed_selector()),
         )
         .default_backoff()
         .filter_map(|r| async move {
@@ -299,7 +274,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{Condition, TenantStatus};
+    use crate::domain::crd::{Condition, TenantStatus};
     use k8s_openapi::ByteString;
 
     fn ready(name: &str, ns: &str, hosts: &[&str]) -> Tenant {

@@ -14,7 +14,7 @@ use prometheus_client::{
 };
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
-use crate::crd::Phase;
+use crate::domain::crd::Phase;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -35,7 +35,7 @@ use sqlx::{postgres::PgPoolOptions, Connection, PgConnection, PgPool};
 use tracing::{info, Instrument};
 
 use crate::{
-    naming::Ident,
+    domain::naming::Ident,
     registry::{Entry, Lookup, Registry},
 };
 use auth::AuthConfig;

@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 
 use super::error::ApiError;
-use crate::naming::quote_ident;
+use crate::domain::naming::quote_ident;
 
 /// Tables the API never serves.
 const HIDDEN_TABLES: &[&str] = &[crate::postgres::migrations::HISTORY_TABLE];

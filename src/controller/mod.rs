@@ -2,10 +2,6 @@
 //! Secrets they own), a pipeline per Tenant — validate → role → schema → migrations →
 //! credentials → status — behind kube-runtime's finalizer helper, and the health server.
 
-pub mod plan;
-pub mod secret;
-pub mod status;
-
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -34,14 +30,18 @@ use serde_json::json;
 use tracing::{info, instrument, warn, Span};
 
 use crate::{
-    crd::{condition, Phase, Tenant, TenantStatus, FINALIZER},
-    naming::Ident,
-    postgres::{migrations::MigrationSet, Admin, Holder},
+    domain::{
+        crd::{condition, Phase, Tenant, TenantStatus, FINALIZER},
+        credentials::{self as secret, Decision},
+        naming::Ident,
+        plan::{self, Plan},
+        routing,
+        state::Holder,
+        status::StatusBuilder,
+    },
+    postgres::{migrations::MigrationSet, Admin},
     telemetry::Metrics,
 };
-use plan::Plan;
-use secret::Decision;
-use status::StatusBuilder;
 
 /// Field manager for everything the operator writes with server-side apply.
 pub const FIELD_MANAGER: &str = "tenantry";
@@ -189,7 +189,7 @@ impl Context {
             {
                 continue;
             }
-            let clash = !gone && !plan::routing_clashes(&other, [me]).is_empty();
+            let clash = !gone && !routing::clashes_among(&other, [me]).is_empty();
             let cond = other.condition(condition::ROUTABLE);
             let says_clash = cond.is_some_and(|c| c.status == "False");
             let blames_me = cond.is_some_and(|c| c.message.contains(&format!("Tenant {me_ref} ")));
@@ -404,7 +404,7 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
 
     // Routing: the API refuses names and hosts that two Tenants claim; say so here.
     let all = ctx.store.state();
-    let clashes = plan::routing_clashes(tenant, all.iter().map(|t| &**t));
+    let clashes = routing::clashes_among(tenant, all.iter().map(|t| &**t));
     if clashes.is_empty() {
         b.set(
             condition::ROUTABLE,
@@ -488,7 +488,7 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let mut fresh_password = None;
     match (&role_holder, &observed.role) {
         (Holder::Nobody, _) => {
-            let password = crate::postgres::scram::generate_password();
+            let password = crate::domain::scram::generate_password();
             if let Err(e) = ctx.admin.create_role(&id, &owner, &password).await {
                 return fail_after(
                     &mut journal,
@@ -994,7 +994,7 @@ async fn credentials(
             )
         }
         Decision::Rotate { reason, jwt_key } => {
-            let password = crate::postgres::scram::generate_password();
+            let password = crate::domain::scram::generate_password();
             ctx.admin
                 .set_password(id, &password)
                 .await
@@ -1092,7 +1092,7 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
 }
 
 async fn cleanup_database(tenant: &Tenant, id: &Ident, ctx: &Context) -> Result<(), Error> {
-    let owner = crate::postgres::Owner::new(
+    let owner = crate::domain::state::Owner::new(
         &tenant.namespace().unwrap_or_default(),
         &tenant.name_any(),
         tenant.metadata.uid.as_deref().unwrap_or_default(),
@@ -1101,7 +1101,7 @@ async fn cleanup_database(tenant: &Tenant, id: &Ident, ctx: &Context) -> Result<
     let role_ours = observed.role_holder(&owner) == Holder::ThisTenant;
     let schema_ours = observed.schema_holder(&owner) == Holder::ThisTenant;
     match tenant.spec.deletion_policy {
-        crate::crd::DeletionPolicy::Retain => {
+        crate::domain::crd::DeletionPolicy::Retain => {
             if role_ours {
                 ctx.admin.retain(id).await.map_err(db(Stage::Cleanup))?;
                 ctx.event(
@@ -1118,7 +1118,7 @@ async fn cleanup_database(tenant: &Tenant, id: &Ident, ctx: &Context) -> Result<
                 .await;
             }
         }
-        crate::crd::DeletionPolicy::Delete => {
+        crate::domain::crd::DeletionPolicy::Delete => {
             if role_ours || schema_ours {
                 ctx.admin
                     .drop_tenant(id, schema_ours, role_ours)
@@ -1253,7 +1253,7 @@ pub async fn ensure_gateway(
         .filter(|p| !p.is_empty());
     let password = match password {
         Some(p) => p,
-        None => crate::postgres::scram::generate_password(),
+        None => crate::domain::scram::generate_password(),
     };
     admin.ensure_gateway(&password).await?;
     let ep = admin.endpoint();
@@ -1408,11 +1408,7 @@ pub async fn run(
         secret_writer,
         watcher(
             secrets,
-            watcher::Config::default().labels(&format!(
-                "{}={}",
-                secret::MANAGED_BY_LABEL,
-                secret::MANAGED_BY
-            )),
+            watcher::Config::default().labels(&secret::managed_selector()),
         )
         .default_backoff(),
     )

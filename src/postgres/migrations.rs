@@ -9,7 +9,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use sqlx::{Connection, PgConnection};
 
-use crate::naming::Ident;
+use crate::domain::naming::Ident;
 
 /// Name of the table, inside each tenant schema, recording applied migrations.
 pub const HISTORY_TABLE: &str = "tenantry_migrations";

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tenantry::{
     api::{self, auth::AuthConfig, AppState, LimitsConfig, PoolConfig, Settings},
-    crd::Tenant,
+    domain::crd::Tenant,
     registry::Registry,
 };
 use tower::ServiceExt;

@@ -2,7 +2,7 @@
 //! re-created Tenant adopts them; Delete drops both.
 
 use sqlx::{Connection, PgConnection};
-use tenantry::crd::Tenant;
+use tenantry::domain::crd::Tenant;
 
 use crate::common::*;
 

@@ -309,7 +309,8 @@ async fn a_standby_takes_over_when_the_leader_dies() {
         Some("op-a")
     );
 
-    ns.create(tenantry::crd::Tenant::test("before")).await;
+    ns.create(tenantry::domain::crd::Tenant::test("before"))
+        .await;
     wait_ready(&ns, "before").await;
     let (_, m) = http_get(port_b, "/metrics").await.unwrap();
     assert_eq!(reconciliations(&m), 0, "the standby must not reconcile");
@@ -329,7 +330,8 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     .await;
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(4 + 3), "takeover took {took:?}");
-    ns.create(tenantry::crd::Tenant::test("after")).await;
+    ns.create(tenantry::domain::crd::Tenant::test("after"))
+        .await;
     wait_ready(&ns, "after").await;
     let (_, m) = http_get(port_b, "/metrics").await.unwrap();
     assert!(reconciliations(&m) > 0);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use tenantry::{
-    crd::{Phase, Tenant},
+    domain::crd::{Phase, Tenant},
     postgres::migrations::MigrationSet,
 };
 

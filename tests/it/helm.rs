@@ -201,7 +201,7 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
         &format!("tenantry-helm-operator-{release_ns}.log"),
     );
     tenants_ns
-        .create(tenantry::crd::Tenant::test("charted").with_hosts(&["charted.example.com"]))
+        .create(tenantry::domain::crd::Tenant::test("charted").with_hosts(&["charted.example.com"]))
         .await;
     let t = wait_ready(&tenants_ns, "charted").await;
     assert!(t.is_ready());

@@ -7,7 +7,7 @@ use std::time::Duration;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
 use sqlx::{Connection, PgConnection, Row};
-use tenantry::crd::{Phase, Tenant};
+use tenantry::domain::crd::{Phase, Tenant};
 
 use kube::ResourceExt;
 

@@ -3,7 +3,7 @@
 
 use tenantry::{
     controller::RolloutPolicy,
-    crd::{Phase, Tenant},
+    domain::crd::{Phase, Tenant},
     postgres::migrations::MigrationSet,
 };
 

@@ -20,7 +20,7 @@ use kube::{
 use sqlx::{postgres::PgPoolOptions, PgPool};
 use tenantry::{
     controller::{self, Settings},
-    crd::Tenant,
+    domain::crd::Tenant,
     postgres::{migrations::MigrationSet, Admin},
     telemetry::Metrics,
 };
@@ -188,7 +188,7 @@ impl TestNs {
 
     /// The schema name the operator derives for `tenant` in this namespace.
     pub fn schema(&self, tenant: &str) -> String {
-        tenantry::naming::default_schema_name(&self.name, tenant)
+        tenantry::domain::naming::default_schema_name(&self.name, tenant)
     }
 
     pub async fn create(&self, tenant: Tenant) -> Tenant {
@@ -253,7 +253,9 @@ impl RunningController {
         let gateway = gateway_role(ns);
         let admin = Admin::new(&opts.database_url, 4, None, None)
             .expect("admin options")
-            .with_gateway(Some(tenantry::naming::Ident::parse_role(&gateway).unwrap()));
+            .with_gateway(Some(
+                tenantry::domain::naming::Ident::parse_role(&gateway).unwrap(),
+            ));
         let metrics = Metrics::default();
         let (tx, rx) = oneshot::channel::<()>();
         let settings = Settings {

@@ -19,19 +19,6 @@ pub fn generate_password() -> String {
         .collect()
 }
 
-/// Minimum length of a tenant's JWT signing key.
-pub const MIN_JWT_KEY_BYTES: usize = 32;
-
-/// A new HS256 signing key: 64 alphanumeric characters (about 381 bits); the key is the
-/// string's bytes, so it can be used as stored in the Secret.
-pub fn generate_jwt_key() -> String {
-    rand::rng()
-        .sample_iter(&Alphanumeric)
-        .take(64)
-        .map(char::from)
-        .collect()
-}
-
 fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(msg);

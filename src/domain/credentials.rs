@@ -1,5 +1,6 @@
-//! The credentials Secret: what it should contain (pure) and whether an existing one can be
-//! kept, repaired with its password, or must get a new password.
+//! The credentials contract: the Secret's keys, labels and name, read by the operator (which
+//! writes it), the API registry and the CLI; what a Secret should contain (pure) and whether an
+//! existing one can be kept, repaired with its password, or must get a new password.
 
 use std::collections::BTreeMap;
 
@@ -7,15 +8,41 @@ use k8s_openapi::{api::core::v1::Secret, ByteString};
 use kube::{api::ObjectMeta, Resource, ResourceExt};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
-use crate::{
-    crd::Tenant,
-    naming::Ident,
-    postgres::{scram, Endpoint},
-};
+use rand::{distr::Alphanumeric, Rng};
+
+use super::{crd::Tenant, naming::Ident, scram, state::Endpoint};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "tenantry";
 pub const TENANT_LABEL: &str = "tenantry.dev/tenant";
+
+/// Label selector of every Secret tenantry manages (tenant credentials, gateway credentials).
+pub fn managed_selector() -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGED_BY}")
+}
+
+/// The credentials Secret a Tenant uses: the one its status names once issued, else the one its
+/// spec asks for.
+pub fn effective_secret_name(tenant: &Tenant) -> String {
+    tenant
+        .status
+        .as_ref()
+        .and_then(|s| s.secret_name.clone())
+        .unwrap_or_else(|| tenant.secret_name())
+}
+
+/// Minimum length of a tenant's JWT signing key.
+pub const MIN_JWT_KEY_BYTES: usize = 32;
+
+/// A new HS256 signing key: 64 alphanumeric characters (about 381 bits); the key is the
+/// string's bytes, so it can be used as stored in the Secret.
+pub fn generate_jwt_key() -> String {
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(64)
+        .map(char::from)
+        .collect()
+}
 
 /// The keys of every credentials Secret.
 pub const KEYS: [&str; 9] = [
@@ -137,7 +164,7 @@ pub fn decide(
     fresh_password: Option<&str>,
 ) -> Decision {
     let Some(secret) = existing else {
-        let jwt_key = scram::generate_jwt_key();
+        let jwt_key = generate_jwt_key();
         return match fresh_password {
             Some(p) => Decision::Repair(Material {
                 password: p.into(),
@@ -172,8 +199,8 @@ pub fn decide(
     };
     // A signing key survives everything but its own loss: rotating it would log every user out.
     let jwt_key = value(JWT_KEY)
-        .filter(|k| k.len() >= scram::MIN_JWT_KEY_BYTES)
-        .unwrap_or_else(scram::generate_jwt_key);
+        .filter(|k| k.len() >= MIN_JWT_KEY_BYTES)
+        .unwrap_or_else(generate_jwt_key);
     if let Some(p) = fresh_password {
         return Decision::Repair(Material {
             password: p.into(),
@@ -270,7 +297,7 @@ mod tests {
         match decide(&t, None, &ep(), &id(), None, Some("p")) {
             Decision::Repair(m) => {
                 assert_eq!(m.password, "p");
-                assert!(m.jwt_key.len() >= scram::MIN_JWT_KEY_BYTES);
+                assert!(m.jwt_key.len() >= MIN_JWT_KEY_BYTES);
             }
             other => panic!("{other:?}"),
         }
@@ -280,7 +307,7 @@ mod tests {
     fn unchanged_secret_is_kept_and_drift_is_repaired() {
         let t = tenant();
         let s = desired(&t, &ep(), &id(), &m("pw"));
-        let v = crate::postgres::scram::verifier("pw");
+        let v = scram::verifier("pw");
         assert_eq!(
             decide(&t, Some(&s), &ep(), &id(), Some(&v), None),
             Decision::Keep
@@ -297,7 +324,7 @@ mod tests {
             Decision::Repair(m("pw"))
         );
 
-        let other_v = crate::postgres::scram::verifier("other");
+        let other_v = scram::verifier("other");
         // A new password keeps the signing key.
         assert_eq!(
             decide(&t, Some(&s), &ep(), &id(), Some(&other_v), None),

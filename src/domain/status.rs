@@ -1,7 +1,7 @@
 //! Pure construction of a Tenant's status: conditions keep their transition time while their
 //! status stays the same, and the phase follows from the conditions.
 
-use crate::crd::{condition, Condition, Phase, TenantStatus};
+use crate::domain::crd::{condition, Condition, Phase, TenantStatus};
 
 /// Builds the next status from the previous one.
 #[derive(Debug, Clone)]

@@ -3,10 +3,10 @@
 
 use kube::ResourceExt;
 
-use crate::{
+use super::{
     crd::Tenant,
     naming::{tenant_ident, Ident},
-    postgres::Owner,
+    state::Owner,
 };
 
 /// What a valid Tenant is provisioned as.
@@ -83,45 +83,10 @@ pub fn plan(tenant: &Tenant) -> Result<Plan, String> {
     })
 }
 
-/// Other Tenants that the API could not tell apart from `me`: the same name in another
-/// namespace (the tenant id on the wire is the name) or a shared host.
-pub fn routing_clashes<'a>(
-    me: &Tenant,
-    others: impl IntoIterator<Item = &'a Tenant>,
-) -> Vec<String> {
-    // Runs for every reconcile over every watched Tenant: compare borrowed strings, allocate
-    // only for an actual clash.
-    let (my_ns, my_name) = (
-        me.metadata.namespace.as_deref(),
-        me.metadata.name.as_deref(),
-    );
-    let mut out = Vec::new();
-    for other in others {
-        let (ns, name) = (
-            other.metadata.namespace.as_deref(),
-            other.metadata.name.as_deref(),
-        );
-        if (ns == my_ns && name == my_name) || other.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let ns_name = || format!("{}/{}", ns.unwrap_or_default(), name.unwrap_or_default());
-        if name == my_name {
-            out.push(format!("Tenant {} has the same name", ns_name()));
-        }
-        for h in &me.spec.hosts {
-            if other.spec.hosts.iter().any(|o| o.eq_ignore_ascii_case(h)) {
-                out.push(format!("Tenant {} also claims host {h}", ns_name()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::TenantStatus;
+    use crate::domain::crd::TenantStatus;
 
     fn t(name: &str) -> Tenant {
         Tenant::test(name).in_namespace("team-a")
@@ -153,27 +118,6 @@ mod tests {
         assert!(e.contains("twice"), "{e}");
         let e = plan(&t("acme").with_secret_name("Bad_Name")).unwrap_err();
         assert!(e.contains("secretName"), "{e}");
-    }
-
-    #[test]
-    fn clashes_on_name_or_host() {
-        let me = t("acme").with_hosts(&["a.io"]);
-        let same = t("acme");
-        let other_ns = Tenant::test("acme").in_namespace("team-b");
-        let host = Tenant::test("x")
-            .in_namespace("team-c")
-            .with_hosts(&["A.io"]);
-        let fine = Tenant::test("y")
-            .in_namespace("team-c")
-            .with_hosts(&["b.io"]);
-        let c = routing_clashes(&me, [&same, &other_ns, &host, &fine]);
-        assert_eq!(
-            c,
-            [
-                "Tenant team-b/acme has the same name",
-                "Tenant team-c/x also claims host a.io"
-            ]
-        );
     }
 
     #[test]

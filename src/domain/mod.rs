@@ -1,0 +1,13 @@
+//! The pure domain, below both the operator and the API: the Tenant resource, identifiers,
+//! the credentials contract, the routing rule, planning and status building, and the plain
+//! data the operator keeps about PostgreSQL. Nothing here talks to the apiserver, serves HTTP
+//! or opens a database connection; everything is unit-tested without a server.
+
+pub mod crd;
+pub mod credentials;
+pub mod naming;
+pub mod plan;
+pub mod routing;
+pub mod scram;
+pub mod state;
+pub mod status;

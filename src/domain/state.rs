@@ -1,0 +1,140 @@
+//! What the operator knows about a tenant's footprint in PostgreSQL, as plain data: the
+//! ownership mark written into `COMMENT ON`, the observed role and schema, who holds a name, and
+//! where applications reach the database. Reading and writing it is `postgres`' job.
+
+use serde::{Deserialize, Serialize};
+
+/// Identity of the Tenant that a schema or role belongs to, stored as JSON in `COMMENT ON`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    #[serde(rename = "managedBy")]
+    pub managed_by: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl Owner {
+    pub fn new(namespace: &str, name: &str, uid: &str) -> Self {
+        Self {
+            managed_by: "tenantry".into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uid.into(),
+        }
+    }
+
+    /// Parses a comment written by [`Owner::comment`]; anything else is not a tenantry mark.
+    pub fn parse(comment: Option<&str>) -> Option<Self> {
+        serde_json::from_str::<Self>(comment?)
+            .ok()
+            .filter(|o| o.managed_by == "tenantry")
+    }
+
+    pub fn comment(&self) -> String {
+        serde_json::to_string(self).expect("plain strings serialize")
+    }
+
+    /// Same Tenant by namespace and name. A Tenant deleted with `Retain` and created again
+    /// under the same name adopts its data (the uid is then refreshed).
+    pub fn same_tenant(&self, other: &Owner) -> bool {
+        self.namespace == other.namespace && self.name == other.name
+    }
+}
+
+/// What exists in PostgreSQL for one tenant identifier.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    pub role: Option<RoleState>,
+    pub schema: Option<SchemaState>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoleState {
+    pub can_login: bool,
+    /// Whether the API gateway role is a member (may `SET ROLE` to it).
+    pub gateway_member: bool,
+    pub owner: Option<Owner>,
+    /// The stored SCRAM verifier, when the admin role may read `pg_authid`.
+    pub verifier: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchemaState {
+    pub owner_role: String,
+    pub owner: Option<Owner>,
+}
+
+/// Who holds a name that a Tenant wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    Nobody,
+    ThisTenant,
+    /// Exists without a tenantry mark (created by hand or by another tool).
+    Unmanaged,
+    OtherTenant(Owner),
+}
+
+fn holder(exists: bool, mark: Option<&Owner>, me: &Owner) -> Holder {
+    match (exists, mark) {
+        (false, _) => Holder::Nobody,
+        (true, None) => Holder::Unmanaged,
+        (true, Some(o)) if o.same_tenant(me) => Holder::ThisTenant,
+        (true, Some(o)) => Holder::OtherTenant(o.clone()),
+    }
+}
+
+impl Observed {
+    pub fn role_holder(&self, me: &Owner) -> Holder {
+        holder(
+            self.role.is_some(),
+            self.role.as_ref().and_then(|r| r.owner.as_ref()),
+            me,
+        )
+    }
+
+    pub fn schema_holder(&self, me: &Owner) -> Holder {
+        holder(
+            self.schema.is_some(),
+            self.schema.as_ref().and_then(|s| s.owner.as_ref()),
+            me,
+        )
+    }
+}
+
+/// Where applications reach the database: written into every credentials Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_mark_round_trip() {
+        let o = Owner::new("ns", "acme", "uid-1");
+        assert_eq!(Owner::parse(Some(&o.comment())), Some(o.clone()));
+        assert_eq!(Owner::parse(Some("hand made")), None);
+        assert_eq!(Owner::parse(None), None);
+        let adopted = Owner::new("ns", "acme", "uid-2");
+        assert!(o.same_tenant(&adopted));
+        assert!(!o.same_tenant(&Owner::new("other", "acme", "uid-1")));
+    }
+
+    #[test]
+    fn holders() {
+        let me = Owner::new("ns", "a", "u");
+        let other = Owner::new("ns", "b", "u2");
+        assert_eq!(holder(false, None, &me), Holder::Nobody);
+        assert_eq!(holder(true, None, &me), Holder::Unmanaged);
+        assert_eq!(holder(true, Some(&me), &me), Holder::ThisTenant);
+        assert_eq!(
+            holder(true, Some(&other), &me),
+            Holder::OtherTenant(other.clone())
+        );
+    }
+}
