@@ -32,8 +32,8 @@ use tenantry::{
     controller::{self, Settings},
     domain::crd::Tenant,
     domain::naming::Ident,
-    domain::state::Owner,
-    postgres::{migrations::MigrationSet, Admin},
+    domain::state::{Observed, Owner},
+    postgres::{migrations::MigrationSet, tenant::Names, Admin},
     telemetry::Metrics,
 };
 use tokio::sync::oneshot;
@@ -233,14 +233,17 @@ async fn raw_provision(
         .map(|i| {
             let admin = admin.clone();
             async move {
-                let id = Ident::parse("schema", &format!("{prefix}_{i:05}")).unwrap();
+                let names =
+                    Names::new(Ident::parse("schema", &format!("{prefix}_{i:05}")).unwrap());
                 let owner = Owner::new("raw", &format!("{prefix}{i}"), "uid");
+                let nothing = Observed::default();
+                let password = tenantry::domain::scram::generate_password();
                 admin
-                    .create_role(&id, &owner, &tenantry::domain::scram::generate_password())
+                    .ensure_roles(&names, &owner, &nothing, Some(&password))
                     .await
                     .unwrap();
-                admin.create_schema(&id, &owner).await.unwrap();
-                admin.migrate(&id, set).await.unwrap();
+                admin.ensure_schema(&names, &owner, &nothing).await.unwrap();
+                admin.migrate(&names, set).await.unwrap();
             }
         })
         .buffer_unordered(conc)
@@ -262,8 +265,9 @@ async fn raw_migrate(
         .map(|i| {
             let admin = admin.clone();
             async move {
-                let id = Ident::parse("schema", &format!("{prefix}_{i:05}")).unwrap();
-                admin.migrate(&id, set).await.unwrap();
+                let names =
+                    Names::new(Ident::parse("schema", &format!("{prefix}_{i:05}")).unwrap());
+                admin.migrate(&names, set).await.unwrap();
             }
         })
         .buffer_unordered(conc)

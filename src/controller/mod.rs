@@ -39,7 +39,11 @@ use crate::{
         state::Holder,
         status::StatusBuilder,
     },
-    postgres::{migrations::MigrationSet, Admin},
+    postgres::{
+        migrations::{MigrateError, MigrationSet},
+        tenant::{Names, SchemaChange},
+        Admin,
+    },
     telemetry::Metrics,
 };
 
@@ -85,6 +89,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// A statement gave up waiting for a lock (`lock_timeout`): someone — possibly the tenant
+    /// itself — holds a lock this tenant's reconcile needs.
+    pub fn is_lock_timeout(&self) -> bool {
+        use crate::postgres::migrations::MigrateError;
+        let source = match self {
+            Error::Database { source, .. } => source,
+            Error::Migration(MigrateError::Database(source))
+            | Error::Migration(MigrateError::Failed { source, .. }) => source,
+            _ => return false,
+        };
+        matches!(source, sqlx::Error::Database(e) if e.code().as_deref() == Some("55P03"))
+    }
+
     /// The stage label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -346,21 +363,23 @@ async fn fail_with(
     ctx: &Context,
 ) -> Result<Action, Error> {
     let (reason, phase) = match &err {
+        e if e.is_lock_timeout() => ("LockTimeout", Phase::Provisioning),
         Error::Database { source, .. } if crate::postgres::is_transient(source) => {
             ("DatabaseUnavailable", Phase::Provisioning)
         }
         Error::Kube { .. } => ("KubernetesError", Phase::Provisioning),
         _ => ("DatabaseError", Phase::Failed),
     };
-    b.fail(step, reason, err.to_string(), phase);
-    ctx.event(
-        tenant,
-        EventType::Warning,
-        reason,
-        "Provision",
-        err.to_string(),
-    )
-    .await;
+    let message = if reason == "LockTimeout" {
+        format!(
+            "gave up waiting for a lock another session holds on this tenant; will retry: {err}"
+        )
+    } else {
+        err.to_string()
+    };
+    b.fail(step, reason, message.clone(), phase);
+    ctx.event(tenant, EventType::Warning, reason, "Provision", message)
+        .await;
     if let Err(e) = write_status(tenant, b.build(), ctx).await {
         warn!(error = %e, "could not record failure in status");
     }
@@ -441,7 +460,8 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     }
 
     // Read what exists, once, before changing anything: conflicts stop us with nothing done.
-    let observed = match ctx.admin.observe(&id).await {
+    let names = Names::new(id.clone());
+    let observed = match ctx.admin.observe_tenant(&names).await {
         Ok(o) => o,
         Err(e) => {
             return fail_after(
@@ -456,19 +476,21 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let role_holder = observed.role_holder(&owner);
+    let owner_holder = observed.owner_role_holder(&owner);
     let schema_holder = observed.schema_holder(&owner);
-    for (what, step, holder) in [
-        ("role", condition::ROLE_READY, &role_holder),
-        ("schema", condition::SCHEMA_READY, &schema_holder),
+    for (what, name, step, holder) in [
+        ("role", &id, condition::ROLE_READY, &role_holder),
+        ("role", &names.owner, condition::ROLE_READY, &owner_holder),
+        ("schema", &id, condition::SCHEMA_READY, &schema_holder),
     ] {
         let message = match holder {
             Holder::Unmanaged => format!(
                 "{what} {} already exists and is not managed by tenantry; nothing was changed",
-                id.as_str()
+                name.as_str()
             ),
             Holder::OtherTenant(o) => format!(
                 "{what} {} belongs to Tenant {}/{}; nothing was changed",
-                id.as_str(),
+                name.as_str(),
                 o.namespace,
                 o.name
             ),
@@ -484,71 +506,68 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
 
-    // 2. Role.
+    // 2. Roles: the owner (never logs in) and the app login.
     let mut fresh_password = None;
-    match (&role_holder, &observed.role) {
-        (Holder::Nobody, _) => {
-            let password = crate::domain::scram::generate_password();
-            if let Err(e) = ctx.admin.create_role(&id, &owner, &password).await {
-                return fail_after(
-                    &mut journal,
-                    tenant,
-                    b,
-                    condition::ROLE_READY,
-                    db(Stage::Role)(e),
-                    ctx,
-                )
-                .await;
-            }
-            fresh_password = Some(password);
-            journal.push(("RoleCreated", format!("created role {}", id.as_str())));
-            b.ok(
-                condition::ROLE_READY,
-                "Created",
-                format!("role {} created", id.as_str()),
-            );
-        }
-        (_, Some(state)) => {
-            if let Err(e) = ctx.admin.adopt_role(&id, &owner, state).await {
-                return fail_after(
-                    &mut journal,
-                    tenant,
-                    b,
-                    condition::ROLE_READY,
-                    db(Stage::Role)(e),
-                    ctx,
-                )
-                .await;
-            }
-            b.ok(
-                condition::ROLE_READY,
-                "Exists",
-                format!("role {} exists", id.as_str()),
-            );
-        }
-        (_, None) => unreachable!("a holder other than Nobody implies the role exists"),
+    let app_created = observed.role.is_none();
+    let password = app_created.then(crate::domain::scram::generate_password);
+    if let Err(e) = ctx
+        .admin
+        .ensure_roles(&names, &owner, &observed, password.as_deref())
+        .await
+    {
+        return fail_after(
+            &mut journal,
+            tenant,
+            b,
+            condition::ROLE_READY,
+            db(Stage::Role)(e),
+            ctx,
+        )
+        .await;
+    }
+    if app_created {
+        fresh_password = password;
+        journal.push((
+            "RoleCreated",
+            format!(
+                "created role {} (owner {})",
+                id.as_str(),
+                names.owner.as_str()
+            ),
+        ));
+        b.ok(
+            condition::ROLE_READY,
+            "Created",
+            format!("role {} created", id.as_str()),
+        );
+    } else {
+        b.ok(
+            condition::ROLE_READY,
+            "Exists",
+            format!("role {} exists", id.as_str()),
+        );
     }
 
-    // 3. Schema, owned by the role, closed to everyone else.
-    match (&schema_holder, &observed.schema) {
-        (Holder::Nobody, _) => {
-            if let Err(e) = ctx.admin.create_schema(&id, &owner).await {
-                return fail_after(
-                    &mut journal,
-                    tenant,
-                    b,
-                    condition::SCHEMA_READY,
-                    db(Stage::Schema)(e),
-                    ctx,
-                )
-                .await;
-            }
+    // 3. Schema, owned by the owner role, used by the app role, closed to everyone else.
+    match ctx.admin.ensure_schema(&names, &owner, &observed).await {
+        Err(e) => {
+            return fail_after(
+                &mut journal,
+                tenant,
+                b,
+                condition::SCHEMA_READY,
+                db(Stage::Schema)(e),
+                ctx,
+            )
+            .await
+        }
+        Ok(SchemaChange::Created) => {
             journal.push((
                 "SchemaCreated",
                 format!(
                     "created schema {} owned by role {}",
                     id.as_str(),
-                    id.as_str()
+                    names.owner.as_str()
                 ),
             ));
             b.ok(
@@ -557,15 +576,27 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
                 format!("schema {} created", id.as_str()),
             );
         }
-        (_, Some(state)) => {
-            if let Err(e) = ctx.admin.adopt_schema(&id, &owner, state).await {
-                return fail_after(
-                    &mut journal,
+        Ok(change) => {
+            if let SchemaChange::Converted { untrusted } = &change {
+                let list = if untrusted.is_empty() {
+                    "none found".to_string()
+                } else {
+                    untrusted.join(", ")
+                };
+                ctx.event(
                     tenant,
-                    b,
-                    condition::SCHEMA_READY,
-                    db(Stage::Schema)(e),
-                    ctx,
+                    EventType::Warning,
+                    "OwnershipConverted",
+                    "Provision",
+                    format!(
+                        "schema {} now belongs to role {}; role {} keeps read/write access only. \
+                         Functions, triggers, views, rules and policies created before the \
+                         conversion may have been planted with the tenant credentials and now \
+                         run as the owner — review them: {list}",
+                        id.as_str(),
+                        names.owner.as_str(),
+                        id.as_str()
+                    ),
                 )
                 .await;
             }
@@ -575,17 +606,17 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
                 format!("schema {} exists", id.as_str()),
             );
         }
-        (_, None) => unreachable!("a holder other than Nobody implies the schema exists"),
     }
     {
         let s = b.status_mut();
         s.schema = Some(id.as_str().to_string());
         s.role = Some(id.as_str().to_string());
+        s.owner_role = Some(names.owner.as_str().to_string());
     }
 
     // 4. Migrations, as the tenant role, inside the schema.
     let mut held_back = None;
-    match migrate(&id, ctx).await {
+    match migrate(&names, ctx).await {
         Ok(Migrated {
             version,
             held: Some(_),
@@ -665,6 +696,30 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
                 "UpToDate",
                 format!("schema at migration version {v}"),
             );
+        }
+        Err(Error::Migration(MigrateError::UntrustedHistory { message })) => {
+            b.fail(
+                condition::MIGRATIONS_APPLIED,
+                "UntrustedHistory",
+                message.clone(),
+                Phase::Failed,
+            );
+            if tenant
+                .condition(condition::MIGRATIONS_APPLIED)
+                .is_none_or(|c| c.message != message)
+            {
+                ctx.event(
+                    tenant,
+                    EventType::Warning,
+                    "UntrustedHistory",
+                    "Migrate",
+                    message,
+                )
+                .await;
+            }
+            flush(tenant, &mut journal, ctx).await;
+            write_status(tenant, b.build(), ctx).await?;
+            return Ok(Action::requeue(Duration::from_secs(600)));
         }
         Err(Error::Migration(e)) if !e.is_transient() => {
             let message = e.to_string();
@@ -844,12 +899,8 @@ fn recently_verified(
 
 /// Applies pending migrations; returns the schema's version and the versions applied now.
 /// A schema already up to date costs one read and no transaction.
-async fn migrate(id: &Ident, ctx: &Context) -> Result<Migrated, Error> {
-    let applied = ctx
-        .admin
-        .applied_migrations(id)
-        .await
-        .map_err(db(Stage::Migrations))?;
+async fn migrate(names: &Names, ctx: &Context) -> Result<Migrated, Error> {
+    let applied = ctx.admin.applied_migrations(names).await?;
     let pending = ctx.migrations.pending(&applied)?;
     let current = applied.iter().map(|(v, _)| *v).max();
     if pending.is_empty() {
@@ -880,7 +931,7 @@ async fn migrate(id: &Ident, ctx: &Context) -> Result<Migrated, Error> {
             }
         }
     }
-    let result = ctx.admin.migrate(id, &ctx.migrations).await;
+    let result = ctx.admin.migrate(names, &ctx.migrations).await;
     if gated {
         if matches!(&result, Err(e) if !e.is_transient()) {
             ctx.migration_failures.fetch_add(1, Ordering::SeqCst);
@@ -1097,13 +1148,22 @@ async fn cleanup_database(tenant: &Tenant, id: &Ident, ctx: &Context) -> Result<
         &tenant.name_any(),
         tenant.metadata.uid.as_deref().unwrap_or_default(),
     );
-    let observed = ctx.admin.observe(id).await.map_err(db(Stage::Cleanup))?;
+    let names = Names::new(id.clone());
+    let observed = ctx
+        .admin
+        .observe_tenant(&names)
+        .await
+        .map_err(db(Stage::Cleanup))?;
     let role_ours = observed.role_holder(&owner) == Holder::ThisTenant;
+    let owner_ours = observed.owner_role_holder(&owner) == Holder::ThisTenant;
     let schema_ours = observed.schema_holder(&owner) == Holder::ThisTenant;
     match tenant.spec.deletion_policy {
         crate::domain::crd::DeletionPolicy::Retain => {
             if role_ours {
-                ctx.admin.retain(id).await.map_err(db(Stage::Cleanup))?;
+                ctx.admin
+                    .retain_tenant(&names)
+                    .await
+                    .map_err(db(Stage::Cleanup))?;
                 ctx.event(
                     tenant,
                     EventType::Normal,
@@ -1119,9 +1179,9 @@ async fn cleanup_database(tenant: &Tenant, id: &Ident, ctx: &Context) -> Result<
             }
         }
         crate::domain::crd::DeletionPolicy::Delete => {
-            if role_ours || schema_ours {
+            if role_ours || owner_ours || schema_ours {
                 ctx.admin
-                    .drop_tenant(id, schema_ours, role_ours)
+                    .drop_tenant_roles(&names, schema_ours, role_ours, owner_ours)
                     .await
                     .map_err(db(Stage::Cleanup))?;
                 ctx.event(

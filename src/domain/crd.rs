@@ -96,9 +96,15 @@ pub struct TenantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
 
-    /// PostgreSQL role that owns the schema and logs in with the credentials.
+    /// PostgreSQL role that logs in with the credentials (the Secret's username): it may read
+    /// and write the tenant's tables and create nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+
+    /// PostgreSQL role that owns the schema and everything in it and runs the migrations; it
+    /// never logs in and no credential for it is issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_role: Option<String>,
 
     /// Name of the credentials Secret in the Tenant's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]

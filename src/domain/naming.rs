@@ -139,9 +139,41 @@ pub fn tenant_ident(
     }
 }
 
+/// Suffix of a tenant's owner role.
+pub const OWNER_SUFFIX: &str = "_owner";
+
+/// The tenant's owner role: owns the schema and everything in it, runs the migrations, never
+/// logs in. `<schema>_owner`, or — when that would pass PostgreSQL's 63-byte limit — the first
+/// 46 bytes of the schema name, 8 hex digits of its SHA-256 and `_owner`, so that every valid
+/// schema name has an owner role and distinct schemas get distinct ones.
+pub fn owner_role(schema: &Ident) -> Ident {
+    let name = schema.as_str();
+    if name.len() + OWNER_SUFFIX.len() <= MAX_IDENTIFIER_BYTES {
+        return Ident(format!("{name}{OWNER_SUFFIX}"));
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(name.as_bytes());
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    // Identifiers are ASCII, so any byte offset is a character boundary.
+    Ident(format!("{}_{hex}{OWNER_SUFFIX}", &name[..46]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_roles_fit_and_stay_distinct() {
+        let short = Ident::parse("schema", "team_a_acme").unwrap();
+        assert_eq!(owner_role(&short).as_str(), "team_a_acme_owner");
+        let a = Ident::parse("schema", &"a".repeat(63)).unwrap();
+        let b = Ident::parse("schema", &format!("{}b", "a".repeat(62))).unwrap();
+        let (oa, ob) = (owner_role(&a), owner_role(&b));
+        assert!(oa.as_str().len() <= MAX_IDENTIFIER_BYTES, "{oa:?}");
+        assert!(oa.as_str().ends_with("_owner"));
+        assert_ne!(oa, ob);
+        assert!(Ident::parse("role", oa.as_str()).is_ok());
+    }
 
     #[test]
     fn derives_from_namespace_and_name() {

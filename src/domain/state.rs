@@ -45,7 +45,10 @@ impl Owner {
 /// What exists in PostgreSQL for one tenant identifier.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observed {
+    /// The app role: logs in with the credentials, uses the data.
     pub role: Option<RoleState>,
+    /// The owner role: owns the schema and its objects, never logs in.
+    pub owner_role: Option<RoleState>,
     pub schema: Option<SchemaState>,
 }
 
@@ -63,6 +66,21 @@ pub struct RoleState {
 pub struct SchemaState {
     pub owner_role: String,
     pub owner: Option<Owner>,
+    /// The app role may create objects in the schema (it owns it, or was granted CREATE).
+    pub app_can_create: bool,
+    /// The app role may use the schema.
+    pub app_usage: bool,
+}
+
+/// How a tenant's schema stands against the owner/app layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Missing,
+    /// Owned by the app role: provisioned before the owner/app split; must be converted.
+    Legacy,
+    /// Owned by someone else than the owner role, or the app role's rights drifted.
+    Drifted,
+    Current,
 }
 
 /// Who holds a name that a Tenant wants.
@@ -93,6 +111,26 @@ impl Observed {
         )
     }
 
+    pub fn owner_role_holder(&self, me: &Owner) -> Holder {
+        holder(
+            self.owner_role.is_some(),
+            self.owner_role.as_ref().and_then(|r| r.owner.as_ref()),
+            me,
+        )
+    }
+
+    /// Where the schema stands, for an owner role named `owner_role` and an app role `app`.
+    pub fn layout(&self, owner_role: &str, app: &str) -> Layout {
+        match &self.schema {
+            None => Layout::Missing,
+            Some(s) if s.owner_role == app => Layout::Legacy,
+            Some(s) if s.owner_role != owner_role || s.app_can_create || !s.app_usage => {
+                Layout::Drifted
+            }
+            Some(_) => Layout::Current,
+        }
+    }
+
     pub fn schema_holder(&self, me: &Owner) -> Holder {
         holder(
             self.schema.is_some(),
@@ -113,6 +151,25 @@ pub struct Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layouts() {
+        let schema = |owner: &str, create: bool, usage: bool| Observed {
+            schema: Some(SchemaState {
+                owner_role: owner.into(),
+                owner: None,
+                app_can_create: create,
+                app_usage: usage,
+            }),
+            ..Observed::default()
+        };
+        assert_eq!(Observed::default().layout("o", "a"), Layout::Missing);
+        assert_eq!(schema("a", true, true).layout("o", "a"), Layout::Legacy);
+        assert_eq!(schema("o", false, true).layout("o", "a"), Layout::Current);
+        assert_eq!(schema("o", true, true).layout("o", "a"), Layout::Drifted);
+        assert_eq!(schema("o", false, false).layout("o", "a"), Layout::Drifted);
+        assert_eq!(schema("x", false, true).layout("o", "a"), Layout::Drifted);
+    }
 
     #[test]
     fn owner_mark_round_trip() {

@@ -20,6 +20,7 @@ impl StatusBuilder {
             observed_generation: generation,
             schema: previous_status.schema.clone(),
             role: previous_status.role.clone(),
+            owner_role: previous_status.owner_role.clone(),
             secret_name: previous_status.secret_name.clone(),
             migration_version: previous_status.migration_version,
             conditions: Vec::new(),

@@ -9,7 +9,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use sqlx::{Connection, PgConnection};
 
-use crate::domain::naming::Ident;
+use super::tenant::Names;
 
 /// Name of the table, inside each tenant schema, recording applied migrations.
 pub const HISTORY_TABLE: &str = "tenantry_migrations";
@@ -58,6 +58,8 @@ pub enum MigrateError {
     ChecksumMismatch { version: i64 },
     #[error("schema has migration {version} applied, which the migration set does not contain")]
     UnknownApplied { version: i64 },
+    #[error("{message}")]
+    UntrustedHistory { message: String },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -178,60 +180,136 @@ impl MigrationSet {
     }
 }
 
-/// Applied migrations of a schema, or an empty list when it has no history table yet. Runs as
-/// the connection's current user, which must be able to read the schema.
-pub async fn applied(conn: &mut PgConnection, schema: &Ident) -> Result<Vec<Applied>, sqlx::Error> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL")
-            .bind(schema.as_str())
-            .bind(HISTORY_TABLE)
-            .fetch_one(&mut *conn)
-            .await?;
-    if !exists {
+/// Why the history table of a schema cannot be trusted.
+fn untrusted_history(
+    relkind: &str,
+    owner: &str,
+    triggers: bool,
+    rules: bool,
+    row_security: bool,
+    columns_ok: bool,
+    names: &Names,
+) -> Option<String> {
+    let table = format!("{}.{HISTORY_TABLE}", names.schema.as_str());
+    let what = match relkind {
+        "r" => None,
+        "v" => Some("a view"),
+        "m" => Some("a materialized view"),
+        "p" => Some("a partitioned table"),
+        "f" => Some("a foreign table"),
+        _ => Some("not an ordinary table"),
+    };
+    let why = if let Some(w) = what {
+        format!("{table} is {w}")
+    } else if owner != names.owner.as_str() {
+        format!(
+            "{table} is owned by {owner:?}, not by the owner role {}",
+            names.owner.as_str()
+        )
+    } else if triggers || rules || row_security {
+        format!("{table} has triggers, rules or row-level security")
+    } else if !columns_ok {
+        format!("{table} does not have the columns version bigint and checksum bytea")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{why}; it may have been planted to run code in the operator's session, so it was not read. \
+         Restore it as the ordinary table the operator created"
+    ))
+}
+
+/// Applied migrations of a schema, or an empty list when it has no history table yet.
+///
+/// Whose code runs here: the caller's session user acts for every tenant, so the table is
+/// first checked in the catalog — an ordinary table owned by the tenant's owner role, without
+/// triggers, rules or row-level security, with the expected column types — and then read with
+/// `FROM ONLY` (no inheritance children). Anything else is refused unread.
+pub async fn applied(conn: &mut PgConnection, names: &Names) -> Result<Vec<Applied>, MigrateError> {
+    let schema = &names.schema;
+    #[allow(clippy::type_complexity)]
+    let row: Option<(String, String, bool, bool, bool, bool)> = sqlx::query_as(
+        "SELECT c.relkind::text, pg_catalog.pg_get_userbyid(c.relowner)::text, c.relhastriggers,
+                c.relhasrules, c.relrowsecurity,
+                (SELECT pg_catalog.count(*) = 2 FROM pg_catalog.pg_attribute a
+                  WHERE a.attrelid = c.oid AND NOT a.attisdropped
+                    AND ((a.attname = 'version' AND a.atttypid = 'pg_catalog.int8'::pg_catalog.regtype)
+                      OR (a.attname = 'checksum' AND a.atttypid = 'pg_catalog.bytea'::pg_catalog.regtype)))
+           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1 AND c.relname = $2",
+    )
+    .bind(schema.as_str())
+    .bind(HISTORY_TABLE)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((relkind, owner, triggers, rules, rls, columns_ok)) = row else {
         return Ok(Vec::new());
+    };
+    if let Some(message) =
+        untrusted_history(&relkind, &owner, triggers, rules, rls, columns_ok, names)
+    {
+        return Err(MigrateError::UntrustedHistory { message });
     }
-    sqlx::query_as(&format!(
-        "SELECT version, checksum FROM {schema}.{HISTORY_TABLE} ORDER BY version"
+    Ok(sqlx::query_as(&format!(
+        "SELECT version, checksum FROM ONLY {schema}.{HISTORY_TABLE} ORDER BY version"
     ))
     .fetch_all(&mut *conn)
-    .await
+    .await?)
 }
 
 /// Brings one tenant schema up to date with `set`, in one transaction: either every pending
-/// migration is applied and recorded, or none is. Runs as the tenant role (`SET LOCAL ROLE`)
-/// with the schema as the only `search_path` entry, so everything the migrations create lands
-/// in the schema and belongs to the role. Returns the versions applied.
+/// migration is applied and recorded, or none is. Runs as the tenant's owner role (`SET LOCAL
+/// ROLE`) with the schema as the only `search_path` entry, so everything the migrations create
+/// lands in the schema and belongs to the owner. Returns the versions applied.
+///
+/// Migrations are code the platform trusts: they run in the operator's session.
 pub async fn migrate(
     conn: &mut PgConnection,
-    schema: &Ident,
+    names: &Names,
     set: &MigrationSet,
+    statement_timeout_ms: u64,
 ) -> Result<Vec<i64>, MigrateError> {
+    let schema = &names.schema;
+    let owner = &names.owner;
     let mut tx = conn.begin().await?;
-    sqlx::Executor::execute(
-        &mut *tx,
-        format!("SET LOCAL ROLE {schema}; SET LOCAL search_path TO {schema}").as_str(),
-    )
-    .await?;
     // One lock per tenant schema: concurrent operators never migrate the same schema twice, and
-    // different tenants never wait for each other.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+    // different tenants never wait for each other. A tenant can take the same advisory lock
+    // from its own session; the admin connection's lock_timeout bounds the wait, so that costs
+    // only this tenant a retry.
+    sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended($1, 0))")
         .bind(format!("tenantry.migrate:{}", schema.as_str()))
         .execute(&mut *tx)
         .await?;
-    sqlx::query(&format!(
-        "CREATE TABLE IF NOT EXISTS {schema}.{HISTORY_TABLE} (
-            version bigint PRIMARY KEY,
-            description text NOT NULL,
-            checksum bytea NOT NULL,
-            applied_at timestamptz NOT NULL DEFAULT now(),
-            execution_ms bigint NOT NULL
-        )"
-    ))
-    .execute(&mut *tx)
+    // Read (and check) the history before acting as the owner role.
+    let applied_before = applied(&mut tx, names).await?;
+    let pending = set.pending(&applied_before)?;
+    if pending.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    sqlx::Executor::execute(
+        &mut *tx,
+        format!(
+            "SET LOCAL ROLE {owner}; SET LOCAL search_path TO {schema}; \
+             SET LOCAL statement_timeout = {statement_timeout_ms}"
+        )
+        .as_str(),
+    )
     .await?;
-    // Re-read under the lock: another operator may have migrated meanwhile.
-    let applied = applied(&mut tx, schema).await?;
-    let pending = set.pending(&applied)?;
+    if applied_before.is_empty() {
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.{HISTORY_TABLE} (
+                version bigint PRIMARY KEY,
+                description text NOT NULL,
+                checksum bytea NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now(),
+                execution_ms bigint NOT NULL
+            )"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::Executor::execute(&mut *tx, super::tenant::revoke_history(names).as_str()).await?;
+    }
     let mut done = Vec::new();
     for m in pending {
         let started = std::time::Instant::now();

@@ -4,33 +4,21 @@
 //! quoted; values are bound parameters.
 
 pub mod migrations;
+pub mod tenant;
 
 use std::{str::FromStr, time::Duration};
 
 use futures::{future::BoxFuture, FutureExt};
 use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
-    ConnectOptions, Connection, PgPool,
+    ConnectOptions, PgPool,
 };
 
 use crate::domain::{
     naming::{quote_literal, Ident},
     scram,
-    state::{Endpoint, Observed, Owner, RoleState, SchemaState},
+    state::Endpoint,
 };
-
-/// Role exists, rolcanlogin, gateway member, role comment, verifier, schema exists, schema
-/// owner, schema comment.
-type ObservedRow = (
-    bool,
-    Option<bool>,
-    bool,
-    Option<String>,
-    Option<String>,
-    bool,
-    Option<String>,
-    Option<String>,
-);
 
 /// Whether a database error is worth retrying unchanged (connection trouble, lock timeouts,
 /// serialization failures, shutdown) rather than a problem with the SQL itself.
@@ -51,6 +39,28 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Time limits of the operator's admin sessions, so that a tenant holding a lock (or the
+/// advisory lock of a migration) costs only that tenant a retry, never a stuck reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// `lock_timeout` of every admin statement.
+    pub lock_ms: u64,
+    /// `statement_timeout` of every admin statement but migrations.
+    pub statement_ms: u64,
+    /// `statement_timeout` inside a migration transaction.
+    pub migration_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            lock_ms: 5_000,
+            statement_ms: 30_000,
+            migration_ms: 600_000,
+        }
+    }
+}
+
 /// The operator's admin connection pool and what it learned about its own privileges.
 #[derive(Clone)]
 pub struct Admin {
@@ -58,6 +68,7 @@ pub struct Admin {
     superuser: bool,
     endpoint: Endpoint,
     gateway: Option<Ident>,
+    timeouts: Timeouts,
 }
 
 /// Connection options for `url` with statement logging off: DDL carrying password verifiers
@@ -77,7 +88,15 @@ impl Admin {
         public_host: Option<String>,
         public_port: Option<u16>,
     ) -> Result<Self, sqlx::Error> {
-        let opts = connect_options(url)?;
+        let timeouts = Timeouts::default();
+        // Whose code runs in this session: the session user acts for every tenant, so nothing a
+        // tenant could create may be found here — `search_path` is `pg_catalog` alone (no
+        // `public`, no `$user`), and every statement is bounded in time.
+        let opts = connect_options(url)?.options([
+            ("search_path", "pg_catalog".to_string()),
+            ("lock_timeout", timeouts.lock_ms.to_string()),
+            ("statement_timeout", timeouts.statement_ms.to_string()),
+        ]);
         let endpoint = Endpoint {
             host: public_host.unwrap_or_else(|| opts.get_host().to_string()),
             port: public_port.unwrap_or_else(|| opts.get_port()),
@@ -92,6 +111,7 @@ impl Admin {
             superuser: false,
             endpoint,
             gateway: None,
+            timeouts,
         })
     }
 
@@ -184,152 +204,6 @@ impl Admin {
         .is_ok_and(|r| r.is_ok())
     }
 
-    /// Reads the state of the role and the schema named `id`, in one round trip.
-    pub async fn observe(&self, id: &Ident) -> Result<Observed, sqlx::Error> {
-        let verifier_expr = if self.superuser {
-            "(SELECT a.rolpassword FROM pg_authid a WHERE a.rolname = x.nm)"
-        } else {
-            "NULL::text"
-        };
-        let row: ObservedRow = sqlx::query_as(&format!(
-            "SELECT r.oid IS NOT NULL, r.rolcanlogin, \
-                    EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.member \
-                            WHERE m.roleid = r.oid AND g.rolname = $2), \
-                    shobj_description(r.oid, 'pg_authid'), {verifier_expr}, \
-                    n.oid IS NOT NULL, pg_get_userbyid(n.nspowner), obj_description(n.oid, 'pg_namespace') \
-             FROM (SELECT $1::name AS nm) x \
-             LEFT JOIN pg_roles r ON r.rolname = x.nm \
-             LEFT JOIN pg_namespace n ON n.nspname = x.nm"
-        ))
-        .bind(id.as_str())
-        .bind(self.gateway.as_ref().map(|g| g.as_str().to_string()))
-        .fetch_one(&self.pool)
-        .await?;
-        let (
-            role_exists,
-            can_login,
-            gateway_member,
-            role_comment,
-            verifier,
-            schema_exists,
-            owner_role,
-            schema_comment,
-        ) = row;
-        Ok(Observed {
-            role: role_exists.then(|| RoleState {
-                can_login: can_login.unwrap_or(false),
-                gateway_member,
-                owner: Owner::parse(role_comment.as_deref()),
-                verifier,
-            }),
-            schema: schema_exists.then(|| SchemaState {
-                owner_role: owner_role.unwrap_or_default(),
-                owner: Owner::parse(schema_comment.as_deref()),
-            }),
-        })
-    }
-
-    /// Creates the tenant role with LOGIN and the given password (sent as a SCRAM verifier),
-    /// marks it as this Tenant's, lets the admin role act as it, and pins its search_path.
-    /// One transaction: either all of it exists afterwards or none of it.
-    pub async fn create_role(
-        &self,
-        id: &Ident,
-        owner: &Owner,
-        password: &str,
-    ) -> Result<(), sqlx::Error> {
-        let verifier = quote_literal(&scram::verifier(password)).expect("verifier is base64");
-        let comment = quote_literal(&owner.comment()).ok_or_else(bad_mark)?;
-        let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
-        sqlx::Executor::execute(
-            &mut *tx,
-            format!(
-            "CREATE ROLE {id} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS \
-                 INHERIT PASSWORD {verifier};\n\
-             COMMENT ON ROLE {id} IS {comment};\n\
-             ALTER ROLE {id} SET search_path TO {id};"
-        )
-            .as_str(),
-        )
-        .await?;
-        if !self.superuser {
-            // A non-superuser admin needs membership to create the schema for the role and to
-            // run migrations as it.
-            sqlx::Executor::execute(&mut *tx, format!("GRANT {id} TO CURRENT_USER").as_str())
-                .await?;
-        }
-        if let Some(gw) = &self.gateway {
-            sqlx::Executor::execute(&mut *tx, format!("GRANT {id} TO {gw}").as_str()).await?;
-        }
-        tx.commit().await
-    }
-
-    /// Brings an existing role of this Tenant back in line: LOGIN on, mark refreshed.
-    pub async fn adopt_role(
-        &self,
-        id: &Ident,
-        owner: &Owner,
-        state: &RoleState,
-    ) -> Result<bool, sqlx::Error> {
-        let mut stmts = Vec::new();
-        if !state.can_login {
-            stmts.push(format!("ALTER ROLE {id} LOGIN"));
-        }
-        if state.owner.as_ref() != Some(owner) {
-            let comment = quote_literal(&owner.comment()).ok_or_else(bad_mark)?;
-            stmts.push(format!("COMMENT ON ROLE {id} IS {comment}"));
-        }
-        if let (Some(gw), false) = (&self.gateway, state.gateway_member) {
-            stmts.push(format!("GRANT {id} TO {gw}"));
-        }
-        if stmts.is_empty() {
-            return Ok(false);
-        }
-        sqlx::Executor::execute(&self.pool, stmts.join(";\n").as_str()).await?;
-        Ok(true)
-    }
-
-    /// Creates the schema owned by the tenant role, marked as this Tenant's, closed to PUBLIC.
-    pub async fn create_schema(&self, id: &Ident, owner: &Owner) -> Result<(), sqlx::Error> {
-        let comment = quote_literal(&owner.comment()).ok_or_else(bad_mark)?;
-        let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
-        sqlx::Executor::execute(
-            &mut *tx,
-            format!(
-                "CREATE SCHEMA {id} AUTHORIZATION {id};\n\
-             COMMENT ON SCHEMA {id} IS {comment};\n\
-             REVOKE ALL ON SCHEMA {id} FROM PUBLIC;"
-            )
-            .as_str(),
-        )
-        .await?;
-        tx.commit().await
-    }
-
-    /// Brings an existing schema of this Tenant back in line: owned by the role, mark refreshed.
-    pub async fn adopt_schema(
-        &self,
-        id: &Ident,
-        owner: &Owner,
-        state: &SchemaState,
-    ) -> Result<bool, sqlx::Error> {
-        let mut stmts = Vec::new();
-        if state.owner_role != id.as_str() {
-            stmts.push(format!("ALTER SCHEMA {id} OWNER TO {id}"));
-        }
-        if state.owner.as_ref() != Some(owner) {
-            let comment = quote_literal(&owner.comment()).ok_or_else(bad_mark)?;
-            stmts.push(format!("COMMENT ON SCHEMA {id} IS {comment}"));
-        }
-        if stmts.is_empty() {
-            return Ok(false);
-        }
-        sqlx::Executor::execute(&self.pool, stmts.join(";\n").as_str()).await?;
-        Ok(true)
-    }
-
     /// Sets a new password on the role (as a SCRAM verifier).
     pub async fn set_password(&self, id: &Ident, password: &str) -> Result<(), sqlx::Error> {
         let verifier = quote_literal(&scram::verifier(password)).expect("verifier is base64");
@@ -341,91 +215,37 @@ impl Admin {
         Ok(())
     }
 
-    /// Applied migrations of the schema (read without locking, for the no-op check).
+    /// Applied migrations of the schema (read without locking, for the no-op check), after
+    /// checking that the history table is one the operator may read.
     ///
     /// Boxed, like [`Admin::migrate`], so that callers' futures are `Send` for any lifetime
     /// (rustc cannot prove that through sqlx's `Executor` for `&mut PgConnection`).
     pub fn applied_migrations<'a>(
         &'a self,
-        id: &'a Ident,
-    ) -> BoxFuture<'a, Result<Vec<migrations::Applied>, sqlx::Error>> {
+        names: &'a tenant::Names,
+    ) -> BoxFuture<'a, Result<Vec<migrations::Applied>, migrations::MigrateError>> {
         async move {
             let mut conn = self.pool.acquire().await?;
-            migrations::applied(&mut conn, id).await
+            migrations::applied(&mut conn, names).await
         }
         .boxed()
     }
 
-    /// Runs pending migrations in the schema as the tenant role.
+    /// Runs pending migrations in the schema as the tenant's owner role.
     pub fn migrate<'a>(
         &'a self,
-        id: &'a Ident,
+        names: &'a tenant::Names,
         set: &'a migrations::MigrationSet,
     ) -> BoxFuture<'a, Result<Vec<i64>, migrations::MigrateError>> {
         async move {
             let mut conn = self.pool.acquire().await?;
-            migrations::migrate(&mut conn, id, set).await
+            migrations::migrate(&mut conn, names, set, self.timeouts.migration_ms).await
         }
         .boxed()
     }
-
-    /// `Retain` deletion: the role keeps its schema and data but can no longer log in, and its
-    /// open sessions end.
-    pub async fn retain(&self, id: &Ident) -> Result<(), sqlx::Error> {
-        let mut sql = format!("ALTER ROLE {id} NOLOGIN");
-        if let Some(gw) = &self.gateway {
-            // The API must stop serving a deleted tenant even if its registry lags.
-            sql.push_str(&format!(";\nREVOKE {id} FROM {gw}"));
-        }
-        sqlx::Executor::execute(&self.pool, sql.as_str()).await?;
-        self.terminate_sessions(id).await
-    }
-
-    async fn terminate_sessions(&self, id: &Ident) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1 AND pid <> pg_backend_pid()")
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    /// `Delete` deletion: ends the role's sessions, drops the schema with everything in it
-    /// (only when `drop_schema`, i.e. it carries this Tenant's mark) and the role (only when
-    /// `drop_role`).
-    pub async fn drop_tenant(
-        &self,
-        id: &Ident,
-        drop_schema: bool,
-        drop_role: bool,
-    ) -> Result<(), sqlx::Error> {
-        if drop_role {
-            sqlx::Executor::execute(&self.pool, format!("ALTER ROLE {id} NOLOGIN").as_str())
-                .await?;
-            self.terminate_sessions(id).await?;
-        }
-        let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
-        if drop_schema {
-            sqlx::Executor::execute(
-                &mut *tx,
-                format!("DROP SCHEMA IF EXISTS {id} CASCADE").as_str(),
-            )
-            .await?;
-        }
-        if drop_role {
-            // DROP OWNED also removes the role's grants in this database; objects elsewhere
-            // make DROP ROLE fail, which is reported rather than forced.
-            sqlx::Executor::execute(
-                &mut *tx,
-                format!("DROP OWNED BY {id} CASCADE; DROP ROLE IF EXISTS {id}").as_str(),
-            )
-            .await?;
-        }
-        tx.commit().await
-    }
 }
 
-fn bad_mark() -> sqlx::Error {
+pub(crate) fn bad_mark() -> sqlx::Error {
     sqlx::Error::Protocol("tenant identity contains characters that cannot be quoted".into())
 }
 

@@ -10,5 +10,6 @@ mod e2e;
 mod examples;
 mod failures;
 mod helm;
+mod hostile;
 mod provision;
 mod rollout;

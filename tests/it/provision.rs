@@ -60,7 +60,11 @@ async fn tenant_gets_schema_role_tables_and_working_isolated_credentials() {
     .fetch_one(&pg)
     .await
     .unwrap();
-    assert_eq!(owner, schema);
+    // The schema and everything in it belong to the owner role; the login role (the Secret's
+    // username) only uses the data.
+    let owner_role = format!("{schema}_owner");
+    assert_eq!(owner, owner_role);
+    assert_eq!(status.owner_role.as_deref(), Some(owner_role.as_str()));
     let tables: Vec<(String, String)> = sqlx::query_as(
         "SELECT tablename::text, tableowner::text FROM pg_tables WHERE schemaname = $1 ORDER BY 1",
     )
@@ -74,8 +78,8 @@ async fn tenant_gets_schema_role_tables_and_working_isolated_credentials() {
         ["members", "projects", "tasks", "tenantry_migrations"]
     );
     assert!(
-        tables.iter().all(|t| t.1 == schema),
-        "tables owned by the tenant role: {tables:?}"
+        tables.iter().all(|t| t.1 == owner_role),
+        "tables owned by the owner role: {tables:?}"
     );
 
     // The Secret carries every key, is owned by the Tenant, and its URI logs in.

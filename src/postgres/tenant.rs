@@ -1,0 +1,413 @@
+//! A tenant's footprint in PostgreSQL, in the owner/app layout: an **owner** role (NOLOGIN)
+//! owns the schema and every object in it and runs the migrations; an **app** role (LOGIN, the
+//! credentials in the Secret) may only use the data — USAGE on the schema, DML on its tables,
+//! its sequences and functions through default privileges — and create nothing. The API
+//! gateway is a member of app roles only.
+//!
+//! Whose code runs here: every statement below runs in an admin session (the session user may
+//! act for every tenant). None of them evaluates an object a tenant could have created: DDL and
+//! catalog reads only, the history table is checked to be an ordinary table without triggers,
+//! rules or row security before it is read (`migrations::applied`), and the admin connection's
+//! `search_path` is `pg_catalog` alone (see [`super::connect_options`]).
+
+use sqlx::Connection;
+
+use super::{bad_mark, Admin};
+use crate::domain::{
+    naming::{quote_literal, Ident},
+    scram,
+    state::{Layout, Observed, Owner, RoleState, SchemaState},
+};
+
+/// The identifiers of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// The schema, and the app role (same name, so Secrets issued before the owner/app split
+    /// keep working).
+    pub schema: Ident,
+    pub owner: Ident,
+}
+
+impl Names {
+    pub fn new(schema: Ident) -> Self {
+        let owner = crate::domain::naming::owner_role(&schema);
+        Self { schema, owner }
+    }
+
+    /// The app role: the login in the credentials Secret.
+    pub fn app(&self) -> &Ident {
+        &self.schema
+    }
+}
+
+/// (exists, rolcanlogin, gateway member, comment, verifier) of one role.
+type RoleRow = (bool, Option<bool>, bool, Option<String>, Option<String>);
+
+/// What was done to bring the schema into the owner/app layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaChange {
+    Created,
+    /// Converted from the layout where the app role owned the schema. Lists the functions,
+    /// triggers, views, rules and policies found in it, which a tenant credential may have
+    /// planted and which now run with the owner's rights.
+    Converted {
+        untrusted: Vec<String>,
+    },
+    Repaired,
+    Unchanged,
+}
+
+impl Admin {
+    /// Reads the state of the tenant's two roles and its schema, in one round trip of catalog
+    /// reads (no tenant object is evaluated).
+    pub async fn observe_tenant(&self, names: &Names) -> Result<Observed, sqlx::Error> {
+        let verifier_expr = if self.superuser {
+            "(SELECT a.rolpassword FROM pg_catalog.pg_authid a WHERE a.oid = r.oid)"
+        } else {
+            "NULL::text"
+        };
+        let role_cols = |alias: &str| {
+            format!(
+                "{alias}.oid IS NOT NULL, {alias}.rolcanlogin, \
+                 EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m \
+                         JOIN pg_catalog.pg_roles g ON g.oid = m.member \
+                         WHERE m.roleid = {alias}.oid AND g.rolname = $3), \
+                 pg_catalog.shobj_description({alias}.oid, 'pg_authid')"
+            )
+        };
+        #[allow(clippy::type_complexity)]
+        let row: (
+            bool,
+            Option<bool>,
+            bool,
+            Option<String>,
+            Option<String>,
+            bool,
+            Option<bool>,
+            bool,
+            Option<String>,
+            bool,
+            Option<String>,
+            Option<String>,
+            Option<bool>,
+            Option<bool>,
+        ) = sqlx::query_as(&format!(
+            "SELECT {app}, {verifier_expr}, {own}, \
+                    n.oid IS NOT NULL, pg_catalog.pg_get_userbyid(n.nspowner), \
+                    pg_catalog.obj_description(n.oid, 'pg_namespace'), \
+                    CASE WHEN n.oid IS NOT NULL AND r.oid IS NOT NULL \
+                         THEN pg_catalog.has_schema_privilege(r.oid, n.oid, 'CREATE') END, \
+                    CASE WHEN n.oid IS NOT NULL AND r.oid IS NOT NULL \
+                         THEN pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE') END \
+             FROM (SELECT $1::name AS app, $2::name AS own) x \
+             LEFT JOIN pg_catalog.pg_roles r ON r.rolname = x.app \
+             LEFT JOIN pg_catalog.pg_roles o ON o.rolname = x.own \
+             LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = x.app",
+            app = role_cols("r"),
+            own = role_cols("o"),
+        ))
+        .bind(names.app().as_str())
+        .bind(names.owner.as_str())
+        .bind(self.gateway.as_ref().map(|g| g.as_str().to_string()))
+        .fetch_one(&self.pool)
+        .await?;
+        let app: RoleRow = (row.0, row.1, row.2, row.3, row.4);
+        let own: RoleRow = (row.5, row.6, row.7, row.8, None);
+        let role = |(exists, login, gw, comment, verifier): RoleRow| {
+            exists.then(|| RoleState {
+                can_login: login.unwrap_or(false),
+                gateway_member: gw,
+                owner: Owner::parse(comment.as_deref()),
+                verifier,
+            })
+        };
+        Ok(Observed {
+            role: role(app),
+            owner_role: role(own),
+            schema: row.9.then(|| SchemaState {
+                owner_role: row.10.clone().unwrap_or_default(),
+                owner: Owner::parse(row.11.as_deref()),
+                app_can_create: row.12.unwrap_or(false),
+                app_usage: row.13.unwrap_or(false),
+            }),
+        })
+    }
+
+    /// Creates whichever of the two roles is missing and brings existing ones back in line
+    /// (marks, LOGIN for the app role, gateway membership of the app role only), in one
+    /// transaction. `password` is the app role's password when it is created now. Returns
+    /// whether anything changed.
+    pub async fn ensure_roles(
+        &self,
+        names: &Names,
+        mark: &Owner,
+        observed: &Observed,
+        password: Option<&str>,
+    ) -> Result<bool, sqlx::Error> {
+        let comment = quote_literal(&mark.comment()).ok_or_else(bad_mark)?;
+        let (app, own) = (names.app(), &names.owner);
+        let mut stmts = Vec::new();
+        match &observed.owner_role {
+            None => {
+                stmts.push(format!(
+                    "CREATE ROLE {own} NOLOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE \
+                     NOREPLICATION NOBYPASSRLS"
+                ));
+                stmts.push(format!("COMMENT ON ROLE {own} IS {comment}"));
+                if !self.superuser {
+                    // A non-superuser admin needs membership to create the schema for the
+                    // owner, set its default privileges and run migrations as it.
+                    stmts.push(format!("GRANT {own} TO CURRENT_USER"));
+                }
+            }
+            Some(state) => {
+                if state.can_login {
+                    stmts.push(format!("ALTER ROLE {own} NOLOGIN"));
+                }
+                if state.owner.as_ref() != Some(mark) {
+                    stmts.push(format!("COMMENT ON ROLE {own} IS {comment}"));
+                }
+                if let (Some(gw), true) = (&self.gateway, state.gateway_member) {
+                    // The gateway may act as app roles only.
+                    stmts.push(format!("REVOKE {own} FROM {gw}"));
+                }
+            }
+        }
+        match &observed.role {
+            None => {
+                let password = password.expect("a password for a new app role");
+                let verifier =
+                    quote_literal(&scram::verifier(password)).expect("verifier is base64");
+                stmts.push(format!(
+                    "CREATE ROLE {app} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
+                     NOBYPASSRLS INHERIT PASSWORD {verifier}"
+                ));
+                stmts.push(format!("COMMENT ON ROLE {app} IS {comment}"));
+                stmts.push(format!("ALTER ROLE {app} SET search_path TO {app}"));
+                if !self.superuser {
+                    stmts.push(format!("GRANT {app} TO CURRENT_USER"));
+                }
+                if let Some(gw) = &self.gateway {
+                    stmts.push(format!("GRANT {app} TO {gw}"));
+                }
+            }
+            Some(state) => {
+                if !state.can_login {
+                    stmts.push(format!("ALTER ROLE {app} LOGIN"));
+                }
+                if state.owner.as_ref() != Some(mark) {
+                    stmts.push(format!("COMMENT ON ROLE {app} IS {comment}"));
+                }
+                if let (Some(gw), false) = (&self.gateway, state.gateway_member) {
+                    stmts.push(format!("GRANT {app} TO {gw}"));
+                }
+            }
+        }
+        if stmts.is_empty() {
+            return Ok(false);
+        }
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::Executor::execute(&mut *tx, stmts.join(";\n").as_str()).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Functions, triggers, views, materialized views, rules and policies in the schema, as
+    /// "kind name" strings: what a tenant credential could have planted before the owner/app
+    /// split. Catalog reads only.
+    pub async fn untrusted_objects(&self, schema: &Ident) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT kind || ' ' || name FROM (
+               SELECT 'function' AS kind, p.oid::regprocedure::text AS name
+                 FROM pg_catalog.pg_proc p WHERE p.pronamespace = $1::regnamespace
+               UNION ALL
+               SELECT 'trigger', t.tgname || ' on ' || c.relname
+                 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+                WHERE c.relnamespace = $1::regnamespace AND NOT t.tgisinternal
+               UNION ALL
+               SELECT CASE c.relkind WHEN 'v' THEN 'view' ELSE 'materialized view' END, c.relname
+                 FROM pg_catalog.pg_class c
+                WHERE c.relnamespace = $1::regnamespace AND c.relkind IN ('v', 'm')
+               UNION ALL
+               SELECT 'rule', r.rulename || ' on ' || c.relname
+                 FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+                WHERE c.relnamespace = $1::regnamespace AND r.rulename <> '_RETURN'
+               UNION ALL
+               SELECT 'policy', p.polname || ' on ' || c.relname
+                 FROM pg_catalog.pg_policy p JOIN pg_catalog.pg_class c ON c.oid = p.polrelid
+                WHERE c.relnamespace = $1::regnamespace
+             ) o ORDER BY 1",
+        )
+        .bind(schema.as_str())
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Brings the schema into the owner/app layout: creates it, converts a schema owned by the
+    /// app role (ownership of the schema and every object in it moves to the owner role, the
+    /// app role keeps DML only), or repairs drifted ownership and rights. One transaction.
+    pub async fn ensure_schema(
+        &self,
+        names: &Names,
+        mark: &Owner,
+        observed: &Observed,
+    ) -> Result<SchemaChange, sqlx::Error> {
+        let comment = quote_literal(&mark.comment()).ok_or_else(bad_mark)?;
+        let (schema, app, own) = (&names.schema, names.app(), &names.owner);
+        let layout = observed.layout(own.as_str(), app.as_str());
+        let mark_stale = observed
+            .schema
+            .as_ref()
+            .is_some_and(|s| s.owner.as_ref() != Some(mark));
+        let mut stmts = Vec::new();
+        let mut untrusted = Vec::new();
+        match layout {
+            Layout::Missing => {
+                stmts.push(format!("CREATE SCHEMA {schema} AUTHORIZATION {own}"));
+                stmts.push(format!("COMMENT ON SCHEMA {schema} IS {comment}"));
+                stmts.extend(privileges(names));
+            }
+            Layout::Legacy => {
+                untrusted = self.untrusted_objects(schema).await?;
+                // Everything the app role owns in this database is the tenant's schema and its
+                // objects (it could create nowhere else).
+                stmts.push(format!("REASSIGN OWNED BY {app} TO {own}"));
+                stmts.push(format!("ALTER SCHEMA {schema} OWNER TO {own}"));
+                stmts.extend(privileges(names));
+                stmts.push(format!(
+                    "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {app}"
+                ));
+                stmts.push(format!(
+                    "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {app}"
+                ));
+                stmts.push(format!(
+                    "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {app}"
+                ));
+                stmts.push(revoke_history(names));
+            }
+            Layout::Drifted => {
+                stmts.push(format!("ALTER SCHEMA {schema} OWNER TO {own}"));
+                stmts.extend(privileges(names));
+            }
+            Layout::Current => {}
+        }
+        if mark_stale && layout != Layout::Missing {
+            stmts.push(format!("COMMENT ON SCHEMA {schema} IS {comment}"));
+        }
+        if stmts.is_empty() {
+            return Ok(SchemaChange::Unchanged);
+        }
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::Executor::execute(&mut *tx, stmts.join(";\n").as_str()).await?;
+        tx.commit().await?;
+        Ok(match layout {
+            Layout::Missing => SchemaChange::Created,
+            Layout::Legacy => SchemaChange::Converted { untrusted },
+            _ => SchemaChange::Repaired,
+        })
+    }
+
+    /// `Retain` deletion: schema, data and roles stay; the app role can no longer log in, the
+    /// gateway can no longer act as it, and its open sessions end.
+    pub async fn retain_tenant(&self, names: &Names) -> Result<(), sqlx::Error> {
+        let app = names.app();
+        let mut sql = format!("ALTER ROLE {app} NOLOGIN");
+        if let Some(gw) = &self.gateway {
+            sql.push_str(&format!(";\nREVOKE {app} FROM {gw}"));
+        }
+        sqlx::Executor::execute(&self.pool, sql.as_str()).await?;
+        self.terminate(app).await
+    }
+
+    async fn terminate(&self, role: &Ident) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+             WHERE usename = $1 AND pid <> pg_catalog.pg_backend_pid()",
+        )
+        .bind(role.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// `Delete` deletion: ends the app role's sessions, drops the schema with everything in it
+    /// (only when `drop_schema`: it carries this Tenant's mark) and the roles marked as this
+    /// Tenant's (`drop_app`, `drop_owner`).
+    pub async fn drop_tenant_roles(
+        &self,
+        names: &Names,
+        drop_schema: bool,
+        drop_app: bool,
+        drop_owner: bool,
+    ) -> Result<(), sqlx::Error> {
+        let (schema, app, own) = (&names.schema, names.app(), &names.owner);
+        if drop_app {
+            sqlx::Executor::execute(&self.pool, format!("ALTER ROLE {app} NOLOGIN").as_str())
+                .await?;
+            self.terminate(app).await?;
+        }
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let mut stmts = Vec::new();
+        if drop_schema {
+            stmts.push(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+        }
+        // DROP OWNED also removes the role's grants in this database; objects elsewhere make
+        // DROP ROLE fail, which is reported rather than forced.
+        if drop_app {
+            stmts.push(format!("DROP OWNED BY {app} CASCADE"));
+            stmts.push(format!("DROP ROLE IF EXISTS {app}"));
+        }
+        if drop_owner {
+            stmts.push(format!("DROP OWNED BY {own} CASCADE"));
+            stmts.push(format!("DROP ROLE IF EXISTS {own}"));
+        }
+        if !stmts.is_empty() {
+            sqlx::Executor::execute(&mut *tx, stmts.join(";\n").as_str()).await?;
+        }
+        tx.commit().await
+    }
+}
+
+/// The app role's rights in the owner/app layout: it may use the schema and, through default
+/// privileges of the owner, read and write every table, use every sequence and call every
+/// function the migrations create; it may create nothing.
+fn privileges(names: &Names) -> Vec<String> {
+    let (schema, app, own) = (&names.schema, names.app(), &names.owner);
+    vec![
+        format!("REVOKE ALL ON SCHEMA {schema} FROM PUBLIC"),
+        format!("REVOKE ALL ON SCHEMA {schema} FROM {app}"),
+        format!("GRANT USAGE ON SCHEMA {schema} TO {app}"),
+        format!(
+            "ALTER DEFAULT PRIVILEGES FOR ROLE {own} IN SCHEMA {schema} \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {app}"
+        ),
+        format!(
+            "ALTER DEFAULT PRIVILEGES FOR ROLE {own} IN SCHEMA {schema} \
+             GRANT USAGE, SELECT ON SEQUENCES TO {app}"
+        ),
+        format!(
+            "ALTER DEFAULT PRIVILEGES FOR ROLE {own} IN SCHEMA {schema} \
+             GRANT EXECUTE ON FUNCTIONS TO {app}"
+        ),
+    ]
+}
+
+/// The history table is the operator's: the app role gets no rights on it (default privileges
+/// would give it DML). A no-op when the table does not exist.
+pub(super) fn revoke_history(names: &Names) -> String {
+    let (schema, app) = (&names.schema, names.app());
+    let table = super::migrations::HISTORY_TABLE;
+    format!(
+        "DO $tenantry$ BEGIN \
+           IF pg_catalog.to_regclass({}) IS NOT NULL THEN \
+             EXECUTE {}; \
+           END IF; \
+         END $tenantry$",
+        quote_literal(&format!("{schema}.{table}")).expect("identifiers quote"),
+        quote_literal(&format!("REVOKE ALL ON TABLE {schema}.{table} FROM {app}"))
+            .expect("identifiers quote"),
+    )
+}
