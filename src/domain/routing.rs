@@ -2,7 +2,9 @@
 //! and the API registry. A Tenant claims its name (the tenant id in tokens and `X-Tenant`) and
 //! its hosts; a claim held by two live Tenants routes to neither. A Tenant being deleted yields
 //! to any live claimant, and is found only when nobody else claims the name or host (so the
-//! API can answer "not ready" for it rather than "unknown").
+//! API can answer "not ready" for it rather than "unknown"). With a base domain, the host
+//! `<name>.<base domain>` belongs to the Tenant called `<name>`: another Tenant listing it in
+//! `spec.hosts` does not get it, and is told so.
 
 use std::collections::HashMap;
 
@@ -49,12 +51,32 @@ pub enum Route<'a> {
 /// a lookup or a clash check costs the same whatever the fleet size.
 #[derive(Debug, Default, Clone)]
 pub struct RoutingIndex {
+    /// Lowercase, without leading or trailing dots.
+    base_domain: Option<String>,
     claims: HashMap<Key, Claims>,
     by_name: HashMap<String, Vec<Key>>,
     by_host: HashMap<String, Vec<Key>>,
 }
 
 impl RoutingIndex {
+    /// An index in which `<name>.<base_domain>` routes to the Tenant called `<name>`.
+    pub fn with_base_domain(base_domain: Option<&str>) -> Self {
+        Self {
+            base_domain: base_domain
+                .map(|d| d.trim_matches('.').to_ascii_lowercase())
+                .filter(|d| !d.is_empty()),
+            ..Self::default()
+        }
+    }
+
+    /// The tenant name a host stands for under the base domain: `acme` for `acme.<base>`.
+    pub fn name_under_base<'h>(&self, host: &'h str) -> Option<&'h str> {
+        let base = self.base_domain.as_deref()?;
+        host.strip_suffix(base)?
+            .strip_suffix('.')
+            .filter(|label| !label.is_empty() && !label.contains('.'))
+    }
+
     /// Records (or replaces) the claims of `key`.
     pub fn set(&mut self, key: Key, claims: Claims) {
         if self.claims.get(&key) == Some(&claims) {
@@ -101,8 +123,16 @@ impl RoutingIndex {
         self.route(self.by_name.get(name))
     }
 
-    /// `host` must be lowercase (as every claim is).
+    /// Who `host` (lowercase, as every claim is) routes to: under the base domain, the Tenant
+    /// of that name first; otherwise, or when no Tenant has that name, the Tenants listing the
+    /// host in `spec.hosts`.
     pub fn by_host(&self, host: &str) -> Route<'_> {
+        if let Some(name) = self.name_under_base(host) {
+            match self.by_name(name) {
+                Route::Nobody => {}
+                named => return named,
+            }
+        }
         self.route(self.by_host.get(host))
     }
 
@@ -146,6 +176,13 @@ impl RoutingIndex {
             for (ns, name) in others(self.by_host.get(h)) {
                 out.push(format!("Tenant {ns}/{name} also claims host {h}"));
             }
+            if let Some(label) = self.name_under_base(h) {
+                for (ns, name) in others(self.by_name.get(label)) {
+                    out.push(format!(
+                        "host {h} is the base-domain host of Tenant {ns}/{name}"
+                    ));
+                }
+            }
         }
         out.sort();
         out.dedup();
@@ -154,8 +191,19 @@ impl RoutingIndex {
 
     /// Tenants whose routing depends on `claims`: those sharing its name or a host.
     pub fn neighbours(&self, me: &Key, claims: &Claims) -> Vec<Key> {
+        let own_base_host = self
+            .base_domain
+            .as_ref()
+            .map(|b| format!("{}.{b}", claims.name));
+        let under_base = claims
+            .hosts
+            .iter()
+            .filter_map(|h| self.name_under_base(h))
+            .map(|n| self.by_name.get(n));
         let mut out: Vec<Key> = std::iter::once(self.by_name.get(&claims.name))
             .chain(claims.hosts.iter().map(|h| self.by_host.get(h)))
+            .chain(own_base_host.iter().map(|h| self.by_host.get(h)))
+            .chain(under_base)
             .flatten()
             .flatten()
             .filter(|k| *k != me)
@@ -246,6 +294,39 @@ mod tests {
             idx.neighbours(&k("b", "acme"), &c("acme", &[], false)),
             [k("a", "acme")]
         );
+    }
+
+    #[test]
+    fn the_base_domain_host_belongs_to_the_tenant_of_that_name() {
+        let mut idx = RoutingIndex::with_base_domain(Some(".tenants.test."));
+        idx.set(k("a", "acme"), c("acme", &["globex.tenants.test"], false));
+        // No Tenant is called globex yet: the explicit claim routes.
+        assert_eq!(
+            idx.by_host("globex.tenants.test"),
+            Route::One(&k("a", "acme"))
+        );
+        idx.set(k("b", "globex"), c("globex", &[], false));
+        assert_eq!(
+            idx.by_host("globex.tenants.test"),
+            Route::One(&k("b", "globex"))
+        );
+        assert_eq!(
+            idx.by_host("acme.tenants.test"),
+            Route::One(&k("a", "acme"))
+        );
+        assert_eq!(
+            idx.clashes(&k("a", "acme"), &c("acme", &["globex.tenants.test"], false)),
+            ["host globex.tenants.test is the base-domain host of Tenant b/globex"]
+        );
+        assert!(idx
+            .clashes(&k("b", "globex"), &c("globex", &[], false))
+            .is_empty());
+        assert_eq!(
+            idx.neighbours(&k("b", "globex"), &c("globex", &[], false)),
+            [k("a", "acme")]
+        );
+        assert_eq!(idx.name_under_base("x.y.tenants.test"), None);
+        assert_eq!(idx.name_under_base("tenants.test"), None);
     }
 
     #[test]
