@@ -1,7 +1,4 @@
-//! The hostile tenant: each test plays one attack with a tenant's real credentials (the `uri`
-//! of its Secret) against the real PostgreSQL, operator and API, and checks that it fails
-//! without a side effect. The invariant under test: no session whose session user can act for
-//! more than one tenant ever evaluates an object a tenant credential could have created.
+//! Attacks on the operator and on PostgreSQL itself, with the tenant's own credentials.
 
 use std::time::Duration;
 
@@ -12,47 +9,8 @@ use serde_json::json;
 use sqlx::{Connection, Executor, PgConnection};
 use tenantry::domain::crd::Tenant;
 
+use super::*;
 use crate::{api::Api, common::*};
-
-/// Host and port of the test PostgreSQL.
-fn host_port() -> (String, u16) {
-    let opts: sqlx::postgres::PgConnectOptions = env().database_url.parse().unwrap();
-    (opts.get_host().to_string(), opts.get_port())
-}
-
-/// A session logged in with the tenant's own Secret.
-async fn as_tenant(ns: &TestNs, name: &str) -> PgConnection {
-    let s = ns.secrets().get(&format!("{name}-db")).await.unwrap();
-    PgConnection::connect(&secret_value(&s, "uri"))
-        .await
-        .expect("tenant login")
-}
-
-/// The SQLSTATE of a failed statement (panics when it succeeded).
-#[track_caller]
-fn sqlstate<T: std::fmt::Debug>(r: Result<T, sqlx::Error>) -> String {
-    match r {
-        Err(sqlx::Error::Database(e)) => e.code().unwrap_or_default().into_owned(),
-        other => panic!("expected a database error, got {other:?}"),
-    }
-}
-
-async fn is_superuser(pg: &sqlx::PgPool, role: &str) -> bool {
-    sqlx::query_scalar(
-        "SELECT rolsuper OR rolcreaterole OR rolbypassrls FROM pg_roles WHERE rolname = $1",
-    )
-    .bind(role)
-    .fetch_one(pg)
-    .await
-    .unwrap()
-}
-
-async fn two_tenants(ns: &TestNs) {
-    ns.create(Tenant::test("acme")).await;
-    ns.create(Tenant::test("globex")).await;
-    wait_ready(ns, "acme").await;
-    wait_ready(ns, "globex").await;
-}
 
 /// Attack 1 of the isolation issue: a trigger that switches to another tenant's role, fired
 /// by an API request in the gateway's session. The tenant cannot create the trigger, and the
