@@ -152,7 +152,7 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     let settings = tenantry::api::Settings {
         base_domain: None,
         auth: tenantry::api::auth::AuthConfig { leeway_secs: 30, ..Default::default() },
-        limits: tenantry::api::LimitsConfig::default(),
+        limits: tenantry::api::Limits::default(),
     };
     let app = tenantry::api::router(tenantry::api::AppState::new(registry, pool.clone(), settings));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

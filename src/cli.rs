@@ -375,7 +375,7 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
             leeway_secs: args.jwt_leeway_secs,
             platform,
         },
-        limits: api::LimitsConfig {
+        limits: api::Limits {
             default_limit: args.default_limit,
             max_limit: args.max_limit,
             max_offset: 100_000,

@@ -11,6 +11,7 @@ use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
 use super::error::ApiError;
+use crate::registry::Entry;
 
 /// The claim carrying the tenant's id (its metadata.name).
 pub const TENANT_CLAIM: &str = "tenant";
@@ -127,6 +128,27 @@ pub fn verify(token: &str, tenant_key: Option<&[u8]>, cfg: &AuthConfig) -> Resul
         K::MissingRequiredClaim(c) => format!("missing claim {c}"),
         other => format!("invalid token: {other:?}"),
     }))
+}
+
+/// Authorizes a request for the tenant it was resolved to: a bearer token is required, it must
+/// verify with that tenant's key (or the platform key), and its tenant claim must name that
+/// tenant. Returns the verified claims.
+pub fn authorize(token: Option<&str>, entry: &Entry, cfg: &AuthConfig) -> Result<Value, ApiError> {
+    let token = token
+        .ok_or_else(|| ApiError::unauthorized("a bearer token is required", "invalid_request"))?;
+    let claims = verify(token, entry.jwt_key.as_deref(), cfg)?;
+    let name = &entry.info.name;
+    match claims.get(TENANT_CLAIM).and_then(Value::as_str) {
+        Some(t) if t == name => Ok(claims),
+        Some(t) => Err(ApiError::forbidden(
+            "tenant-mismatch",
+            format!("the token is for tenant {t:?}, not {name:?}"),
+        )),
+        None => Err(ApiError::forbidden(
+            "tenant-mismatch",
+            "the token carries no tenant claim",
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use super::error::ApiError;
+use super::{config::Limits, error::ApiError};
 use crate::domain::naming::quote_ident;
 
 /// Tables the API never serves.
@@ -145,12 +145,6 @@ pub struct Query {
     pub order: Vec<Order>,
     pub limit: i64,
     pub offset: i64,
-}
-
-pub struct Limits {
-    pub default_limit: i64,
-    pub max_limit: i64,
-    pub max_offset: i64,
 }
 
 fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, ApiError> {
@@ -607,11 +601,7 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        Limits {
-            default_limit: 100,
-            max_limit: 1000,
-            max_offset: 100_000,
-        }
+        Limits::default()
     }
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -14,7 +14,7 @@ use kube::api::{Patch, PatchParams};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tenantry::{
-    api::{self, auth::AuthConfig, AppState, LimitsConfig, PoolConfig, Settings},
+    api::{self, auth::AuthConfig, AppState, Limits, PoolConfig, Settings},
     domain::crd::Tenant,
     registry::Registry,
 };
@@ -90,9 +90,9 @@ impl Api {
         let settings = Settings {
             base_domain: Some("tenants.test".into()),
             auth,
-            limits: LimitsConfig {
+            limits: Limits {
                 max_body_bytes: 64 * 1024,
-                ..LimitsConfig::default()
+                ..Limits::default()
             },
         };
         let router = api::router(AppState::new(registry.clone(), pool.clone(), settings));
