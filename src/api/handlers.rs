@@ -27,26 +27,25 @@ fn json_response(status: StatusCode, body: String) -> Response {
     res
 }
 
+/// The query string as `application/x-www-form-urlencoded` pairs (`+` is a space). Invalid
+/// UTF-8 is refused rather than replaced, so a filter never silently matches on U+FFFD.
 fn params(raw: Option<String>) -> Result<Vec<(String, String)>, ApiError> {
     let raw = raw.unwrap_or_default();
-    serde_urlencoded_pairs(&raw)
-}
-
-fn serde_urlencoded_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
-    let mut out = Vec::new();
-    for pair in raw.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let dec = |s: &str| {
-            percent_encoding::percent_decode_str(&s.replace('+', " "))
-                .decode_utf8()
-                .map(|c| c.into_owned())
-                .map_err(|_| {
-                    ApiError::bad_request("invalid-parameter", "query string is not valid UTF-8")
-                })
-        };
-        out.push((dec(k)?, dec(v)?));
+    // `form_urlencoded` decodes lossily. Pairs are split at ASCII `&` and `=`, which can never
+    // sit inside a multi-byte sequence, so the whole string decodes as UTF-8 exactly when
+    // every name and value does.
+    if percent_encoding::percent_decode_str(&raw)
+        .decode_utf8()
+        .is_err()
+    {
+        return Err(ApiError::bad_request(
+            "invalid-parameter",
+            "query string is not valid UTF-8",
+        ));
     }
-    Ok(out)
+    Ok(form_urlencoded::parse(raw.as_bytes())
+        .into_owned()
+        .collect())
 }
 
 pub(super) async fn get_tenant(t: TenantRequest) -> Response {
@@ -261,4 +260,48 @@ pub(super) async fn delete_rows(
     })
     .await?;
     Ok(json_response(StatusCode::OK, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(raw: &str) -> Vec<(String, String)> {
+        params(Some(raw.to_string())).unwrap()
+    }
+
+    #[test]
+    fn decodes_query_strings_like_forms() {
+        let owned = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(params(None).unwrap(), vec![]);
+        assert_eq!(
+            pairs("title=eq.a+b&&id=in.(1%2C2)&flag&=x&note=1%2B1"),
+            owned(&[
+                ("title", "eq.a b"),
+                ("id", "in.(1,2)"),
+                ("flag", ""),
+                ("", "x"),
+                ("note", "1+1")
+            ])
+        );
+        assert_eq!(pairs("t=eq.%C3%A9"), owned(&[("t", "eq.é")]));
+        assert_eq!(pairs("a=b=c"), owned(&[("a", "b=c")]));
+        assert_eq!(pairs("a=%zz%"), owned(&[("a", "%zz%")]));
+    }
+
+    #[test]
+    fn refuses_invalid_utf8() {
+        for raw in ["t=eq.%FF", "%C3=x", "a=%C3&b=%A9", "a=%E2%82"] {
+            let e = params(Some(raw.to_string())).unwrap_err();
+            assert_eq!(
+                (e.status, e.kind),
+                (StatusCode::BAD_REQUEST, "invalid-parameter"),
+                "{raw}"
+            );
+        }
+    }
 }
