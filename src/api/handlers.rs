@@ -127,7 +127,7 @@ pub(super) async fn list_rows(
 ) -> Result<Response, ApiError> {
     let p = params(raw)?;
     let body = on_table(&state, t, table, true, move |schema, tbl, limits| {
-        query::select(schema, tbl, &query::parse(&p, tbl, limits)?)
+        Ok(query::select(schema, tbl, &query::parse(&p, tbl, limits)?)?)
     })
     .await?;
     Ok(json_response(StatusCode::OK, body))
@@ -148,7 +148,7 @@ pub(super) async fn get_row(
                 "only select= applies to a single row",
             ));
         }
-        query::by_id(schema, tbl, &id, q.select.as_ref())
+        Ok(query::by_id(schema, tbl, &id, q.select.as_ref())?)
     })
     .await?;
     if body == "null" {
@@ -184,7 +184,7 @@ pub(super) async fn insert_rows(
         }
     };
     let out = on_table(&state, t, table, false, move |schema, tbl, _| {
-        query::insert(schema, tbl, rows)
+        Ok(query::insert(schema, tbl, rows)?)
     })
     .await?;
     let body = if single {
@@ -239,7 +239,7 @@ pub(super) async fn update_rows(
     let out = on_table(&state, t, table, false, move |schema, tbl, limits| {
         let q = query::parse(&p, tbl, limits)?;
         check_mass_change(&headers, &q, &Method::PATCH)?;
-        query::update(schema, tbl, &q.filters, patch)
+        Ok(query::update(schema, tbl, &q.filters, patch)?)
     })
     .await?;
     Ok(json_response(StatusCode::OK, out))
@@ -256,7 +256,7 @@ pub(super) async fn delete_rows(
     let out = on_table(&state, t, table, false, move |schema, tbl, limits| {
         let q = query::parse(&p, tbl, limits)?;
         check_mass_change(&headers, &q, &Method::DELETE)?;
-        query::delete(schema, tbl, &q.filters)
+        Ok(query::delete(schema, tbl, &q.filters)?)
     })
     .await?;
     Ok(json_response(StatusCode::OK, out))
