@@ -413,7 +413,8 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
         api::AppState::new(registry, pool, settings),
         shutdown_signal(),
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 impl Cli {

@@ -23,24 +23,39 @@ pub struct PlatformKey {
     pub alg: Algorithm,
 }
 
+/// Why a platform key file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("reading platform key {}: {error}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+    #[error("an HS256 platform key must be at least 32 bytes")]
+    ShortSecret,
+    #[error("unsupported platform key algorithm {0:?}; use RS256, ES256 or HS256")]
+    UnsupportedAlgorithm(String),
+}
+
 impl PlatformKey {
     /// Reads a key file: a PEM public key for RS256/ES256, the raw secret bytes for HS256.
-    pub fn from_file(path: &std::path::Path, alg: &str) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("reading platform key {}: {e}", path.display()))?;
+    pub fn from_file(path: &std::path::Path, alg: &str) -> Result<Self, KeyError> {
+        let bytes = std::fs::read(path).map_err(|error| KeyError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
         let (key, alg) = match alg {
             "RS256" => (DecodingKey::from_rsa_pem(&bytes)?, Algorithm::RS256),
             "ES256" => (DecodingKey::from_ec_pem(&bytes)?, Algorithm::ES256),
             "HS256" => {
-                anyhow::ensure!(
-                    bytes.len() >= 32,
-                    "an HS256 platform key must be at least 32 bytes"
-                );
+                if bytes.len() < 32 {
+                    return Err(KeyError::ShortSecret);
+                }
                 (DecodingKey::from_secret(&bytes), Algorithm::HS256)
             }
-            other => anyhow::bail!(
-                "unsupported platform key algorithm {other:?}; use RS256, ES256 or HS256"
-            ),
+            other => return Err(KeyError::UnsupportedAlgorithm(other.to_string())),
         };
         Ok(Self { key, alg })
     }
@@ -249,6 +264,35 @@ mod tests {
             .unwrap_err()
             .detail
             .contains("issuer"));
+    }
+
+    #[test]
+    fn platform_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let missing = PlatformKey::from_file(&path, "HS256").err().unwrap();
+        assert!(
+            missing.to_string().starts_with("reading platform key "),
+            "{missing}"
+        );
+        std::fs::write(&path, b"short").unwrap();
+        assert!(matches!(
+            PlatformKey::from_file(&path, "HS256"),
+            Err(KeyError::ShortSecret)
+        ));
+        assert!(matches!(
+            PlatformKey::from_file(&path, "RS256"),
+            Err(KeyError::Invalid(_))
+        ));
+        assert!(matches!(
+            PlatformKey::from_file(&path, "none"),
+            Err(KeyError::UnsupportedAlgorithm(a)) if a == "none"
+        ));
+        std::fs::write(&path, KEY).unwrap();
+        assert_eq!(
+            PlatformKey::from_file(&path, "HS256").unwrap().alg,
+            Algorithm::HS256
+        );
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     info!(%addr, "tenantry API listening");
     axum::serve(listener, router(state))
