@@ -142,10 +142,7 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     )
     .await
     .unwrap();
-    let registry = tenantry::registry::Registry::default();
-    let r = registry.clone();
-    let (ta, sa) = (Api::namespaced(client.clone(), &ns), Api::namespaced(client.clone(), &ns));
-    tokio::spawn(async move { r.watch(ta, sa).await });
+    let (registry, _watch) = tenantry::registry::watch(client.clone(), Some(&ns));
     while !registry.is_synced() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

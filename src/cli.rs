@@ -395,16 +395,7 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     .await
     .context("--database-url")?;
     let client = args.kube.client().await?;
-    let registry = crate::registry::Registry::default();
-    let (tenants, secrets) = match &args.namespace {
-        Some(ns) => (
-            kube::Api::namespaced(client.clone(), ns),
-            kube::Api::namespaced(client, ns),
-        ),
-        None => (kube::Api::all(client.clone()), kube::Api::all(client)),
-    };
-    let watcher = registry.clone();
-    tokio::spawn(async move { watcher.watch(tenants, secrets).await });
+    let (registry, _watch) = crate::registry::watch(client, args.namespace.as_deref());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;

@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use tenantry::{
     api::{self, auth::AuthConfig, AppState, Limits, PoolConfig, Settings},
     domain::crd::Tenant,
-    registry::Registry,
+    registry::{self, Registry},
 };
 use tower::ServiceExt;
 
@@ -74,19 +74,7 @@ impl Api {
         )
         .await
         .expect("gateway pool");
-        let registry = Registry::default();
-        let (tenants, secrets) = match namespace {
-            Some(n) => (
-                kube::Api::namespaced(ns.client.clone(), n),
-                kube::Api::namespaced(ns.client.clone(), n),
-            ),
-            None => (
-                kube::Api::all(ns.client.clone()),
-                kube::Api::all(ns.client.clone()),
-            ),
-        };
-        let r = registry.clone();
-        let watch = tokio::spawn(async move { r.watch(tenants, secrets).await });
+        let (registry, watch) = registry::watch(ns.client.clone(), namespace);
         let settings = Settings {
             base_domain: Some("tenants.test".into()),
             auth,
