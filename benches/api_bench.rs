@@ -142,17 +142,14 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     )
     .await
     .unwrap();
-    let registry = tenantry::registry::Registry::default();
-    let r = registry.clone();
-    let (ta, sa) = (Api::namespaced(client.clone(), &ns), Api::namespaced(client.clone(), &ns));
-    tokio::spawn(async move { r.watch(ta, sa).await });
+    let (registry, _watch) = tenantry::registry::watch(client.clone(), Some(&ns));
     while !registry.is_synced() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let settings = tenantry::api::Settings {
         base_domain: None,
         auth: tenantry::api::auth::AuthConfig { leeway_secs: 30, ..Default::default() },
-        limits: tenantry::api::LimitsConfig::default(),
+        limits: tenantry::api::Limits::default(),
     };
     let app = tenantry::api::router(tenantry::api::AppState::new(registry, pool.clone(), settings));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -375,7 +375,7 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
             leeway_secs: args.jwt_leeway_secs,
             platform,
         },
-        limits: api::LimitsConfig {
+        limits: api::Limits {
             default_limit: args.default_limit,
             max_limit: args.max_limit,
             max_offset: 100_000,
@@ -395,16 +395,7 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     .await
     .context("--database-url")?;
     let client = args.kube.client().await?;
-    let registry = crate::registry::Registry::default();
-    let (tenants, secrets) = match &args.namespace {
-        Some(ns) => (
-            kube::Api::namespaced(client.clone(), ns),
-            kube::Api::namespaced(client, ns),
-        ),
-        None => (kube::Api::all(client.clone()), kube::Api::all(client)),
-    };
-    let watcher = registry.clone();
-    tokio::spawn(async move { watcher.watch(tenants, secrets).await });
+    let (registry, _watch) = crate::registry::watch(client, args.namespace.as_deref());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
@@ -413,7 +404,8 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
         api::AppState::new(registry, pool, settings),
         shutdown_signal(),
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 impl Cli {

@@ -1,6 +1,7 @@
 //! The API's live tenant registry: a watch-fed index of Tenants and the signing keys in their
-//! credentials Secrets, with one writer (the watch task) and many readers (request handlers).
-//! Readers never call the apiserver; names and hosts claimed twice are routable by nobody.
+//! credentials Secrets. One [`RegistryWriter`] (the watch task) feeds it; request handlers
+//! hold [`Registry`] readers, which cannot write and never call the apiserver. Names and hosts
+//! claimed twice are routable by nobody (the rule lives in [`crate::domain::routing`]).
 
 use std::{
     collections::HashMap,
@@ -14,8 +15,9 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     runtime::{watcher, WatchStreamExt},
-    Api, ResourceExt,
+    Api, Client, ResourceExt,
 };
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::domain::{
@@ -130,12 +132,56 @@ fn jwt_key_of(s: &Secret) -> Option<Arc<[u8]>> {
     (bytes.len() >= creds::MIN_JWT_KEY_BYTES).then(|| Arc::from(bytes.as_slice()))
 }
 
-/// The registry. Cheap to clone; all clones share one index.
-#[derive(Clone, Default)]
+/// What the readers and the writer share.
+#[derive(Default)]
+struct Shared {
+    index: RwLock<Index>,
+    tenants_synced: AtomicBool,
+    secrets_synced: AtomicBool,
+}
+
+/// Read access to the registry: lookups and sync state, nothing that writes. Cheap to clone;
+/// all clones see the one index that its [`RegistryWriter`] feeds.
+#[derive(Clone)]
 pub struct Registry {
-    index: Arc<RwLock<Index>>,
-    tenants_synced: Arc<AtomicBool>,
-    secrets_synced: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+}
+
+/// The registry's only writer. Made once, with its readers, by [`new`]; not `Clone`, so one
+/// index has exactly one writer.
+pub struct RegistryWriter {
+    shared: Arc<Shared>,
+    /// Objects of a relist in progress, applied together when it completes.
+    tenant_buf: Vec<Tenant>,
+    secret_buf: Vec<Secret>,
+}
+
+/// An empty registry: the reader handle to share and the one writer to feed it.
+pub fn new() -> (Registry, RegistryWriter) {
+    let shared = Arc::new(Shared::default());
+    let writer = RegistryWriter {
+        shared: shared.clone(),
+        tenant_buf: Vec::new(),
+        secret_buf: Vec::new(),
+    };
+    (Registry { shared }, writer)
+}
+
+/// A registry kept current from the apiserver: watches Tenants and tenantry-managed Secrets
+/// (all namespaces, or only `namespace`) on a spawned task, retrying with backoff across
+/// apiserver outages and serving the last known state meanwhile. Dropping the handle detaches
+/// the task; aborting it stops the watch.
+pub fn watch(client: Client, namespace: Option<&str>) -> (Registry, JoinHandle<()>) {
+    let (tenants, secrets): (Api<Tenant>, Api<Secret>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let (registry, mut writer) = new();
+    let task = tokio::spawn(async move { writer.run(changes(tenants, secrets)).await });
+    (registry, task)
 }
 
 /// One watch event, from either stream.
@@ -144,14 +190,42 @@ pub enum Change {
     Secrets(watcher::Event<Secret>),
 }
 
+/// The merged, retrying watch streams of Tenants and tenantry-managed Secrets.
+fn changes(tenants: Api<Tenant>, secrets: Api<Secret>) -> impl Stream<Item = Change> {
+    let tenant_events = watcher(tenants, watcher::Config::default())
+        .default_backoff()
+        .filter_map(|r| async move {
+            r.map_err(|e| warn!(error = %e, "tenant watch error; retrying"))
+                .ok()
+                .map(Change::Tenants)
+        });
+    let secret_events = watcher(
+        secrets,
+        watcher::Config::default().labels(&creds::managed_selector()),
+    )
+    .default_backoff()
+    .filter_map(|r| async move {
+        r.map_err(|e| warn!(error = %e, "secret watch error; retrying"))
+            .ok()
+            .map(Change::Secrets)
+    });
+    futures::stream::select(tenant_events, secret_events)
+}
+
 impl Registry {
     /// True once both watches have delivered their first full list.
     pub fn is_synced(&self) -> bool {
-        self.tenants_synced.load(Ordering::SeqCst) && self.secrets_synced.load(Ordering::SeqCst)
+        self.shared.tenants_synced.load(Ordering::SeqCst)
+            && self.shared.secrets_synced.load(Ordering::SeqCst)
     }
 
     pub fn len(&self) -> usize {
-        self.index.read().expect("registry lock").tenants.len()
+        self.shared
+            .index
+            .read()
+            .expect("registry lock")
+            .tenants
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -159,35 +233,36 @@ impl Registry {
     }
 
     pub fn by_name(&self, name: &str) -> Lookup {
-        let idx = self.index.read().expect("registry lock");
+        let idx = self.shared.index.read().expect("registry lock");
         idx.lookup(idx.routes.by_name(name))
     }
 
     pub fn by_host(&self, host: &str) -> Lookup {
-        let idx = self.index.read().expect("registry lock");
+        let idx = self.shared.index.read().expect("registry lock");
         idx.lookup(idx.routes.by_host(&host.to_ascii_lowercase()))
     }
+}
 
-    /// Applies one watch event. The only writer.
-    pub fn apply(
-        &self,
-        change: Change,
-        tenant_buf: &mut Vec<Tenant>,
-        secret_buf: &mut Vec<Secret>,
-    ) {
-        let mut idx = self.index.write().expect("registry lock");
+impl RegistryWriter {
+    /// Applies one watch event.
+    pub fn apply(&mut self, change: Change) {
+        let shared = &*self.shared;
+        let mut idx = shared.index.write().expect("registry lock");
         match change {
             Change::Tenants(ev) => match ev {
                 watcher::Event::Apply(t) => idx.upsert(&t),
                 watcher::Event::Delete(t) => {
                     idx.unlink(&(t.namespace().unwrap_or_default(), t.name_any()))
                 }
-                watcher::Event::Init => tenant_buf.clear(),
-                watcher::Event::InitApply(t) => tenant_buf.push(t),
+                watcher::Event::Init => self.tenant_buf.clear(),
+                watcher::Event::InitApply(t) => self.tenant_buf.push(t),
                 watcher::Event::InitDone => {
                     // A relist replaces everything: Tenants deleted while disconnected vanish.
-                    let keep: std::collections::HashSet<Key> =
-                        tenant_buf.iter().map(crate::domain::routing::key).collect();
+                    let keep: std::collections::HashSet<Key> = self
+                        .tenant_buf
+                        .iter()
+                        .map(crate::domain::routing::key)
+                        .collect();
                     let stale: Vec<Key> = idx
                         .tenants
                         .keys()
@@ -197,10 +272,10 @@ impl Registry {
                     for k in stale {
                         idx.unlink(&k);
                     }
-                    for t in tenant_buf.drain(..) {
+                    for t in self.tenant_buf.drain(..) {
                         idx.upsert(&t);
                     }
-                    if !self.tenants_synced.swap(true, Ordering::SeqCst) {
+                    if !shared.tenants_synced.swap(true, Ordering::SeqCst) {
                         info!(tenants = idx.tenants.len(), "tenant registry synced");
                     }
                 }
@@ -217,10 +292,11 @@ impl Registry {
                     idx.keys
                         .remove(&(s.namespace().unwrap_or_default(), s.name_any()));
                 }
-                watcher::Event::Init => secret_buf.clear(),
-                watcher::Event::InitApply(s) => secret_buf.push(s),
+                watcher::Event::Init => self.secret_buf.clear(),
+                watcher::Event::InitApply(s) => self.secret_buf.push(s),
                 watcher::Event::InitDone => {
-                    idx.keys = secret_buf
+                    idx.keys = self
+                        .secret_buf
                         .drain(..)
                         .filter_map(|s| {
                             Some((
@@ -229,45 +305,18 @@ impl Registry {
                             ))
                         })
                         .collect();
-                    self.secrets_synced.store(true, Ordering::SeqCst);
+                    shared.secrets_synced.store(true, Ordering::SeqCst);
                 }
             },
         }
     }
 
-    /// Feeds the registry from a merged stream of changes until it ends.
-    pub async fn run(&self, changes: impl Stream<Item = Change>) {
-        let mut tenant_buf = Vec::new();
-        let mut secret_buf = Vec::new();
+    /// Feeds the registry from a stream of changes until it ends.
+    pub async fn run(&mut self, changes: impl Stream<Item = Change>) {
         let mut changes = std::pin::pin!(changes);
         while let Some(change) = changes.next().await {
-            self.apply(change, &mut tenant_buf, &mut secret_buf);
+            self.apply(change);
         }
-    }
-
-    /// Watches Tenants and tenantry-managed Secrets (all namespaces or one) and keeps the
-    /// registry current; retries with backoff across apiserver outages, serving the last
-    /// known state meanwhile.
-    pub async fn watch(&self, tenants: Api<Tenant>, secrets: Api<Secret>) {
-        let tenant_events = watcher(tenants, watcher::Config::default())
-            .default_backoff()
-            .filter_map(|r| async move {
-                r.map_err(|e| warn!(error = %e, "tenant watch error; retrying"))
-                    .ok()
-                    .map(Change::Tenants)
-            });
-        let secret_events = watcher(
-            secrets,
-            watcher::Config::default().labels(&creds::managed_selector()),
-        )
-        .default_backoff()
-        .filter_map(|r| async move {
-            r.map_err(|e| warn!(error = %e, "secret watch error; retrying"))
-                .ok()
-                .map(Change::Secrets)
-        });
-        self.run(futures::stream::select(tenant_events, secret_events))
-            .await;
     }
 }
 
@@ -293,10 +342,6 @@ mod tests {
         t
     }
 
-    fn apply(r: &Registry, c: Change) {
-        r.apply(c, &mut Vec::new(), &mut Vec::new());
-    }
-
     fn found(l: Lookup) -> Entry {
         match l {
             Lookup::Found(e) => e,
@@ -306,70 +351,76 @@ mod tests {
 
     #[test]
     fn indexes_by_name_and_host_and_follows_updates() {
-        let r = Registry::default();
-        apply(
-            &r,
-            Change::Tenants(watcher::Event::Apply(ready("acme", "a", &["acme.io"]))),
-        );
+        let (r, mut w) = new();
+        w.apply(Change::Tenants(watcher::Event::Apply(ready(
+            "acme",
+            "a",
+            &["acme.io"],
+        ))));
         assert!(found(r.by_name("acme")).info.ready);
         assert_eq!(found(r.by_host("ACME.io")).info.name, "acme");
-        apply(
-            &r,
-            Change::Tenants(watcher::Event::Apply(ready("acme", "a", &["new.io"]))),
-        );
+        w.apply(Change::Tenants(watcher::Event::Apply(ready(
+            "acme",
+            "a",
+            &["new.io"],
+        ))));
         assert!(matches!(r.by_host("acme.io"), Lookup::Unknown));
         assert_eq!(found(r.by_host("new.io")).info.name, "acme");
-        apply(
-            &r,
-            Change::Tenants(watcher::Event::Delete(ready("acme", "a", &[]))),
-        );
+        w.apply(Change::Tenants(watcher::Event::Delete(ready(
+            "acme",
+            "a",
+            &[],
+        ))));
         assert!(matches!(r.by_name("acme"), Lookup::Unknown));
         assert!(r.is_empty());
     }
 
     #[test]
     fn duplicate_names_and_hosts_are_ambiguous_until_resolved() {
-        let r = Registry::default();
-        apply(
-            &r,
-            Change::Tenants(watcher::Event::Apply(ready("acme", "a", &["x.io"]))),
-        );
-        apply(
-            &r,
-            Change::Tenants(watcher::Event::Apply(ready("acme", "b", &[]))),
-        );
-        apply(
-            &r,
-            Change::Tenants(watcher::Event::Apply(ready("other", "c", &["x.io"]))),
-        );
+        let (r, mut w) = new();
+        w.apply(Change::Tenants(watcher::Event::Apply(ready(
+            "acme",
+            "a",
+            &["x.io"],
+        ))));
+        w.apply(Change::Tenants(watcher::Event::Apply(ready(
+            "acme",
+            "b",
+            &[],
+        ))));
+        w.apply(Change::Tenants(watcher::Event::Apply(ready(
+            "other",
+            "c",
+            &["x.io"],
+        ))));
         assert!(matches!(r.by_name("acme"), Lookup::Ambiguous(v) if v.len() == 2));
         assert!(matches!(r.by_host("x.io"), Lookup::Ambiguous(_)));
-        apply(
-            &r,
-            Change::Tenants(watcher::Event::Delete(ready("acme", "b", &[]))),
-        );
+        w.apply(Change::Tenants(watcher::Event::Delete(ready(
+            "acme",
+            "b",
+            &[],
+        ))));
         assert_eq!(found(r.by_name("acme")).info.namespace, "a");
     }
 
     #[test]
     fn relist_drops_tenants_deleted_while_away_and_gates_sync() {
-        let r = Registry::default();
-        let (mut tb, mut sb) = (Vec::new(), Vec::new());
-        r.apply(
-            Change::Tenants(watcher::Event::Apply(ready("gone", "a", &[]))),
-            &mut tb,
-            &mut sb,
-        );
-        r.apply(Change::Tenants(watcher::Event::Init), &mut tb, &mut sb);
-        r.apply(
-            Change::Tenants(watcher::Event::InitApply(ready("kept", "a", &[]))),
-            &mut tb,
-            &mut sb,
-        );
+        let (r, mut w) = new();
+        w.apply(Change::Tenants(watcher::Event::Apply(ready(
+            "gone",
+            "a",
+            &[],
+        ))));
+        w.apply(Change::Tenants(watcher::Event::Init));
+        w.apply(Change::Tenants(watcher::Event::InitApply(ready(
+            "kept",
+            "a",
+            &[],
+        ))));
         assert!(!r.is_synced());
-        r.apply(Change::Tenants(watcher::Event::InitDone), &mut tb, &mut sb);
-        r.apply(Change::Secrets(watcher::Event::Init), &mut tb, &mut sb);
-        r.apply(Change::Secrets(watcher::Event::InitDone), &mut tb, &mut sb);
+        w.apply(Change::Tenants(watcher::Event::InitDone));
+        w.apply(Change::Secrets(watcher::Event::Init));
+        w.apply(Change::Secrets(watcher::Event::InitDone));
         assert!(r.is_synced());
         assert!(matches!(r.by_name("gone"), Lookup::Unknown));
         assert!(matches!(r.by_name("kept"), Lookup::Found(_)));
@@ -377,19 +428,20 @@ mod tests {
 
     #[test]
     fn signing_keys_come_from_the_tenant_secret() {
-        let r = Registry::default();
-        apply(
-            &r,
-            Change::Tenants(watcher::Event::Apply(ready("acme", "a", &[]))),
-        );
+        let (r, mut w) = new();
+        w.apply(Change::Tenants(watcher::Event::Apply(ready(
+            "acme",
+            "a",
+            &[],
+        ))));
         let mut s = Secret::default();
         s.metadata.name = Some("acme-db".into());
         s.metadata.namespace = Some("a".into());
         s.data = Some([("jwt-key".to_string(), ByteString(vec![b'k'; 40]))].into());
-        apply(&r, Change::Secrets(watcher::Event::Apply(s.clone())));
+        w.apply(Change::Secrets(watcher::Event::Apply(s.clone())));
         assert_eq!(found(r.by_name("acme")).jwt_key.unwrap().len(), 40);
         s.data = Some([("jwt-key".to_string(), ByteString(vec![b'k'; 8]))].into());
-        apply(&r, Change::Secrets(watcher::Event::Apply(s)));
+        w.apply(Change::Secrets(watcher::Event::Apply(s)));
         assert!(
             found(r.by_name("acme")).jwt_key.is_none(),
             "short keys are refused"

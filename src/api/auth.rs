@@ -11,6 +11,7 @@ use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
 use super::error::ApiError;
+use crate::registry::Entry;
 
 /// The claim carrying the tenant's id (its metadata.name).
 pub const TENANT_CLAIM: &str = "tenant";
@@ -22,24 +23,39 @@ pub struct PlatformKey {
     pub alg: Algorithm,
 }
 
+/// Why a platform key file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("reading platform key {}: {error}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+    #[error("an HS256 platform key must be at least 32 bytes")]
+    ShortSecret,
+    #[error("unsupported platform key algorithm {0:?}; use RS256, ES256 or HS256")]
+    UnsupportedAlgorithm(String),
+}
+
 impl PlatformKey {
     /// Reads a key file: a PEM public key for RS256/ES256, the raw secret bytes for HS256.
-    pub fn from_file(path: &std::path::Path, alg: &str) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("reading platform key {}: {e}", path.display()))?;
+    pub fn from_file(path: &std::path::Path, alg: &str) -> Result<Self, KeyError> {
+        let bytes = std::fs::read(path).map_err(|error| KeyError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
         let (key, alg) = match alg {
             "RS256" => (DecodingKey::from_rsa_pem(&bytes)?, Algorithm::RS256),
             "ES256" => (DecodingKey::from_ec_pem(&bytes)?, Algorithm::ES256),
             "HS256" => {
-                anyhow::ensure!(
-                    bytes.len() >= 32,
-                    "an HS256 platform key must be at least 32 bytes"
-                );
+                if bytes.len() < 32 {
+                    return Err(KeyError::ShortSecret);
+                }
                 (DecodingKey::from_secret(&bytes), Algorithm::HS256)
             }
-            other => anyhow::bail!(
-                "unsupported platform key algorithm {other:?}; use RS256, ES256 or HS256"
-            ),
+            other => return Err(KeyError::UnsupportedAlgorithm(other.to_string())),
         };
         Ok(Self { key, alg })
     }
@@ -127,6 +143,27 @@ pub fn verify(token: &str, tenant_key: Option<&[u8]>, cfg: &AuthConfig) -> Resul
         K::MissingRequiredClaim(c) => format!("missing claim {c}"),
         other => format!("invalid token: {other:?}"),
     }))
+}
+
+/// Authorizes a request for the tenant it was resolved to: a bearer token is required, it must
+/// verify with that tenant's key (or the platform key), and its tenant claim must name that
+/// tenant. Returns the verified claims.
+pub fn authorize(token: Option<&str>, entry: &Entry, cfg: &AuthConfig) -> Result<Value, ApiError> {
+    let token = token
+        .ok_or_else(|| ApiError::unauthorized("a bearer token is required", "invalid_request"))?;
+    let claims = verify(token, entry.jwt_key.as_deref(), cfg)?;
+    let name = &entry.info.name;
+    match claims.get(TENANT_CLAIM).and_then(Value::as_str) {
+        Some(t) if t == name => Ok(claims),
+        Some(t) => Err(ApiError::forbidden(
+            "tenant-mismatch",
+            format!("the token is for tenant {t:?}, not {name:?}"),
+        )),
+        None => Err(ApiError::forbidden(
+            "tenant-mismatch",
+            "the token carries no tenant claim",
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -227,6 +264,35 @@ mod tests {
             .unwrap_err()
             .detail
             .contains("issuer"));
+    }
+
+    #[test]
+    fn platform_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let missing = PlatformKey::from_file(&path, "HS256").err().unwrap();
+        assert!(
+            missing.to_string().starts_with("reading platform key "),
+            "{missing}"
+        );
+        std::fs::write(&path, b"short").unwrap();
+        assert!(matches!(
+            PlatformKey::from_file(&path, "HS256"),
+            Err(KeyError::ShortSecret)
+        ));
+        assert!(matches!(
+            PlatformKey::from_file(&path, "RS256"),
+            Err(KeyError::Invalid(_))
+        ));
+        assert!(matches!(
+            PlatformKey::from_file(&path, "none"),
+            Err(KeyError::UnsupportedAlgorithm(a)) if a == "none"
+        ));
+        std::fs::write(&path, KEY).unwrap();
+        assert_eq!(
+            PlatformKey::from_file(&path, "HS256").unwrap().alg,
+            Algorithm::HS256
+        );
     }
 
     #[test]

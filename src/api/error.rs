@@ -7,6 +7,8 @@ use axum::{
 };
 use serde_json::json;
 
+use super::query::QueryError;
+
 /// Base of every problem `type` URI.
 pub const PROBLEM_BASE: &str = "https://tenantry.dev/problems/";
 
@@ -107,6 +109,19 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A request that cannot become a statement: 404 when it names a table that does not exist,
+/// 400 otherwise, with the query error's kind and detail.
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        let status = if e.is_not_found() {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError::new(status, e.kind(), e.detail())
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
@@ -193,6 +208,33 @@ mod tests {
         assert_eq!(v["status"], 401);
         let res = ApiError::unavailable("tenant-not-ready", "x", 5).into_response();
         assert_eq!(res.headers()[header::RETRY_AFTER], "5");
+    }
+
+    #[test]
+    fn query_errors_keep_their_kind_and_status() {
+        let e = ApiError::from(QueryError::UnknownTable("no table named \"x\"".into()));
+        assert_eq!(
+            (e.status, e.kind, e.detail.as_str()),
+            (
+                StatusCode::NOT_FOUND,
+                "unknown-table",
+                "no table named \"x\""
+            )
+        );
+        for (q, kind) in [
+            (QueryError::UnknownColumn("c".into()), "unknown-column"),
+            (QueryError::NoPrimaryKey("c".into()), "no-primary-key"),
+            (QueryError::InvalidFilter("c".into()), "invalid-filter"),
+            (QueryError::InvalidOrder("c".into()), "invalid-order"),
+            (
+                QueryError::InvalidParameter("c".into()),
+                "invalid-parameter",
+            ),
+            (QueryError::InvalidBody("c".into()), "invalid-body"),
+        ] {
+            let e = ApiError::from(q);
+            assert_eq!((e.status, e.kind), (StatusCode::BAD_REQUEST, kind));
+        }
     }
 
     #[test]

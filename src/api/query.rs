@@ -8,8 +8,60 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use super::error::ApiError;
+use super::config::Limits;
 use crate::domain::naming::quote_ident;
+
+/// Why a request cannot become a statement. Each variant is one problem kind; the HTTP side
+/// turns it into an `ApiError` (404 for an unknown table, 400 for the rest).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    UnknownTable(String),
+    #[error("{0}")]
+    UnknownColumn(String),
+    #[error("{0}")]
+    NoPrimaryKey(String),
+    #[error("{0}")]
+    InvalidFilter(String),
+    #[error("{0}")]
+    InvalidOrder(String),
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("{0}")]
+    InvalidBody(String),
+}
+
+impl QueryError {
+    /// The stable problem kind: the last segment of the problem `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::UnknownTable(_) => "unknown-table",
+            Self::UnknownColumn(_) => "unknown-column",
+            Self::NoPrimaryKey(_) => "no-primary-key",
+            Self::InvalidFilter(_) => "invalid-filter",
+            Self::InvalidOrder(_) => "invalid-order",
+            Self::InvalidParameter(_) => "invalid-parameter",
+            Self::InvalidBody(_) => "invalid-body",
+        }
+    }
+
+    /// True when the request names something that does not exist, rather than being malformed.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::UnknownTable(_))
+    }
+
+    pub fn detail(&self) -> &str {
+        match self {
+            Self::UnknownTable(d)
+            | Self::UnknownColumn(d)
+            | Self::NoPrimaryKey(d)
+            | Self::InvalidFilter(d)
+            | Self::InvalidOrder(d)
+            | Self::InvalidParameter(d)
+            | Self::InvalidBody(d) => d,
+        }
+    }
+}
 
 /// Tables the API never serves.
 const HIDDEN_TABLES: &[&str] = &[crate::postgres::migrations::HISTORY_TABLE];
@@ -35,12 +87,9 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn column(&self, name: &str) -> Result<&Column, ApiError> {
+    pub fn column(&self, name: &str) -> Result<&Column, QueryError> {
         self.columns.iter().find(|c| c.name == name).ok_or_else(|| {
-            ApiError::bad_request(
-                "unknown-column",
-                format!("table {} has no column {name:?}", self.name),
-            )
+            QueryError::UnknownColumn(format!("table {} has no column {name:?}", self.name))
         })
     }
 }
@@ -92,10 +141,10 @@ impl Catalog {
     }
 
     /// The table named exactly `name` (no schema prefix, no quoting, no case folding).
-    pub fn table(&self, name: &str) -> Result<&Table, ApiError> {
+    pub fn table(&self, name: &str) -> Result<&Table, QueryError> {
         self.tables
             .get(name)
-            .ok_or_else(|| ApiError::not_found("unknown-table", format!("no table named {name:?}")))
+            .ok_or_else(|| QueryError::UnknownTable(format!("no table named {name:?}")))
     }
 }
 
@@ -147,19 +196,12 @@ pub struct Query {
     pub offset: i64,
 }
 
-pub struct Limits {
-    pub default_limit: i64,
-    pub max_limit: i64,
-    pub max_offset: i64,
-}
-
-fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, ApiError> {
+fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, QueryError> {
     let col = table.column(column)?;
     let (op, rest) = raw.split_once('.').ok_or_else(|| {
-        ApiError::bad_request(
-            "invalid-filter",
-            format!("filter {column}={raw:?} must look like op.value (e.g. eq.42)"),
-        )
+        QueryError::InvalidFilter(format!(
+            "filter {column}={raw:?} must look like op.value (e.g. eq.42)"
+        ))
     })?;
     let (op, value) = match op {
         "eq" => (Op::Eq, FilterValue::One(rest.into())),
@@ -175,10 +217,7 @@ fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, ApiErr
                 .strip_prefix('(')
                 .and_then(|r| r.strip_suffix(')'))
                 .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid-filter",
-                        format!("{column}=in.… needs a list: in.(a,b)"),
-                    )
+                    QueryError::InvalidFilter(format!("{column}=in.… needs a list: in.(a,b)"))
                 })?;
             let items: Vec<String> = if inner.is_empty() {
                 Vec::new()
@@ -196,19 +235,15 @@ fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, ApiErr
             "true" => (Op::IsTrue, FilterValue::None),
             "false" => (Op::IsFalse, FilterValue::None),
             _ => {
-                return Err(ApiError::bad_request(
-                    "invalid-filter",
-                    format!("{column}=is.{rest}: use is.null, is.notnull, is.true or is.false"),
-                ))
+                return Err(QueryError::InvalidFilter(format!(
+                    "{column}=is.{rest}: use is.null, is.notnull, is.true or is.false"
+                )))
             }
         },
         other => {
-            return Err(ApiError::bad_request(
-                "invalid-filter",
-                format!(
-                    "unknown operator {other:?} (eq, neq, lt, lte, gt, gte, like, ilike, in, is)"
-                ),
-            ))
+            return Err(QueryError::InvalidFilter(format!(
+                "unknown operator {other:?} (eq, neq, lt, lte, gt, gte, like, ilike, in, is)"
+            )))
         }
     };
     Ok(Filter {
@@ -218,12 +253,9 @@ fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, ApiErr
     })
 }
 
-fn parse_int(name: &str, v: &str) -> Result<i64, ApiError> {
+fn parse_int(name: &str, v: &str) -> Result<i64, QueryError> {
     v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-        ApiError::bad_request(
-            "invalid-parameter",
-            format!("{name} must be a non-negative integer"),
-        )
+        QueryError::InvalidParameter(format!("{name} must be a non-negative integer"))
     })
 }
 
@@ -233,7 +265,7 @@ pub fn parse(
     params: &[(String, String)],
     table: &Table,
     limits: &Limits,
-) -> Result<Query, ApiError> {
+) -> Result<Query, QueryError> {
     let mut q = Query {
         limit: limits.default_limit,
         ..Query::default()
@@ -262,7 +294,7 @@ pub fn parse(
                             "desc" => o.desc = true,
                             "nullsfirst" => o.nulls_first = Some(true),
                             "nullslast" => o.nulls_first = Some(false),
-                            other => return Err(ApiError::bad_request("invalid-order", format!("unknown order modifier {other:?} (asc, desc, nullsfirst, nullslast)"))),
+                            other => return Err(QueryError::InvalidOrder(format!("unknown order modifier {other:?} (asc, desc, nullsfirst, nullslast)"))),
                         }
                     }
                     q.order.push(o);
@@ -271,22 +303,19 @@ pub fn parse(
             "limit" => {
                 q.limit = parse_int("limit", v)?;
                 if q.limit > limits.max_limit {
-                    return Err(ApiError::bad_request(
-                        "invalid-parameter",
-                        format!("limit is at most {}", limits.max_limit),
-                    ));
+                    return Err(QueryError::InvalidParameter(format!(
+                        "limit is at most {}",
+                        limits.max_limit
+                    )));
                 }
             }
             "offset" => {
                 q.offset = parse_int("offset", v)?;
                 if q.offset > limits.max_offset {
-                    return Err(ApiError::bad_request(
-                        "invalid-parameter",
-                        format!(
-                            "offset is at most {}; filter on a key instead",
-                            limits.max_offset
-                        ),
-                    ));
+                    return Err(QueryError::InvalidParameter(format!(
+                        "offset is at most {}; filter on a key instead",
+                        limits.max_offset
+                    )));
                 }
             }
             column => q.filters.push(parse_filter(table, column, v)?),
@@ -342,7 +371,7 @@ fn where_clause(
     table: &Table,
     filters: &[Filter],
     alias: &str,
-) -> Result<String, ApiError> {
+) -> Result<String, QueryError> {
     let mut parts = Vec::new();
     for f in filters {
         let col = table.column(&f.column)?;
@@ -373,7 +402,7 @@ fn where_clause(
             (Op::IsNotNull, _) => format!("{c} IS NOT NULL"),
             (Op::IsTrue, _) => format!("{c} IS TRUE"),
             (Op::IsFalse, _) => format!("{c} IS FALSE"),
-            _ => return Err(ApiError::bad_request("invalid-filter", "malformed filter")),
+            _ => return Err(QueryError::InvalidFilter("malformed filter".into())),
         });
     }
     Ok(if parts.is_empty() {
@@ -400,7 +429,7 @@ fn column_list(table: &Table, select: Option<&Vec<String>>, alias: &str) -> Stri
 }
 
 /// `SELECT` rows as one JSON array.
-pub fn select(schema: &str, table: &Table, q: &Query) -> Result<Sql, ApiError> {
+pub fn select(schema: &str, table: &Table, q: &Query) -> Result<Sql, QueryError> {
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
@@ -440,12 +469,12 @@ pub fn select(schema: &str, table: &Table, q: &Query) -> Result<Sql, ApiError> {
     Ok(sql)
 }
 
-fn pk(table: &Table) -> Result<&Column, ApiError> {
+fn pk(table: &Table) -> Result<&Column, QueryError> {
     let name = table.primary_key.as_deref().ok_or_else(|| {
-        ApiError::bad_request(
-            "no-primary-key",
-            format!("table {} has no single-column primary key", table.name),
-        )
+        QueryError::NoPrimaryKey(format!(
+            "table {} has no single-column primary key",
+            table.name
+        ))
     })?;
     table.column(name)
 }
@@ -456,7 +485,7 @@ pub fn by_id(
     table: &Table,
     id: &str,
     select: Option<&Vec<String>>,
-) -> Result<Sql, ApiError> {
+) -> Result<Sql, QueryError> {
     let pk = pk(table)?;
     let mut sql = Sql {
         text: String::new(),
@@ -474,14 +503,11 @@ pub fn by_id(
 }
 
 /// Column names of a JSON body (an object or an array of objects), checked against the table.
-fn body_columns<'a>(table: &'a Table, rows: &[Value]) -> Result<Vec<&'a Column>, ApiError> {
+fn body_columns<'a>(table: &'a Table, rows: &[Value]) -> Result<Vec<&'a Column>, QueryError> {
     let mut cols: Vec<&Column> = Vec::new();
     for row in rows {
         let obj = row.as_object().ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid-body",
-                "expected a JSON object or an array of objects",
-            )
+            QueryError::InvalidBody("expected a JSON object or an array of objects".into())
         })?;
         for k in obj.keys() {
             let c = table.column(k)?;
@@ -491,7 +517,7 @@ fn body_columns<'a>(table: &'a Table, rows: &[Value]) -> Result<Vec<&'a Column>,
         }
     }
     if cols.is_empty() {
-        return Err(ApiError::bad_request("invalid-body", "no columns given"));
+        return Err(QueryError::InvalidBody("no columns given".into()));
     }
     Ok(cols)
 }
@@ -499,9 +525,9 @@ fn body_columns<'a>(table: &'a Table, rows: &[Value]) -> Result<Vec<&'a Column>,
 /// `INSERT` of one or more rows from JSON; returns the created rows as a JSON array. Rows
 /// are grouped by the set of keys they carry, so a column a row leaves out gets its default
 /// rather than NULL.
-pub fn insert(schema: &str, table: &Table, rows: Vec<Value>) -> Result<Sql, ApiError> {
+pub fn insert(schema: &str, table: &Table, rows: Vec<Value>) -> Result<Sql, QueryError> {
     if rows.is_empty() {
-        return Err(ApiError::bad_request("invalid-body", "nothing to insert"));
+        return Err(QueryError::InvalidBody("nothing to insert".into()));
     }
     let mut groups: Vec<(Vec<String>, Vec<Value>)> = Vec::new();
     for row in rows {
@@ -550,7 +576,7 @@ pub fn update(
     table: &Table,
     filters: &[Filter],
     patch: Value,
-) -> Result<Sql, ApiError> {
+) -> Result<Sql, QueryError> {
     let cols = body_columns(table, std::slice::from_ref(&patch))?;
     let mut sql = Sql {
         text: String::new(),
@@ -573,7 +599,7 @@ pub fn update(
 }
 
 /// `DELETE` of the filtered rows; returns them.
-pub fn delete(schema: &str, table: &Table, filters: &[Filter]) -> Result<Sql, ApiError> {
+pub fn delete(schema: &str, table: &Table, filters: &[Filter]) -> Result<Sql, QueryError> {
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
@@ -607,11 +633,7 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        Limits {
-            default_limit: 100,
-            max_limit: 1000,
-            max_offset: 100_000,
-        }
+        Limits::default()
     }
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -684,7 +706,7 @@ mod tests {
             "../id",
         ] {
             let e = parse(&p(&[(bad, "eq.1")]), &t, &limits()).unwrap_err();
-            assert_eq!(e.kind, "unknown-column", "{bad}");
+            assert_eq!(e.kind(), "unknown-column", "{bad}");
         }
         let q = parse(
             &p(&[("title", "eq.'; DROP SCHEMA public; --")]),
@@ -715,7 +737,7 @@ mod tests {
             "tasks ",
             "tаsks",
         ] {
-            assert_eq!(c.table(bad).unwrap_err().kind, "unknown-table", "{bad}");
+            assert_eq!(c.table(bad).unwrap_err().kind(), "unknown-table", "{bad}");
         }
     }
 

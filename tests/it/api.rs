@@ -14,9 +14,9 @@ use kube::api::{Patch, PatchParams};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tenantry::{
-    api::{self, auth::AuthConfig, AppState, LimitsConfig, PoolConfig, Settings},
+    api::{self, auth::AuthConfig, AppState, Limits, PoolConfig, Settings},
     domain::crd::Tenant,
-    registry::Registry,
+    registry::{self, Registry},
 };
 use tower::ServiceExt;
 
@@ -74,25 +74,13 @@ impl Api {
         )
         .await
         .expect("gateway pool");
-        let registry = Registry::default();
-        let (tenants, secrets) = match namespace {
-            Some(n) => (
-                kube::Api::namespaced(ns.client.clone(), n),
-                kube::Api::namespaced(ns.client.clone(), n),
-            ),
-            None => (
-                kube::Api::all(ns.client.clone()),
-                kube::Api::all(ns.client.clone()),
-            ),
-        };
-        let r = registry.clone();
-        let watch = tokio::spawn(async move { r.watch(tenants, secrets).await });
+        let (registry, watch) = registry::watch(ns.client.clone(), namespace);
         let settings = Settings {
             base_domain: Some("tenants.test".into()),
             auth,
-            limits: LimitsConfig {
+            limits: Limits {
                 max_body_bytes: 64 * 1024,
-                ..LimitsConfig::default()
+                ..Limits::default()
             },
         };
         let router = api::router(AppState::new(registry.clone(), pool.clone(), settings));

@@ -1,0 +1,307 @@
+//! The `/v1` handlers: the resolved tenant, its catalog, and rows of its tables. Each runs its
+//! statement in the tenant's transaction ([`in_tenant`]) against the cached catalog.
+
+use axum::{
+    body::Bytes,
+    extract::{Path, RawQuery, State},
+    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use futures::FutureExt;
+use serde_json::{json, Value};
+
+use super::{
+    config::Limits, error::ApiError, query, state::AppState, tenant::TenantRequest, tx::in_tenant,
+};
+
+/// Header that allows PATCH or DELETE without filters (every row of the table).
+pub const ALL_ROWS_HEADER: &str = "x-tenantry-all-rows";
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    let mut res = (status, body).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+/// The query string as `application/x-www-form-urlencoded` pairs (`+` is a space). Invalid
+/// UTF-8 is refused rather than replaced, so a filter never silently matches on U+FFFD.
+fn params(raw: Option<String>) -> Result<Vec<(String, String)>, ApiError> {
+    let raw = raw.unwrap_or_default();
+    // `form_urlencoded` decodes lossily. Pairs are split at ASCII `&` and `=`, which can never
+    // sit inside a multi-byte sequence, so the whole string decodes as UTF-8 exactly when
+    // every name and value does.
+    if percent_encoding::percent_decode_str(&raw)
+        .decode_utf8()
+        .is_err()
+    {
+        return Err(ApiError::bad_request(
+            "invalid-parameter",
+            "query string is not valid UTF-8",
+        ));
+    }
+    Ok(form_urlencoded::parse(raw.as_bytes())
+        .into_owned()
+        .collect())
+}
+
+pub(super) async fn get_tenant(t: TenantRequest) -> Response {
+    let i = &t.entry.info;
+    Json(json!({
+        "name": i.name,
+        "namespace": i.namespace,
+        "displayName": i.display_name,
+        "hosts": i.hosts,
+        "schema": i.schema,
+        "migrationVersion": i.migration_version,
+    }))
+    .into_response()
+}
+
+pub(super) async fn list_tables(
+    State(state): State<AppState>,
+    t: TenantRequest,
+) -> Result<Response, ApiError> {
+    let schema = t.schema.clone();
+    let st = state.clone();
+    let c = in_tenant(
+        &state.pool,
+        &schema,
+        true,
+        state.settings.limits.statement_timeout_ms,
+        move |conn| {
+            async move {
+                st.catalogs
+                    .get(conn, &t.schema, t.entry.info.migration_version)
+                    .await
+            }
+            .boxed()
+        },
+    )
+    .await?;
+    Ok(Json(json!({ "tables": c.tables.values().collect::<Vec<_>>() })).into_response())
+}
+
+/// Runs the statement `build` makes for `table` (looked up in the tenant's catalog) in the
+/// tenant's transaction, and returns its JSON text.
+async fn on_table<F>(
+    state: &AppState,
+    t: TenantRequest,
+    table: String,
+    read_only: bool,
+    build: F,
+) -> Result<String, ApiError>
+where
+    F: FnOnce(&str, &query::Table, &Limits) -> Result<query::Sql, ApiError> + Send + 'static,
+{
+    let schema = t.schema.clone();
+    let st = state.clone();
+    in_tenant(
+        &state.pool,
+        &schema,
+        read_only,
+        state.settings.limits.statement_timeout_ms,
+        move |conn| {
+            async move {
+                let c = st
+                    .catalogs
+                    .get(conn, &t.schema, t.entry.info.migration_version)
+                    .await?;
+                let sql = build(t.schema.as_str(), c.table(&table)?, &st.settings.limits)?;
+                Ok(sql.fetch_json(conn).await?)
+            }
+            .boxed()
+        },
+    )
+    .await
+}
+
+pub(super) async fn list_rows(
+    State(state): State<AppState>,
+    Path(table): Path<String>,
+    RawQuery(raw): RawQuery,
+    t: TenantRequest,
+) -> Result<Response, ApiError> {
+    let p = params(raw)?;
+    let body = on_table(&state, t, table, true, move |schema, tbl, limits| {
+        Ok(query::select(schema, tbl, &query::parse(&p, tbl, limits)?)?)
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+pub(super) async fn get_row(
+    State(state): State<AppState>,
+    Path((table, id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+    t: TenantRequest,
+) -> Result<Response, ApiError> {
+    let p = params(raw)?;
+    let body = on_table(&state, t, table, true, move |schema, tbl, limits| {
+        let q = query::parse(&p, tbl, limits)?;
+        if !q.filters.is_empty() || !q.order.is_empty() {
+            return Err(ApiError::bad_request(
+                "invalid-parameter",
+                "only select= applies to a single row",
+            ));
+        }
+        Ok(query::by_id(schema, tbl, &id, q.select.as_ref())?)
+    })
+    .await?;
+    if body == "null" {
+        return Err(ApiError::not_found(
+            "row-not-found",
+            "no row with that primary key",
+        ));
+    }
+    Ok(json_response(StatusCode::OK, body))
+}
+
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid-body", format!("invalid JSON: {e}")))
+}
+
+pub(super) async fn insert_rows(
+    State(state): State<AppState>,
+    Path(table): Path<String>,
+    t: TenantRequest,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let value = parse_body(&body)?;
+    let single = value.is_object();
+    let rows = match value {
+        Value::Array(rows) => rows,
+        v @ Value::Object(_) => vec![v],
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid-body",
+                "expected a JSON object or an array of objects",
+            ))
+        }
+    };
+    let out = on_table(&state, t, table, false, move |schema, tbl, _| {
+        Ok(query::insert(schema, tbl, rows)?)
+    })
+    .await?;
+    let body = if single {
+        let mut v: Value = serde_json::from_str(&out).map_err(ApiError::internal)?;
+        v.as_array_mut()
+            .and_then(|a| a.pop())
+            .unwrap_or(Value::Null)
+            .to_string()
+    } else {
+        out
+    };
+    Ok(json_response(StatusCode::CREATED, body))
+}
+
+fn check_mass_change(
+    headers: &HeaderMap,
+    q: &query::Query,
+    method: &Method,
+) -> Result<(), ApiError> {
+    if q.select.is_some() || !q.order.is_empty() || q.offset != 0 {
+        return Err(ApiError::bad_request(
+            "invalid-parameter",
+            format!("{method} takes only column filters"),
+        ));
+    }
+    let confirmed = headers.get(ALL_ROWS_HEADER).and_then(|v| v.to_str().ok()) == Some("true");
+    if q.filters.is_empty() && !confirmed {
+        return Err(ApiError::bad_request(
+            "unfiltered-change",
+            format!("{method} without filters would change every row; add filters or send {ALL_ROWS_HEADER}: true"),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) async fn update_rows(
+    State(state): State<AppState>,
+    Path(table): Path<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    t: TenantRequest,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let p = params(raw)?;
+    let patch = parse_body(&body)?;
+    if !patch.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid-body",
+            "PATCH takes one JSON object",
+        ));
+    }
+    let out = on_table(&state, t, table, false, move |schema, tbl, limits| {
+        let q = query::parse(&p, tbl, limits)?;
+        check_mass_change(&headers, &q, &Method::PATCH)?;
+        Ok(query::update(schema, tbl, &q.filters, patch)?)
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, out))
+}
+
+pub(super) async fn delete_rows(
+    State(state): State<AppState>,
+    Path(table): Path<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    t: TenantRequest,
+) -> Result<Response, ApiError> {
+    let p = params(raw)?;
+    let out = on_table(&state, t, table, false, move |schema, tbl, limits| {
+        let q = query::parse(&p, tbl, limits)?;
+        check_mass_change(&headers, &q, &Method::DELETE)?;
+        Ok(query::delete(schema, tbl, &q.filters)?)
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(raw: &str) -> Vec<(String, String)> {
+        params(Some(raw.to_string())).unwrap()
+    }
+
+    #[test]
+    fn decodes_query_strings_like_forms() {
+        let owned = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(params(None).unwrap(), vec![]);
+        assert_eq!(
+            pairs("title=eq.a+b&&id=in.(1%2C2)&flag&=x&note=1%2B1"),
+            owned(&[
+                ("title", "eq.a b"),
+                ("id", "in.(1,2)"),
+                ("flag", ""),
+                ("", "x"),
+                ("note", "1+1")
+            ])
+        );
+        assert_eq!(pairs("t=eq.%C3%A9"), owned(&[("t", "eq.é")]));
+        assert_eq!(pairs("a=b=c"), owned(&[("a", "b=c")]));
+        assert_eq!(pairs("a=%zz%"), owned(&[("a", "%zz%")]));
+    }
+
+    #[test]
+    fn refuses_invalid_utf8() {
+        for raw in ["t=eq.%FF", "%C3=x", "a=%C3&b=%A9", "a=%E2%82"] {
+            let e = params(Some(raw.to_string())).unwrap_err();
+            assert_eq!(
+                (e.status, e.kind),
+                (StatusCode::BAD_REQUEST, "invalid-parameter"),
+                "{raw}"
+            );
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! The state every handler shares: the registry reader, the pool, the settings, the metrics
+//! and the catalog cache.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use super::{config::Settings, observe::ApiMetrics, tx::CatalogCache};
+use crate::registry::Registry;
+
+/// Shared state of all handlers. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Registry,
+    pub pool: PgPool,
+    pub settings: Arc<Settings>,
+    pub metrics: ApiMetrics,
+    pub(super) catalogs: Arc<CatalogCache>,
+}
+
+impl AppState {
+    pub fn new(registry: Registry, pool: PgPool, settings: Settings) -> Self {
+        Self {
+            registry,
+            pool,
+            settings: Arc::new(settings),
+            metrics: ApiMetrics::default(),
+            catalogs: Arc::default(),
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The [`TenantRequest`] extractor: resolves a request to one tenant from the registry (Host,
+//! `X-Tenant`, the token's tenant claim, which must all agree), checks that the tenant is
+//! ready, then has [`auth::authorize`] verify the token for that tenant.
+
+use axum::{
+    extract::FromRequestParts,
+    http::{header, request::Parts, HeaderMap, StatusCode},
+};
+use serde_json::Value;
+
+use super::{auth, error::ApiError, state::AppState};
+use crate::{
+    domain::naming::Ident,
+    registry::{Entry, Lookup},
+};
+
+/// The request's tenant, resolved and authenticated.
+pub struct TenantRequest {
+    pub entry: Entry,
+    pub schema: Ident,
+    pub claims: Value,
+}
+
+fn host_of(headers: &HeaderMap) -> Option<String> {
+    let raw = headers.get(header::HOST)?.to_str().ok()?;
+    let host = match raw.rsplit_once(':') {
+        Some((h, port))
+            if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(']')
+                || raw.starts_with('[') =>
+        {
+            h.to_string()
+        }
+        _ => raw.to_string(),
+    };
+    Some(host.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// Resolves the tenant of a request: Host (exact `spec.hosts`, then `<tenant>.<base domain>`),
+/// `X-Tenant`, then the token's tenant claim. Sources that disagree are refused.
+fn resolve(state: &AppState, headers: &HeaderMap, token: Option<&str>) -> Result<Entry, ApiError> {
+    let mut found: Option<(&'static str, Entry)> = None;
+    let mut consider = |source: &'static str, lookup: Lookup, id: &str| -> Result<(), ApiError> {
+        let entry = match lookup {
+            Lookup::Found(e) => e,
+            Lookup::Unknown => return Err(ApiError::not_found("unknown-tenant", format!("no tenant {id:?} (from {source})"))),
+            Lookup::Ambiguous(claimants) => {
+                return Err(ApiError::new(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "ambiguous-tenant",
+                    format!("{id:?} (from {source}) is claimed by several Tenants ({}); none is routable until that is resolved", claimants.join(", ")),
+                ))
+            }
+        };
+        if let Some((first, prev)) = &found {
+            if prev.info.namespace != entry.info.namespace || prev.info.name != entry.info.name {
+                return Err(ApiError::forbidden(
+                    "tenant-mismatch",
+                    format!(
+                        "{first} names tenant {:?} but {source} names {:?}",
+                        prev.info.name, entry.info.name
+                    ),
+                ));
+            }
+        } else {
+            found = Some((source, entry));
+        }
+        Ok(())
+    };
+    if let Some(host) = host_of(headers) {
+        match state.registry.by_host(&host) {
+            Lookup::Unknown => {
+                let sub = state
+                    .settings
+                    .base_domain
+                    .as_deref()
+                    .and_then(|base| host.strip_suffix(base)?.strip_suffix('.'))
+                    .filter(|s| !s.is_empty() && !s.contains('.'));
+                if let Some(name) = sub {
+                    consider("host", state.registry.by_name(name), name)?;
+                }
+            }
+            l => consider("host", l, &host)?,
+        }
+    }
+    if let Some(v) = headers.get("x-tenant") {
+        let name = v
+            .to_str()
+            .map_err(|_| ApiError::bad_request("invalid-tenant", "X-Tenant must be ASCII"))?
+            .trim()
+            .to_string();
+        consider("X-Tenant", state.registry.by_name(&name), &name)?;
+    }
+    if let Some(name) = token.and_then(auth::peek_tenant) {
+        consider("token", state.registry.by_name(&name), &name)?;
+    }
+    found
+        .map(|(_, e)| e)
+        .ok_or_else(|| ApiError::bad_request("no-tenant", "the request names no tenant: use its host, an X-Tenant header or a token with a tenant claim"))
+}
+
+impl FromRequestParts<AppState> for TenantRequest {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = auth::bearer(&parts.headers);
+        let entry = resolve(state, &parts.headers, token)?;
+        tracing::Span::current().record("tenant", entry.info.name.as_str());
+        let info = &entry.info;
+        let schema = match (&info.schema, info.ready) {
+            (Some(s), true) => Ident::parse("schema", s).map_err(ApiError::internal)?,
+            _ => {
+                return Err(ApiError::unavailable(
+                    "tenant-not-ready",
+                    format!("tenant {:?} is not ready yet", info.name),
+                    5,
+                ))
+            }
+        };
+        let claims = auth::authorize(token, &entry, &state.settings.auth)?;
+        Ok(TenantRequest {
+            entry,
+            schema,
+            claims,
+        })
+    }
+}
