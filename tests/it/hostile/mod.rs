@@ -7,6 +7,8 @@ mod operator;
 
 use sqlx::{Connection, PgConnection};
 
+use tenantry::domain::crd::Tenant;
+
 use crate::common::*;
 
 /// Host and port of the test PostgreSQL.
@@ -48,4 +50,3 @@ pub async fn two_tenants(ns: &TestNs) {
     wait_ready(ns, "acme").await;
     wait_ready(ns, "globex").await;
 }
-
