@@ -30,7 +30,10 @@ impl Stage {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("database error during {}: {source}", stage.label())]
-    Database { stage: Stage, source: sqlx::Error },
+    Database {
+        stage: Stage,
+        source: crate::postgres::Error,
+    },
     #[error("kubernetes API error during {}: {source}", stage.label())]
     Kube { stage: Stage, source: kube::Error },
     #[error("migrations: {0}")]
@@ -54,8 +57,11 @@ impl Error {
     }
 }
 
-pub(super) fn db(stage: Stage) -> impl FnOnce(sqlx::Error) -> Error {
-    move |source| Error::Database { stage, source }
+pub(super) fn db<E: Into<crate::postgres::Error>>(stage: Stage) -> impl FnOnce(E) -> Error {
+    move |source| Error::Database {
+        stage,
+        source: source.into(),
+    }
 }
 
 pub(super) fn kube_err(stage: Stage) -> impl FnOnce(kube::Error) -> Error {

@@ -148,7 +148,7 @@ pub(super) async fn fail_with(
     ctx: &Context,
 ) -> Result<Action, Error> {
     let (reason, phase) = match &err {
-        Error::Database { source, .. } if crate::postgres::is_transient(source) => {
+        Error::Database { source, .. } if source.is_transient() => {
             ("DatabaseUnavailable", Phase::Provisioning)
         }
         Error::Kube { .. } => ("KubernetesError", Phase::Provisioning),

@@ -51,6 +51,32 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Why an [`Admin`] operation that writes a tenant's ownership mark failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// The mark (JSON of the Tenant's namespace, name and uid) cannot be written as an SQL
+    /// literal. Kubernetes names and uids never make this happen.
+    #[error("tenant identity contains characters that cannot be quoted")]
+    UnquotableMark,
+}
+
+impl Error {
+    /// Whether retrying unchanged could help (see [`is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(e) => is_transient(e),
+            Error::UnquotableMark => false,
+        }
+    }
+}
+
+/// The ownership mark of `owner`, quoted for `COMMENT ON`.
+fn mark(owner: &Owner) -> Result<String, Error> {
+    quote_literal(&owner.comment()).ok_or(Error::UnquotableMark)
+}
+
 /// The operator's admin connection pool and what it learned about its own privileges.
 #[derive(Clone)]
 pub struct Admin {
@@ -237,9 +263,9 @@ impl Admin {
         id: &Ident,
         owner: &Owner,
         password: &str,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), Error> {
         let verifier = quote_literal(&scram::verifier(password)).expect("verifier is base64");
-        let comment = quote_literal(&owner.comment()).ok_or_else(bad_mark)?;
+        let comment = mark(owner)?;
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
         sqlx::Executor::execute(
@@ -262,7 +288,7 @@ impl Admin {
         if let Some(gw) = &self.gateway {
             sqlx::Executor::execute(&mut *tx, format!("GRANT {id} TO {gw}").as_str()).await?;
         }
-        tx.commit().await
+        Ok(tx.commit().await?)
     }
 
     /// Brings an existing role of this Tenant back in line: LOGIN on, mark refreshed.
@@ -271,13 +297,13 @@ impl Admin {
         id: &Ident,
         owner: &Owner,
         state: &RoleState,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<bool, Error> {
         let mut stmts = Vec::new();
         if !state.can_login {
             stmts.push(format!("ALTER ROLE {id} LOGIN"));
         }
         if state.owner.as_ref() != Some(owner) {
-            let comment = quote_literal(&owner.comment()).ok_or_else(bad_mark)?;
+            let comment = mark(owner)?;
             stmts.push(format!("COMMENT ON ROLE {id} IS {comment}"));
         }
         if let (Some(gw), false) = (&self.gateway, state.gateway_member) {
@@ -291,8 +317,8 @@ impl Admin {
     }
 
     /// Creates the schema owned by the tenant role, marked as this Tenant's, closed to PUBLIC.
-    pub async fn create_schema(&self, id: &Ident, owner: &Owner) -> Result<(), sqlx::Error> {
-        let comment = quote_literal(&owner.comment()).ok_or_else(bad_mark)?;
+    pub async fn create_schema(&self, id: &Ident, owner: &Owner) -> Result<(), Error> {
+        let comment = mark(owner)?;
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
         sqlx::Executor::execute(
@@ -305,7 +331,7 @@ impl Admin {
             .as_str(),
         )
         .await?;
-        tx.commit().await
+        Ok(tx.commit().await?)
     }
 
     /// Brings an existing schema of this Tenant back in line: owned by the role, mark refreshed.
@@ -314,13 +340,13 @@ impl Admin {
         id: &Ident,
         owner: &Owner,
         state: &SchemaState,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<bool, Error> {
         let mut stmts = Vec::new();
         if state.owner_role != id.as_str() {
             stmts.push(format!("ALTER SCHEMA {id} OWNER TO {id}"));
         }
         if state.owner.as_ref() != Some(owner) {
-            let comment = quote_literal(&owner.comment()).ok_or_else(bad_mark)?;
+            let comment = mark(owner)?;
             stmts.push(format!("COMMENT ON SCHEMA {id} IS {comment}"));
         }
         if stmts.is_empty() {
@@ -425,10 +451,6 @@ impl Admin {
     }
 }
 
-fn bad_mark() -> sqlx::Error {
-    sqlx::Error::Protocol("tenant identity contains characters that cannot be quoted".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,5 +459,13 @@ mod tests {
     fn transient_errors() {
         assert!(is_transient(&sqlx::Error::PoolTimedOut));
         assert!(!is_transient(&sqlx::Error::RowNotFound));
+    }
+
+    #[test]
+    fn an_unquotable_mark_is_its_own_permanent_error() {
+        assert!(mark(&Owner::new("ns", "acme", "uid-1")).is_ok());
+        let err = mark(&Owner::new("ns", "a\\b", "uid-1")).unwrap_err();
+        assert!(matches!(err, Error::UnquotableMark));
+        assert!(!err.is_transient());
     }
 }
