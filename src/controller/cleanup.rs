@@ -1,35 +1,27 @@
-//! Deletion according to `deletionPolicy`, behind the finalizer.
+//! Deletion according to `deletionPolicy`, behind the finalizer. Never reports success before
+//! the database work is done; copes with a Tenant that was never provisioned, and never
+//! touches a role or schema that is not this Tenant's.
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    api::DeleteParams,
-    runtime::{controller::Action, events::EventType},
-    Api, ResourceExt,
-};
-use tracing::warn;
+use kube::{api::DeleteParams, runtime::controller::Action, Api, ResourceExt};
 
 use super::{
     context::Context,
     error::{db, kube_err},
-    reconcile::{now, write_status},
+    reconcile::{now, Failure, Mark, Note, Report, Then, Warning},
     Error, Stage,
 };
 use crate::domain::{
-    crd::{Phase, Tenant},
+    crd::{DeletionPolicy, Phase, Tenant},
     naming::Ident,
     plan,
-    state::Holder,
+    state::{Holder, Owner},
     status::StatusBuilder,
 };
 
-/// Deletion according to `deletionPolicy`. Never reports success before the database work is
-/// done; copes with a Tenant that was never provisioned.
-pub(super) async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
-    let key = format!(
-        "{}/{}",
-        tenant.namespace().unwrap_or_default(),
-        tenant.name_any()
-    );
+/// Cleans up after `tenant`; returns what the reconcile should report.
+pub(super) async fn cleanup(tenant: &Tenant, ctx: &Context) -> Report {
+    let mut events = Vec::new();
     // What was provisioned (status.schema) wins over what the spec says now.
     let id = tenant
         .status
@@ -38,27 +30,39 @@ pub(super) async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Er
         .and_then(|s| Ident::parse("schema", s).ok())
         .or_else(|| plan::plan(tenant).ok().map(|p| p.ident));
     if let Some(id) = id {
-        if let Err(e) = cleanup_database(tenant, &id, ctx).await {
-            let mut b =
-                StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now());
+        if let Err(e) = cleanup_database(tenant, &id, ctx, &mut events).await {
             let message = format!("deletion is waiting for the database: {e}");
-            b.not_ready("DeletionPending", message.clone(), Phase::Deleting);
-            ctx.event(
-                tenant,
-                EventType::Warning,
-                "DeletionPending",
-                "Delete",
+            let failure = Failure {
+                mark: Mark::NotReady,
+                reason: "DeletionPending",
+                phase: Phase::Deleting,
+                event: Some(Warning {
+                    reason: "DeletionPending",
+                    action: "Delete",
+                }),
                 message,
-            )
-            .await;
-            if let Err(e) = write_status(tenant, b.build(), ctx).await {
-                warn!(error = %e, "could not record deletion failure in status");
-            }
-            return Err(e);
+                then: Then::Retry(Box::new(e)),
+            };
+            let b = StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now());
+            return failure.report(b, events);
         }
     }
-    // The Secret is owned by the Tenant and would be garbage-collected; deleting it here makes
-    // the credentials of a LOGIN-revoked or dropped role disappear at once.
+    let verdict = delete_secret(tenant, ctx).await.map(|()| {
+        let key = format!(
+            "{}/{}",
+            tenant.namespace().unwrap_or_default(),
+            tenant.name_any()
+        );
+        ctx.metrics.set_phase(key, None);
+        ctx.retrigger_related(tenant, true);
+        Action::await_change()
+    });
+    Report::events(events, verdict)
+}
+
+/// The Secret is owned by the Tenant and would be garbage-collected; deleting it here makes
+/// the credentials of a LOGIN-revoked or dropped role disappear at once.
+async fn delete_secret(tenant: &Tenant, ctx: &Context) -> Result<(), Error> {
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
     if let Some(s) = secrets
@@ -77,17 +81,16 @@ pub(super) async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Er
                 .map_err(kube_err(Stage::Cleanup))?;
         }
     }
-    ctx.metrics.set_phase(key, None);
-    ctx.retrigger_related(tenant, true);
-    Ok(Action::await_change())
+    Ok(())
 }
 
-pub(super) async fn cleanup_database(
+async fn cleanup_database(
     tenant: &Tenant,
     id: &Ident,
     ctx: &Context,
+    events: &mut Vec<Note>,
 ) -> Result<(), Error> {
-    let owner = crate::domain::state::Owner::new(
+    let owner = Owner::new(
         &tenant.namespace().unwrap_or_default(),
         &tenant.name_any(),
         tenant.metadata.uid.as_deref().unwrap_or_default(),
@@ -95,42 +98,29 @@ pub(super) async fn cleanup_database(
     let observed = ctx.admin.observe(id).await.map_err(db(Stage::Cleanup))?;
     let role_ours = observed.role_holder(&owner) == Holder::ThisTenant;
     let schema_ours = observed.schema_holder(&owner) == Holder::ThisTenant;
+    let name = id.as_str();
     match tenant.spec.deletion_policy {
-        crate::domain::crd::DeletionPolicy::Retain => {
+        DeletionPolicy::Retain => {
             if role_ours {
                 ctx.admin.retain(id).await.map_err(db(Stage::Cleanup))?;
-                ctx.event(
-                    tenant,
-                    EventType::Normal,
+                events.push(Note::normal(
                     "Retained",
                     "Delete",
-                    format!(
-                        "kept schema {} and its data; role {} can no longer log in",
-                        id.as_str(),
-                        id.as_str()
-                    ),
-                )
-                .await;
+                    format!("kept schema {name} and its data; role {name} can no longer log in"),
+                ));
             }
         }
-        crate::domain::crd::DeletionPolicy::Delete => {
+        DeletionPolicy::Delete => {
             if role_ours || schema_ours {
                 ctx.admin
                     .drop_tenant(id, schema_ours, role_ours)
                     .await
                     .map_err(db(Stage::Cleanup))?;
-                ctx.event(
-                    tenant,
-                    EventType::Normal,
+                events.push(Note::normal(
                     "Deleted",
                     "Delete",
-                    format!(
-                        "dropped schema {} with its data and role {}",
-                        id.as_str(),
-                        id.as_str()
-                    ),
-                )
-                .await;
+                    format!("dropped schema {name} with its data and role {name}"),
+                ));
             }
         }
     }

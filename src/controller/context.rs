@@ -1,5 +1,5 @@
-//! State shared by all reconciles: clients, watch caches, the verified fast-path cache,
-//! failure counters, and Event publishing.
+//! State shared by all reconciles: clients and watch caches, the verified fast-path cache,
+//! the consecutive-failure counters, the rollout's in-process counters, and Event publishing.
 
 use std::{
     collections::HashMap,
@@ -10,18 +10,22 @@ use std::{
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     runtime::{
-        events::{Event, EventType, Recorder, Reporter},
+        events::{Event, Recorder, Reporter},
         reflector::{self, ObjectRef},
     },
     Client, Resource, ResourceExt,
 };
 use tracing::warn;
 
-use super::rollout::RolloutPolicy;
+use super::{
+    reconcile::Note,
+    rollout::{Rollout, RolloutPolicy},
+};
 use crate::{
     domain::{
-        crd::{condition, Tenant},
+        crd::{condition, Phase, Tenant},
         routing,
+        status::StatusBuilder,
     },
     postgres::{migrations::MigrationSet, Admin},
     telemetry::Metrics,
@@ -30,15 +34,16 @@ use crate::{
 /// What a full reconcile verified for a Ready tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Verified {
-    pub(super) generation: Option<i64>,
-    pub(super) secret_version: Option<String>,
-    pub(super) migration_version: Option<i64>,
-    pub(super) at: Instant,
+    pub generation: Option<i64>,
+    /// resourceVersion of the credentials Secret.
+    pub secret_version: Option<String>,
+    pub migration_version: Option<i64>,
+    pub at: Instant,
 }
 
 /// How long a full verification (database reads, Secret check) is trusted: reconciles
 /// triggered by watch events in between cost no database round trip and no apiserver call.
-pub(super) const VERIFIED_FOR: Duration = Duration::from_secs(300);
+const VERIFIED_FOR: Duration = Duration::from_secs(300);
 
 /// Shared state of all reconciles.
 pub struct Context {
@@ -51,18 +56,15 @@ pub struct Context {
     pub store: reflector::Store<Tenant>,
     /// The watch cache of tenantry-managed Secrets.
     pub secrets: reflector::Store<Secret>,
-    pub(super) rollout: RolloutPolicy,
-    /// Tenants being migrated right now (for the canary).
-    pub(super) migrating: std::sync::atomic::AtomicUsize,
-    /// Tenants whose migration failed since this process started.
-    pub(super) migration_failures: std::sync::atomic::AtomicUsize,
+    /// The rollout policy and this process's migrations in flight and failed.
+    pub(super) rollout: Rollout,
     /// Tenants fully verified recently (uid → what was verified), for cheap no-op reconciles.
-    pub(super) verified: Mutex<HashMap<String, Verified>>,
+    verified: Mutex<HashMap<String, Verified>>,
     /// Asks the controller to reconcile other Tenants (whose Routable condition a change to
     /// this one makes stale).
-    pub(super) retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<Tenant>>,
+    retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<Tenant>>,
     /// Consecutive failures per Tenant, for exponential backoff.
-    pub(super) failures: Mutex<HashMap<ObjectRef<Tenant>, u32>>,
+    failures: Mutex<HashMap<ObjectRef<Tenant>, u32>>,
 }
 
 impl Context {
@@ -89,9 +91,7 @@ impl Context {
             metrics,
             store,
             secrets,
-            rollout,
-            migrating: Default::default(),
-            migration_failures: Default::default(),
+            rollout: Rollout::new(rollout),
             verified: Mutex::default(),
             retrigger,
             failures: Mutex::default(),
@@ -119,28 +119,86 @@ impl Context {
         }
     }
 
-    pub(super) async fn event(
-        &self,
-        tenant: &Tenant,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
+    /// Publishes an Event about `tenant` (best effort: a lost Event is logged, not retried).
+    pub(super) async fn publish(&self, tenant: &Tenant, note: &Note) {
         let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(truncate(&note, 1000)),
-            action: action.into(),
+            type_: note.type_,
+            reason: note.reason.into(),
+            note: Some(truncate(&note.note, 1000)),
+            action: note.action.into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, &tenant.object_ref(&())).await {
-            warn!(error = %e, reason, "failed to publish event");
+            warn!(error = %e, reason = note.reason, "failed to publish event");
         }
+    }
+
+    /// Counts one more consecutive failure of `key`; returns how many in a row.
+    pub(super) fn count_failure(&self, key: ObjectRef<Tenant>) -> u32 {
+        let mut failures = self.failures.lock().expect("failures lock");
+        let n = failures.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    pub(super) fn clear_failures(&self, key: &ObjectRef<Tenant>) {
+        self.failures.lock().expect("failures lock").remove(key);
+    }
+
+    pub(super) fn remember_verified(&self, uid: String, verified: Verified) {
+        self.verified
+            .lock()
+            .expect("verified lock")
+            .insert(uid, verified);
+    }
+
+    /// When `tenant` was fully verified recently and nothing it depends on changed since (spec
+    /// generation, its Secret, the migration set, its status), the time left until a full
+    /// check is due again. `b` holds the Routable condition computed just now.
+    pub(super) fn recently_verified(
+        &self,
+        tenant: &Tenant,
+        b: &StatusBuilder,
+        secret_name: &str,
+    ) -> Option<Duration> {
+        let status = tenant.status.as_ref()?;
+        if status.phase != Phase::Ready || status.observed_generation != tenant.metadata.generation
+        {
+            return None;
+        }
+        // The routing condition computed just now must match what the status says.
+        let routable_now = b.clone().build();
+        let now_cond = routable_now
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::ROUTABLE);
+        let then_cond = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::ROUTABLE);
+        if now_cond.map(|c| (&c.status, &c.message)) != then_cond.map(|c| (&c.status, &c.message)) {
+            return None;
+        }
+        let verified = self
+            .verified
+            .lock()
+            .expect("verified lock")
+            .get(&tenant.uid()?)?
+            .clone();
+        let secret = self
+            .secrets
+            .get(&ObjectRef::new(secret_name).within(tenant.metadata.namespace.as_deref()?))?;
+        let fresh = verified.generation == tenant.metadata.generation
+            && verified.secret_version.is_some()
+            && verified.secret_version == secret.metadata.resource_version
+            && verified.migration_version == self.migrations.latest()
+            && status.migration_version == self.migrations.latest();
+        let age = verified.at.elapsed();
+        (fresh && age < VERIFIED_FOR).then(|| VERIFIED_FOR - age)
     }
 }
 
-pub(super) fn truncate(s: &str, max: usize) -> String {
+fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }

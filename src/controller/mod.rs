@@ -4,6 +4,7 @@
 
 mod cleanup;
 mod context;
+mod credentials;
 mod error;
 mod gateway;
 mod provision;
