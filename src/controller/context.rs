@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -12,6 +12,7 @@ use kube::{
     runtime::{
         events::{Event, Recorder, Reporter},
         reflector::{self, ObjectRef},
+        watcher,
     },
     Client, Resource, ResourceExt,
 };
@@ -24,7 +25,7 @@ use super::{
 use crate::{
     domain::{
         crd::{condition, Phase, Tenant},
-        routing,
+        routing::{self, Claims, RoutingIndex},
         status::StatusBuilder,
     },
     postgres::{migrations::MigrationSet, Admin},
@@ -52,12 +53,15 @@ pub struct Context {
     pub migrations: Arc<MigrationSet>,
     pub recorder: Recorder,
     pub metrics: Metrics,
-    /// Every Tenant the controller watches, to spot names and hosts claimed twice.
+    /// Every Tenant the controller watches (rollout progress, Tenants to retrigger).
     pub store: reflector::Store<Tenant>,
     /// The watch cache of tenantry-managed Secrets.
     pub secrets: reflector::Store<Secret>,
     /// The rollout policy and this process's migrations in flight and failed.
     pub(super) rollout: Rollout,
+    /// Names and hosts claimed by every watched Tenant, fed by the Tenant watch
+    /// ([`Context::apply_watch_event`]): the Routable condition costs the same at any fleet size.
+    routing: RwLock<Routing>,
     /// Tenants fully verified recently (uid → what was verified), for cheap no-op reconciles.
     verified: Mutex<HashMap<String, Verified>>,
     /// Asks the controller to reconcile other Tenants (whose Routable condition a change to
@@ -92,10 +96,26 @@ impl Context {
             store,
             secrets,
             rollout: Rollout::new(rollout),
+            routing: RwLock::default(),
             verified: Mutex::default(),
             retrigger,
             failures: Mutex::default(),
         }
+    }
+
+    /// Feeds the routing index from the Tenant watch (before the reconciles see the event).
+    pub fn apply_watch_event(&self, event: &watcher::Event<Tenant>) {
+        self.routing.write().expect("routing lock").apply(event);
+    }
+
+    /// Why the API would not route to `tenant`: one message per other live Tenant claiming
+    /// its name or one of its hosts (the rule of [`crate::domain::routing`]).
+    pub(super) fn routing_clashes(&self, tenant: &Tenant) -> Vec<String> {
+        self.routing
+            .read()
+            .expect("routing lock")
+            .live
+            .clashes(&routing::key(tenant), &Claims::of(tenant))
     }
 
     /// Reconciles the other Tenants whose Routable condition no longer matches because of
@@ -198,6 +218,29 @@ impl Context {
     }
 }
 
+/// The routing index, kept the way the reflector keeps its store: a relist is built aside and
+/// swapped in whole once complete, so a restarted watch never shows a half-filled index.
+#[derive(Debug, Default)]
+struct Routing {
+    live: RoutingIndex,
+    relist: Option<RoutingIndex>,
+}
+
+impl Routing {
+    fn apply(&mut self, event: &watcher::Event<Tenant>) {
+        match event {
+            watcher::Event::Apply(t) => self.live.set(routing::key(t), Claims::of(t)),
+            watcher::Event::Delete(t) => self.live.remove(&routing::key(t)),
+            watcher::Event::Init => self.relist = Some(RoutingIndex::default()),
+            watcher::Event::InitApply(t) => self
+                .relist
+                .get_or_insert_with(RoutingIndex::default)
+                .set(routing::key(t), Claims::of(t)),
+            watcher::Event::InitDone => self.live = self.relist.take().unwrap_or_default(),
+        }
+    }
+}
+
 fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
@@ -207,4 +250,63 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use watcher::Event;
+
+    fn clashes(r: &Routing, t: &Tenant) -> Vec<String> {
+        r.live.clashes(&routing::key(t), &Claims::of(t))
+    }
+
+    #[test]
+    fn the_routing_index_follows_the_watch() {
+        let a = Tenant::test("a").in_namespace("ns").with_hosts(&["x.io"]);
+        let b = Tenant::test("b").in_namespace("ns").with_hosts(&["x.io"]);
+        let mut r = Routing::default();
+        r.apply(&Event::Init);
+        r.apply(&Event::InitApply(a.clone()));
+        assert!(
+            clashes(&r, &b).is_empty(),
+            "a relist shows only once complete"
+        );
+        r.apply(&Event::InitDone);
+        assert_eq!(clashes(&r, &b), ["Tenant ns/a also claims host x.io"]);
+        r.apply(&Event::Apply(b.clone()));
+        assert_eq!(clashes(&r, &a), ["Tenant ns/b also claims host x.io"]);
+        r.apply(&Event::Delete(b.clone()));
+        assert!(clashes(&r, &a).is_empty());
+
+        // A restarted watch replaces everything: a Tenant deleted meanwhile is gone.
+        r.apply(&Event::Apply(b.clone()));
+        r.apply(&Event::Init);
+        r.apply(&Event::InitApply(a.clone()));
+        assert_eq!(clashes(&r, &a), ["Tenant ns/b also claims host x.io"]);
+        r.apply(&Event::InitDone);
+        assert!(clashes(&r, &a).is_empty());
+    }
+
+    #[test]
+    fn same_verdict_as_the_domain_rule() {
+        let me = Tenant::test("acme")
+            .in_namespace("team-a")
+            .with_hosts(&["a.io"]);
+        let others = [
+            Tenant::test("acme").in_namespace("team-b"),
+            Tenant::test("x")
+                .in_namespace("team-c")
+                .with_hosts(&["A.io"]),
+            Tenant::test("y")
+                .in_namespace("team-c")
+                .with_hosts(&["b.io"]),
+            me.clone(),
+        ];
+        let mut r = Routing::default();
+        for t in &others {
+            r.apply(&Event::Apply(t.clone()));
+        }
+        assert_eq!(clashes(&r, &me), routing::clashes_among(&me, &others));
+    }
 }

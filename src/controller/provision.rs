@@ -25,7 +25,7 @@ use crate::{
         crd::{condition, Phase, Tenant},
         naming::Ident,
         plan::{self, Plan},
-        routing, scram,
+        scram,
         state::Holder,
         status::StatusBuilder,
     },
@@ -208,8 +208,7 @@ impl Run<'_> {
     /// The Routable condition: the API refuses names and hosts that two Tenants claim; say so
     /// here. Provisioning goes on either way.
     fn routing(&mut self, ctx: &Context) {
-        let all = ctx.store.state();
-        let clashes = routing::clashes_among(self.tenant, all.iter().map(|t| &**t));
+        let clashes = ctx.routing_clashes(self.tenant);
         if clashes.is_empty() {
             self.b.set(
                 condition::ROUTABLE,

@@ -170,9 +170,13 @@ pub async fn run(
         writer,
         watcher(tenants, watcher::Config::default()).default_backoff(),
     )
-    .inspect_ok(move |ev| {
-        if matches!(ev, watcher::Event::InitDone) && !synced.swap(true, Ordering::SeqCst) {
-            info!("initial Tenant sync complete");
+    .inspect_ok({
+        let ctx = ctx.clone();
+        move |ev| {
+            ctx.apply_watch_event(ev);
+            if matches!(ev, watcher::Event::InitDone) && !synced.swap(true, Ordering::SeqCst) {
+                info!("initial Tenant sync complete");
+            }
         }
     })
     .applied_objects();
