@@ -464,7 +464,7 @@ impl Cli {
                     ),
                 });
                 let args = *args;
-                controller::run(
+                Ok(controller::run(
                     client,
                     admin,
                     migrations,
@@ -482,7 +482,7 @@ impl Cli {
                     telemetry::Metrics::default(),
                     shutdown_signal(),
                 )
-                .await
+                .await?)
             }
         }
     }

@@ -14,7 +14,7 @@ mod runtime;
 
 pub use context::Context;
 pub use error::{Error, Stage};
-pub use gateway::ensure_gateway;
+pub use gateway::{ensure_gateway, GatewayError};
 pub use reconcile::{error_policy, reconcile, FIELD_MANAGER};
 pub use rollout::RolloutPolicy;
-pub use runtime::{run, Settings};
+pub use runtime::{run, RunError, Settings};

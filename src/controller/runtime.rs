@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use super::{
     context::Context,
-    gateway::ensure_gateway,
+    gateway::{ensure_gateway, GatewayError},
     reconcile::{error_policy, reconcile},
     rollout::RolloutPolicy,
 };
@@ -38,6 +38,26 @@ pub(super) fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Our own Secret and status writes arrive as watch events milliseconds apart: one follow-up
+/// reconcile instead of one each.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+/// Waiting for the database at start-up: this long, doubling, at most [`BOOTSTRAP_RETRY_MAX`].
+const BOOTSTRAP_RETRY_FIRST: Duration = Duration::from_millis(500);
+const BOOTSTRAP_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Why the controller could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot list Tenants ({0}); is the CRD installed? kubectl apply -f crds/")]
+    NoTenants(kube::Error),
+    #[error(transparent)]
+    Health(Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error("lost the leader lease; exiting so that this replica restarts as a standby")]
+    LeaseLost,
 }
 
 /// Settings of `tenantry controller`.
@@ -64,7 +84,7 @@ pub async fn run(
     settings: Settings,
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let tenants: Api<Tenant> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -77,7 +97,7 @@ pub async fn run(
         .list(&kube::api::ListParams::default().limit(1))
         .await
     {
-        anyhow::bail!("cannot list Tenants ({e}); is the CRD installed? kubectl apply -f crds/");
+        return Err(RunError::NoTenants(e));
     }
 
     metrics.set_migration_target(migrations.latest());
@@ -92,7 +112,8 @@ pub async fn run(
         },
         admin.clone(),
     )
-    .await?;
+    .await
+    .map_err(|e| RunError::Health(e.into()))?;
     info!(addr = %health, "health and metrics listening");
 
     // With leader election, wait for the lease; keep renewing it in the background and stop
@@ -127,14 +148,14 @@ pub async fn run(
     };
 
     // The database may still be starting: keep trying, reporting not-ready meanwhile.
-    let mut delay = Duration::from_millis(500);
+    let mut delay = BOOTSTRAP_RETRY_FIRST;
     loop {
         match admin.bootstrap().await {
             Ok(()) => break,
             Err(e) => {
                 warn!(error = %e, "database not ready; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
+                delay = (delay * 2).min(BOOTSTRAP_RETRY_MAX);
             }
         }
     }
@@ -186,9 +207,7 @@ pub async fn run(
         .with_config(
             ControllerConfig::default()
                 .concurrency(settings.concurrency)
-                // Our own Secret and status writes arrive as watch events milliseconds apart:
-                // one follow-up reconcile instead of one each.
-                .debounce(Duration::from_millis(200)),
+                .debounce(DEBOUNCE),
         )
         .graceful_shutdown_on(shutdown);
     info!(
@@ -205,7 +224,7 @@ pub async fn run(
         })
         .await;
     if lost.load(Ordering::SeqCst) {
-        anyhow::bail!("lost the leader lease; exiting so that this replica restarts as a standby");
+        return Err(RunError::LeaseLost);
     }
     info!("controller stopped");
     Ok(())
