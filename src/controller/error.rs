@@ -27,6 +27,7 @@ impl Stage {
     }
 }
 
+/// Why a reconcile failed; retried with backoff ([`super::error_policy`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("database error during {}: {source}", stage.label())]

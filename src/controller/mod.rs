@@ -1,6 +1,13 @@
-//! The Tenant reconciler and its runtime: a kube-runtime `Controller` over Tenants (and the
-//! Secrets they own), a pipeline per Tenant — validate → role → schema → migrations →
-//! credentials → status — behind kube-runtime's finalizer helper, and the health server.
+//! The Tenant operator: a kube-runtime `Controller` over Tenants (and the Secrets they own),
+//! one pipeline per Tenant behind kube-runtime's finalizer helper, and its runtime. It builds on
+//! `domain`, `postgres`, `telemetry`, `health` and `leader`; nothing else depends on it.
+//!
+//! - `error`: stages and the reconcile error, with metric labels.
+//! - `context`: state shared by reconciles (watch caches, routing index, fast-path cache,
+//!   failure counters) and Event publishing.
+//! - `reconcile`: entry point, backoff, and the one report step that writes Events and status.
+//! - `provision`, `cleanup`: the apply and delete pipelines; `credentials`: Secret I/O;
+//!   `rollout`: canary and halt; `gateway`: the API's role; `runtime`: wiring.
 
 mod cleanup;
 mod context;

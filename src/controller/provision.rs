@@ -267,7 +267,6 @@ impl Run<'_> {
 
     /// Creates `object` when nobody holds it, or brings this Tenant's own back in line.
     /// Returns what `create` returned when it was created.
-    #[allow(clippy::too_many_arguments)]
     async fn create_or_adopt<'s, S, T, C, CF, A, AF>(
         &mut self,
         object: Object,

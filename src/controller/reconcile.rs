@@ -266,8 +266,7 @@ fn step(
     .boxed()
 }
 
-/// Backoff after an error: [`BACKOFF_FIRST`] doubling per consecutive failure, at most
-/// [`BACKOFF_MAX`].
+/// Backoff after an error: 1 s doubling per consecutive failure, at most 5 minutes.
 pub fn error_policy(tenant: Arc<Tenant>, error: &Error, ctx: Arc<Context>) -> Action {
     let n = ctx.count_failure(ObjectRef::from_obj(&*tenant));
     let delay = (BACKOFF_FIRST * (1u32 << (n - 1).min(8))).min(BACKOFF_MAX);

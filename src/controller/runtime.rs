@@ -34,7 +34,8 @@ use crate::{
     postgres::{migrations::MigrationSet, Admin},
     telemetry::Metrics,
 };
-pub(super) fn tokio_stream_from<T: Send + 'static>(
+
+fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
