@@ -456,7 +456,7 @@ impl Cli {
                     ),
                 });
                 let args = *args;
-                controller::run(
+                Ok(controller::run(
                     client,
                     admin,
                     migrations,
@@ -474,7 +474,7 @@ impl Cli {
                     telemetry::Metrics::default(),
                     shutdown_signal(),
                 )
-                .await
+                .await?)
             }
         }
     }

@@ -21,6 +21,11 @@ pub fn managed_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY}")
 }
 
+/// The labels every Secret tenantry manages carries: what [`managed_selector`] selects.
+pub fn managed_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(MANAGED_BY_LABEL.into(), MANAGED_BY.into())])
+}
+
 /// The credentials Secret a Tenant uses: the one its status names once issued, else the one its
 /// spec asks for.
 pub fn effective_secret_name(tenant: &Tenant) -> String {
@@ -60,7 +65,8 @@ pub struct Material {
     pub jwt_key: String,
 }
 
-fn enc(s: &str) -> String {
+/// Percent-encodes a value for a connection URI: every byte but ASCII letters and digits.
+pub fn encode(s: &str) -> String {
     utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
 }
 
@@ -70,7 +76,7 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
     let user = id.as_str();
     // A host that is a socket directory must be passed as a query parameter in URIs.
     let (authority, host_param) = if endpoint.host.starts_with('/') {
-        (String::new(), format!("&host={}", enc(&endpoint.host)))
+        (String::new(), format!("&host={}", encode(&endpoint.host)))
     } else {
         (
             format!("{}:{}", endpoint.host, endpoint.port),
@@ -79,11 +85,11 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
     };
     let uri = format!(
         "postgresql://{}:{}@{}/{}?options={}{}{}",
-        enc(user),
-        enc(password),
+        encode(user),
+        encode(password),
         authority,
-        enc(&endpoint.dbname),
-        enc(&format!("-c search_path={user}")),
+        encode(&endpoint.dbname),
+        encode(&format!("-c search_path={user}")),
         host_param,
         if endpoint.host.starts_with('/') {
             format!("&port={}", endpoint.port)
@@ -95,10 +101,10 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
         "jdbc:postgresql://{}:{}/{}?currentSchema={}&user={}&password={}",
         endpoint.host,
         endpoint.port,
-        enc(&endpoint.dbname),
-        enc(user),
-        enc(user),
-        enc(password)
+        encode(&endpoint.dbname),
+        encode(user),
+        encode(user),
+        encode(password)
     );
     BTreeMap::from([
         ("host".into(), endpoint.host.clone()),
@@ -134,10 +140,9 @@ pub fn desired(tenant: &Tenant, endpoint: &Endpoint, id: &Ident, m: &Material) -
 }
 
 pub fn labels(tenant: &Tenant) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (MANAGED_BY_LABEL.into(), MANAGED_BY.into()),
-        (TENANT_LABEL.into(), tenant.name_any()),
-    ])
+    let mut labels = managed_labels();
+    labels.insert(TENANT_LABEL.into(), tenant.name_any());
+    labels
 }
 
 /// What to do about the credentials Secret.

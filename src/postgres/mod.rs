@@ -17,7 +17,7 @@ use sqlx::{
 use crate::domain::{
     naming::{quote_literal, Ident},
     scram,
-    state::Endpoint,
+    state::{Endpoint, Owner},
 };
 
 /// Whether a database error is worth retrying unchanged (connection trouble, lock timeouts,
@@ -37,6 +37,32 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         }),
         _ => false,
     }
+}
+
+/// Why an [`Admin`] operation that writes a tenant's ownership mark failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// The mark (JSON of the Tenant's namespace, name and uid) cannot be written as an SQL
+    /// literal. Kubernetes names and uids never make this happen.
+    #[error("tenant identity contains characters that cannot be quoted")]
+    UnquotableMark,
+}
+
+impl Error {
+    /// Whether retrying unchanged could help (see [`is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(e) => is_transient(e),
+            Error::UnquotableMark => false,
+        }
+    }
+}
+
+/// The ownership mark of `owner`, quoted for `COMMENT ON`.
+fn mark(owner: &Owner) -> Result<String, Error> {
+    quote_literal(&owner.comment()).ok_or(Error::UnquotableMark)
 }
 
 /// Time limits of the operator's admin sessions, so that a tenant holding a lock (or the
@@ -245,10 +271,6 @@ impl Admin {
     }
 }
 
-pub(crate) fn bad_mark() -> sqlx::Error {
-    sqlx::Error::Protocol("tenant identity contains characters that cannot be quoted".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,5 +279,13 @@ mod tests {
     fn transient_errors() {
         assert!(is_transient(&sqlx::Error::PoolTimedOut));
         assert!(!is_transient(&sqlx::Error::RowNotFound));
+    }
+
+    #[test]
+    fn an_unquotable_mark_is_its_own_permanent_error() {
+        assert!(mark(&Owner::new("ns", "acme", "uid-1")).is_ok());
+        let err = mark(&Owner::new("ns", "a\\b", "uid-1")).unwrap_err();
+        assert!(matches!(err, Error::UnquotableMark));
+        assert!(!err.is_transient());
     }
 }

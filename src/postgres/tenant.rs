@@ -12,7 +12,7 @@
 
 use sqlx::Connection;
 
-use super::{bad_mark, Admin};
+use super::{mark, Admin, Error};
 use crate::domain::{
     naming::{quote_literal, Ident},
     scram,
@@ -140,11 +140,11 @@ impl Admin {
     pub async fn ensure_roles(
         &self,
         names: &Names,
-        mark: &Owner,
+        owner_mark: &Owner,
         observed: &Observed,
         password: Option<&str>,
-    ) -> Result<bool, sqlx::Error> {
-        let comment = quote_literal(&mark.comment()).ok_or_else(bad_mark)?;
+    ) -> Result<bool, Error> {
+        let comment = mark(owner_mark)?;
         let (app, own) = (names.app(), &names.owner);
         let mut stmts = Vec::new();
         match &observed.owner_role {
@@ -164,7 +164,7 @@ impl Admin {
                 if state.can_login {
                     stmts.push(format!("ALTER ROLE {own} NOLOGIN"));
                 }
-                if state.owner.as_ref() != Some(mark) {
+                if state.owner.as_ref() != Some(owner_mark) {
                     stmts.push(format!("COMMENT ON ROLE {own} IS {comment}"));
                 }
                 if let (Some(gw), true) = (&self.gateway, state.gateway_member) {
@@ -195,7 +195,7 @@ impl Admin {
                 if !state.can_login {
                     stmts.push(format!("ALTER ROLE {app} LOGIN"));
                 }
-                if state.owner.as_ref() != Some(mark) {
+                if state.owner.as_ref() != Some(owner_mark) {
                     stmts.push(format!("COMMENT ON ROLE {app} IS {comment}"));
                 }
                 if let (Some(gw), false) = (&self.gateway, state.gateway_member) {
@@ -250,16 +250,16 @@ impl Admin {
     pub async fn ensure_schema(
         &self,
         names: &Names,
-        mark: &Owner,
+        owner_mark: &Owner,
         observed: &Observed,
-    ) -> Result<SchemaChange, sqlx::Error> {
-        let comment = quote_literal(&mark.comment()).ok_or_else(bad_mark)?;
+    ) -> Result<SchemaChange, Error> {
+        let comment = mark(owner_mark)?;
         let (schema, app, own) = (&names.schema, names.app(), &names.owner);
         let layout = observed.layout(own.as_str(), app.as_str());
         let mark_stale = observed
             .schema
             .as_ref()
-            .is_some_and(|s| s.owner.as_ref() != Some(mark));
+            .is_some_and(|s| s.owner.as_ref() != Some(owner_mark));
         let mut stmts = Vec::new();
         let mut untrusted = Vec::new();
         match layout {

@@ -1,0 +1,141 @@
+//! Deletion according to `deletionPolicy`, behind the finalizer. Never reports success before
+//! the database work is done; copes with a Tenant that was never provisioned, and never
+//! touches a role or schema that is not this Tenant's.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{api::DeleteParams, runtime::controller::Action, Api, ResourceExt};
+
+use super::{
+    context::Context,
+    error::{db, kube_err},
+    reconcile::{now, Failure, Mark, Note, Report, Then, Warning},
+    Error, Stage,
+};
+use crate::domain::{
+    crd::{DeletionPolicy, Phase, Tenant},
+    naming::Ident,
+    plan,
+    state::{Holder, Owner},
+    status::StatusBuilder,
+};
+use crate::postgres::tenant::Names;
+
+/// Cleans up after `tenant`; returns what the reconcile should report.
+pub(super) async fn cleanup(tenant: &Tenant, ctx: &Context) -> Report {
+    let mut events = Vec::new();
+    // What was provisioned (status.schema) wins over what the spec says now.
+    let id = tenant
+        .status
+        .as_ref()
+        .and_then(|s| s.schema.as_deref())
+        .and_then(|s| Ident::parse("schema", s).ok())
+        .or_else(|| plan::plan(tenant).ok().map(|p| p.ident));
+    if let Some(id) = id {
+        if let Err(e) = cleanup_database(tenant, &id, ctx, &mut events).await {
+            let message = format!("deletion is waiting for the database: {e}");
+            let failure = Failure {
+                mark: Mark::NotReady,
+                reason: "DeletionPending",
+                phase: Phase::Deleting,
+                event: Some(Warning {
+                    reason: "DeletionPending",
+                    action: "Delete",
+                }),
+                message,
+                then: Then::Retry(Box::new(e)),
+            };
+            let b = StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now());
+            return failure.report(b, events);
+        }
+    }
+    let verdict = delete_secret(tenant, ctx).await.map(|()| {
+        let key = format!(
+            "{}/{}",
+            tenant.namespace().unwrap_or_default(),
+            tenant.name_any()
+        );
+        ctx.metrics.set_phase(key, None);
+        ctx.retrigger_related(tenant, true);
+        Action::await_change()
+    });
+    Report::events(events, verdict)
+}
+
+/// The Secret is owned by the Tenant and would be garbage-collected; deleting it here makes
+/// the credentials of a LOGIN-revoked or dropped role disappear at once.
+async fn delete_secret(tenant: &Tenant, ctx: &Context) -> Result<(), Error> {
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
+    if let Some(s) = secrets
+        .get_opt(&tenant.secret_name())
+        .await
+        .map_err(kube_err(Stage::Cleanup))?
+    {
+        let uid = tenant.uid();
+        if s.owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref())
+        {
+            secrets
+                .delete(&s.name_any(), &DeleteParams::default())
+                .await
+                .map_err(kube_err(Stage::Cleanup))?;
+        }
+    }
+    Ok(())
+}
+
+async fn cleanup_database(
+    tenant: &Tenant,
+    id: &Ident,
+    ctx: &Context,
+    events: &mut Vec<Note>,
+) -> Result<(), Error> {
+    let owner = Owner::new(
+        &tenant.namespace().unwrap_or_default(),
+        &tenant.name_any(),
+        tenant.metadata.uid.as_deref().unwrap_or_default(),
+    );
+    let names = Names::new(id.clone());
+    let observed = ctx
+        .admin
+        .observe_tenant(&names)
+        .await
+        .map_err(db(Stage::Cleanup))?;
+    let role_ours = observed.role_holder(&owner) == Holder::ThisTenant;
+    let owner_ours = observed.owner_role_holder(&owner) == Holder::ThisTenant;
+    let schema_ours = observed.schema_holder(&owner) == Holder::ThisTenant;
+    let name = id.as_str();
+    match tenant.spec.deletion_policy {
+        DeletionPolicy::Retain => {
+            if role_ours {
+                ctx.admin
+                    .retain_tenant(&names)
+                    .await
+                    .map_err(db(Stage::Cleanup))?;
+                events.push(Note::normal(
+                    "Retained",
+                    "Delete",
+                    format!("kept schema {name} and its data; role {name} can no longer log in"),
+                ));
+            }
+        }
+        DeletionPolicy::Delete => {
+            if role_ours || owner_ours || schema_ours {
+                ctx.admin
+                    .drop_tenant_roles(&names, schema_ours, role_ours, owner_ours)
+                    .await
+                    .map_err(db(Stage::Cleanup))?;
+                events.push(Note::normal(
+                    "Deleted",
+                    "Delete",
+                    format!(
+                        "dropped schema {name} with its data, role {name} and owner role {}",
+                        names.owner.as_str()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,590 @@
+//! The apply pipeline: validate → routing → observe/conflicts → role → schema → migrations →
+//! credentials → ready. Each stage sets its condition and returns Ok or a [`Failure`]; the
+//! whole run ends in one [`Report`], which the reconcile publishes.
+
+use std::time::{Duration, Instant};
+
+use kube::runtime::controller::Action;
+use tracing::{info, Span};
+
+use super::{
+    context::{Context, Verified},
+    credentials::{self, Issued},
+    error::db,
+    reconcile::{
+        now, Failure, Mark, Note, Report, Then, Warning, REQUEUE_MIGRATION_FAILED, RESYNC,
+    },
+    rollout::{Admission, Hold},
+    Error, Stage,
+};
+use crate::{
+    domain::{
+        crd::{condition, Phase, Tenant},
+        naming::Ident,
+        plan::{self, Plan},
+        scram,
+        state::{Holder, Observed, Owner},
+        status::StatusBuilder,
+    },
+    postgres::{
+        migrations::MigrateError,
+        tenant::{Names, SchemaChange},
+    },
+};
+
+/// Provisions `tenant`; returns what the reconcile should report.
+pub(super) async fn apply(tenant: &Tenant, ctx: &Context) -> Report {
+    let mut run = Run {
+        tenant,
+        b: StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now()),
+        previous_phase: tenant.status.as_ref().map(|s| s.phase),
+        notices: Vec::new(),
+        journal: Vec::new(),
+    };
+    let end = run.pipeline(ctx).await;
+    run.finish(end)
+}
+
+/// One apply in progress: the status being built and the Events gathered so far.
+struct Run<'t> {
+    tenant: &'t Tenant,
+    b: StatusBuilder,
+    previous_phase: Option<Phase>,
+    /// Events about the Tenant as a whole (routing, rollout), published first.
+    notices: Vec<Note>,
+    /// Steps taken: published as one `Provisioned` Event on first provisioning, or one Event
+    /// each otherwise (and before a failure).
+    journal: Vec<Note>,
+}
+
+/// How a pipeline that did not fail ended.
+enum Done {
+    /// Verified recently and nothing changed since: no writes; look again when the
+    /// verification expires.
+    Unchanged(Duration),
+    /// Ready (perhaps with migrations held back by the rollout).
+    Ready {
+        verified: Verified,
+        requeue: Duration,
+    },
+}
+
+/// The role or the schema, which a Tenant creates or adopts alike.
+#[derive(Debug, Clone, Copy)]
+enum Object {
+    Role,
+    Schema,
+}
+
+impl Object {
+    fn what(self) -> &'static str {
+        match self {
+            Object::Role => "role",
+            Object::Schema => "schema",
+        }
+    }
+
+    fn condition(self) -> &'static str {
+        match self {
+            Object::Role => condition::ROLE_READY,
+            Object::Schema => condition::SCHEMA_READY,
+        }
+    }
+}
+
+impl Run<'_> {
+    async fn pipeline(&mut self, ctx: &Context) -> Result<Done, Failure> {
+        let plan = self.validate()?;
+        let (id, owner, secret_name) = (&plan.ident, &plan.owner, plan.secret_name.as_str());
+        Span::current().record("schema", id.as_str());
+        self.routing(ctx);
+
+        // Fast path: nothing relevant changed since a recent full verification (our own Secret
+        // and status writes come back as watch events; they need no second look).
+        if let Some(wait) = ctx.recently_verified(self.tenant, &self.b, secret_name) {
+            return Ok(Done::Unchanged(wait));
+        }
+
+        // Read what exists, once, before changing anything: conflicts stop us with nothing done.
+        let names = Names::new(id.clone());
+        let observed = ctx
+            .admin
+            .observe_tenant(&names)
+            .await
+            .map_err(|e| Failure::error(condition::ROLE_READY, db(Stage::Role)(e)))?;
+        self.no_conflicts([
+            (Object::Role, id, observed.role_holder(owner)),
+            (
+                Object::Role,
+                &names.owner,
+                observed.owner_role_holder(owner),
+            ),
+            (Object::Schema, id, observed.schema_holder(owner)),
+        ])?;
+
+        let fresh_password = self.roles(&names, owner, &observed, ctx).await?;
+        self.schema(&names, owner, &observed, ctx).await?;
+        {
+            let s = self.b.status_mut();
+            s.schema = Some(id.as_str().to_string());
+            s.role = Some(id.as_str().to_string());
+            s.owner_role = Some(names.owner.as_str().to_string());
+        }
+
+        let (version, held) = self.migrations(&names, ctx).await?;
+
+        let verifier = observed.role.as_ref().and_then(|r| r.verifier.as_deref());
+        let secret_version = self
+            .credentials(id, secret_name, verifier, fresh_password.as_deref(), ctx)
+            .await?;
+
+        Ok(self.ready(id, secret_name, version, held, secret_version))
+    }
+
+    /// Validates the spec (pure). Invalid specs wait for a change; nothing touches the
+    /// database. The Event is sent when the Tenant becomes Invalid or its spec changed.
+    fn validate(&self) -> Result<Plan, Failure> {
+        plan::plan(self.tenant).map_err(|message| {
+            let news = self.previous_phase != Some(Phase::Invalid)
+                || self
+                    .tenant
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.observed_generation)
+                    != self.tenant.metadata.generation;
+            Failure {
+                mark: Mark::NotReady,
+                reason: "Invalid",
+                phase: Phase::Invalid,
+                event: news.then_some(Warning {
+                    reason: "InvalidSpec",
+                    action: "Validate",
+                }),
+                message,
+                then: Then::AwaitChange,
+            }
+        })
+    }
+
+    /// The Routable condition: the API refuses names and hosts that two Tenants claim; say so
+    /// here. Provisioning goes on either way.
+    fn routing(&mut self, ctx: &Context) {
+        let clashes = ctx.routing_clashes(self.tenant);
+        if clashes.is_empty() {
+            self.b.set(
+                condition::ROUTABLE,
+                "True",
+                "Unique",
+                "no other Tenant has this name or its hosts",
+            );
+        } else {
+            let message = format!(
+                "the API will not route to this tenant: {}",
+                clashes.join("; ")
+            );
+            if self
+                .tenant
+                .condition(condition::ROUTABLE)
+                .is_none_or(|c| c.message != message)
+            {
+                self.notices.push(Note::warning(
+                    "AmbiguousRouting",
+                    "Validate",
+                    message.clone(),
+                ));
+            }
+            self.b
+                .set(condition::ROUTABLE, "False", "Ambiguous", message);
+        }
+        ctx.retrigger_related(self.tenant, false);
+    }
+
+    /// Stops, with nothing changed, when either role or the schema is someone else's.
+    fn no_conflicts(&self, holders: [(Object, &Ident, Holder); 3]) -> Result<(), Failure> {
+        for (object, name, holder) in holders {
+            let what = object.what();
+            let message = match holder {
+                Holder::Unmanaged => format!(
+                    "{what} {} already exists and is not managed by tenantry; nothing was changed",
+                    name.as_str()
+                ),
+                Holder::OtherTenant(o) => format!(
+                    "{what} {} belongs to Tenant {}/{}; nothing was changed",
+                    name.as_str(),
+                    o.namespace,
+                    o.name
+                ),
+                Holder::Nobody | Holder::ThisTenant => continue,
+            };
+            return Err(Failure::conflict(
+                object.condition(),
+                "Provision",
+                message,
+                self.previous_phase,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The owner role (never logs in) and the app login: created when missing, brought back in
+    /// line otherwise. Returns the app role's password when it was created now.
+    async fn roles(
+        &mut self,
+        names: &Names,
+        owner: &Owner,
+        observed: &Observed,
+        ctx: &Context,
+    ) -> Result<Option<String>, Failure> {
+        let id = names.app();
+        let password = observed.role.is_none().then(scram::generate_password);
+        ctx.admin
+            .ensure_roles(names, owner, observed, password.as_deref())
+            .await
+            .map_err(|e| Failure::error(condition::ROLE_READY, db(Stage::Role)(e)))?;
+        let (reason, verb) = if password.is_some() {
+            self.journal.push(Note::normal(
+                "RoleCreated",
+                "Provision",
+                format!(
+                    "created role {} (owner role {})",
+                    id.as_str(),
+                    names.owner.as_str()
+                ),
+            ));
+            ("Created", "created")
+        } else {
+            ("Exists", "exists")
+        };
+        self.b.ok(
+            condition::ROLE_READY,
+            reason,
+            format!("role {} {verb}", id.as_str()),
+        );
+        Ok(password)
+    }
+
+    /// The schema in the owner/app layout: created, converted from the layout before the
+    /// split (with a Warning listing what may have been planted), or repaired.
+    async fn schema(
+        &mut self,
+        names: &Names,
+        owner: &Owner,
+        observed: &Observed,
+        ctx: &Context,
+    ) -> Result<(), Failure> {
+        let id = names.app();
+        let change = ctx
+            .admin
+            .ensure_schema(names, owner, observed)
+            .await
+            .map_err(|e| Failure::error(condition::SCHEMA_READY, db(Stage::Schema)(e)))?;
+        let created = match change {
+            SchemaChange::Created => {
+                self.journal.push(Note::normal(
+                    "SchemaCreated",
+                    "Provision",
+                    format!(
+                        "created schema {} owned by role {}",
+                        id.as_str(),
+                        names.owner.as_str()
+                    ),
+                ));
+                true
+            }
+            SchemaChange::Converted { untrusted } => {
+                let list = if untrusted.is_empty() {
+                    "none found".to_string()
+                } else {
+                    untrusted.join(", ")
+                };
+                self.notices.push(Note::warning(
+                    "OwnershipConverted",
+                    "Provision",
+                    format!(
+                        "schema {} now belongs to role {}; role {} keeps read/write access only. \
+                         Functions, triggers, views, rules and policies created before the \
+                         conversion may have been planted with the tenant credentials and now \
+                         run as the owner; review them: {list}",
+                        id.as_str(),
+                        names.owner.as_str(),
+                        id.as_str()
+                    ),
+                ));
+                false
+            }
+            SchemaChange::Repaired | SchemaChange::Unchanged => false,
+        };
+        let (reason, verb) = if created {
+            ("Created", "created")
+        } else {
+            ("Exists", "exists")
+        };
+        self.b.ok(
+            condition::SCHEMA_READY,
+            reason,
+            format!("schema {} {verb}", id.as_str()),
+        );
+        Ok(())
+    }
+
+    /// Migrations, as the tenant's owner role, inside the schema. Returns the schema's version and,
+    /// when the rollout holds pending migrations back, why.
+    async fn migrations(
+        &mut self,
+        names: &Names,
+        ctx: &Context,
+    ) -> Result<(Option<i64>, Option<Hold>), Failure> {
+        let before = self.tenant.condition(condition::MIGRATIONS_APPLIED);
+        let own_failure = before.filter(|c| c.reason == "MigrationFailed");
+        match migrate(names, ctx).await {
+            Ok(Migrated {
+                version,
+                held: Some(_),
+                ..
+            }) if own_failure.is_some() => {
+                // This tenant's own failure is what holds the rollout: keep reporting it (it is
+                // also what makes the halt survive a restart).
+                self.b.status_mut().migration_version = version;
+                Err(Failure {
+                    mark: Mark::Step(condition::MIGRATIONS_APPLIED),
+                    reason: "MigrationFailed",
+                    phase: Phase::Failed,
+                    message: own_failure.map(|c| c.message.clone()).unwrap_or_default(),
+                    event: None,
+                    then: Then::Requeue(REQUEUE_MIGRATION_FAILED),
+                })
+            }
+            Ok(Migrated {
+                version,
+                held: Some((hold, message)),
+                ..
+            }) => {
+                // The tenant keeps working at its current version meanwhile.
+                self.b.status_mut().migration_version = version;
+                if hold == Hold::Halted && before.is_none_or(|c| c.reason != hold.reason()) {
+                    self.notices
+                        .push(Note::warning(hold.reason(), "Migrate", message.clone()));
+                }
+                self.b.set(
+                    condition::MIGRATIONS_APPLIED,
+                    "False",
+                    hold.reason(),
+                    message,
+                );
+                Ok((version, Some(hold)))
+            }
+            Ok(Migrated {
+                version,
+                applied,
+                held: None,
+            }) => {
+                self.b.status_mut().migration_version = version;
+                let v = version.map_or("none".to_string(), |v| v.to_string());
+                if !applied.is_empty() {
+                    let list = applied
+                        .iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    // A fleet rollout is reported per tenant by status.migrationVersion and in
+                    // aggregate by metrics and log lines; an Event per tenant would double the
+                    // apiserver writes of a rollout.
+                    if self.previous_phase == Some(Phase::Ready) {
+                        tracing::debug!(versions = %list, "applied migrations");
+                    } else {
+                        self.journal.push(Note::normal(
+                            "MigrationsApplied",
+                            "Provision",
+                            format!("applied migrations {list} (schema at version {v})"),
+                        ));
+                    }
+                }
+                self.b.ok(
+                    condition::MIGRATIONS_APPLIED,
+                    "UpToDate",
+                    format!("schema at migration version {v}"),
+                );
+                Ok((version, None))
+            }
+            Err(Error::Migration(MigrateError::UntrustedHistory { message })) => Err(Failure {
+                mark: Mark::Step(condition::MIGRATIONS_APPLIED),
+                reason: "UntrustedHistory",
+                phase: Phase::Failed,
+                event: before
+                    .is_none_or(|c| c.message != message)
+                    .then_some(Warning {
+                        reason: "UntrustedHistory",
+                        action: "Migrate",
+                    }),
+                message,
+                then: Then::Requeue(REQUEUE_MIGRATION_FAILED),
+            }),
+            Err(Error::Migration(e)) if !e.is_transient() => {
+                let message = e.to_string();
+                Err(Failure {
+                    mark: Mark::Step(condition::MIGRATIONS_APPLIED),
+                    reason: "MigrationFailed",
+                    phase: Phase::Failed,
+                    event: before
+                        .is_none_or(|c| c.message != message)
+                        .then_some(Warning {
+                            reason: "MigrationFailed",
+                            action: "Migrate",
+                        }),
+                    message,
+                    then: Then::Requeue(REQUEUE_MIGRATION_FAILED),
+                })
+            }
+            Err(e) => Err(Failure::error(condition::MIGRATIONS_APPLIED, e)),
+        }
+    }
+
+    /// The credentials Secret. Returns its resourceVersion.
+    async fn credentials(
+        &mut self,
+        id: &Ident,
+        secret_name: &str,
+        verifier: Option<&str>,
+        fresh_password: Option<&str>,
+        ctx: &Context,
+    ) -> Result<Option<String>, Failure> {
+        let issued =
+            credentials::ensure(self.tenant, id, secret_name, verifier, fresh_password, ctx)
+                .await
+                .map_err(|e| Failure::error(condition::CREDENTIALS_READY, e))?;
+        match issued {
+            Issued::Ready { version, wrote } => {
+                self.journal.extend(wrote);
+                self.b.ok(
+                    condition::CREDENTIALS_READY,
+                    "Issued",
+                    format!("credentials in Secret {secret_name}"),
+                );
+                Ok(version)
+            }
+            Issued::Conflict(message) => Err(Failure::conflict(
+                condition::CREDENTIALS_READY,
+                "IssueCredentials",
+                message,
+                self.previous_phase,
+            )),
+        }
+    }
+
+    /// Ready. On first provisioning the journal becomes one `Provisioned` Event (each
+    /// apiserver write costs at fleet scale) whose note lists the steps taken.
+    fn ready(
+        &mut self,
+        id: &Ident,
+        secret_name: &str,
+        version: Option<i64>,
+        held: Option<Hold>,
+        secret_version: Option<String>,
+    ) -> Done {
+        self.b.status_mut().secret_name = Some(secret_name.to_string());
+        self.b.ready(format!(
+            "schema {} ready with credentials in Secret {secret_name}",
+            id.as_str()
+        ));
+        if self.previous_phase != Some(Phase::Ready) {
+            info!(schema = id.as_str(), "tenant provisioned");
+            let steps = self
+                .journal
+                .iter()
+                .map(|n| n.note.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let note = format!(
+                "schema {} at migration version {} with credentials in Secret {secret_name}{}",
+                id.as_str(),
+                version.map_or("none".into(), |v| v.to_string()),
+                if steps.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {steps}")
+                }
+            );
+            self.journal = vec![Note::normal("Provisioned", "Provision", note)];
+        }
+        Done::Ready {
+            verified: Verified {
+                generation: self.tenant.metadata.generation,
+                secret_version,
+                migration_version: version,
+                at: Instant::now(),
+            },
+            requeue: held.map_or(RESYNC, Hold::requeue),
+        }
+    }
+
+    /// The report of this run: notices, then the journal, then the failure's own Event; the
+    /// status unless nothing was looked at.
+    fn finish(self, end: Result<Done, Failure>) -> Report {
+        let mut events = self.notices;
+        events.extend(self.journal);
+        match end {
+            Ok(Done::Unchanged(wait)) => Report::events(events, Ok(Action::requeue(wait))),
+            Ok(Done::Ready { verified, requeue }) => Report {
+                events,
+                status: Some(self.b.build()),
+                verdict: Ok(Action::requeue(requeue)),
+                verified: Some(verified),
+            },
+            Err(failure) => failure.report(self.b, events),
+        }
+    }
+}
+
+/// Outcome of the migration step.
+struct Migrated {
+    version: Option<i64>,
+    applied: Vec<i64>,
+    /// Pending migrations held back by the rollout, and the condition message.
+    held: Option<(Hold, String)>,
+}
+
+/// Applies pending migrations; returns the schema's version and the versions applied now.
+/// A schema already up to date costs one read and no transaction.
+async fn migrate(names: &Names, ctx: &Context) -> Result<Migrated, Error> {
+    let applied = ctx.admin.applied_migrations(names).await?;
+    let pending = ctx.migrations.pending(&applied)?;
+    let current = applied.iter().map(|(v, _)| *v).max();
+    if pending.is_empty() {
+        return Ok(Migrated {
+            version: current,
+            applied: Vec::new(),
+            held: None,
+        });
+    }
+    // New tenants get the whole set at once; tenants already migrated once follow the rollout.
+    let permit = if applied.is_empty() {
+        None
+    } else {
+        match ctx
+            .rollout
+            .admit(&ctx.store, ctx.migrations.latest(), &ctx.metrics)
+        {
+            Admission::Go(permit) => Some(permit),
+            Admission::Hold(hold, message) => {
+                return Ok(Migrated {
+                    version: current,
+                    applied: Vec::new(),
+                    held: Some((hold, message)),
+                })
+            }
+        }
+    };
+    let result = ctx.admin.migrate(names, &ctx.migrations).await;
+    if let (Some(permit), Err(e)) = (permit, &result) {
+        if !e.is_transient() {
+            permit.failed();
+        }
+    }
+    let applied_now = result?;
+    let version = current.into_iter().chain(applied_now.iter().copied()).max();
+    Ok(Migrated {
+        version,
+        applied: applied_now,
+        held: None,
+    })
+}

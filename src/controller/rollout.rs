@@ -1,0 +1,246 @@
+//! Rollout control for a new migration set across tenants that are already provisioned: a
+//! canary first, and a halt after too many failures. Decided from the Tenants in the watch
+//! cache (so it survives restarts) and from this process's own in-flight and failed
+//! migrations (which the cache may not show yet).
+
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use kube::runtime::reflector::Store;
+
+use super::reconcile::{REQUEUE_ROLLOUT_HALTED, REQUEUE_ROLLOUT_PENDING};
+use crate::{
+    domain::crd::{condition, Tenant},
+    telemetry::Metrics,
+};
+
+/// Rollout control for a new migration set across existing tenants.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RolloutPolicy {
+    /// Migrate this many tenants first; the rest wait until they are all at the new version.
+    /// 0: no canary.
+    pub canary: usize,
+    /// Stop migrating once this many tenants failed the new set. 0: never stop.
+    pub max_failures: usize,
+}
+
+/// Why a tenant's pending migrations are held back. The tenant keeps working at its current
+/// version meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Hold {
+    /// The canary has not reached the new version yet, or failed it.
+    Pending,
+    /// Too many tenants failed the new set.
+    Halted,
+}
+
+impl Hold {
+    /// The reason of the MigrationsApplied condition (and of the RolloutHalted Event).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Hold::Pending => "RolloutPending",
+            Hold::Halted => "RolloutHalted",
+        }
+    }
+
+    /// When to look again.
+    pub fn requeue(self) -> Duration {
+        match self {
+            Hold::Pending => REQUEUE_ROLLOUT_PENDING,
+            Hold::Halted => REQUEUE_ROLLOUT_HALTED,
+        }
+    }
+}
+
+/// What the rollout lets one tenant do now.
+pub(super) enum Admission<'a> {
+    /// Migrate now, holding an in-flight slot.
+    Go(Permit<'a>),
+    /// Not now, and why (the condition message).
+    Hold(Hold, String),
+}
+
+/// The policy and this process's own part of the rollout.
+#[derive(Debug, Default)]
+pub(super) struct Rollout {
+    policy: RolloutPolicy,
+    /// Tenants being migrated right now (for the canary).
+    in_flight: AtomicUsize,
+    /// Tenants whose migration failed since this process started.
+    failed: AtomicUsize,
+}
+
+/// An in-flight slot of the rollout, released when dropped.
+pub(super) struct Permit<'a> {
+    rollout: &'a Rollout,
+}
+
+impl Permit<'_> {
+    /// The migration failed for a reason retrying will not fix: it counts against the rollout.
+    pub fn failed(self) {
+        self.rollout.failed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.rollout.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Rollout {
+    pub fn new(policy: RolloutPolicy) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a tenant may migrate to `target` now, given every Tenant in `tenants`. Also
+    /// reports the rollout's progress in `metrics`.
+    pub fn admit(
+        &self,
+        tenants: &Store<Tenant>,
+        target: Option<i64>,
+        metrics: &Metrics,
+    ) -> Admission<'_> {
+        let mut total = 0usize;
+        let mut done = 0usize;
+        let mut failed_seen = 0usize;
+        for t in tenants.state() {
+            total += 1;
+            if t.status.as_ref().and_then(|s| s.migration_version) == target {
+                done += 1;
+            }
+            if t.condition(condition::MIGRATIONS_APPLIED)
+                .is_some_and(|c| c.reason == "MigrationFailed")
+            {
+                failed_seen += 1;
+            }
+        }
+        let failed = failed_seen.max(self.failed.load(Ordering::SeqCst));
+        metrics.rollout(target, total.saturating_sub(done), failed);
+        let version = target.unwrap_or_default();
+        loop {
+            let in_flight = self.in_flight.load(Ordering::SeqCst);
+            if let Some((hold, message)) = held(self.policy, version, done, failed, in_flight) {
+                return Admission::Hold(hold, message);
+            }
+            if self
+                .in_flight
+                .compare_exchange(in_flight, in_flight + 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return Admission::Go(Permit { rollout: self });
+            }
+        }
+    }
+}
+
+/// The rule: halted once `max_failures` tenants failed `version`; while the canary runs, only
+/// as many tenants as it has places migrate.
+fn held(
+    p: RolloutPolicy,
+    version: i64,
+    done: usize,
+    failed: usize,
+    in_flight: usize,
+) -> Option<(Hold, String)> {
+    if p.max_failures > 0 && failed >= p.max_failures {
+        return Some((
+            Hold::Halted,
+            format!(
+                "rollout of migration version {version} halted: {failed} tenants failed it (limit {}); fix the migration set and restart the operator",
+                p.max_failures
+            ),
+        ));
+    }
+    if p.canary > 0 && done < p.canary && done + in_flight + failed >= p.canary {
+        let message = if failed > 0 {
+            format!(
+                "the canary failed: {failed} of {} canary tenants could not reach version {version}",
+                p.canary
+            )
+        } else {
+            format!(
+                "waiting for the canary: {done} of {} canary tenants at version {version}",
+                p.canary
+            )
+        };
+        return Some((Hold::Pending, message));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CANARY: RolloutPolicy = RolloutPolicy {
+        canary: 1,
+        max_failures: 1,
+    };
+
+    #[test]
+    fn the_canary_goes_alone_then_everyone() {
+        assert_eq!(held(CANARY, 3, 0, 0, 0), None);
+        let (hold, message) = held(CANARY, 3, 0, 0, 1).unwrap();
+        assert_eq!(hold, Hold::Pending);
+        assert_eq!(
+            message,
+            "waiting for the canary: 0 of 1 canary tenants at version 3"
+        );
+        assert_eq!(held(CANARY, 3, 1, 0, 5), None, "canary done");
+        assert_eq!(held(RolloutPolicy::default(), 3, 0, 9, 9), None);
+    }
+
+    #[test]
+    fn failures_halt_the_rollout() {
+        let (hold, message) = held(CANARY, 3, 0, 1, 0).unwrap();
+        assert_eq!(hold, Hold::Halted);
+        assert!(message.starts_with("rollout of migration version 3 halted"));
+        let policy = RolloutPolicy {
+            canary: 2,
+            max_failures: 0,
+        };
+        let (hold, message) = held(policy, 3, 0, 1, 1).unwrap();
+        assert_eq!(hold, Hold::Pending);
+        assert!(message.starts_with("the canary failed: 1 of 2"));
+    }
+
+    #[test]
+    fn holds_map_to_the_condition_reasons_and_delays() {
+        assert_eq!(Hold::Pending.reason(), "RolloutPending");
+        assert_eq!(Hold::Halted.reason(), "RolloutHalted");
+        assert_eq!(Hold::Pending.requeue(), Duration::from_secs(5));
+        assert_eq!(Hold::Halted.requeue(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_permit_holds_a_slot_until_dropped() {
+        let rollout = Rollout::new(CANARY);
+        let (_writer, store) = {
+            let (reader, writer) = kube::runtime::reflector::store::<Tenant>();
+            (writer, reader)
+        };
+        let metrics = Metrics::default();
+        let Admission::Go(permit) = rollout.admit(&store, Some(3), &metrics) else {
+            panic!("the first tenant is the canary");
+        };
+        assert!(matches!(
+            rollout.admit(&store, Some(3), &metrics),
+            Admission::Hold(Hold::Pending, _)
+        ));
+        drop(permit);
+        let Admission::Go(permit) = rollout.admit(&store, Some(3), &metrics) else {
+            panic!("the slot was released");
+        };
+        permit.failed();
+        assert!(matches!(
+            rollout.admit(&store, Some(3), &metrics),
+            Admission::Hold(Hold::Halted, _)
+        ));
+    }
+}

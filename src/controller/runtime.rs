@@ -1,0 +1,232 @@
+//! Runtime wiring: watches, the kube-runtime `Controller`, leader election, the health server
+//! and the database bootstrap.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    runtime::{
+        controller::{Config as ControllerConfig, Controller},
+        reflector::{self, reflector},
+        watcher::{self, watcher},
+        WatchStreamExt,
+    },
+    Api, Client,
+};
+use tracing::{info, warn};
+
+use super::{
+    context::Context,
+    gateway::{ensure_gateway, GatewayError},
+    reconcile::{error_policy, reconcile},
+    rollout::RolloutPolicy,
+};
+use crate::{
+    domain::{crd::Tenant, credentials as secret},
+    postgres::{migrations::MigrationSet, Admin},
+    telemetry::Metrics,
+};
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Our own Secret and status writes arrive as watch events milliseconds apart: one follow-up
+/// reconcile instead of one each.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+/// Waiting for the database at start-up: this long, doubling, at most [`BOOTSTRAP_RETRY_MAX`].
+const BOOTSTRAP_RETRY_FIRST: Duration = Duration::from_millis(500);
+const BOOTSTRAP_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Why the controller could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot list Tenants ({0}); is the CRD installed? kubectl apply -f crds/")]
+    NoTenants(kube::Error),
+    #[error(transparent)]
+    Health(Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error("lost the leader lease; exiting so that this replica restarts as a standby")]
+    LeaseLost,
+}
+
+/// Settings of `tenantry controller`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Watch Tenants in this namespace only (all namespaces when `None`).
+    pub namespace: Option<String>,
+    pub concurrency: u16,
+    pub health_addr: SocketAddr,
+    /// Where the gateway role's credentials are kept (namespace, name), when the admin has a
+    /// gateway role.
+    pub gateway_secret: Option<(String, String)>,
+    /// Leader election; `None` runs as the only replica.
+    pub leader: Option<crate::leader::LeaseConfig>,
+    /// How a new migration set rolls out over tenants that are already provisioned.
+    pub rollout: RolloutPolicy,
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    mut admin: Admin,
+    migrations: MigrationSet,
+    settings: Settings,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), RunError> {
+    let tenants: Api<Tenant> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let secrets: Api<Secret> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    if let Err(e) = tenants
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        return Err(RunError::NoTenants(e));
+    }
+
+    metrics.set_migration_target(migrations.latest());
+    let synced = Arc::new(AtomicBool::new(false));
+    let standby = Arc::new(AtomicBool::new(settings.leader.is_some()));
+    let health = crate::health::serve(
+        settings.health_addr,
+        metrics.clone(),
+        crate::health::Readiness {
+            synced: synced.clone(),
+            standby: standby.clone(),
+        },
+        admin.clone(),
+    )
+    .await
+    .map_err(|e| RunError::Health(e.into()))?;
+    info!(addr = %health, "health and metrics listening");
+
+    // With leader election, wait for the lease; keep renewing it in the background and stop
+    // reconciling the moment it is lost.
+    let lost_rx = match settings.leader.clone() {
+        Some(cfg) => {
+            let elector = crate::leader::LeaderElector::new(client.clone(), cfg);
+            elector.acquire().await;
+            standby.store(false, Ordering::SeqCst);
+            let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                elector.keep().await;
+                let _ = lost_tx.send(());
+            });
+            Some(lost_rx)
+        }
+        None => None,
+    };
+    let lost = Arc::new(AtomicBool::new(false));
+    let lost_flag = lost.clone();
+    let shutdown = async move {
+        let lease_lost = async {
+            match lost_rx {
+                Some(rx) => rx.await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown => {}
+            true = lease_lost => lost_flag.store(true, Ordering::SeqCst),
+        }
+    };
+
+    // The database may still be starting: keep trying, reporting not-ready meanwhile.
+    let mut delay = BOOTSTRAP_RETRY_FIRST;
+    loop {
+        match admin.bootstrap().await {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(error = %e, "database not ready; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(BOOTSTRAP_RETRY_MAX);
+            }
+        }
+    }
+
+    if let Some((ns, name)) = &settings.gateway_secret {
+        ensure_gateway(&client, &admin, ns, name).await?;
+    }
+    // Our own reflector (rather than Controller::new) so readiness can follow the watch:
+    // ready once the first full list has landed in the store.
+    let (reader, writer) = reflector::store();
+    let (retrigger, retriggered) = tokio::sync::mpsc::unbounded_channel();
+    let (secret_reader, secret_writer) = reflector::store::<Secret>();
+    let secret_stream = reflector(
+        secret_writer,
+        watcher(
+            secrets,
+            watcher::Config::default().labels(&secret::managed_selector()),
+        )
+        .default_backoff(),
+    )
+    .touched_objects();
+    let ctx = Arc::new(Context::new(
+        client,
+        admin,
+        migrations,
+        metrics,
+        reader.clone(),
+        secret_reader,
+        retrigger,
+        settings.rollout,
+    ));
+    let tenant_stream = reflector(
+        writer,
+        watcher(tenants, watcher::Config::default()).default_backoff(),
+    )
+    .inspect_ok({
+        let ctx = ctx.clone();
+        move |ev| {
+            ctx.apply_watch_event(ev);
+            if matches!(ev, watcher::Event::InitDone) && !synced.swap(true, Ordering::SeqCst) {
+                info!("initial Tenant sync complete");
+            }
+        }
+    })
+    .applied_objects();
+    let controller = Controller::for_stream(tenant_stream, reader)
+        .reconcile_on(tokio_stream_from(retriggered))
+        .owns_stream(secret_stream)
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(settings.concurrency)
+                .debounce(DEBOUNCE),
+        )
+        .graceful_shutdown_on(shutdown);
+    info!(
+        namespace = settings.namespace.as_deref().unwrap_or("<all>"),
+        migrations = ctx.migrations.latest(),
+        "controller started"
+    );
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile did not complete");
+            }
+        })
+        .await;
+    if lost.load(Ordering::SeqCst) {
+        return Err(RunError::LeaseLost);
+    }
+    info!("controller stopped");
+    Ok(())
+}
