@@ -142,12 +142,16 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     )
     .await
     .unwrap();
-    let (registry, _watch) = tenantry::registry::watch(client.clone(), Some(&ns));
+    let config = tenantry::registry::Config {
+        namespace: Some(ns.to_string()),
+        base_domain: None,
+        signing_key: (ns.to_string(), "tenantry-signing-key".into()),
+    };
+    let (registry, _watch) = tenantry::registry::watch(client.clone(), &config);
     while !registry.is_synced() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let settings = tenantry::api::Settings {
-        base_domain: None,
         auth: tenantry::api::auth::AuthConfig { leeway_secs: 30, ..Default::default() },
         limits: tenantry::api::Limits::default(),
     };

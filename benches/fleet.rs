@@ -149,6 +149,8 @@ impl Operator {
             concurrency,
             health_addr: "127.0.0.1:0".parse().unwrap(),
             gateway_secret: Some((ns.into(), "tenantry-gateway".into())),
+            signing_key: (ns.into(), "tenantry-signing-key".into()),
+            base_domain: None,
             leader: None,
             rollout: Default::default(),
         };

@@ -52,6 +52,36 @@ pub enum Command {
     Token(TokenArgs),
 }
 
+/// Where the platform signing key lives: the operator creates it, the API reads it (that one
+/// Secret only) and derives every tenant's token key from it.
+#[derive(Debug, Args)]
+pub struct SigningKeyArgs {
+    /// Secret holding the platform key (key `key`) every tenant's token signing key is derived
+    /// from. The operator creates it with a random key when missing.
+    #[arg(
+        long,
+        env = "TENANTRY_SIGNING_KEY_SECRET",
+        default_value = "tenantry-signing-key"
+    )]
+    pub signing_key_secret: String,
+
+    /// Namespace of that Secret (default: POD_NAMESPACE, else the kubeconfig namespace).
+    #[arg(long, env = "TENANTRY_SIGNING_KEY_SECRET_NAMESPACE")]
+    pub signing_key_secret_namespace: Option<String>,
+}
+
+impl SigningKeyArgs {
+    /// (namespace, name) of the Secret, for a client whose default namespace applies.
+    pub fn locate(&self, client: &Client) -> (String, String) {
+        let ns = self
+            .signing_key_secret_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        (ns, self.signing_key_secret.clone())
+    }
+}
+
 /// How to reach the Kubernetes API.
 #[derive(Debug, Args)]
 pub struct KubeArgs {
@@ -79,6 +109,14 @@ pub struct ControllerArgs {
 
     #[command(flatten)]
     pub kube: KubeArgs,
+
+    #[command(flatten)]
+    pub signing_key: SigningKeyArgs,
+
+    /// The API's base domain: `<name>.<base domain>` belongs to the Tenant called `<name>`, and
+    /// the Routable condition says so when another Tenant lists that host.
+    #[arg(long, env = "TENANTRY_BASE_DOMAIN")]
+    pub base_domain: Option<String>,
 
     /// Watch Tenants in this namespace only (default: all namespaces).
     #[arg(long, env = "TENANTRY_NAMESPACE")]
@@ -237,6 +275,9 @@ pub struct ApiArgs {
     #[command(flatten)]
     pub kube: KubeArgs,
 
+    #[command(flatten)]
+    pub signing_key: SigningKeyArgs,
+
     /// Serve Tenants of this namespace only (default: all namespaces).
     #[arg(long, env = "TENANTRY_NAMESPACE")]
     pub namespace: Option<String>,
@@ -366,9 +407,6 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
         None => None,
     };
     let settings = api::Settings {
-        base_domain: args
-            .base_domain
-            .map(|d| d.trim_matches('.').to_ascii_lowercase()),
         auth: api::auth::AuthConfig {
             issuer: args.jwt_issuer,
             audience: args.jwt_audience,
@@ -395,7 +433,12 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     .await
     .context("--database-url")?;
     let client = args.kube.client().await?;
-    let (registry, _watch) = crate::registry::watch(client, args.namespace.as_deref());
+    let config = crate::registry::Config {
+        namespace: args.namespace.clone(),
+        base_domain: args.base_domain.clone(),
+        signing_key: args.signing_key.locate(&client),
+    };
+    let (registry, _watch) = crate::registry::watch(client, &config);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
@@ -455,6 +498,7 @@ impl Cli {
                         (args.lease_duration_secs / 3).max(1),
                     ),
                 });
+                let signing_key = args.signing_key.locate(&client);
                 let args = *args;
                 Ok(controller::run(
                     client,
@@ -465,6 +509,8 @@ impl Cli {
                         concurrency: args.concurrency,
                         health_addr: args.health_addr,
                         gateway_secret: gateway.map(|_| (gateway_namespace, args.gateway_secret)),
+                        signing_key,
+                        base_domain: args.base_domain,
                         leader,
                         rollout: controller::RolloutPolicy {
                             canary: args.rollout_canary,

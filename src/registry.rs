@@ -1,7 +1,8 @@
-//! The API's live tenant registry: a watch-fed index of Tenants and the signing keys in their
-//! credentials Secrets. One [`RegistryWriter`] (the watch task) feeds it; request handlers
-//! hold [`Registry`] readers, which cannot write and never call the apiserver. Names and hosts
-//! claimed twice are routable by nobody (the rule lives in [`crate::domain::routing`]).
+//! The API's live tenant registry: a watch-fed index of Tenants, and the platform signing key
+//! each tenant's token key is derived from (so the API reads no tenant's Secret). One
+//! [`RegistryWriter`] (the watch task) feeds it; request handlers hold [`Registry`] readers,
+//! which cannot write and never call the apiserver. Names and hosts claimed twice are routable
+//! by nobody (the rule lives in [`crate::domain::routing`]).
 
 use std::{
     collections::HashMap,
@@ -10,6 +11,8 @@ use std::{
         Arc, RwLock,
     },
 };
+
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
@@ -38,6 +41,8 @@ pub struct TenantInfo {
     pub ready: bool,
     pub migration_version: Option<i64>,
     pub secret_name: String,
+    /// metadata.uid: the context of the tenant's signing-key derivation.
+    pub uid: String,
 }
 
 impl TenantInfo {
@@ -62,6 +67,7 @@ impl TenantInfo {
                 && t.metadata.deletion_timestamp.is_none(),
             migration_version: status.and_then(|s| s.migration_version),
             secret_name: creds::effective_secret_name(t),
+            uid: t.metadata.uid.clone().unwrap_or_default(),
         }
     }
 }
@@ -87,8 +93,8 @@ struct Index {
     tenants: HashMap<Key, Arc<TenantInfo>>,
     /// Who claims which name and host: the rule the operator's Routable condition uses.
     routes: RoutingIndex,
-    /// (namespace, secret name) → jwt-key bytes.
-    keys: HashMap<Key, Arc<[u8]>>,
+    /// The platform signing key, once read.
+    platform_key: Option<Arc<[u8]>>,
 }
 
 impl Index {
@@ -109,10 +115,13 @@ impl Index {
 
     fn entry(&self, key: &Key) -> Option<Entry> {
         let info = self.tenants.get(key)?.clone();
+        // HKDF costs two HMACs: derived per lookup rather than stored per tenant, so a new
+        // platform key applies to every tenant at once.
         let jwt_key = self
-            .keys
-            .get(&(info.namespace.clone(), info.secret_name.clone()))
-            .cloned();
+            .platform_key
+            .as_ref()
+            .filter(|_| !info.uid.is_empty())
+            .map(|pk| Arc::from(creds::derive_jwt_key(pk, &info.uid).as_bytes()));
         Some(Entry { info, jwt_key })
     }
 
@@ -127,17 +136,12 @@ impl Index {
     }
 }
 
-fn jwt_key_of(s: &Secret) -> Option<Arc<[u8]>> {
-    let bytes = &s.data.as_ref()?.get(creds::JWT_KEY)?.0;
-    (bytes.len() >= creds::MIN_JWT_KEY_BYTES).then(|| Arc::from(bytes.as_slice()))
-}
-
 /// What the readers and the writer share.
 #[derive(Default)]
 struct Shared {
     index: RwLock<Index>,
     tenants_synced: AtomicBool,
-    secrets_synced: AtomicBool,
+    key_loaded: AtomicBool,
 }
 
 /// Read access to the registry: lookups and sync state, nothing that writes. Cheap to clone;
@@ -153,45 +157,69 @@ pub struct RegistryWriter {
     shared: Arc<Shared>,
     /// Objects of a relist in progress, applied together when it completes.
     tenant_buf: Vec<Tenant>,
-    secret_buf: Vec<Secret>,
 }
 
-/// An empty registry: the reader handle to share and the one writer to feed it.
-pub fn new() -> (Registry, RegistryWriter) {
-    let shared = Arc::new(Shared::default());
+/// An empty registry in which `<name>.<base_domain>` routes to the Tenant called `<name>`: the
+/// reader handle to share and the one writer to feed it.
+pub fn new(base_domain: Option<&str>) -> (Registry, RegistryWriter) {
+    let shared = Arc::new(Shared {
+        index: RwLock::new(Index {
+            routes: RoutingIndex::with_base_domain(base_domain),
+            ..Index::default()
+        }),
+        ..Shared::default()
+    });
     let writer = RegistryWriter {
         shared: shared.clone(),
         tenant_buf: Vec::new(),
-        secret_buf: Vec::new(),
     };
     (Registry { shared }, writer)
 }
 
-/// A registry kept current from the apiserver: watches Tenants and tenantry-managed Secrets
-/// (all namespaces, or only `namespace`) on a spawned task, retrying with backoff across
-/// apiserver outages and serving the last known state meanwhile. Dropping the handle detaches
-/// the task; aborting it stops the watch.
-pub fn watch(client: Client, namespace: Option<&str>) -> (Registry, JoinHandle<()>) {
-    let (tenants, secrets): (Api<Tenant>, Api<Secret>) = match namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client, ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client)),
+/// Where the registry finds what it serves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Watch Tenants of this namespace only (all namespaces when `None`).
+    pub namespace: Option<String>,
+    /// `<name>.<base domain>` routes to the Tenant called `<name>`.
+    pub base_domain: Option<String>,
+    /// The Secret (namespace, name) holding the platform signing key under
+    /// [`creds::PLATFORM_KEY`].
+    pub signing_key: (String, String),
+}
+
+/// How often the platform signing key is read again (a rotated key applies within this).
+const KEY_REFRESH: Duration = Duration::from_secs(30);
+/// How soon a failed or empty read is retried before the first key arrives.
+const KEY_RETRY: Duration = Duration::from_secs(2);
+
+/// A registry kept current from the apiserver: watches Tenants (all namespaces, or only
+/// `config.namespace`) and reads the platform signing key, on a spawned task, retrying with
+/// backoff across apiserver outages and serving the last known state meanwhile. Dropping the
+/// handle detaches the task; aborting it stops the watch.
+pub fn watch(client: Client, config: &Config) -> (Registry, JoinHandle<()>) {
+    let tenants: Api<Tenant> = match &config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
-    let (registry, mut writer) = new();
-    let task = tokio::spawn(async move { writer.run(changes(tenants, secrets)).await });
+    let (ns, name) = config.signing_key.clone();
+    let secrets: Api<Secret> = Api::namespaced(client, &ns);
+    let (registry, mut writer) = new(config.base_domain.as_deref());
+    let task = tokio::spawn(async move { writer.run(changes(tenants, secrets, name)).await });
     (registry, task)
 }
 
-/// One watch event, from either stream.
+/// One change the registry follows. Each is moved once through the stream, so the size of a
+/// Tenant event is not worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Change {
     Tenants(watcher::Event<Tenant>),
-    Secrets(watcher::Event<Secret>),
+    /// The platform signing key as read now.
+    SigningKey(Vec<u8>),
 }
 
-/// The merged, retrying watch streams of Tenants and tenantry-managed Secrets.
-fn changes(tenants: Api<Tenant>, secrets: Api<Secret>) -> impl Stream<Item = Change> {
+/// The retrying Tenant watch merged with periodic reads of the signing-key Secret.
+fn changes(tenants: Api<Tenant>, secrets: Api<Secret>, name: String) -> impl Stream<Item = Change> {
     let tenant_events = watcher(tenants, watcher::Config::default())
         .default_backoff()
         .filter_map(|r| async move {
@@ -199,24 +227,50 @@ fn changes(tenants: Api<Tenant>, secrets: Api<Secret>) -> impl Stream<Item = Cha
                 .ok()
                 .map(Change::Tenants)
         });
-    let secret_events = watcher(
-        secrets,
-        watcher::Config::default().labels(&creds::managed_selector()),
-    )
-    .default_backoff()
-    .filter_map(|r| async move {
-        r.map_err(|e| warn!(error = %e, "secret watch error; retrying"))
-            .ok()
-            .map(Change::Secrets)
-    });
-    futures::stream::select(tenant_events, secret_events)
+    let key_reads = futures::stream::unfold(
+        (secrets, name, false),
+        |(secrets, name, loaded)| async move {
+            loop {
+                let key = match secrets.get_opt(&name).await {
+                    Ok(Some(s)) => s
+                        .data
+                        .and_then(|mut d| d.remove(creds::PLATFORM_KEY))
+                        .map(|b| b.0)
+                        .filter(|k| k.len() >= creds::MIN_PLATFORM_KEY_BYTES),
+                    Ok(None) => None,
+                    Err(e) => {
+                        warn!(error = %e, secret = %name, "cannot read the signing key; retrying");
+                        None
+                    }
+                };
+                match key {
+                    Some(k) => {
+                        let next = (secrets, name, true);
+                        // The first key is delivered at once, later ones after each refresh.
+                        if loaded {
+                            tokio::time::sleep(KEY_REFRESH).await;
+                        }
+                        return Some((Change::SigningKey(k), next));
+                    }
+                    None => {
+                        if !loaded {
+                            info!(secret = %name, "waiting for the signing key Secret");
+                        }
+                        tokio::time::sleep(if loaded { KEY_REFRESH } else { KEY_RETRY }).await;
+                    }
+                }
+            }
+        },
+    );
+    futures::stream::select(tenant_events, key_reads)
 }
 
 impl Registry {
-    /// True once both watches have delivered their first full list.
+    /// True once the Tenant watch has delivered its first full list and the signing key has
+    /// been read.
     pub fn is_synced(&self) -> bool {
         self.shared.tenants_synced.load(Ordering::SeqCst)
-            && self.shared.secrets_synced.load(Ordering::SeqCst)
+            && self.shared.key_loaded.load(Ordering::SeqCst)
     }
 
     pub fn len(&self) -> usize {
@@ -280,34 +334,15 @@ impl RegistryWriter {
                     }
                 }
             },
-            Change::Secrets(ev) => match ev {
-                watcher::Event::Apply(s) => {
-                    let key = (s.namespace().unwrap_or_default(), s.name_any());
-                    match jwt_key_of(&s) {
-                        Some(k) => idx.keys.insert(key, k),
-                        None => idx.keys.remove(&key),
-                    };
+            Change::SigningKey(k) => {
+                if idx.platform_key.as_deref() != Some(k.as_slice()) {
+                    if idx.platform_key.is_some() {
+                        info!("signing key changed; tenant token keys follow");
+                    }
+                    idx.platform_key = Some(Arc::from(k.as_slice()));
                 }
-                watcher::Event::Delete(s) => {
-                    idx.keys
-                        .remove(&(s.namespace().unwrap_or_default(), s.name_any()));
-                }
-                watcher::Event::Init => self.secret_buf.clear(),
-                watcher::Event::InitApply(s) => self.secret_buf.push(s),
-                watcher::Event::InitDone => {
-                    idx.keys = self
-                        .secret_buf
-                        .drain(..)
-                        .filter_map(|s| {
-                            Some((
-                                (s.namespace().unwrap_or_default(), s.name_any()),
-                                jwt_key_of(&s)?,
-                            ))
-                        })
-                        .collect();
-                    shared.secrets_synced.store(true, Ordering::SeqCst);
-                }
-            },
+                shared.key_loaded.store(true, Ordering::SeqCst);
+            }
         }
     }
 
@@ -324,7 +359,6 @@ impl RegistryWriter {
 mod tests {
     use super::*;
     use crate::domain::crd::{Condition, TenantStatus};
-    use k8s_openapi::ByteString;
 
     fn ready(name: &str, ns: &str, hosts: &[&str]) -> Tenant {
         let mut t = Tenant::test(name).in_namespace(ns).with_hosts(hosts);
@@ -351,7 +385,7 @@ mod tests {
 
     #[test]
     fn indexes_by_name_and_host_and_follows_updates() {
-        let (r, mut w) = new();
+        let (r, mut w) = new(None);
         w.apply(Change::Tenants(watcher::Event::Apply(ready(
             "acme",
             "a",
@@ -377,7 +411,7 @@ mod tests {
 
     #[test]
     fn duplicate_names_and_hosts_are_ambiguous_until_resolved() {
-        let (r, mut w) = new();
+        let (r, mut w) = new(None);
         w.apply(Change::Tenants(watcher::Event::Apply(ready(
             "acme",
             "a",
@@ -405,7 +439,7 @@ mod tests {
 
     #[test]
     fn relist_drops_tenants_deleted_while_away_and_gates_sync() {
-        let (r, mut w) = new();
+        let (r, mut w) = new(None);
         w.apply(Change::Tenants(watcher::Event::Apply(ready(
             "gone",
             "a",
@@ -419,32 +453,47 @@ mod tests {
         ))));
         assert!(!r.is_synced());
         w.apply(Change::Tenants(watcher::Event::InitDone));
-        w.apply(Change::Secrets(watcher::Event::Init));
-        w.apply(Change::Secrets(watcher::Event::InitDone));
+        assert!(!r.is_synced(), "synced before the signing key arrived");
+        w.apply(Change::SigningKey(vec![b'p'; 32]));
         assert!(r.is_synced());
         assert!(matches!(r.by_name("gone"), Lookup::Unknown));
         assert!(matches!(r.by_name("kept"), Lookup::Found(_)));
     }
 
     #[test]
-    fn signing_keys_come_from_the_tenant_secret() {
-        let (r, mut w) = new();
+    fn signing_keys_are_derived_from_the_platform_key_and_the_uid() {
+        let (r, mut w) = new(None);
+        let mut t = ready("acme", "a", &[]);
+        t.metadata.uid = Some("uid-1".into());
+        w.apply(Change::Tenants(watcher::Event::Apply(t)));
+        assert!(
+            found(r.by_name("acme")).jwt_key.is_none(),
+            "no key before the platform key"
+        );
+        w.apply(Change::SigningKey(vec![b'p'; 32]));
+        let key = found(r.by_name("acme")).jwt_key.unwrap();
+        assert_eq!(
+            &*key,
+            creds::derive_jwt_key(&[b'p'; 32], "uid-1").as_bytes()
+        );
+        w.apply(Change::SigningKey(vec![b'q'; 32]));
+        assert_ne!(found(r.by_name("acme")).jwt_key.unwrap(), key);
+    }
+
+    #[test]
+    fn base_domain_hosts_route_to_the_tenant_of_that_name() {
+        let (r, mut w) = new(Some("tenants.test"));
         w.apply(Change::Tenants(watcher::Event::Apply(ready(
             "acme",
             "a",
+            &["globex.tenants.test"],
+        ))));
+        w.apply(Change::Tenants(watcher::Event::Apply(ready(
+            "globex",
+            "b",
             &[],
         ))));
-        let mut s = Secret::default();
-        s.metadata.name = Some("acme-db".into());
-        s.metadata.namespace = Some("a".into());
-        s.data = Some([("jwt-key".to_string(), ByteString(vec![b'k'; 40]))].into());
-        w.apply(Change::Secrets(watcher::Event::Apply(s.clone())));
-        assert_eq!(found(r.by_name("acme")).jwt_key.unwrap().len(), 40);
-        s.data = Some([("jwt-key".to_string(), ByteString(vec![b'k'; 8]))].into());
-        w.apply(Change::Secrets(watcher::Event::Apply(s)));
-        assert!(
-            found(r.by_name("acme")).jwt_key.is_none(),
-            "short keys are refused"
-        );
+        assert_eq!(found(r.by_host("globex.tenants.test")).info.name, "globex");
+        assert_eq!(found(r.by_host("Acme.Tenants.Test")).info.name, "acme");
     }
 }

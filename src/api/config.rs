@@ -10,8 +10,6 @@ use super::auth::AuthConfig;
 /// Settings of `tenantry api`.
 #[derive(Clone)]
 pub struct Settings {
-    /// `<tenant>.<base domain>` routes to a tenant when set.
-    pub base_domain: Option<String>,
     pub auth: AuthConfig,
     pub limits: Limits,
 }

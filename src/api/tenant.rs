@@ -35,7 +35,7 @@ fn host_of(headers: &HeaderMap) -> Option<String> {
     Some(host.trim_end_matches('.').to_ascii_lowercase())
 }
 
-/// Resolves the tenant of a request: Host (exact `spec.hosts`, then `<tenant>.<base domain>`),
+/// Resolves the tenant of a request: Host (`<tenant>.<base domain>`, then exact `spec.hosts`),
 /// `X-Tenant`, then the token's tenant claim. Sources that disagree are refused.
 fn resolve(state: &AppState, headers: &HeaderMap, token: Option<&str>) -> Result<Entry, ApiError> {
     let mut found: Option<(&'static str, Entry)> = None;
@@ -67,18 +67,11 @@ fn resolve(state: &AppState, headers: &HeaderMap, token: Option<&str>) -> Result
         Ok(())
     };
     if let Some(host) = host_of(headers) {
+        // The registry applies the routing rule: `<name>.<base domain>` is the Tenant called
+        // `<name>`, whoever else lists that host.
         match state.registry.by_host(&host) {
-            Lookup::Unknown => {
-                let sub = state
-                    .settings
-                    .base_domain
-                    .as_deref()
-                    .and_then(|base| host.strip_suffix(base)?.strip_suffix('.'))
-                    .filter(|s| !s.is_empty() && !s.contains('.'));
-                if let Some(name) = sub {
-                    consider("host", state.registry.by_name(name), name)?;
-                }
-            }
+            // A host the API does not route (its own Service name, say) names no tenant.
+            Lookup::Unknown => {}
             l => consider("host", l, &host)?,
         }
     }

@@ -62,6 +62,8 @@ pub struct Context {
     /// Names and hosts claimed by every watched Tenant, fed by the Tenant watch
     /// ([`Context::apply_watch_event`]): the Routable condition costs the same at any fleet size.
     routing: RwLock<Routing>,
+    /// The platform key every tenant's token signing key is derived from.
+    platform_key: Arc<[u8]>,
     /// Tenants fully verified recently (uid → what was verified), for cheap no-op reconciles.
     verified: Mutex<HashMap<String, Verified>>,
     /// Asks the controller to reconcile other Tenants (whose Routable condition a change to
@@ -82,6 +84,8 @@ impl Context {
         secrets: reflector::Store<Secret>,
         retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<Tenant>>,
         rollout: RolloutPolicy,
+        base_domain: Option<&str>,
+        platform_key: Arc<[u8]>,
     ) -> Self {
         let reporter = Reporter {
             controller: "tenantry".into(),
@@ -96,11 +100,23 @@ impl Context {
             store,
             secrets,
             rollout: Rollout::new(rollout),
-            routing: RwLock::default(),
+            routing: RwLock::new(Routing {
+                live: RoutingIndex::with_base_domain(base_domain),
+                relist: None,
+            }),
+            platform_key,
             verified: Mutex::default(),
             retrigger,
             failures: Mutex::default(),
         }
+    }
+
+    /// The token signing key of `tenant`, derived from the platform key and its uid.
+    pub(super) fn jwt_key(&self, tenant: &Tenant) -> String {
+        crate::domain::credentials::derive_jwt_key(
+            &self.platform_key,
+            tenant.metadata.uid.as_deref().unwrap_or_default(),
+        )
     }
 
     /// Feeds the routing index from the Tenant watch (before the reconciles see the event).
@@ -129,7 +145,15 @@ impl Context {
             {
                 continue;
             }
-            let clash = !gone && !routing::clashes_among(&other, [me]).is_empty();
+            let clash = !gone
+                && self
+                    .routing
+                    .read()
+                    .expect("routing lock")
+                    .live
+                    .clashes(&routing::key(&other), &Claims::of(&other))
+                    .iter()
+                    .any(|m| m.starts_with(&format!("Tenant {me_ref} ")));
             let cond = other.condition(condition::ROUTABLE);
             let says_clash = cond.is_some_and(|c| c.status == "False");
             let blames_me = cond.is_some_and(|c| c.message.contains(&format!("Tenant {me_ref} ")));
@@ -231,12 +255,17 @@ impl Routing {
         match event {
             watcher::Event::Apply(t) => self.live.set(routing::key(t), Claims::of(t)),
             watcher::Event::Delete(t) => self.live.remove(&routing::key(t)),
-            watcher::Event::Init => self.relist = Some(RoutingIndex::default()),
-            watcher::Event::InitApply(t) => self
-                .relist
-                .get_or_insert_with(RoutingIndex::default)
-                .set(routing::key(t), Claims::of(t)),
-            watcher::Event::InitDone => self.live = self.relist.take().unwrap_or_default(),
+            watcher::Event::Init => self.relist = Some(self.live.empty_like()),
+            watcher::Event::InitApply(t) => {
+                let empty = self.live.empty_like();
+                self.relist
+                    .get_or_insert(empty)
+                    .set(routing::key(t), Claims::of(t))
+            }
+            watcher::Event::InitDone => {
+                let empty = self.live.empty_like();
+                self.live = self.relist.take().unwrap_or(empty)
+            }
         }
     }
 }

@@ -55,8 +55,17 @@ pub(super) async fn ensure(
         .secrets
         .get(&ObjectRef::new(secret_name).within(&ns))
         .map(|s| (*s).clone());
+    let jwt_key = ctx.jwt_key(tenant);
     let decide = |existing: Option<&Secret>| {
-        contract::decide(tenant, existing, endpoint, id, verifier, fresh_password)
+        contract::decide(
+            tenant,
+            existing,
+            endpoint,
+            id,
+            &jwt_key,
+            verifier,
+            fresh_password,
+        )
     };
     let mut decision = decide(existing.as_ref());
     if decision != Decision::Keep {

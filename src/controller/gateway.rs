@@ -1,4 +1,6 @@
-//! The API gateway role and its credentials Secret, bootstrapped at start-up. The Secret
+//! What the API needs from the operator, bootstrapped at start-up: the gateway role and its
+//! credentials Secret, and the platform signing key (the API derives every tenant's token key
+//! from it, so it needs no tenant's Secret). The Secret
 //! follows the credentials contract ([`crate::domain::credentials`]): its URI encoding and its
 //! managed-by label, so the operator's Secret watch sees it.
 
@@ -25,6 +27,66 @@ pub enum GatewayError {
     Kube(#[from] kube::Error),
     #[error("gateway role: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("signing key Secret {0} holds no usable key (key {key:?}, at least {min} bytes); fix or delete it", key = contract::PLATFORM_KEY, min = contract::MIN_PLATFORM_KEY_BYTES)]
+    BadSigningKey(String),
+}
+
+/// Reads the platform signing key from Secret `namespace/name`, creating the Secret with a new
+/// random key when it does not exist. An existing key is never replaced (that would invalidate
+/// every tenant's tokens); replacing it is the platform's deliberate act.
+pub async fn ensure_signing_key(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<std::sync::Arc<[u8]>, GatewayError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let key_of = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(contract::PLATFORM_KEY))
+            .map(|b| b.0.clone())
+    };
+    if let Some(existing) = secrets.get_opt(name).await? {
+        return key_of(&existing)
+            .filter(|k| k.len() >= contract::MIN_PLATFORM_KEY_BYTES)
+            .map(|k| std::sync::Arc::from(k.as_slice()))
+            .ok_or_else(|| GatewayError::BadSigningKey(format!("{namespace}/{name}")));
+    }
+    let key = contract::generate_platform_key();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(
+                [(COMPONENT_LABEL.to_string(), "signing-key".to_string())]
+                    .into_iter()
+                    .chain(contract::managed_labels())
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            contract::PLATFORM_KEY.to_string(),
+            ByteString(key.clone().into_bytes()),
+        )])),
+        ..Secret::default()
+    };
+    match secrets.create(&Default::default(), &secret).await {
+        Ok(_) => {
+            info!(secret = %format!("{namespace}/{name}"), "platform signing key created");
+            Ok(std::sync::Arc::from(key.as_bytes()))
+        }
+        // Another replica created it meanwhile: use theirs.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = secrets.get(name).await?;
+            key_of(&existing)
+                .filter(|k| k.len() >= contract::MIN_PLATFORM_KEY_BYTES)
+                .map(|k| std::sync::Arc::from(k.as_slice()))
+                .ok_or_else(|| GatewayError::BadSigningKey(format!("{namespace}/{name}")))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Makes sure the API gateway role exists and its credentials Secret matches it. A Secret

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use super::{
     context::Context,
-    gateway::{ensure_gateway, GatewayError},
+    gateway::{ensure_gateway, ensure_signing_key, GatewayError},
     reconcile::{error_policy, reconcile},
     rollout::RolloutPolicy,
 };
@@ -71,6 +71,12 @@ pub struct Settings {
     /// Where the gateway role's credentials are kept (namespace, name), when the admin has a
     /// gateway role.
     pub gateway_secret: Option<(String, String)>,
+    /// The Secret (namespace, name) holding the platform key every tenant's token signing key
+    /// is derived from; created with a random key when missing, never overwritten.
+    pub signing_key: (String, String),
+    /// With an API base domain, `<name>.<base domain>` belongs to the Tenant called `<name>`
+    /// (the Routable condition follows the API's rule).
+    pub base_domain: Option<String>,
     /// Leader election; `None` runs as the only replica.
     pub leader: Option<crate::leader::LeaseConfig>,
     /// How a new migration set rolls out over tenants that are already provisioned.
@@ -164,6 +170,10 @@ pub async fn run(
     if let Some((ns, name)) = &settings.gateway_secret {
         ensure_gateway(&client, &admin, ns, name).await?;
     }
+    let platform_key = {
+        let (ns, name) = &settings.signing_key;
+        ensure_signing_key(&client, ns, name).await?
+    };
     // Our own reflector (rather than Controller::new) so readiness can follow the watch:
     // ready once the first full list has landed in the store.
     let (reader, writer) = reflector::store();
@@ -187,6 +197,8 @@ pub async fn run(
         secret_reader,
         retrigger,
         settings.rollout,
+        settings.base_domain.as_deref(),
+        platform_key,
     ));
     let tenant_stream = reflector(
         writer,

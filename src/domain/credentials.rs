@@ -39,14 +39,33 @@ pub fn effective_secret_name(tenant: &Tenant) -> String {
 /// Minimum length of a tenant's JWT signing key.
 pub const MIN_JWT_KEY_BYTES: usize = 32;
 
-/// A new HS256 signing key: 64 alphanumeric characters (about 381 bits); the key is the
-/// string's bytes, so it can be used as stored in the Secret.
-pub fn generate_jwt_key() -> String {
+/// Minimum length of the platform signing key every tenant's JWT key is derived from.
+pub const MIN_PLATFORM_KEY_BYTES: usize = 32;
+
+/// Key, in the platform signing-key Secret, holding the key.
+pub const PLATFORM_KEY: &str = "key";
+
+/// A new platform signing key: 64 alphanumeric characters (about 381 bits), used as stored.
+pub fn generate_platform_key() -> String {
     rand::rng()
         .sample_iter(&Alphanumeric)
         .take(64)
         .map(char::from)
         .collect()
+}
+
+/// The HS256 signing key of the Tenant with `uid`: HKDF-SHA256 (RFC 5869) of the platform key,
+/// with the Tenant's uid as context, as 64 URL-safe base64 characters (the key is the string's
+/// bytes, as stored in the `jwt-key` of the credentials Secret). The API derives the same key
+/// from the Tenant it watches, so it needs no access to any tenant's Secret; a Tenant deleted
+/// and created again gets a new key.
+pub fn derive_jwt_key(platform_key: &[u8], uid: &str) -> String {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"tenantry.dev/jwt-key"), platform_key);
+    let mut okm = [0u8; 48];
+    hk.expand(format!("v1:{uid}").as_bytes(), &mut okm)
+        .expect("48 bytes is a valid HKDF-SHA256 output length");
+    URL_SAFE_NO_PAD.encode(okm)
 }
 
 /// The keys of every credentials Secret.
@@ -158,18 +177,20 @@ pub enum Decision {
     Conflict { message: String },
 }
 
-/// Decides about an existing Secret. `verifier` is the role's stored SCRAM verifier when
-/// readable; `fresh_password` is set when the role was created in this reconcile.
+/// Decides about an existing Secret. `jwt_key` is the tenant's signing key (see
+/// [`derive_jwt_key`]); `verifier` is the role's stored SCRAM verifier when readable;
+/// `fresh_password` is set when the role was created in this reconcile.
 pub fn decide(
     tenant: &Tenant,
     existing: Option<&Secret>,
     endpoint: &Endpoint,
     id: &Ident,
+    jwt_key: &str,
     verifier: Option<&str>,
     fresh_password: Option<&str>,
 ) -> Decision {
+    let jwt_key = jwt_key.to_string();
     let Some(secret) = existing else {
-        let jwt_key = generate_jwt_key();
         return match fresh_password {
             Some(p) => Decision::Repair(Material {
                 password: p.into(),
@@ -202,10 +223,6 @@ pub fn decide(
             .and_then(|b| String::from_utf8(b.0.clone()).ok())
             .filter(|v| !v.is_empty())
     };
-    // A signing key survives everything but its own loss: rotating it would log every user out.
-    let jwt_key = value(JWT_KEY)
-        .filter(|k| k.len() >= MIN_JWT_KEY_BYTES)
-        .unwrap_or_else(generate_jwt_key);
     if let Some(p) = fresh_password {
         return Decision::Repair(Material {
             password: p.into(),
@@ -267,6 +284,10 @@ mod tests {
         Ident::parse("schema", "ns_acme").unwrap()
     }
 
+    fn key() -> String {
+        "k".repeat(64)
+    }
+
     fn m(p: &str) -> Material {
         Material {
             password: p.into(),
@@ -293,13 +314,32 @@ mod tests {
     }
 
     #[test]
+    fn derived_keys_differ_per_tenant_and_platform_key() {
+        let a = derive_jwt_key(b"platform-key-0123456789abcdef0123", "uid-1");
+        assert_eq!(a.len(), 64);
+        assert!(a.len() >= MIN_JWT_KEY_BYTES);
+        assert_eq!(
+            a,
+            derive_jwt_key(b"platform-key-0123456789abcdef0123", "uid-1")
+        );
+        assert_ne!(
+            a,
+            derive_jwt_key(b"platform-key-0123456789abcdef0123", "uid-2")
+        );
+        assert_ne!(
+            a,
+            derive_jwt_key(b"another-platform-key-0123456789ab", "uid-1")
+        );
+    }
+
+    #[test]
     fn missing_secret_rotates_unless_password_is_fresh() {
         let t = tenant();
         assert!(matches!(
-            decide(&t, None, &ep(), &id(), None, None),
+            decide(&t, None, &ep(), &id(), &key(), None, None),
             Decision::Rotate { .. }
         ));
-        match decide(&t, None, &ep(), &id(), None, Some("p")) {
+        match decide(&t, None, &ep(), &id(), &key(), None, Some("p")) {
             Decision::Repair(m) => {
                 assert_eq!(m.password, "p");
                 assert!(m.jwt_key.len() >= MIN_JWT_KEY_BYTES);
@@ -314,7 +354,7 @@ mod tests {
         let s = desired(&t, &ep(), &id(), &m("pw"));
         let v = scram::verifier("pw");
         assert_eq!(
-            decide(&t, Some(&s), &ep(), &id(), Some(&v), None),
+            decide(&t, Some(&s), &ep(), &id(), &key(), Some(&v), None),
             Decision::Keep
         );
 
@@ -325,14 +365,14 @@ mod tests {
             .unwrap()
             .insert("host".into(), ByteString(b"evil".to_vec()));
         assert_eq!(
-            decide(&t, Some(&tampered), &ep(), &id(), Some(&v), None),
+            decide(&t, Some(&tampered), &ep(), &id(), &key(), Some(&v), None),
             Decision::Repair(m("pw"))
         );
 
         let other_v = scram::verifier("other");
         // A new password keeps the signing key.
         assert_eq!(
-            decide(&t, Some(&s), &ep(), &id(), Some(&other_v), None),
+            decide(&t, Some(&s), &ep(), &id(), &key(), Some(&other_v), None),
             Decision::Rotate {
                 reason: "Secret password does not match the role".into(),
                 jwt_key: "k".repeat(64)
@@ -351,7 +391,7 @@ mod tests {
             ..Secret::default()
         };
         assert!(matches!(
-            decide(&t, Some(&foreign), &ep(), &id(), None, None),
+            decide(&t, Some(&foreign), &ep(), &id(), &key(), None, None),
             Decision::Conflict { .. }
         ));
     }

@@ -69,6 +69,14 @@ impl RoutingIndex {
         }
     }
 
+    /// An index with the same base domain and no claims (to build a relist aside).
+    pub fn empty_like(&self) -> Self {
+        Self {
+            base_domain: self.base_domain.clone(),
+            ..Self::default()
+        }
+    }
+
     /// The tenant name a host stands for under the base domain: `acme` for `acme.<base>`.
     pub fn name_under_base<'h>(&self, host: &'h str) -> Option<&'h str> {
         let base = self.base_domain.as_deref()?;
@@ -179,7 +187,7 @@ impl RoutingIndex {
             if let Some(label) = self.name_under_base(h) {
                 for (ns, name) in others(self.by_name.get(label)) {
                     out.push(format!(
-                        "host {h} is the base-domain host of Tenant {ns}/{name}"
+                        "Tenant {ns}/{name} is routed at host {h} by its name under the base domain"
                     ));
                 }
             }
@@ -316,7 +324,7 @@ mod tests {
         );
         assert_eq!(
             idx.clashes(&k("a", "acme"), &c("acme", &["globex.tenants.test"], false)),
-            ["host globex.tenants.test is the base-domain host of Tenant b/globex"]
+            ["Tenant b/globex is routed at host globex.tenants.test by its name under the base domain"]
         );
         assert!(idx
             .clashes(&k("b", "globex"), &c("globex", &[], false))

@@ -74,9 +74,13 @@ impl Api {
         )
         .await
         .expect("gateway pool");
-        let (registry, watch) = registry::watch(ns.client.clone(), namespace);
+        let config = registry::Config {
+            namespace: namespace.map(str::to_string),
+            base_domain: Some(BASE_DOMAIN.into()),
+            signing_key: (ns.name.clone(), SIGNING_KEY_SECRET.into()),
+        };
+        let (registry, watch) = registry::watch(ns.client.clone(), &config);
         let settings = Settings {
-            base_domain: Some("tenants.test".into()),
             auth,
             limits: Limits {
                 max_body_bytes: 64 * 1024,

@@ -77,6 +77,8 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
             "json",
             "--gateway-secret-namespace",
             &ns.name,
+            "--signing-key-secret-namespace",
+            &ns.name,
         ],
         &[
             ("DATABASE_URL", &env.database_url),
@@ -139,6 +141,8 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
             "tenants.test",
             "--pool-size",
             "4",
+            "--signing-key-secret-namespace",
+            &ns.name,
         ],
         &[
             ("DATABASE_URL", &secret_value(&gateway, "uri")),

@@ -192,6 +192,42 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("forbidden"));
 
+    // The API reads no tenant's credentials: the one Secret it may read is the platform
+    // signing key its tenants' token keys are derived from.
+    let can_i = |args: &[&str]| -> String {
+        let out = Command::new("kubectl")
+            .args(["auth", "can-i"])
+            .args(args)
+            .env("KUBECONFIG", &api_kc)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for (args, want) in [
+        (vec!["list", "secrets", "--all-namespaces"], "no"),
+        (vec!["watch", "secrets", "-n", &tenants_ns.name], "no"),
+        (vec!["list", "secrets", "-n", &tenants_ns.name], "no"),
+        (
+            vec!["get", "secret/charted-db", "-n", &tenants_ns.name],
+            "no",
+        ),
+        (
+            vec!["get", "secret/tenantry-gateway", "-n", &release_ns],
+            "no",
+        ),
+        (vec!["list", "secrets", "-n", &release_ns], "no"),
+        (
+            vec!["get", "secret/tenantry-signing-key", "-n", &release_ns],
+            "yes",
+        ),
+        (
+            vec!["list", "tenants.tenantry.dev", "-n", &tenants_ns.name],
+            "yes",
+        ),
+    ] {
+        assert_eq!(can_i(&args), want, "API ServiceAccount: can-i {args:?}");
+    }
+
     let op_port = free_port();
     let _operator = run_like_deployment(
         &operator_deploy,

@@ -221,6 +221,11 @@ pub fn gateway_role(ns: &TestNs) -> String {
     format!("gw_{}", ns.name.replace('-', "_"))
 }
 
+/// The platform signing-key Secret of the test operator and API, in the test's namespace.
+pub const SIGNING_KEY_SECRET: &str = "tenantry-signing-key";
+/// The API base domain of the tests: `<tenant>.tenants.test` routes to a tenant.
+pub const BASE_DOMAIN: &str = "tenants.test";
+
 /// An operator running inside the test, watching one namespace.
 pub struct RunningController {
     stop: Option<oneshot::Sender<()>>,
@@ -263,6 +268,8 @@ impl RunningController {
             concurrency: 4,
             health_addr: "127.0.0.1:0".parse().unwrap(),
             gateway_secret: Some((ns.name.clone(), "tenantry-gateway".into())),
+            signing_key: (ns.name.clone(), SIGNING_KEY_SECRET.into()),
+            base_domain: Some(BASE_DOMAIN.into()),
             leader: None,
             rollout: opts.rollout,
         };
