@@ -1,8 +1,12 @@
-// API and registry benchmarks (included by fleet.rs).
+//! API and registry benchmarks: a module of the `fleet` bench, sharing its helpers.
+
+use super::*;
 
 async fn http_status(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -35,7 +39,13 @@ fn parse_ms(v: &str) -> f64 {
 
 fn wrk(port: u16, script: &std::path::Path, seconds: u64, connections: u64) -> WrkResult {
     let out = Command::new("wrk")
-        .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-s"])
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-s",
+        ])
         .arg(script)
         .arg(format!("http://127.0.0.1:{port}"))
         .output()
@@ -43,7 +53,11 @@ fn wrk(port: u16, script: &std::path::Path, seconds: u64, connections: u64) -> W
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let find = |prefix: &str| {
         text.lines()
-            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.split_whitespace().next().unwrap_or("").to_string()))
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(prefix)
+                    .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+            })
             .unwrap_or_default()
     };
     WrkResult {
@@ -54,8 +68,12 @@ fn wrk(port: u16, script: &std::path::Path, seconds: u64, connections: u64) -> W
     }
 }
 
-async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
-    use axum::{extract::{Path, State}, routing::get, Router};
+pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
+    use axum::{
+        extract::{Path, State},
+        routing::get,
+        Router,
+    };
     let pool_size = arg("--pool", 16) as u32;
     let seconds = arg("--seconds", 10);
     let connections = 32;
@@ -67,8 +85,14 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     wait_for(&client, &ns, n, |t| t.is_ready()).await;
     op.stop().await;
 
-    let admin = PgPoolOptions::new().max_connections(8).connect(&stack.database_url).await.unwrap();
-    let schemas: Vec<String> = (0..n).map(|i| tenantry::domain::naming::default_schema_name(&ns, &format!("t{i:05}"))).collect();
+    let admin = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&stack.database_url)
+        .await
+        .unwrap();
+    let schemas: Vec<String> = (0..n)
+        .map(|i| tenantry::domain::naming::default_schema_name(&ns, &format!("t{i:05}")))
+        .collect();
     futures::stream::iter(schemas.clone())
         .map(|s| {
             let admin = admin.clone();
@@ -85,13 +109,22 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
 
     // Tokens for every tenant, signed with the keys from their Secrets.
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
-    let list = secrets.list(&kube::api::ListParams::default().labels("app.kubernetes.io/managed-by=tenantry")).await.unwrap();
+    let list = secrets
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/managed-by=tenantry"))
+        .await
+        .unwrap();
     let mut tokens = Vec::new();
     let mut gateway_uri = String::new();
     for s in &list.items {
         let data = s.data.as_ref().unwrap();
         if let Some(key) = data.get("jwt-key") {
-            let name = s.metadata.name.as_ref().unwrap().trim_end_matches("-db").to_string();
+            let name = s
+                .metadata
+                .name
+                .as_ref()
+                .unwrap()
+                .trim_end_matches("-db")
+                .to_string();
             tokens.push(tenantry::cli::mint_token(&name, &key.0, "bench", 3600).unwrap());
         } else if s.metadata.name.as_deref() == Some("tenantry-gateway") {
             gateway_uri = String::from_utf8(data["uri"].0.clone()).unwrap();
@@ -110,10 +143,18 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     )
     .unwrap();
     let plain_script = dir.path().join("plain.lua");
-    std::fs::write(&plain_script, "request = function()\n  return wrk.format(\"GET\", \"/projects/1\")\nend\n").unwrap();
+    std::fs::write(
+        &plain_script,
+        "request = function()\n  return wrk.format(\"GET\", \"/projects/1\")\nend\n",
+    )
+    .unwrap();
 
     // Baseline: plain axum + sqlx, the same primary-key read on one schema, no tenancy.
-    let plain_pool = PgPoolOptions::new().max_connections(pool_size).connect(&stack.database_url).await.unwrap();
+    let plain_pool = PgPoolOptions::new()
+        .max_connections(pool_size)
+        .connect(&stack.database_url)
+        .await
+        .unwrap();
     let table = format!("\"{}\".projects", schemas[0]);
     let plain = Router::new()
         .route(
@@ -137,7 +178,11 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     // tenantry's API, in-process, on the gateway pool.
     let pool = tenantry::api::connect(
         &gateway_uri,
-        tenantry::api::PoolConfig { size: pool_size, acquire_timeout: Duration::from_secs(5), max_lifetime: Duration::from_secs(1800) },
+        tenantry::api::PoolConfig {
+            size: pool_size,
+            acquire_timeout: Duration::from_secs(5),
+            max_lifetime: Duration::from_secs(1800),
+        },
         false,
     )
     .await
@@ -152,15 +197,30 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let settings = tenantry::api::Settings {
-        auth: tenantry::api::auth::AuthConfig { leeway_secs: 30, ..Default::default() },
+        auth: tenantry::api::auth::AuthConfig {
+            leeway_secs: 30,
+            ..Default::default()
+        },
         limits: tenantry::api::Limits::default(),
     };
-    let app = tenantry::api::router(tenantry::api::AppState::new(registry, pool.clone(), settings));
+    let app = tenantry::api::router(tenantry::api::AppState::new(
+        registry,
+        pool.clone(),
+        settings,
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let first = tokens[0].clone();
-    assert_eq!(http_status(port, "/v1/tables/projects/1", &[("Authorization", &format!("Bearer {first}"))]).await, Some(200));
+    assert_eq!(
+        http_status(
+            port,
+            "/v1/tables/projects/1",
+            &[("Authorization", &format!("Bearer {first}"))]
+        )
+        .await,
+        Some(200)
+    );
 
     // Warm both (prepared statements, catalog caches), then measure.
     let _ = wrk(plain_port, &plain_script, 2, connections);
@@ -172,10 +232,12 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
         let (admin, peak, sampling) = (admin.clone(), peak.clone(), sampling.clone());
         tokio::spawn(async move {
             while sampling.load(Ordering::SeqCst) {
-                let c: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = 'bench_gateway'")
-                    .fetch_one(&admin)
-                    .await
-                    .unwrap();
+                let c: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = 'bench_gateway'",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
                 peak.fetch_max(c, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -191,11 +253,16 @@ async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     sampler.await.unwrap();
     // Private memory of the API's PostgreSQL backends after visiting many tenant schemas
     // (catalog and relation caches, prepared statements): RssAnon from /proc.
-    let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE usename = 'bench_gateway'")
-        .fetch_all(&admin)
-        .await
-        .unwrap_or_default();
-    let anon: Vec<u64> = pids.iter().map(|p| rss_kb(*p as u32, "RssAnon:")).filter(|k| *k > 0).collect();
+    let pids: Vec<i32> =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE usename = 'bench_gateway'")
+            .fetch_all(&admin)
+            .await
+            .unwrap_or_default();
+    let anon: Vec<u64> = pids
+        .iter()
+        .map(|p| rss_kb(*p as u32, "RssAnon:"))
+        .filter(|k| *k > 0)
+        .collect();
     let backend_mb = if anon.is_empty() {
         f64::NAN
     } else {
@@ -225,7 +292,7 @@ fn rss_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn registry_bench(stack: &Stack, n: usize) -> String {
+pub(super) async fn registry_bench(stack: &Stack, n: usize) -> String {
     let client = client(stack).await;
     let ns = format!("bench-registry-{n}");
     namespace(&client, &ns).await;
@@ -235,16 +302,33 @@ async fn registry_bench(stack: &Stack, n: usize) -> String {
 
     // A non-superuser login for the API process.
     let gw = Ident::parse_role("bench_registry_gateway").unwrap();
-    let mut admin = Admin::new(&stack.database_url, 2, None, None).unwrap().with_gateway(Some(gw));
+    let mut admin = Admin::new(&stack.database_url, 2, None, None)
+        .unwrap()
+        .with_gateway(Some(gw));
     admin.bootstrap().await.unwrap();
-    admin.ensure_gateway("benchpassword0123456789").await.unwrap();
+    admin
+        .ensure_gateway("benchpassword0123456789")
+        .await
+        .unwrap();
     let rest = stack.database_url.split_once('@').unwrap().1;
     let url = format!("postgres://bench_registry_gateway:benchpassword0123456789@{rest}");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tenantry"))
-        .args(["api", "--namespace", &ns, "--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
+        .args([
+            "api",
+            "--namespace",
+            &ns,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log-level",
+            "warn",
+        ])
         .env("DATABASE_URL", &url)
         .env("KUBECONFIG", &stack.kubeconfig)
         .spawn()
@@ -259,25 +343,46 @@ async fn registry_bench(stack: &Stack, n: usize) -> String {
 
     // Baseline: one full list of the same Tenants with kubectl.
     let listed = Instant::now();
-    let out = Command::new("kubectl").args(["get", "tenants", "-n", &ns, "-o", "name"]).env("KUBECONFIG", &stack.kubeconfig).output().unwrap();
+    let out = Command::new("kubectl")
+        .args(["get", "tenants", "-n", &ns, "-o", "name"])
+        .env("KUBECONFIG", &stack.kubeconfig)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let list_time = listed.elapsed();
 
     // Ready → routable: act as the operator for one new Tenant (status Ready + signing key).
     let api: Api<Tenant> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &Tenant::test("fresh")).await.unwrap();
+    api.create(&PostParams::default(), &Tenant::test("fresh"))
+        .await
+        .unwrap();
     let key = "k".repeat(64);
     let secret = k8s_openapi::api::core::v1::Secret {
         metadata: ObjectMeta {
             name: Some("fresh-db".into()),
             namespace: Some(ns.clone()),
-            labels: Some([("app.kubernetes.io/managed-by".to_string(), "tenantry".to_string())].into()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "tenantry".to_string(),
+                )]
+                .into(),
+            ),
             ..Default::default()
         },
-        data: Some([("jwt-key".to_string(), k8s_openapi::ByteString(key.clone().into_bytes()))].into()),
+        data: Some(
+            [(
+                "jwt-key".to_string(),
+                k8s_openapi::ByteString(key.clone().into_bytes()),
+            )]
+            .into(),
+        ),
         ..Default::default()
     };
-    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await.unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
     let token = tenantry::cli::mint_token("fresh", key.as_bytes(), "bench", 600).unwrap();
     let auth = format!("Bearer {token}");
     let status = serde_json::json!({
@@ -285,7 +390,13 @@ async fn registry_bench(stack: &Stack, n: usize) -> String {
         "status": {"phase": "Ready", "observedGeneration": 1, "schema": "fresh_schema", "secretName": "fresh-db",
                    "conditions": [{"type": "Ready", "status": "True", "reason": "Provisioned", "message": "bench", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
     });
-    api.patch_status("fresh", &kube::api::PatchParams::apply("bench").force(), &kube::api::Patch::Apply(status)).await.unwrap();
+    api.patch_status(
+        "fresh",
+        &kube::api::PatchParams::apply("bench").force(),
+        &kube::api::Patch::Apply(status),
+    )
+    .await
+    .unwrap();
     let ready_at = Instant::now();
     while http_status(port, "/v1/tenant", &[("Authorization", &auth)]).await != Some(200) {
         tokio::time::sleep(Duration::from_millis(2)).await;

@@ -12,7 +12,6 @@
 
 use std::{
     collections::HashSet,
-    path::PathBuf,
     process::Command,
     sync::{
         atomic::{AtomicI64, Ordering},
@@ -38,63 +37,16 @@ use tenantry::{
 };
 use tokio::sync::oneshot;
 
-struct Stack {
-    database_url: String,
-    kubeconfig: PathBuf,
-}
+#[path = "../tests/support/stack.rs"]
+mod stack;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod api_bench;
+
+use stack::Stack;
 
 fn start_stack() -> Stack {
-    let dir = tempfile::Builder::new()
-        .prefix("tenantry-bench-")
-        .tempdir()
-        .unwrap()
-        .keep();
-    let out = Command::new(repo().join("scripts/stack.sh"))
-        .args([
-            "start",
-            dir.to_str().unwrap(),
-            "--watch-pid",
-            &std::process::id().to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap()
-            .to_string()
-    };
-    let stack = Stack {
-        database_url: get("DATABASE_URL"),
-        kubeconfig: get("KUBECONFIG").into(),
-    };
-    for args in [
-        vec!["apply", "--server-side", "-f", "crds/tenant.yaml"],
-        vec![
-            "wait",
-            "--for=condition=Established",
-            "crd/tenants.tenantry.dev",
-            "--timeout=60s",
-        ],
-    ] {
-        let ok = Command::new("kubectl")
-            .args(&args)
-            .env("KUBECONFIG", &stack.kubeconfig)
-            .current_dir(repo())
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
+    let stack = stack::start("tenantry-bench-");
+    stack::install_crd(&stack.kubeconfig);
     stack
 }
 
@@ -410,11 +362,9 @@ fn main() {
                     println!("{l}");
                 }
             }
-            "api" => println!("{}", api_bench(&stack, n, conc).await),
-            "registry" => println!("{}", registry_bench(&stack, n).await),
+            "api" => println!("{}", api_bench::api_bench(&stack, n, conc).await),
+            "registry" => println!("{}", api_bench::registry_bench(&stack, n).await),
             other => panic!("unknown benchmark {other}"),
         }
     });
 }
-
-include!("api_bench.rs");

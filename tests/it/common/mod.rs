@@ -3,11 +3,12 @@
 //! one random namespace per test, and an in-process controller scoped to that namespace.
 
 pub mod proxy;
+#[path = "../../support/stack.rs"]
+pub mod stack;
 
 use std::{
     future::Future,
-    path::{Path, PathBuf},
-    process::Command,
+    path::PathBuf,
     sync::OnceLock,
     time::{Duration, Instant},
 };
@@ -26,14 +27,11 @@ use tenantry::{
 };
 use tokio::sync::oneshot;
 
-pub struct Env {
-    pub database_url: String,
-    pub kubeconfig: PathBuf,
-}
+/// The shared stack: one PostgreSQL and one kube-apiserver per test binary.
+pub type Env = stack::Stack;
 
-pub fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
+use stack::kubectl_with;
+pub use stack::repo;
 
 /// The shared PostgreSQL + apiserver, started on first use; the CRD is installed.
 pub fn env() -> &'static Env {
@@ -47,79 +45,11 @@ pub fn env() -> &'static Env {
                 database_url,
                 kubeconfig: kubeconfig.into(),
             },
-            _ => start_stack(),
+            _ => stack::start("tenantry-it-"),
         };
-        let out = kubectl_with(
-            &env.kubeconfig,
-            &[
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "-f",
-                "crds/tenant.yaml",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "installing the CRD failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = kubectl_with(
-            &env.kubeconfig,
-            &[
-                "wait",
-                "--for=condition=Established",
-                "crd/tenants.tenantry.dev",
-                "--timeout=60s",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "CRD not established: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        stack::install_crd(&env.kubeconfig);
         env
     })
-}
-
-fn start_stack() -> Env {
-    let dir = tempfile::Builder::new()
-        .prefix("tenantry-it-")
-        .tempdir()
-        .expect("temp dir")
-        .keep();
-    let out = Command::new(repo().join("scripts/stack.sh"))
-        .arg("start")
-        .arg(&dir)
-        .arg("--watch-pid")
-        .arg(std::process::id().to_string())
-        .output()
-        .expect("running scripts/stack.sh");
-    assert!(
-        out.status.success(),
-        "scripts/stack.sh start failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("stack.sh printed no {k}"))
-            .to_string()
-    };
-    Env {
-        database_url: get("DATABASE_URL"),
-        kubeconfig: get("KUBECONFIG").into(),
-    }
-}
-
-fn kubectl_with(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
-    Command::new("kubectl")
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .current_dir(repo())
-        .output()
-        .expect("running kubectl")
 }
 
 /// Runs kubectl against the test apiserver from the repository root.

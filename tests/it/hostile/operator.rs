@@ -556,3 +556,53 @@ async fn upgrade_in_place_converts_a_tenant_of_the_old_layout() {
         .count();
     assert_eq!(n, 1);
 }
+
+/// A Tenant lists another tenant's base-domain host (`globex.tenants.test`) in its
+/// `spec.hosts` to receive its traffic. The host stays globex's, acme's Routable condition says
+/// why, and acme's token gets nothing from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_claiming_another_tenants_base_domain_host_fails() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    let stolen = format!("globex.{BASE_DOMAIN}");
+    ns.create(Tenant::test("acme").with_hosts(&[&stolen])).await;
+    wait_ready(&ns, "acme").await;
+    ns.create(Tenant::test("globex")).await;
+    wait_ready(&ns, "globex").await;
+    // The claim turns unroutable once globex exists (acme is reconciled again for it).
+    let acme = wait_tenant(&ns, "acme", "Routable=False", |t| {
+        t.condition("Routable").is_some_and(|c| c.status == "False")
+    })
+    .await;
+    let msg = &acme.condition("Routable").unwrap().message;
+    assert!(msg.contains(&stolen) && msg.contains("globex"), "{msg}");
+
+    let api = Api::start(&ns, Some(&ns.name)).await;
+    let (acme_tok, globex_tok) = (
+        crate::api::token(&ns, "acme").await,
+        crate::api::token(&ns, "globex").await,
+    );
+    crate::api::wait_routable(&api, "globex", &globex_tok).await;
+    let call = |tok: String| {
+        let api = &api;
+        let stolen = stolen.clone();
+        async move {
+            api.call(
+                Method::GET,
+                "/v1/tenant",
+                &[
+                    ("host", &stolen),
+                    ("authorization", &format!("Bearer {tok}")),
+                ],
+                None,
+            )
+            .await
+        }
+    };
+    let (status, body, _) = call(globex_tok).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["name"], "globex");
+    let (status, body, _) = call(acme_tok).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(!body.to_string().contains("\"schema\""), "{body}");
+}

@@ -1,0 +1,95 @@
+//! The throwaway PostgreSQL + kube-apiserver stack (`scripts/stack.sh`) with the Tenant CRD
+//! installed: one module shared by the integration tests and the benchmarks (each includes it
+//! with `#[path]`), so that both start and prepare their servers the same way.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// Connection details of a running stack.
+pub struct Stack {
+    pub database_url: String,
+    pub kubeconfig: PathBuf,
+}
+
+/// The repository root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts PostgreSQL and a kube-apiserver in a new temporary directory (named `prefix…`),
+/// stopped when this process exits.
+pub fn start(prefix: &str) -> Stack {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temp dir")
+        .keep();
+    let out = Command::new(repo().join("scripts/stack.sh"))
+        .arg("start")
+        .arg(&dir)
+        .arg("--watch-pid")
+        .arg(std::process::id().to_string())
+        .output()
+        .expect("running scripts/stack.sh");
+    assert!(
+        out.status.success(),
+        "scripts/stack.sh start failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("stack.sh printed no {k}"))
+            .to_string()
+    };
+    Stack {
+        database_url: get("DATABASE_URL"),
+        kubeconfig: get("KUBECONFIG").into(),
+    }
+}
+
+/// Runs kubectl with `kubeconfig` from the repository root.
+pub fn kubectl_with(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .current_dir(repo())
+        .output()
+        .expect("running kubectl")
+}
+
+/// Installs (or updates) the Tenant CRD and waits until it is established.
+pub fn install_crd(kubeconfig: &Path) {
+    let out = kubectl_with(
+        kubeconfig,
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            "crds/tenant.yaml",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "installing the CRD failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kubectl_with(
+        kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/tenants.tenantry.dev",
+            "--timeout=60s",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "CRD not established: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
