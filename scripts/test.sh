@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, then integration and end-to-end tests against a throwaway
-# PostgreSQL cluster and a real kube-apiserver + etcd that the test binary starts itself.
+# PostgreSQL cluster and a real kube-apiserver + etcd that the test binary starts itself; then
+# the isolation (hostile), provisioning and deletion suites again on PostgreSQL 16, 17 and 18.
+# Arguments are passed to the first `cargo test` (and skip the version runs).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 cargo test --locked --lib --bins --tests "$@"
+if (($# == 0)); then
+  for major in 16 17 18; do
+    pg_bin=$(scripts/pg-server.sh "$major")
+    echo "test: PostgreSQL $major ($pg_bin)" >&2
+    PG_BIN=$pg_bin cargo test --locked --test it -- hostile:: provision:: deletion::
+  done
+fi
