@@ -70,9 +70,17 @@ const HIDDEN_TABLES: &[&str] = &[crate::postgres::migrations::HISTORY_TABLE];
 #[serde(rename_all = "camelCase")]
 pub struct Column {
     pub name: String,
-    /// SQL type as PostgreSQL formats it (`bigint`, `text`, `timestamp with time zone`).
+    /// SQL type as PostgreSQL formats it, modifiers included (`bigint`, `varchar(3)`,
+    /// `numeric(10,2)`): what `/v1/tables` shows.
     #[serde(rename = "type")]
     pub type_sql: String,
+    /// The same type without its modifiers (`character varying`, `numeric`, `bpchar`): what
+    /// filter values are cast to. A cast to the full type would truncate or round the value
+    /// (`'abcdef'::varchar(3)` is `'abc'`, `1.005::numeric(10,2)` is `1.01`) and so match
+    /// rows the client never named. Formatted with typmod -1, not NULL: for NULL PostgreSQL
+    /// writes `character` and `bit`, which mean `character(1)` and `bit(1)`.
+    #[serde(skip)]
+    pub cast_sql: String,
     pub nullable: bool,
     pub has_default: bool,
 }
@@ -103,8 +111,9 @@ pub struct Catalog {
 impl Catalog {
     /// Reads the catalog of `schema` (tables, partitioned tables and views).
     pub async fn load(conn: &mut PgConnection, schema: &str) -> Result<Self, sqlx::Error> {
-        let rows: Vec<(String, String, String, bool, bool, bool)> = sqlx::query_as(
-            "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+        let rows: Vec<(String, String, String, String, bool, bool, bool)> = sqlx::query_as(
+            "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    format_type(a.atttypid, -1), a.attnotnull,
                     a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '',
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
                             AND i.indnatts = 1 AND i.indkey[0] = a.attnum)
@@ -118,7 +127,7 @@ impl Catalog {
         .fetch_all(conn)
         .await?;
         let mut tables: BTreeMap<String, Table> = BTreeMap::new();
-        for (table, column, type_sql, not_null, has_default, pk) in rows {
+        for (table, column, type_sql, cast_sql, not_null, has_default, pk) in rows {
             if HIDDEN_TABLES.contains(&table.as_str()) {
                 continue;
             }
@@ -133,6 +142,7 @@ impl Catalog {
             t.columns.push(Column {
                 name: column,
                 type_sql,
+                cast_sql,
                 nullable: !not_null,
                 has_default,
             });
@@ -376,7 +386,7 @@ fn where_clause(
     for f in filters {
         let col = table.column(&f.column)?;
         let c = format!("{alias}.{}", quote_ident(&col.name));
-        let t = &col.type_sql;
+        let t = &col.cast_sql;
         let cmp = |sql: &mut Sql, op: &str, v: &str| {
             let p = sql.param(Bind::Text(v.to_string()));
             format!("{c} {op} CAST({p} AS {t})")
@@ -497,7 +507,7 @@ pub fn by_id(
         column_list(table, select, "_t"),
         qualified(schema, table),
         quote_ident(&pk.name),
-        pk.type_sql
+        pk.cast_sql
     );
     Ok(sql)
 }
@@ -619,16 +629,24 @@ mod tests {
     use super::*;
 
     fn tasks() -> Table {
-        let c = |n: &str, t: &str| Column {
-            name: n.into(),
-            type_sql: t.into(),
-            nullable: true,
-            has_default: false,
-        };
         Table {
             name: "tasks".into(),
-            columns: vec![c("id", "bigint"), c("title", "text"), c("due_date", "date")],
+            columns: vec![
+                column("id", "bigint", "bigint"),
+                column("title", "text", "text"),
+                column("due_date", "date", "date"),
+            ],
             primary_key: Some("id".into()),
+        }
+    }
+
+    fn column(name: &str, type_sql: &str, cast_sql: &str) -> Column {
+        Column {
+            name: name.into(),
+            type_sql: type_sql.into(),
+            cast_sql: cast_sql.into(),
+            nullable: true,
+            has_default: false,
         }
     }
 
@@ -739,6 +757,45 @@ mod tests {
         ] {
             assert_eq!(c.table(bad).unwrap_err().kind(), "unknown-table", "{bad}");
         }
+    }
+
+    #[test]
+    fn filter_values_are_cast_to_the_type_without_modifiers() {
+        let t = Table {
+            name: "codes".into(),
+            columns: vec![
+                column("code", "character varying(3)", "character varying"),
+                column("amount", "numeric(10,2)", "numeric"),
+            ],
+            primary_key: Some("code".into()),
+        };
+        let q = parse(
+            &p(&[("code", "eq.abcdef"), ("amount", "in.(1.005)")]),
+            &t,
+            &limits(),
+        )
+        .unwrap();
+        let sql = select("acme", &t, &q).unwrap();
+        assert!(
+            sql.text
+                .contains(r#"_t."code" = CAST($1 AS character varying)"#)
+                && sql
+                    .text
+                    .contains(r#"_t."amount" = ANY(CAST($2 AS numeric[]))"#),
+            "{}",
+            sql.text
+        );
+        let sql = by_id("acme", &t, "abcdef", None).unwrap();
+        assert!(
+            sql.text
+                .contains(r#"_t."code" = CAST($1 AS character varying)"#),
+            "{}",
+            sql.text
+        );
+        assert_eq!(
+            serde_json::to_value(&t.columns[0]).unwrap(),
+            serde_json::json!({"name": "code", "type": "character varying(3)", "nullable": true, "hasDefault": false})
+        );
     }
 
     #[test]

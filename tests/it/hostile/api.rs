@@ -1,0 +1,290 @@
+//! Attacks on the data API with a tenant's own token (and its own tables): each test plays one
+//! attack through the router, against the real PostgreSQL, and checks that it fails with a
+//! problem+json answer, or does exactly what was asked and nothing more.
+
+use std::time::{Duration, Instant};
+
+use axum::{
+    body::Body,
+    http::{HeaderMap, Method, Request, StatusCode},
+};
+use serde_json::{json, Value};
+use sqlx::{Executor, PgPool};
+use tenantry::{api::auth::AuthConfig, domain::crd::Tenant, registry::Lookup};
+use tower::ServiceExt;
+
+use crate::{
+    api::{token, Api},
+    common::*,
+};
+
+/// Ready tenants, the operator that provisioned them, and an API that knows them but has not
+/// yet read any of their catalogs (so tables created by [`Stage::as_owner`] are served).
+struct Stage {
+    ns: TestNs,
+    _ctl: RunningController,
+    api: Api,
+    pg: PgPool,
+}
+
+/// An answer, with its body as the exact text the API sent.
+struct Answer {
+    status: StatusCode,
+    text: String,
+    headers: HeaderMap,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// The problem kind (last segment of `type`), after checking the problem+json shape.
+    #[track_caller]
+    fn problem(&self) -> String {
+        let ct = self.headers["content-type"].to_str().unwrap();
+        assert_eq!(ct, "application/problem+json", "{}", self.text);
+        let v = self.json();
+        assert_eq!(v["status"], self.status.as_u16(), "{v}");
+        v["type"]
+            .as_str()
+            .and_then(|t| t.strip_prefix("https://tenantry.dev/problems/"))
+            .unwrap_or_else(|| panic!("no problem type in {v}"))
+            .to_string()
+    }
+
+    /// The `key` of each row of a JSON array answer, in order.
+    #[track_caller]
+    fn column(&self, key: &str) -> Vec<Value> {
+        assert!(self.status.is_success(), "{} {}", self.status, self.text);
+        self.json()
+            .as_array()
+            .unwrap_or_else(|| panic!("not an array: {}", self.text))
+            .iter()
+            .map(|r| r[key].clone())
+            .collect()
+    }
+}
+
+impl Stage {
+    async fn new(names: &[&str]) -> Self {
+        Self::with_auth(
+            names,
+            AuthConfig {
+                leeway_secs: 5,
+                ..AuthConfig::default()
+            },
+        )
+        .await
+    }
+
+    async fn with_auth(names: &[&str], auth: AuthConfig) -> Self {
+        let ns = TestNs::new().await;
+        let ctl = RunningController::start(&ns).await;
+        for n in names {
+            ns.create(Tenant::test(n)).await;
+        }
+        for n in names {
+            wait_ready(&ns, n).await;
+        }
+        let api = Api::start_with_auth(&ns, Some(&ns.name), auth).await;
+        // Routable: known, Ready, with its key; asked of the registry, not with a request, so
+        // that no catalog is read yet and stages with strict token rules need no token here.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for n in names {
+            while !matches!(api.registry.by_name(n),
+                Lookup::Found(e) if e.info.ready && e.jwt_key.is_some())
+            {
+                assert!(Instant::now() < deadline, "tenant {n} never routable");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Self {
+            ns,
+            _ctl: ctl,
+            api,
+            pg: pg().await,
+        }
+    }
+
+    fn schema(&self, tenant: &str) -> String {
+        self.ns.schema(tenant)
+    }
+
+    /// Runs `sql` in the tenant's schema as its owner role, as a migration would; objects it
+    /// creates get the app role's DML grants from the schema's default privileges.
+    async fn as_owner(&self, tenant: &str, sql: &str) {
+        let schema = self.schema(tenant);
+        self.pg
+            .execute(
+                format!(
+                    "BEGIN; SET LOCAL ROLE \"{schema}_owner\"; SET LOCAL search_path TO \"{schema}\";
+                     {sql};
+                     COMMIT"
+                )
+                .as_str(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("as owner of {schema}: {e}"));
+    }
+
+    /// Sends a request with `tenant`'s token (`X-Tenant` too) and `body` as the exact text.
+    async fn send(&self, method: Method, uri: &str, tok: &str, body: Option<&str>) -> Answer {
+        self.send_with(
+            method,
+            uri,
+            &[("authorization", &format!("Bearer {tok}"))],
+            body,
+        )
+        .await
+    }
+
+    async fn send_with(
+        &self,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Body::from(b.to_string())
+            }
+            None => Body::empty(),
+        };
+        let res = self
+            .api
+            .router
+            .clone()
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = axum::body::to_bytes(res.into_body(), 16 << 20)
+            .await
+            .unwrap();
+        Answer {
+            status,
+            text: String::from_utf8(bytes.to_vec()).unwrap(),
+            headers,
+        }
+    }
+
+    async fn count(&self, tenant: &str, table: &str, filter: &str) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM \"{}\".\"{table}\" WHERE {filter}",
+            self.schema(tenant)
+        ))
+        .fetch_one(&self.pg)
+        .await
+        .unwrap()
+    }
+}
+
+/// Attack: a filter value longer or more precise than its column, which a cast to the
+/// column's full type truncates or rounds onto another row — `DELETE ?code=eq.abcdef` on a
+/// `varchar(3)` column deleting the row `abc`, `eq.1.005` on `numeric(10,2)` matching `1.01`,
+/// and the same through `in.(…)`, `char(3)`, `timestamp(0)` and a `varchar(3)` primary key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_values_are_not_cut_to_the_column_type() {
+    let s = Stage::new(&["acme"]).await;
+    s.as_owner(
+        "acme",
+        "CREATE TABLE codes (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+           code varchar(3) NOT NULL, fixed char(3), amount numeric(10,2) NOT NULL, at timestamp(0));
+         INSERT INTO codes (code, fixed, amount, at)
+           VALUES ('abc', 'abc', 1.01, '2030-01-01 00:00:00'), ('xyz', 'xyz', 2.00, NULL);
+         CREATE TABLE tags (code varchar(3) PRIMARY KEY, label text);
+         INSERT INTO tags VALUES ('abc', 'the real one')",
+    )
+    .await;
+    let tok = token(&s.ns, "acme").await;
+
+    // The exact values still match.
+    for q in [
+        "code=eq.abc",
+        "fixed=eq.abc",
+        "amount=eq.1.01",
+        "amount=in.(1.01,7)",
+        "at=eq.2030-01-01T00:00:00",
+    ] {
+        let a = s
+            .send(Method::GET, &format!("/v1/tables/codes?{q}"), &tok, None)
+            .await;
+        assert_eq!(a.column("code"), [json!("abc")], "{q}");
+    }
+    // Values the column type would cut down to an existing row match nothing.
+    for q in [
+        "code=eq.abcdef",
+        "code=in.(abcdef,xyzzy)",
+        "fixed=eq.abcdef",
+        "amount=eq.1.005",
+        "amount=in.(1.005,2.004)",
+        "at=eq.2030-01-01T00:00:00.4",
+    ] {
+        let a = s
+            .send(Method::GET, &format!("/v1/tables/codes?{q}"), &tok, None)
+            .await;
+        assert_eq!(a.column("code"), Vec::<Value>::new(), "{q}");
+    }
+    let a = s
+        .send(
+            Method::DELETE,
+            "/v1/tables/codes?code=eq.abcdef",
+            &tok,
+            None,
+        )
+        .await;
+    assert_eq!(a.column("code"), Vec::<Value>::new());
+    let a = s
+        .send(
+            Method::PATCH,
+            "/v1/tables/codes?amount=in.(1.005,2.004)",
+            &tok,
+            Some(r#"{"code": "zzz"}"#),
+        )
+        .await;
+    assert_eq!(a.column("code"), Vec::<Value>::new());
+    let a = s
+        .send(Method::GET, "/v1/tables/tags/abcdef", &tok, None)
+        .await;
+    assert_eq!(
+        (a.status, a.problem().as_str()),
+        (StatusCode::NOT_FOUND, "row-not-found")
+    );
+    assert_eq!(s.count("acme", "codes", "code IN ('abc', 'xyz')").await, 2);
+    assert_eq!(s.count("acme", "tags", "true").await, 1);
+
+    // The catalog still shows each column's full type.
+    let a = s.send(Method::GET, "/v1/tables", &tok, None).await;
+    let tables = a.json();
+    let codes = tables["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "codes")
+        .unwrap()
+        .clone();
+    let types: Vec<&str> = codes["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "bigint",
+            "character varying(3)",
+            "character(3)",
+            "numeric(10,2)",
+            "timestamp(0) without time zone"
+        ]
+    );
+}
