@@ -222,23 +222,7 @@ fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, QueryE
         "gte" => (Op::Gte, FilterValue::One(rest.into())),
         "like" => (Op::Like, FilterValue::One(rest.replace('*', "%"))),
         "ilike" => (Op::Ilike, FilterValue::One(rest.replace('*', "%"))),
-        "in" => {
-            let inner = rest
-                .strip_prefix('(')
-                .and_then(|r| r.strip_suffix(')'))
-                .ok_or_else(|| {
-                    QueryError::InvalidFilter(format!("{column}=in.… needs a list: in.(a,b)"))
-                })?;
-            let items: Vec<String> = if inner.is_empty() {
-                Vec::new()
-            } else {
-                inner
-                    .split(',')
-                    .map(|s| s.trim_matches('"').to_string())
-                    .collect()
-            };
-            (Op::In, FilterValue::List(items))
-        }
+        "in" => (Op::In, FilterValue::List(in_list(column, rest)?)),
         "is" => match rest {
             "null" => (Op::IsNull, FilterValue::None),
             "notnull" => (Op::IsNotNull, FilterValue::None),
@@ -261,6 +245,63 @@ fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, QueryE
         op,
         value,
     })
+}
+
+/// The items of an `in.(…)` list, quoted as PostgREST quotes them: items are separated by
+/// commas; an item in double quotes may hold commas, parentheses and spaces, and inside the
+/// quotes a backslash takes the next character literally (`\"`, `\\`); unquoted items are
+/// trimmed. A list that cannot be read one way only (an unterminated quote, text after a
+/// closing quote, a quote inside an unquoted item) is refused rather than guessed at.
+fn in_list(column: &str, list: &str) -> Result<Vec<String>, QueryError> {
+    let bad = |why: &str| {
+        QueryError::InvalidFilter(format!(
+            "{column}=in.{list}: {why}; write in.(a,b), quoting items that hold commas: in.(\"Smith, John\",b)"
+        ))
+    };
+    let inner = list
+        .strip_prefix('(')
+        .and_then(|r| r.strip_suffix(')'))
+        .ok_or_else(|| bad("the list must be in parentheses"))?;
+    let mut items = Vec::new();
+    if inner.is_empty() {
+        return Ok(items);
+    }
+    let mut chars = inner.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next_if_eq(&'"').is_some() {
+            let mut item = String::new();
+            loop {
+                match chars.next() {
+                    Some('"') => break,
+                    Some('\\') => item.push(chars.next().ok_or_else(|| bad("unterminated quote"))?),
+                    Some(c) => item.push(c),
+                    None => return Err(bad("unterminated quote")),
+                }
+            }
+            items.push(item);
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            match chars.next() {
+                None => return Ok(items),
+                Some(',') => {}
+                Some(c) => return Err(bad(&format!("{c:?} after a quoted item"))),
+            }
+        } else {
+            let mut item = String::new();
+            let last = loop {
+                match chars.next() {
+                    None => break true,
+                    Some(',') => break false,
+                    Some('"') => return Err(bad("a quote inside an unquoted item")),
+                    Some(c) => item.push(c),
+                }
+            };
+            items.push(item.trim().to_string());
+            if last {
+                return Ok(items);
+            }
+        }
+    }
 }
 
 fn parse_int(name: &str, v: &str) -> Result<i64, QueryError> {
@@ -757,6 +798,54 @@ mod tests {
         ] {
             assert_eq!(c.table(bad).unwrap_err().kind(), "unknown-table", "{bad}");
         }
+    }
+
+    #[test]
+    fn in_lists_are_quoted_like_postgrest() {
+        let items = |list: &str| in_list("c", list);
+        let ok = |list: &str, want: &[&str]| {
+            assert_eq!(
+                items(list),
+                Ok(want.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+                "{list}"
+            )
+        };
+        ok("()", &[]);
+        ok("(1,2)", &["1", "2"]);
+        ok("( a , b c ,d)", &["a", "b c", "d"]);
+        ok(r#"("Smith, John")"#, &["Smith, John"]);
+        ok(r#"("a,b", c ,"(d)")"#, &["a,b", "c", "(d)"]);
+        ok(r#"( "x" , "y" )"#, &["x", "y"]);
+        ok(
+            r#"("say \"hi\"","back\\slash","\q")"#,
+            &[r#"say "hi""#, r"back\slash", "q"],
+        );
+        ok(r#"("")"#, &[""]);
+        ok("(a,)", &["a", ""]);
+        ok("(a(b),c)", &["a(b)", "c"]);
+        ok("(é,ü)", &["é", "ü"]);
+        for bad in [
+            "",
+            "1,2",
+            "(1,2",
+            "1,2)",
+            r#"("Smith, John)"#,
+            r#"("a\")"#,
+            r#"("a\"#,
+            r#"("a"b)"#,
+            r#"("a" "b")"#,
+            r#"(a"b)"#,
+            r#"(a,"b)"#,
+        ] {
+            let e = items(bad).unwrap_err();
+            assert_eq!(e.kind(), "invalid-filter", "{bad}");
+            assert!(e.detail().starts_with("c=in."), "{}", e.detail());
+        }
+        let f = parse(&p(&[("title", r#"in.("a, b",c)"#)]), &tasks(), &limits()).unwrap();
+        assert_eq!(
+            f.filters[0].value,
+            FilterValue::List(vec!["a, b".into(), "c".into()])
+        );
     }
 
     #[test]

@@ -288,3 +288,98 @@ async fn filter_values_are_not_cut_to_the_column_type() {
         ]
     );
 }
+
+/// A query parameter value, percent-encoded.
+fn enc(v: &str) -> String {
+    percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// Attack: an `in.(…)` item with a comma inside its quotes, `in.("Smith, John")`, split at
+/// the comma so that a DELETE removes the rows `Smith` and ` John` instead of `Smith, John`;
+/// and an unterminated quote, which must be refused rather than guessed at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quoted_in_list_items_keep_their_commas() {
+    let s = Stage::new(&["acme"]).await;
+    let tok = token(&s.ns, "acme").await;
+    let names = [
+        "Smith",
+        "John",
+        " John",
+        "Smith, John",
+        r#"say "hi""#,
+        r"back\slash",
+        "a)b",
+    ];
+    let rows: Vec<Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| json!({"email": format!("m{i}@acme.io"), "display_name": n}))
+        .collect();
+    let a = s
+        .send(
+            Method::POST,
+            "/v1/tables/members",
+            &tok,
+            Some(&Value::Array(rows).to_string()),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    let names_of = |list: &str| format!("/v1/tables/members?display_name=in.{}", enc(list));
+
+    let a = s
+        .send(Method::GET, &names_of(r#"("Smith, John")"#), &tok, None)
+        .await;
+    assert_eq!(a.column("display_name"), [json!("Smith, John")]);
+    let a = s
+        .send(
+            Method::GET,
+            &format!(
+                "{}&order=id",
+                names_of(r#"( "a)b" , Smith,"say \"hi\"", "back\\slash")"#)
+            ),
+            &tok,
+            None,
+        )
+        .await;
+    assert_eq!(
+        a.column("display_name"),
+        [
+            json!("Smith"),
+            json!(r#"say "hi""#),
+            json!(r"back\slash"),
+            json!("a)b")
+        ]
+    );
+
+    // Malformed lists are refused, and delete nothing.
+    for bad in [
+        r#"("Smith, John)"#,
+        r#"("Smith" John)"#,
+        r#"(Smith, "John)"#,
+        r#"("a\")"#,
+    ] {
+        let a = s.send(Method::DELETE, &names_of(bad), &tok, None).await;
+        assert_eq!(
+            (a.status, a.problem().as_str()),
+            (StatusCode::BAD_REQUEST, "invalid-filter"),
+            "{bad}: {}",
+            a.text
+        );
+    }
+    assert_eq!(s.count("acme", "members", "true").await, names.len() as i64);
+
+    let a = s
+        .send(Method::DELETE, &names_of(r#"("Smith, John")"#), &tok, None)
+        .await;
+    assert_eq!(a.column("display_name"), [json!("Smith, John")]);
+    assert_eq!(
+        s.count(
+            "acme",
+            "members",
+            "display_name IN ('Smith', 'John', ' John')"
+        )
+        .await,
+        3,
+        "the rows either side of the comma survive"
+    );
+}
