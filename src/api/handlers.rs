@@ -199,15 +199,30 @@ pub(super) async fn insert_rows(
     Ok(json_response(StatusCode::CREATED, body))
 }
 
+/// PATCH and DELETE take column filters only. They change every row the filters match:
+/// `limit`, `offset` and `order` can neither bound nor pick those rows (a DELETE with
+/// `limit=10` would still delete every match), and `select` does not shape their answer.
 fn check_mass_change(
     headers: &HeaderMap,
     q: &query::Query,
     method: &Method,
 ) -> Result<(), ApiError> {
-    if q.select.is_some() || !q.order.is_empty() || q.offset != 0 {
+    let refused: Vec<&str> = [
+        (q.select.is_some(), "select"),
+        (!q.order.is_empty(), "order"),
+        (q.limit_given, "limit"),
+        (q.offset != 0, "offset"),
+    ]
+    .into_iter()
+    .filter_map(|(given, name)| given.then_some(name))
+    .collect();
+    if !refused.is_empty() {
         return Err(ApiError::bad_request(
             "invalid-parameter",
-            format!("{method} takes only column filters"),
+            format!(
+                "{method} takes only column filters, not {}: it changes every row the filters match, which limit, offset and order cannot bound or pick (narrow the filters instead), and answers with whole rows",
+                refused.join(", ")
+            ),
         ));
     }
     let confirmed = headers.get(ALL_ROWS_HEADER).and_then(|v| v.to_str().ok()) == Some("true");
@@ -291,6 +306,52 @@ mod tests {
         assert_eq!(pairs("t=eq.%C3%A9"), owned(&[("t", "eq.é")]));
         assert_eq!(pairs("a=b=c"), owned(&[("a", "b=c")]));
         assert_eq!(pairs("a=%zz%"), owned(&[("a", "%zz%")]));
+    }
+
+    #[test]
+    fn patch_and_delete_take_only_filters() {
+        let t = query::Table {
+            name: "t".into(),
+            columns: vec![query::Column {
+                name: "done".into(),
+                type_sql: "boolean".into(),
+                cast_sql: "boolean".into(),
+                nullable: false,
+                has_default: false,
+            }],
+            primary_key: None,
+        };
+        let check = |raw: &str| {
+            let q = query::parse(&pairs(raw), &t, &Limits::default()).unwrap();
+            check_mass_change(&HeaderMap::new(), &q, &Method::DELETE)
+        };
+        assert!(check("done=is.true").is_ok());
+        for (raw, named) in [
+            ("done=is.true&limit=10", "limit"),
+            ("done=is.true&limit=100", "limit"),
+            ("limit=0&done=is.true", "limit"),
+            ("done=is.true&offset=1", "offset"),
+            ("done=is.true&order=done", "order"),
+            ("done=is.true&select=done", "select"),
+        ] {
+            let e = check(raw).unwrap_err();
+            assert_eq!(
+                (e.status, e.kind),
+                (StatusCode::BAD_REQUEST, "invalid-parameter"),
+                "{raw}"
+            );
+            assert!(e.detail.contains(&format!("not {named}:")), "{}", e.detail);
+        }
+        let e = check("limit=1&done=is.true&order=done").unwrap_err();
+        assert!(e.detail.contains("not order, limit:"), "{}", e.detail);
+        // An unfiltered change still needs the header, limit or not.
+        let q = query::parse(&[], &t, &Limits::default()).unwrap();
+        assert_eq!(
+            check_mass_change(&HeaderMap::new(), &q, &Method::PATCH)
+                .unwrap_err()
+                .kind,
+            "unfiltered-change"
+        );
     }
 
     #[test]

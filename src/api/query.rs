@@ -202,7 +202,11 @@ pub struct Query {
     pub select: Option<Vec<String>>,
     pub filters: Vec<Filter>,
     pub order: Vec<Order>,
+    /// Rows to return: the request's `limit`, or the default.
     pub limit: i64,
+    /// Whether the request named `limit` itself (PATCH and DELETE refuse it: they cannot
+    /// honour it, and the default limit must not look like one).
+    pub limit_given: bool,
     pub offset: i64,
 }
 
@@ -353,6 +357,7 @@ pub fn parse(
             }
             "limit" => {
                 q.limit = parse_int("limit", v)?;
+                q.limit_given = true;
                 if q.limit > limits.max_limit {
                     return Err(QueryError::InvalidParameter(format!(
                         "limit is at most {}",
@@ -732,7 +737,12 @@ mod tests {
                 nulls_first: Some(false)
             }
         );
-        assert_eq!(q.limit, 5);
+        assert_eq!((q.limit, q.limit_given), (5, true));
+        let unlimited = parse(&p(&[("id", "eq.1")]), &tasks(), &limits()).unwrap();
+        assert_eq!(
+            (unlimited.limit, unlimited.limit_given),
+            (limits().default_limit, false)
+        );
         let sql = select("acme", &tasks(), &q).unwrap();
         assert!(
             sql.text

@@ -383,3 +383,84 @@ async fn quoted_in_list_items_keep_their_commas() {
         "the rows either side of the comma survive"
     );
 }
+
+/// Attack: `DELETE ?done=is.true&limit=10`, trusting `limit` to bound the damage, when PATCH
+/// and DELETE ignored it and changed every matching row. They refuse it now, as they refuse
+/// `offset`, `order` and `select`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_on_patch_or_delete_is_refused() {
+    let s = Stage::new(&["acme"]).await;
+    let tok = token(&s.ns, "acme").await;
+    let a = s
+        .send(
+            Method::POST,
+            "/v1/tables/projects",
+            &tok,
+            Some(r#"{"name": "p"}"#),
+        )
+        .await;
+    let pid = a.json()["id"].as_i64().unwrap();
+    let tasks: Vec<Value> = (0..20)
+        .map(|i| json!({"project_id": pid, "title": format!("t{i}"), "status": "done"}))
+        .collect();
+    let a = s
+        .send(
+            Method::POST,
+            "/v1/tables/tasks",
+            &tok,
+            Some(&Value::Array(tasks).to_string()),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+
+    for (method, query, body, word) in [
+        (Method::DELETE, "status=eq.done&limit=10", None, "limit"),
+        (Method::DELETE, "limit=0&status=eq.done", None, "limit"),
+        (
+            Method::PATCH,
+            "status=eq.done&limit=1",
+            Some(r#"{"title": "x"}"#),
+            "limit",
+        ),
+        (Method::DELETE, "status=eq.done&offset=5", None, "offset"),
+        (Method::DELETE, "status=eq.done&order=id", None, "order"),
+        (
+            Method::PATCH,
+            "status=eq.done&select=id",
+            Some(r#"{"title": "x"}"#),
+            "select",
+        ),
+    ] {
+        let a = s
+            .send(
+                method.clone(),
+                &format!("/v1/tables/tasks?{query}"),
+                &tok,
+                body,
+            )
+            .await;
+        assert_eq!(
+            (a.status, a.problem().as_str()),
+            (StatusCode::BAD_REQUEST, "invalid-parameter"),
+            "{method} {query}: {}",
+            a.text
+        );
+        let detail = a.json()["detail"].as_str().unwrap().to_string();
+        assert!(detail.contains(word), "{method} {query}: {detail}");
+    }
+    assert_eq!(
+        s.count("acme", "tasks", "status = 'done' AND title <> 'x'")
+            .await,
+        20
+    );
+    // Without limit, the same filters work as before.
+    let a = s
+        .send(
+            Method::DELETE,
+            "/v1/tables/tasks?status=eq.done&title=eq.t3",
+            &tok,
+            None,
+        )
+        .await;
+    assert_eq!(a.column("title"), [json!("t3")]);
+}
