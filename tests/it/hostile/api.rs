@@ -464,3 +464,355 @@ async fn limit_on_patch_or_delete_is_refused() {
         .await;
     assert_eq!(a.column("title"), [json!("t3")]);
 }
+
+impl Stage {
+    /// The tenant's token signing key, from its Secret.
+    async fn key(&self, tenant: &str) -> Vec<u8> {
+        let s = self
+            .ns
+            .secrets()
+            .get(&format!("{tenant}-db"))
+            .await
+            .unwrap();
+        secret_value(&s, "jwt-key").into_bytes()
+    }
+}
+
+/// A token for `claims` signed HS256 with `key`, with extra header fields (`kid`, `jku`).
+fn hs256(claims: &Value, key: &[u8], header: Value) -> String {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64, Engine};
+    use hmac::{Hmac, Mac};
+    let mut h = json!({"alg": "HS256", "typ": "JWT"});
+    h.as_object_mut()
+        .unwrap()
+        .extend(header.as_object().unwrap().clone());
+    let signed = format!(
+        "{}.{}",
+        B64.encode(h.to_string()),
+        B64.encode(claims.to_string())
+    );
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(signed.as_bytes());
+    format!("{signed}.{}", B64.encode(mac.finalize().into_bytes()))
+}
+
+/// `claims` with `key` removed (`null`) or replaced.
+fn with(claims: &Value, key: &str, v: Value) -> Value {
+    let mut c = claims.clone();
+    let o = c.as_object_mut().unwrap();
+    if v.is_null() {
+        o.remove(key);
+    } else {
+        o.insert(key.into(), v);
+    }
+    c
+}
+
+/// Plays each token against acme's rows: every one must get a 401 or 403 problem+json and
+/// none of the data.
+async fn refused(s: &Stage, cases: Vec<(&str, String, u16)>) {
+    for (what, tok, want) in cases {
+        for uri in ["/v1/tables/projects", "/v1/tenant"] {
+            let a = s
+                .send_with(
+                    Method::GET,
+                    uri,
+                    &[
+                        ("x-tenant", "acme"),
+                        ("authorization", &format!("Bearer {tok}")),
+                    ],
+                    None,
+                )
+                .await;
+            assert_eq!(a.status.as_u16(), want, "{what} on {uri}: {}", a.text);
+            let kind = a.problem();
+            assert!(!a.text.contains("crown jewels"), "{what}: {}", a.text);
+            if want == 401 {
+                assert_eq!(kind, "unauthorized", "{what}");
+                assert!(a.headers.contains_key("www-authenticate"), "{what}");
+            }
+        }
+    }
+}
+
+/// Puts a row only acme may see into acme's projects.
+async fn crown_jewels(s: &Stage) {
+    s.pg.execute(
+        format!(
+            "INSERT INTO \"{}\".projects (name) VALUES ('crown jewels')",
+            s.schema("acme")
+        )
+        .as_str(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Attack: with `--jwt-issuer` and `--jwt-audience` set, a token signed with the tenant's key
+/// that leaves `iss` or `aud` out, or gives them a type the check skips (`"aud": 123`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_without_the_configured_issuer_or_audience_are_refused() {
+    let s = Stage::with_auth(
+        &["acme"],
+        AuthConfig {
+            issuer: Some("https://id.example.com".into()),
+            audience: Some("tenantry".into()),
+            leeway_secs: 5,
+            platform: None,
+        },
+    )
+    .await;
+    crown_jewels(&s).await;
+    let key = s.key("acme").await;
+    let good = json!({"tenant": "acme", "sub": "u", "exp": crate::api::now() + 300,
+                      "iss": "https://id.example.com", "aud": "tenantry"});
+    let a = s
+        .send(
+            Method::GET,
+            "/v1/tables/projects",
+            &hs256(&good, &key, json!({})),
+            None,
+        )
+        .await;
+    assert_eq!(
+        a.column("name"),
+        [json!("crown jewels")],
+        "the complete token works"
+    );
+    let a = s
+        .send(
+            Method::GET,
+            "/v1/tables/projects",
+            &hs256(
+                &with(&good, "aud", json!(["other", "tenantry"])),
+                &key,
+                json!({}),
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "an audience list naming us: {}",
+        a.text
+    );
+
+    let no_iss_aud = with(&with(&good, "iss", Value::Null), "aud", Value::Null);
+    let cases = [
+        ("no iss", with(&good, "iss", Value::Null)),
+        ("no aud", with(&good, "aud", Value::Null)),
+        ("neither iss nor aud", no_iss_aud),
+        ("aud a number", with(&good, "aud", json!(123))),
+        (
+            "aud an object",
+            with(&good, "aud", json!({"tenantry": true})),
+        ),
+        ("aud a list of numbers", with(&good, "aud", json!([1, 2]))),
+        ("aud an empty list", with(&good, "aud", json!([]))),
+        ("aud another audience", with(&good, "aud", json!("other"))),
+        ("iss a number", with(&good, "iss", json!(7))),
+        (
+            "iss a list",
+            with(&good, "iss", json!(["https://id.example.com"])),
+        ),
+        (
+            "iss another issuer",
+            with(&good, "iss", json!("https://evil.example.com")),
+        ),
+    ];
+    refused(
+        &s,
+        cases
+            .into_iter()
+            .map(|(what, c)| (what, hs256(&c, &key, json!({})), 401))
+            .collect(),
+    )
+    .await;
+}
+
+/// Attack: tokens signed with the tenant's own key whose time or tenant claims are missing or
+/// malformed — no `exp`, `exp` as a string, `nbf` in the future, no or another tenant claim,
+/// and an `aud` of the wrong type when no audience is configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_with_missing_or_malformed_claims_are_refused() {
+    let s = Stage::new(&["acme", "globex"]).await;
+    crown_jewels(&s).await;
+    let key = s.key("acme").await;
+    let now = crate::api::now();
+    let good = json!({"tenant": "acme", "sub": "u", "exp": now + 300});
+    let a = s
+        .send(
+            Method::GET,
+            "/v1/tables/projects",
+            &hs256(&good, &key, json!({})),
+            None,
+        )
+        .await;
+    assert_eq!(
+        a.column("name"),
+        [json!("crown jewels")],
+        "the complete token works"
+    );
+    let cases = [
+        ("no exp", with(&good, "exp", Value::Null), 401),
+        (
+            "exp a string",
+            with(&good, "exp", json!((now + 300).to_string())),
+            401,
+        ),
+        ("exp a list", with(&good, "exp", json!([now + 300])), 401),
+        ("exp past", with(&good, "exp", json!(now - 3600)), 401),
+        ("exp negative", with(&good, "exp", json!(-1)), 401),
+        ("nbf in an hour", with(&good, "nbf", json!(now + 3600)), 401),
+        (
+            "nbf a string",
+            with(&good, "nbf", json!(now.to_string())),
+            401,
+        ),
+        (
+            "aud a number, none configured",
+            with(&good, "aud", json!(123)),
+            401,
+        ),
+        (
+            "aud an object, none configured",
+            with(&good, "aud", json!({})),
+            401,
+        ),
+        (
+            "iss a number, none configured",
+            with(&good, "iss", json!(1)),
+            401,
+        ),
+        ("no tenant claim", with(&good, "tenant", Value::Null), 403),
+        (
+            "tenant claim a list",
+            with(&good, "tenant", json!(["acme"])),
+            403,
+        ),
+        (
+            "tenant claim globex",
+            with(&good, "tenant", json!("globex")),
+            403,
+        ),
+        ("claims not an object", json!(["acme"]), 401),
+    ];
+    refused(
+        &s,
+        cases
+            .into_iter()
+            .map(|(what, c, want)| (what, hs256(&c, &key, json!({})), want))
+            .collect(),
+    )
+    .await;
+}
+
+/// Attack: algorithm and key games — `alg: none`, a token for acme signed with globex's key
+/// (with and without a `kid` or `jku` pointing at globex's or an attacker's key), HS512 and
+/// RS256 headers over an HMAC signature, and an empty key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn algorithm_and_key_games_are_refused() {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64, Engine};
+    let s = Stage::new(&["acme", "globex"]).await;
+    crown_jewels(&s).await;
+    let (acme, globex) = (s.key("acme").await, s.key("globex").await);
+    let claims = json!({"tenant": "acme", "sub": "u", "exp": crate::api::now() + 300});
+    let good = hs256(&claims, &acme, json!({}));
+    let a = s
+        .send(Method::GET, "/v1/tables/projects", &good, None)
+        .await;
+    assert_eq!(
+        a.column("name"),
+        [json!("crown jewels")],
+        "the real token works"
+    );
+
+    let unsigned = |alg: &str| {
+        format!(
+            "{}.{}.",
+            B64.encode(json!({"alg": alg, "typ": "JWT"}).to_string()),
+            B64.encode(claims.to_string())
+        )
+    };
+    let resigned = |header: Value| {
+        // The real token's payload and signature under another header.
+        let parts: Vec<&str> = good.split('.').collect();
+        format!(
+            "{}.{}.{}",
+            B64.encode(header.to_string()),
+            parts[1],
+            parts[2]
+        )
+    };
+    let attacker = b"an attacker's key, long enough for HS256".to_vec();
+    let cases = vec![
+        ("alg none", unsigned("none"), 401),
+        ("alg None", unsigned("None"), 401),
+        (
+            "alg none, real signature",
+            format!("{}{}", unsigned("none"), good.split('.').nth(2).unwrap()),
+            401,
+        ),
+        (
+            "signed with globex's key",
+            hs256(&claims, &globex, json!({})),
+            401,
+        ),
+        (
+            "globex's key, kid globex",
+            hs256(&claims, &globex, json!({"kid": "globex"})),
+            401,
+        ),
+        (
+            "globex's key, kid acme",
+            hs256(&claims, &globex, json!({"kid": "acme"})),
+            401,
+        ),
+        (
+            "globex's key, kid a path",
+            hs256(&claims, &globex, json!({"kid": "../globex-db"})),
+            401,
+        ),
+        (
+            "attacker's key, jku",
+            hs256(
+                &claims,
+                &attacker,
+                json!({"jku": "https://evil.example.com/jwks"}),
+            ),
+            401,
+        ),
+        ("empty key", hs256(&claims, b"", json!({})), 401),
+        (
+            "HS512 header",
+            resigned(json!({"alg": "HS512", "typ": "JWT"})),
+            401,
+        ),
+        (
+            "RS256 header",
+            resigned(json!({"alg": "RS256", "typ": "JWT"})),
+            401,
+        ),
+        (
+            "ES256 header",
+            resigned(json!({"alg": "ES256", "typ": "JWT"})),
+            401,
+        ),
+        (
+            "no signature",
+            good.rsplit_once('.').unwrap().0.to_string(),
+            401,
+        ),
+        (
+            "globex's own token",
+            hs256(
+                &with(&claims, "tenant", json!("globex")),
+                &globex,
+                json!({}),
+            ),
+            403,
+        ),
+    ];
+    refused(&s, cases).await;
+}
