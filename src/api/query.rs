@@ -102,6 +102,20 @@ impl Table {
     }
 }
 
+/// Columns of the tables and views of schema `$1`. Every catalog name is qualified with
+/// `pg_catalog`, like every name of the statements below: nothing a search_path could put
+/// first is ever looked up.
+const CATALOG_SQL: &str = "SELECT c.relname::pg_catalog.text, a.attname::pg_catalog.text,
+        pg_catalog.format_type(a.atttypid, a.atttypmod), pg_catalog.format_type(a.atttypid, -1),
+        a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '',
+        EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
+                AND i.indnatts = 1 AND i.indkey[0] = a.attnum)
+ FROM pg_catalog.pg_class c
+ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+ WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v') AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY c.relname, a.attnum";
+
 /// Tables and columns of one tenant schema.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct Catalog {
@@ -109,23 +123,15 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Reads the catalog of `schema` (tables, partitioned tables and views).
+    /// Reads the catalog of `schema` (tables, partitioned tables and views), inside the
+    /// tenant's transaction: types are formatted for its search_path, which every statement
+    /// built from this catalog runs under.
     pub async fn load(conn: &mut PgConnection, schema: &str) -> Result<Self, sqlx::Error> {
-        let rows: Vec<(String, String, String, String, bool, bool, bool)> = sqlx::query_as(
-            "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod),
-                    format_type(a.atttypid, -1), a.attnotnull,
-                    a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '',
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
-                            AND i.indnatts = 1 AND i.indkey[0] = a.attnum)
-             FROM pg_class c
-             JOIN pg_namespace n ON n.oid = c.relnamespace
-             JOIN pg_attribute a ON a.attrelid = c.oid
-             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v') AND a.attnum > 0 AND NOT a.attisdropped
-             ORDER BY c.relname, a.attnum",
-        )
-        .bind(schema)
-        .fetch_all(conn)
-        .await?;
+        let rows: Vec<(String, String, String, String, bool, bool, bool)> =
+            sqlx::query_as(CATALOG_SQL)
+                .bind(schema)
+                .fetch_all(conn)
+                .await?;
         let mut tables: BTreeMap<String, Table> = BTreeMap::new();
         for (table, column, type_sql, cast_sql, not_null, has_default, pk) in rows {
             if HIDDEN_TABLES.contains(&table.as_str()) {
@@ -445,10 +451,16 @@ fn where_clause(
             (Op::Gt, FilterValue::One(v)) => cmp(sql, ">", v),
             (Op::Gte, FilterValue::One(v)) => cmp(sql, ">=", v),
             (Op::Like, FilterValue::One(v)) => {
-                format!("{c}::text LIKE {}", sql.param(Bind::Text(v.clone())))
+                format!(
+                    "{c}::pg_catalog.text LIKE {}",
+                    sql.param(Bind::Text(v.clone()))
+                )
             }
             (Op::Ilike, FilterValue::One(v)) => {
-                format!("{c}::text ILIKE {}", sql.param(Bind::Text(v.clone())))
+                format!(
+                    "{c}::pg_catalog.text ILIKE {}",
+                    sql.param(Bind::Text(v.clone()))
+                )
             }
             (Op::In, FilterValue::List(vs)) => {
                 let p = sql.param(Bind::TextArray(vs.clone()));
@@ -519,7 +531,7 @@ pub fn select(schema: &str, table: &Table, q: &Query) -> Result<Sql, QueryError>
     let limit = sql.param(Bind::Text(q.limit.to_string()));
     let offset = sql.param(Bind::Text(q.offset.to_string()));
     sql.text = format!(
-        "SELECT coalesce(pg_catalog.json_agg(_r), '[]'::json)::text FROM (SELECT {cols} FROM {} AS _t{wh}{order} LIMIT CAST({limit} AS bigint) OFFSET CAST({offset} AS bigint)) AS _r",
+        "SELECT coalesce(pg_catalog.json_agg(_r), '[]'::pg_catalog.json)::pg_catalog.text FROM (SELECT {cols} FROM {} AS _t{wh}{order} LIMIT CAST({limit} AS bigint) OFFSET CAST({offset} AS bigint)) AS _r",
         qualified(schema, table)
     );
     Ok(sql)
@@ -549,7 +561,7 @@ pub fn by_id(
     };
     let p = sql.param(Bind::Text(id.to_string()));
     sql.text = format!(
-        "SELECT coalesce((SELECT pg_catalog.row_to_json(_r)::text FROM (SELECT {} FROM {} AS _t WHERE _t.{} = CAST({p} AS {})) AS _r), 'null')",
+        "SELECT coalesce((SELECT pg_catalog.row_to_json(_r)::pg_catalog.text FROM (SELECT {} FROM {} AS _t WHERE _t.{} = CAST({p} AS {})) AS _r), 'null')",
         column_list(table, select, "_t"),
         qualified(schema, table),
         quote_ident(&pk.name),
@@ -610,7 +622,7 @@ pub fn insert(schema: &str, table: &Table, rows: Vec<Value>) -> Result<Sql, Quer
             .collect();
         let p = sql.param(Bind::Json(Value::Array(rows)));
         ctes.push(format!(
-            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM pg_catalog.json_populate_recordset(NULL::{t}, CAST({p} AS json)) AS _j RETURNING {returning})",
+            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM pg_catalog.json_populate_recordset(NULL::{t}, CAST({p} AS pg_catalog.json)) AS _j RETURNING {returning})",
             names.join(", "),
             src.join(", "),
         ));
@@ -619,7 +631,7 @@ pub fn insert(schema: &str, table: &Table, rows: Vec<Value>) -> Result<Sql, Quer
         .map(|i| format!("SELECT * FROM _ins{i}"))
         .collect();
     sql.text = format!(
-        "WITH {}, _all AS ({}) SELECT coalesce(pg_catalog.json_agg(_all), '[]'::json)::text FROM _all",
+        "WITH {}, _all AS ({}) SELECT coalesce(pg_catalog.json_agg(_all), '[]'::pg_catalog.json)::pg_catalog.text FROM _all",
         ctes.join(", "),
         union.join(" UNION ALL ")
     );
@@ -646,8 +658,8 @@ pub fn update(
     let wh = where_clause(&mut sql, table, filters, "_t")?;
     let t = qualified(schema, table);
     sql.text = format!(
-        "WITH _upd AS (UPDATE {t} AS _t SET {} FROM pg_catalog.json_populate_record(NULL::{t}, CAST({p} AS json)) AS _j{wh} RETURNING {})
-         SELECT coalesce(pg_catalog.json_agg(_upd), '[]'::json)::text FROM _upd",
+        "WITH _upd AS (UPDATE {t} AS _t SET {} FROM pg_catalog.json_populate_record(NULL::{t}, CAST({p} AS pg_catalog.json)) AS _j{wh} RETURNING {})
+         SELECT coalesce(pg_catalog.json_agg(_upd), '[]'::pg_catalog.json)::pg_catalog.text FROM _upd",
         set.join(", "),
         column_list(table, None, "_t")
     );
@@ -663,7 +675,7 @@ pub fn delete(schema: &str, table: &Table, filters: &[Filter]) -> Result<Sql, Qu
     let wh = where_clause(&mut sql, table, filters, "_t")?;
     sql.text = format!(
         "WITH _del AS (DELETE FROM {} AS _t{wh} RETURNING {})
-         SELECT coalesce(pg_catalog.json_agg(_del), '[]'::json)::text FROM _del",
+         SELECT coalesce(pg_catalog.json_agg(_del), '[]'::pg_catalog.json)::pg_catalog.text FROM _del",
         qualified(schema, table),
         column_list(table, None, "_t")
     );
@@ -895,6 +907,93 @@ mod tests {
             serde_json::to_value(&t.columns[0]).unwrap(),
             serde_json::json!({"name": "code", "type": "character varying(3)", "nullable": true, "hasDefault": false})
         );
+    }
+
+    /// Names in `sql` (outside quotes) that PostgreSQL would look up in the search_path
+    /// although pg_catalog holds them.
+    fn unqualified_catalog_names(sql: &str) -> Vec<String> {
+        const CATALOG: &[&str] = &[
+            "pg_class",
+            "pg_namespace",
+            "pg_attribute",
+            "pg_index",
+            "pg_roles",
+            "format_type",
+            "json_agg",
+            "row_to_json",
+            "to_json",
+            "json_populate_record",
+            "json_populate_recordset",
+            "json_array_elements",
+            "row_number",
+            "text",
+            "json",
+            "int8",
+        ];
+        let mut out = Vec::new();
+        let mut word = String::new();
+        let mut quote = None;
+        for ch in sql.chars().chain([' ']) {
+            match quote {
+                Some(q) if ch == q => quote = None,
+                Some(_) => {}
+                None if ch == '\'' || ch == '"' => quote = Some(ch),
+                None if ch.is_ascii_alphanumeric() || ch == '_' || ch == '.' => {
+                    word.push(ch);
+                    continue;
+                }
+                None => {}
+            }
+            if CATALOG.contains(&word.as_str()) {
+                out.push(word.clone());
+            }
+            word.clear();
+        }
+        out
+    }
+
+    #[test]
+    fn every_catalog_name_is_qualified() {
+        assert_eq!(
+            unqualified_catalog_names("SELECT json_agg(x)::text, 'json' FROM pg_class"),
+            ["json_agg", "text", "pg_class"]
+        );
+        assert!(unqualified_catalog_names(CATALOG_SQL).is_empty());
+        let t = tasks();
+        let q = parse(
+            &p(&[
+                ("id", "in.(1,2)"),
+                ("title", "like.a*"),
+                ("due_date", "gte.2030-01-01"),
+                ("title", "ilike.b*"),
+                ("order", "title"),
+            ]),
+            &t,
+            &limits(),
+        )
+        .unwrap();
+        for sql in [
+            select("acme", &t, &q).unwrap(),
+            by_id("acme", &t, "1", None).unwrap(),
+            insert(
+                "acme",
+                &t,
+                vec![
+                    serde_json::json!({"title": "x"}),
+                    serde_json::json!({"id": 1}),
+                ],
+            )
+            .unwrap(),
+            update("acme", &t, &q.filters, serde_json::json!({"title": "y"})).unwrap(),
+            delete("acme", &t, &q.filters).unwrap(),
+        ] {
+            assert_eq!(
+                unqualified_catalog_names(&sql.text),
+                Vec::<String>::new(),
+                "{}",
+                sql.text
+            );
+        }
     }
 
     #[test]

@@ -816,3 +816,192 @@ async fn algorithm_and_key_games_are_refused() {
     ];
     refused(&s, cases).await;
 }
+
+/// A table whose defaults record who inserted a row, with which search_path and whether the
+/// transaction was read-only: created by the owner, like a migration, so nothing the tenant
+/// wrote runs.
+const WHOAMI: &str =
+    "CREATE TABLE whoami (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, note text,
+    who text NOT NULL DEFAULT current_user,
+    path text NOT NULL DEFAULT current_setting('search_path'))";
+
+impl Stage {
+    /// Inserts into the tenant's `whoami` and returns (current_user, search_path) as the
+    /// request saw them.
+    async fn whoami(&self, tok: &str) -> (String, String) {
+        let a = self
+            .send(
+                Method::POST,
+                "/v1/tables/whoami",
+                tok,
+                Some(r#"{"note": "x"}"#),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+        let v = a.json();
+        (
+            v["who"].as_str().unwrap().to_string(),
+            v["path"].as_str().unwrap().replace('"', ""),
+        )
+    }
+
+    /// Gateway backends in a transaction that nobody is running.
+    async fn idle_in_transaction(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND state LIKE 'idle in transaction%'",
+        )
+        .bind(gateway_role(&self.ns))
+        .fetch_one(&self.pg)
+        .await
+        .unwrap()
+    }
+
+    /// Waits until no gateway connection sits idle in a transaction.
+    async fn no_idle_transactions(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = self.idle_in_transaction().await;
+            if n == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} gateway connections idle in transaction"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Attack: objects in the gateway session's temporary schema shadowing the tenant's or the
+/// catalog's (`pg_temp` is searched first unless listed): each request runs as the tenant's
+/// app role with `search_path` = its schema, then `pg_temp`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_run_as_the_tenant_with_pg_temp_last() {
+    let s = Stage::new(&["acme"]).await;
+    s.as_owner("acme", WHOAMI).await;
+    let tok = token(&s.ns, "acme").await;
+    let schema = s.schema("acme");
+    assert_eq!(
+        s.whoami(&tok).await,
+        (schema.clone(), format!("{schema}, pg_temp"))
+    );
+}
+
+/// Attack: a request whose transaction fails while it is being opened — here a tenant whose
+/// role the gateway may no longer take (its grant revoked, as when a Tenant is deleted with
+/// `Retain` while the registry still routes it) — leaving its pooled connection inside an
+/// aborted transaction that every later request on it, of any tenant, would inherit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_transaction_leaves_no_poisoned_connection_in_the_pool() {
+    let s = Stage::new(&["acme", "globex"]).await;
+    s.as_owner("globex", WHOAMI).await;
+    let (acme, globex) = (token(&s.ns, "acme").await, token(&s.ns, "globex").await);
+    assert_eq!(s.whoami(&globex).await.0, s.schema("globex"));
+    s.pg.execute(
+        format!(
+            "REVOKE \"{}\" FROM \"{}\"",
+            s.schema("acme"),
+            gateway_role(&s.ns)
+        )
+        .as_str(),
+    )
+    .await
+    .unwrap();
+    let mut refused = Vec::new();
+    for _ in 0..5 {
+        let a = s
+            .send(Method::GET, "/v1/tables/projects", &acme, None)
+            .await;
+        refused.push((a.status, a.problem()));
+    }
+    // Another tenant, on the same pool, is served as itself every time.
+    for i in 0..10 {
+        let a = s
+            .send(
+                Method::POST,
+                "/v1/tables/whoami",
+                &globex,
+                Some(r#"{"note": "x"}"#),
+            )
+            .await;
+        assert_eq!(
+            a.status,
+            StatusCode::CREATED,
+            "globex request {i}: {}",
+            a.text
+        );
+        assert_eq!(a.json()["who"], s.schema("globex"));
+    }
+    s.no_idle_transactions().await;
+    let denied = (StatusCode::FORBIDDEN, "permission-denied".to_string());
+    assert_eq!(refused, vec![denied; 5], "acme's own requests");
+}
+
+/// Attack: requests abandoned mid-statement (the client hangs up while PostgreSQL waits on a
+/// lock). Their writes must not commit, their connections must not come back to the pool
+/// inside the transaction, and they must not hold the pool's slots until the statement
+/// timeout while other tenants wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_requests_neither_commit_nor_hold_connections() {
+    let s = Stage::new(&["acme", "globex"]).await;
+    s.as_owner(
+        "acme",
+        &format!("{WHOAMI}; INSERT INTO projects (name) VALUES ('p')"),
+    )
+    .await;
+    s.as_owner("globex", WHOAMI).await;
+    let (acme, globex) = (token(&s.ns, "acme").await, token(&s.ns, "globex").await);
+    let gateway = gateway_role(&s.ns);
+
+    let mut locker = s.pg.acquire().await.unwrap();
+    locker
+        .execute(
+            format!(
+                "BEGIN; LOCK TABLE \"{}\".projects IN ACCESS EXCLUSIVE MODE",
+                s.schema("acme")
+            )
+            .as_str(),
+        )
+        .await
+        .unwrap();
+    let n = crate::api::POOL_SIZE as i64;
+    let patches = futures::future::join_all((0..n).map(|_| {
+        s.send(
+            Method::PATCH,
+            "/v1/tables/projects?name=eq.p",
+            &acme,
+            Some(r#"{"description": "cancelled"}"#),
+        )
+    }));
+    let all_waiting = async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND wait_event_type = 'Lock'",
+            )
+            .bind(&gateway)
+            .fetch_one(&s.pg)
+            .await
+            .unwrap();
+            if waiting == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        _ = patches => panic!("the PATCHes finished while the table was locked"),
+        _ = tokio::time::timeout(Duration::from_secs(10), all_waiting) => {}
+    }
+    // The PATCHes are dropped: another tenant is served at once, as itself.
+    let who = tokio::time::timeout(Duration::from_secs(2), s.whoami(&globex))
+        .await
+        .expect("globex waited for the abandoned requests' connections");
+    assert_eq!(who.0, s.schema("globex"));
+
+    locker.execute("ROLLBACK").await.unwrap();
+    s.no_idle_transactions().await;
+    assert_eq!(s.count("acme", "projects", "description IS NULL").await, 1);
+    assert_eq!(s.whoami(&acme).await.0, s.schema("acme"));
+    assert_eq!(s.count("acme", "projects", "description IS NULL").await, 1);
+}
