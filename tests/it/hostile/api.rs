@@ -1005,3 +1005,20 @@ async fn cancelled_requests_neither_commit_nor_hold_connections() {
     assert_eq!(s.whoami(&acme).await.0, s.schema("acme"));
     assert_eq!(s.count("acme", "projects", "description IS NULL").await, 1);
 }
+
+/// Attack: unauthenticated requests with invented methods (`FOOBAR /v1/tables/x`), each of
+/// which used to add a `method` label value to `/metrics`, growing it without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_methods_do_not_grow_the_metrics() {
+    let s = Stage::new(&[]).await;
+    for i in 0..50 {
+        let m = Method::from_bytes(format!("XMETHOD{i:02}").as_bytes()).unwrap();
+        let a = s.send_with(m, "/v1/tables/x", &[], None).await;
+        assert!(a.status.is_client_error(), "{}", a.status);
+        a.problem();
+    }
+    let a = s.send_with(Method::GET, "/metrics", &[], None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(!a.text.contains("XMETHOD"), "{}", a.text);
+    assert!(a.text.contains(r#"method="other""#), "{}", a.text);
+}
