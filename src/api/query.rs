@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use serde_json::Value;
 use sqlx::PgConnection;
 
 use super::config::Limits;
@@ -391,7 +390,9 @@ pub fn parse(
 pub enum Bind {
     Text(String),
     TextArray(Vec<String>),
-    Json(Value),
+    /// JSON as the client sent it, for PostgreSQL to parse (`CAST($n AS json)`).
+    JsonText(String),
+    BigIntArray(Vec<i64>),
 }
 
 /// A statement and its parameters, in order.
@@ -414,7 +415,8 @@ impl Sql {
             q = match b {
                 Bind::Text(s) => q.bind(s),
                 Bind::TextArray(v) => q.bind(v),
-                Bind::Json(j) => q.bind(sqlx::types::Json(j)),
+                Bind::JsonText(s) => q.bind(s),
+                Bind::BigIntArray(v) => q.bind(v),
             };
         }
         q.fetch_one(conn).await
@@ -570,68 +572,172 @@ pub fn by_id(
     Ok(sql)
 }
 
-/// Column names of a JSON body (an object or an array of objects), checked against the table.
-fn body_columns<'a>(table: &'a Table, rows: &[Value]) -> Result<Vec<&'a Column>, QueryError> {
-    let mut cols: Vec<&Column> = Vec::new();
-    for row in rows {
-        let obj = row.as_object().ok_or_else(|| {
-            QueryError::InvalidBody("expected a JSON object or an array of objects".into())
-        })?;
-        for k in obj.keys() {
-            let c = table.column(k)?;
-            if !cols.iter().any(|x| x.name == c.name) {
-                cols.push(c);
+/// A JSON request body: the text exactly as the client sent it, which is what statements
+/// bind, so that PostgreSQL parses its values (numbers at full precision: a `numeric` with 30
+/// digits stays whole), and the keys of its object or objects, which is all the API reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonBody {
+    text: String,
+    shape: Shape,
+}
+
+/// The keys of a JSON body, which must be an object or an array of objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shape {
+    Object(Vec<String>),
+    Array(Vec<Vec<String>>),
+}
+
+impl JsonBody {
+    /// Checks that `bytes` is one JSON object or an array of objects, and reads its keys.
+    /// Values are skipped, not parsed: a number outside f64's range (`1e400`) is PostgreSQL's
+    /// to judge.
+    pub fn parse(bytes: &[u8]) -> Result<Self, QueryError> {
+        let invalid =
+            |e: &dyn std::fmt::Display| QueryError::InvalidBody(format!("invalid JSON: {e}"));
+        let shape: Shape = serde_json::from_slice(bytes).map_err(|e| invalid(&e))?;
+        // Skipped strings are not checked for UTF-8; the whole text is.
+        let text = String::from_utf8(bytes.to_vec()).map_err(|e| invalid(&e))?;
+        Ok(Self { text, shape })
+    }
+
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Shape {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Top;
+        impl<'de> serde::de::Visitor<'de> for Top {
+            type Value = Shape;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object or an array of objects")
             }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Shape, A::Error> {
+                Ok(Shape::Object(object_keys(map)?))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Shape, A::Error> {
+                let mut rows = Vec::new();
+                while let Some(ObjectKeys(keys)) = seq.next_element()? {
+                    rows.push(keys);
+                }
+                Ok(Shape::Array(rows))
+            }
+        }
+        d.deserialize_any(Top)
+    }
+}
+
+/// The keys of one JSON object.
+struct ObjectKeys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for ObjectKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Obj;
+        impl<'de> serde::de::Visitor<'de> for Obj {
+            type Value = ObjectKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ObjectKeys, A::Error> {
+                Ok(ObjectKeys(object_keys(map)?))
+            }
+        }
+        d.deserialize_map(Obj)
+    }
+}
+
+fn object_keys<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Vec<String>, A::Error> {
+    let mut keys = Vec::new();
+    while let Some(k) = map.next_key::<String>()? {
+        map.next_value::<serde::de::IgnoredAny>()?;
+        keys.push(k);
+    }
+    Ok(keys)
+}
+
+/// The columns one object's keys name, checked against the table, sorted and without
+/// repeats (PostgreSQL, like serde, takes a repeated key's last value).
+fn body_columns<'a>(table: &'a Table, keys: &[String]) -> Result<Vec<&'a Column>, QueryError> {
+    let mut cols: Vec<&Column> = Vec::new();
+    for k in keys {
+        let c = table.column(k)?;
+        if !cols.iter().any(|x| x.name == c.name) {
+            cols.push(c);
         }
     }
     if cols.is_empty() {
         return Err(QueryError::InvalidBody("no columns given".into()));
     }
+    cols.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(cols)
 }
 
-/// `INSERT` of one or more rows from JSON; returns the created rows as a JSON array. Rows
-/// are grouped by the set of keys they carry, so a column a row leaves out gets its default
-/// rather than NULL.
-pub fn insert(schema: &str, table: &Table, rows: Vec<Value>) -> Result<Sql, QueryError> {
+/// `INSERT` of one or more rows from a JSON body; returns the created row (for an object) or
+/// rows (for an array) as JSON. Rows are grouped by the set of keys they carry, so a column a
+/// row leaves out gets its default rather than NULL; each group picks its rows out of the one
+/// bound body by their position in it.
+pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, QueryError> {
+    let (rows, single) = match body.shape() {
+        Shape::Object(keys) => (std::slice::from_ref(keys), true),
+        Shape::Array(rows) => (rows.as_slice(), false),
+    };
     if rows.is_empty() {
         return Err(QueryError::InvalidBody("nothing to insert".into()));
     }
-    let mut groups: Vec<(Vec<String>, Vec<Value>)> = Vec::new();
-    for row in rows {
-        let cols = body_columns(table, std::slice::from_ref(&row))?;
-        let mut key: Vec<String> = cols.iter().map(|c| c.name.clone()).collect();
-        key.sort();
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, g)) => g.push(row),
-            None => groups.push((key, vec![row])),
+    // Groups of (columns, 1-based positions of the rows that carry exactly those keys).
+    let mut groups: Vec<(Vec<&Column>, Vec<i64>)> = Vec::new();
+    for (i, keys) in rows.iter().enumerate() {
+        let cols = body_columns(table, keys)?;
+        let ord = i as i64 + 1;
+        match groups.iter_mut().find(|(c, _)| *c == cols) {
+            Some((_, g)) => g.push(ord),
+            None => groups.push((cols, vec![ord])),
         }
     }
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
     };
+    let p = sql.param(Bind::JsonText(body.text.clone()));
+    let source = if single {
+        format!("SELECT CAST({p} AS pg_catalog.json) AS j, CAST(1 AS bigint) AS ord")
+    } else {
+        format!("SELECT _e.j, _e.ord FROM pg_catalog.json_array_elements(CAST({p} AS pg_catalog.json)) WITH ORDINALITY AS _e(j, ord)")
+    };
     let t = qualified(schema, table);
     let returning = column_list(table, None, t.as_str());
-    let mut ctes = Vec::new();
-    for (i, (cols, rows)) in groups.into_iter().enumerate() {
-        let names: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+    let mut ctes = vec![format!("_body AS ({source})")];
+    for (i, (cols, ords)) in groups.into_iter().enumerate() {
+        let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
         let src: Vec<String> = cols
             .iter()
-            .map(|c| format!("_j.{}", quote_ident(c)))
+            .map(|c| format!("_j.{}", quote_ident(&c.name)))
             .collect();
-        let p = sql.param(Bind::Json(Value::Array(rows)));
+        let o = sql.param(Bind::BigIntArray(ords));
         ctes.push(format!(
-            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM pg_catalog.json_populate_recordset(NULL::{t}, CAST({p} AS pg_catalog.json)) AS _j RETURNING {returning})",
+            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM _body CROSS JOIN LATERAL pg_catalog.json_populate_record(NULL::{t}, _body.j) AS _j WHERE _body.ord = ANY(CAST({o} AS bigint[])) RETURNING {returning})",
             names.join(", "),
             src.join(", "),
         ));
     }
-    let union: Vec<String> = (0..ctes.len())
-        .map(|i| format!("SELECT * FROM _ins{i}"))
+    let union: Vec<String> = (1..ctes.len())
+        .map(|i| format!("SELECT * FROM _ins{}", i - 1))
         .collect();
+    let answer = if single {
+        "coalesce((pg_catalog.json_agg(_all) -> 0)::pg_catalog.text, 'null')"
+    } else {
+        "coalesce(pg_catalog.json_agg(_all), '[]'::pg_catalog.json)::pg_catalog.text"
+    };
     sql.text = format!(
-        "WITH {}, _all AS ({}) SELECT coalesce(pg_catalog.json_agg(_all), '[]'::pg_catalog.json)::pg_catalog.text FROM _all",
+        "WITH {}, _all AS ({}) SELECT {answer} FROM _all",
         ctes.join(", "),
         union.join(" UNION ALL ")
     );
@@ -643,14 +749,19 @@ pub fn update(
     schema: &str,
     table: &Table,
     filters: &[Filter],
-    patch: Value,
+    patch: &JsonBody,
 ) -> Result<Sql, QueryError> {
-    let cols = body_columns(table, std::slice::from_ref(&patch))?;
+    let Shape::Object(keys) = patch.shape() else {
+        return Err(QueryError::InvalidBody(
+            "PATCH takes one JSON object".into(),
+        ));
+    };
+    let cols = body_columns(table, keys)?;
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
     };
-    let p = sql.param(Bind::Json(patch));
+    let p = sql.param(Bind::JsonText(patch.text.clone()));
     let set: Vec<String> = cols
         .iter()
         .map(|c| format!("{} = _j.{}", quote_ident(&c.name), quote_ident(&c.name)))
@@ -975,16 +1086,9 @@ mod tests {
         for sql in [
             select("acme", &t, &q).unwrap(),
             by_id("acme", &t, "1", None).unwrap(),
-            insert(
-                "acme",
-                &t,
-                vec![
-                    serde_json::json!({"title": "x"}),
-                    serde_json::json!({"id": 1}),
-                ],
-            )
-            .unwrap(),
-            update("acme", &t, &q.filters, serde_json::json!({"title": "y"})).unwrap(),
+            insert("acme", &t, &body(r#"[{"title": "x"}, {"id": 1}]"#)).unwrap(),
+            insert("acme", &t, &body(r#"{"title": "x"}"#)).unwrap(),
+            update("acme", &t, &q.filters, &body(r#"{"title": "y"}"#)).unwrap(),
             delete("acme", &t, &q.filters).unwrap(),
         ] {
             assert_eq!(
@@ -996,19 +1100,83 @@ mod tests {
         }
     }
 
+    fn body(text: &str) -> JsonBody {
+        JsonBody::parse(text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn bodies_keep_their_text_and_give_their_keys() {
+        let text = r#"{"amount": 123456789012345678901234567890.123456789, "big": 1e400, "n": {"x": [1]}}"#;
+        let b = body(text);
+        assert_eq!(b.text, text);
+        assert_eq!(
+            b.shape(),
+            &Shape::Object(vec!["amount".into(), "big".into(), "n".into()])
+        );
+        assert_eq!(
+            body(r#" [ {"a": 1, "b\u0061": 2}, {} ] "#).shape(),
+            &Shape::Array(vec![vec!["a".into(), "ba".into()], vec![]])
+        );
+        for bad in [
+            "1",
+            "\"x\"",
+            "null",
+            "[1]",
+            "[{}, []]",
+            "{",
+            "{} {}",
+            "{\"a\": 01}",
+            "{\"a\": \"\u{1}\"}",
+            "",
+        ] {
+            let e = JsonBody::parse(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.kind(), "invalid-body", "{bad}");
+        }
+        assert!(JsonBody::parse(b"{\"a\": \"\xff\"}").is_err());
+    }
+
     #[test]
     fn write_statements() {
         let t = tasks();
-        let sql = insert("acme", &t, vec![serde_json::json!({"title": "x"})]).unwrap();
+        let sql = insert("acme", &t, &body(r#"{"title": "x"}"#)).unwrap();
         assert!(
             sql.text.contains(r#"INSERT INTO "acme"."tasks" ("title")"#),
             "{}",
             sql.text
         );
-        assert!(insert("acme", &t, vec![serde_json::json!({"nope": 1})]).is_err());
-        assert!(insert("acme", &t, vec![serde_json::json!(1)]).is_err());
+        assert_eq!(sql.binds[0], Bind::JsonText(r#"{"title": "x"}"#.into()));
+        assert_eq!(
+            insert("acme", &t, &body(r#"{"nope": 1}"#))
+                .unwrap_err()
+                .kind(),
+            "unknown-column"
+        );
+        assert_eq!(
+            insert("acme", &t, &body("[]")).unwrap_err().kind(),
+            "invalid-body"
+        );
+        assert_eq!(
+            insert("acme", &t, &body("[{}]")).unwrap_err().kind(),
+            "invalid-body"
+        );
+        // Rows are grouped by the keys they carry, whatever their order, and pick their
+        // rows out of the one body by position.
+        let sql = insert(
+            "acme",
+            &t,
+            &body(r#"[{"title": "a"}, {"due_date": null, "title": "b"}, {"title": "c", "due_date": "2030-01-01"}]"#),
+        )
+        .unwrap();
+        assert_eq!(
+            sql.binds[1..],
+            [Bind::BigIntArray(vec![1]), Bind::BigIntArray(vec![2, 3])]
+        );
         let f = parse(&p(&[("id", "eq.1")]), &t, &limits()).unwrap().filters;
-        let sql = update("acme", &t, &f, serde_json::json!({"title": "y"})).unwrap();
+        assert_eq!(
+            update("acme", &t, &f, &body("[{}]")).unwrap_err().kind(),
+            "invalid-body"
+        );
+        let sql = update("acme", &t, &f, &body(r#"{"title": "y"}"#)).unwrap();
         assert!(
             sql.text.contains(r#"SET "title" = _j."title""#) && sql.text.contains("WHERE"),
             "{}",
