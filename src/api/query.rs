@@ -681,9 +681,14 @@ fn body_columns<'a>(table: &'a Table, keys: &[String]) -> Result<Vec<&'a Column>
 }
 
 /// `INSERT` of one or more rows from a JSON body; returns the created row (for an object) or
-/// rows (for an array) as JSON. Rows are grouped by the set of keys they carry, so a column a
-/// row leaves out gets its default rather than NULL; each group picks its rows out of the one
-/// bound body by their position in it.
+/// rows (for an array, in the request's order) as JSON. Rows are grouped by the set of keys
+/// they carry, so a column a row leaves out gets its default rather than NULL; each group
+/// picks its rows out of the one bound body by their position in it.
+///
+/// Answering in request order: each group inserts its rows ordered by position, and an
+/// `INSERT … SELECT … ORDER BY` returns its rows in the order it inserted them, so the n-th
+/// row a group returns is the one at the n-th of the group's (ascending) positions. The
+/// answer aggregates every group's rows by that position.
 pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, QueryError> {
     let (rows, single) = match body.shape() {
         Shape::Object(keys) => (std::slice::from_ref(keys), true),
@@ -715,6 +720,7 @@ pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, Query
     let t = qualified(schema, table);
     let returning = column_list(table, None, t.as_str());
     let mut ctes = vec![format!("_body AS ({source})")];
+    let mut outs = Vec::new();
     for (i, (cols, ords)) in groups.into_iter().enumerate() {
         let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
         let src: Vec<String> = cols
@@ -723,23 +729,24 @@ pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, Query
             .collect();
         let o = sql.param(Bind::BigIntArray(ords));
         ctes.push(format!(
-            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM _body CROSS JOIN LATERAL pg_catalog.json_populate_record(NULL::{t}, _body.j) AS _j WHERE _body.ord = ANY(CAST({o} AS bigint[])) RETURNING {returning})",
+            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM _body CROSS JOIN LATERAL pg_catalog.json_populate_record(NULL::{t}, _body.j) AS _j WHERE _body.ord = ANY(CAST({o} AS bigint[])) ORDER BY _body.ord RETURNING {returning})",
             names.join(", "),
             src.join(", "),
         ));
+        outs.push(format!(
+            "SELECT (CAST({o} AS bigint[]))[pg_catalog.row_number() OVER ()] AS _ord, pg_catalog.to_json(_ins{i}) AS _row FROM _ins{i}"
+        ));
     }
-    let union: Vec<String> = (1..ctes.len())
-        .map(|i| format!("SELECT * FROM _ins{}", i - 1))
-        .collect();
+    let rows = "pg_catalog.json_agg(_all._row ORDER BY _all._ord)";
     let answer = if single {
-        "coalesce((pg_catalog.json_agg(_all) -> 0)::pg_catalog.text, 'null')"
+        format!("coalesce(({rows} -> 0)::pg_catalog.text, 'null')")
     } else {
-        "coalesce(pg_catalog.json_agg(_all), '[]'::pg_catalog.json)::pg_catalog.text"
+        format!("coalesce({rows}, '[]'::pg_catalog.json)::pg_catalog.text")
     };
     sql.text = format!(
         "WITH {}, _all AS ({}) SELECT {answer} FROM _all",
         ctes.join(", "),
-        union.join(" UNION ALL ")
+        outs.join(" UNION ALL ")
     );
     Ok(sql)
 }
@@ -1171,6 +1178,15 @@ mod tests {
             sql.binds[1..],
             [Bind::BigIntArray(vec![1]), Bind::BigIntArray(vec![2, 3])]
         );
+        // ... and the answer comes back in the request's order.
+        for part in [
+            "WITH ORDINALITY AS _e(j, ord)",
+            "WHERE _body.ord = ANY(CAST($3 AS bigint[])) ORDER BY _body.ord RETURNING",
+            "SELECT (CAST($3 AS bigint[]))[pg_catalog.row_number() OVER ()] AS _ord",
+            "pg_catalog.json_agg(_all._row ORDER BY _all._ord)",
+        ] {
+            assert!(sql.text.contains(part), "{part}: {}", sql.text);
+        }
         let f = parse(&p(&[("id", "eq.1")]), &t, &limits()).unwrap().filters;
         assert_eq!(
             update("acme", &t, &f, &body("[{}]")).unwrap_err().kind(),

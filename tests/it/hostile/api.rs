@@ -1121,3 +1121,66 @@ async fn large_numerics_keep_every_digit() {
     assert_eq!(stored(id + 2).await, format!("1{}", "0".repeat(400)));
     assert_eq!(stored(id + 3).await, format!("0.{}2", "0".repeat(399)));
 }
+
+/// Attack on the client's bookkeeping: a bulk POST whose rows carry different sets of keys
+/// (so they are inserted in groups) answered in group order, so that a client pairing its
+/// rows with the answer's by position attributes ids and defaults to the wrong rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_insert_answers_in_request_order() {
+    let s = Stage::new(&["acme"]).await;
+    let tok = token(&s.ns, "acme").await;
+    let a = s
+        .send(
+            Method::POST,
+            "/v1/tables/projects",
+            &tok,
+            Some(r#"{"name": "p"}"#),
+        )
+        .await;
+    let pid = a.json()["id"].as_i64().unwrap();
+    // 50 rows, titles out of order, three shapes interleaved.
+    let rows: Vec<Value> = (0..50)
+        .map(|i| {
+            let n = (i * 17) % 50;
+            let title = format!("t{n:02}");
+            match n % 3 {
+                0 => json!({"project_id": pid, "title": title}),
+                1 => json!({"title": title, "status": "doing", "project_id": pid}),
+                _ => json!({"due_date": format!("2030-01-{:02}", n % 28 + 1), "project_id": pid, "title": title}),
+            }
+        })
+        .collect();
+    let a = s
+        .send(
+            Method::POST,
+            "/v1/tables/tasks",
+            &tok,
+            Some(&Value::Array(rows.clone()).to_string()),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    let got = a.json();
+    let got = got.as_array().unwrap();
+    assert_eq!(got.len(), rows.len());
+    for (sent, back) in rows.iter().zip(got) {
+        assert_eq!(back["title"], sent["title"], "{}", a.text);
+        let status = sent.get("status").cloned().unwrap_or(json!("todo"));
+        assert_eq!(back["status"], status, "{back}");
+        assert_eq!(
+            back["due_date"],
+            sent.get("due_date").cloned().unwrap_or(Value::Null)
+        );
+    }
+    // The ids answered are the rows' own.
+    for back in got {
+        let a = s
+            .send(
+                Method::GET,
+                &format!("/v1/tables/tasks/{}", back["id"]),
+                &tok,
+                None,
+            )
+            .await;
+        assert_eq!(a.json()["title"], back["title"]);
+    }
+}
