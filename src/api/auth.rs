@@ -85,20 +85,52 @@ pub fn peek_tenant(token: &str) -> Option<String> {
     v.get(TENANT_CLAIM)?.as_str().map(str::to_string)
 }
 
+/// What a token must carry for `alg` under `cfg`. A configured issuer or audience is also a
+/// required claim: jsonwebtoken only compares `iss`/`aud` when they are present and of a type
+/// it reads (a string or a list), so a token that left them out, or sent `"aud": 123`,
+/// would pass unchecked.
 fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
     let mut v = Validation::new(alg);
     v.algorithms = vec![alg];
     v.leeway = cfg.leeway_secs;
     v.validate_nbf = true;
-    v.required_spec_claims = HashSet::from(["exp".to_string()]);
+    let mut required = HashSet::from(["exp".to_string()]);
     match &cfg.audience {
-        Some(aud) => v.set_audience(&[aud]),
+        Some(aud) => {
+            v.set_audience(&[aud]);
+            required.insert("aud".to_string());
+        }
         None => v.validate_aud = false,
     }
     if let Some(iss) = &cfg.issuer {
         v.set_issuer(&[iss]);
+        required.insert("iss".to_string());
     }
+    v.required_spec_claims = required;
     v
+}
+
+/// Refuses claims of a type RFC 7519 does not allow even when they are not checked against a
+/// configured value: the claims must be an object, `iss` a string, `aud` a string or a list
+/// of strings. Whatever reads them later then reads what was verified.
+fn check_claim_types(claims: &Value) -> Result<(), ApiError> {
+    let obj = claims
+        .as_object()
+        .ok_or_else(|| invalid("the token's claims are not a JSON object"))?;
+    match obj.get("iss") {
+        None | Some(Value::String(_)) => {}
+        Some(_) => return Err(invalid("malformed claim iss: must be a string")),
+    }
+    match obj.get("aud") {
+        None | Some(Value::String(_)) => {}
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {}
+        Some(_) => {
+            return Err(invalid(
+                "malformed claim aud: must be a string or a list of strings",
+            ))
+        }
+    }
+    Ok(())
 }
 
 fn invalid(detail: impl Into<String>) -> ApiError {
@@ -128,7 +160,10 @@ pub fn verify(token: &str, tenant_key: Option<&[u8]>, cfg: &AuthConfig) -> Resul
     let mut last = None;
     for (key, alg) in candidates {
         match decode::<Value>(token, &key, &validation(alg, cfg)) {
-            Ok(data) => return Ok(data.claims),
+            Ok(data) => {
+                check_claim_types(&data.claims)?;
+                return Ok(data.claims);
+            }
             Err(e) => last = Some(e),
         }
     }
@@ -140,7 +175,8 @@ pub fn verify(token: &str, tenant_key: Option<&[u8]>, cfg: &AuthConfig) -> Resul
         K::InvalidSignature => "invalid signature".to_string(),
         K::InvalidAudience => "wrong audience".to_string(),
         K::InvalidIssuer => "wrong issuer".to_string(),
-        K::MissingRequiredClaim(c) => format!("missing claim {c}"),
+        K::MissingRequiredClaim(c) => format!("missing or malformed claim {c}"),
+        K::InvalidClaimFormat(c) => format!("malformed claim {c}"),
         other => format!("invalid token: {other:?}"),
     }))
 }
@@ -264,6 +300,80 @@ mod tests {
             .unwrap_err()
             .detail
             .contains("issuer"));
+        let listed = token(
+            json!({"tenant": "a", "exp": now() + 60, "iss": "https://idp", "aud": ["x", "tenantry"]}),
+            KEY,
+        );
+        assert!(verify(&listed, Some(KEY), &cfg).is_ok());
+        // Configured claims are required, and must have a type that is checked.
+        for (claims, word) in [
+            (
+                json!({"tenant": "a", "exp": now() + 60, "aud": "tenantry"}),
+                "iss",
+            ),
+            (
+                json!({"tenant": "a", "exp": now() + 60, "iss": "https://idp"}),
+                "aud",
+            ),
+            (json!({"tenant": "a", "exp": now() + 60}), ""),
+            (
+                json!({"tenant": "a", "exp": now() + 60, "iss": "https://idp", "aud": 123}),
+                "aud",
+            ),
+            (
+                json!({"tenant": "a", "exp": now() + 60, "iss": "https://idp", "aud": {"tenantry": 1}}),
+                "aud",
+            ),
+            (
+                json!({"tenant": "a", "exp": now() + 60, "iss": "https://idp", "aud": [1]}),
+                "aud",
+            ),
+            (
+                json!({"tenant": "a", "exp": now() + 60, "iss": "https://idp", "aud": []}),
+                "audience",
+            ),
+            (
+                json!({"tenant": "a", "exp": now() + 60, "iss": 7, "aud": "tenantry"}),
+                "iss",
+            ),
+            (
+                json!({"tenant": "a", "exp": now() + 60, "iss": ["https://idp"], "aud": "tenantry"}),
+                "iss",
+            ),
+        ] {
+            let e = verify(&token(claims.clone(), KEY), Some(KEY), &cfg).unwrap_err();
+            assert_eq!(e.status, 401, "{claims}");
+            assert!(e.detail.contains(word), "{claims}: {}", e.detail);
+        }
+    }
+
+    #[test]
+    fn malformed_claims_are_refused_even_when_not_configured() {
+        let cfg = AuthConfig::default();
+        let now = now();
+        for claims in [
+            json!({"tenant": "a", "exp": now.to_string()}),
+            json!({"tenant": "a", "exp": [now + 60]}),
+            json!({"tenant": "a", "exp": null}),
+            json!({"tenant": "a", "exp": now + 60, "nbf": "0"}),
+            json!({"tenant": "a", "exp": now + 60, "aud": 123}),
+            json!({"tenant": "a", "exp": now + 60, "aud": null}),
+            json!({"tenant": "a", "exp": now + 60, "aud": ["x", 1]}),
+            json!({"tenant": "a", "exp": now + 60, "iss": {"x": 1}}),
+            json!(["a"]),
+        ] {
+            let e = verify(&token(claims.clone(), KEY), Some(KEY), &cfg).unwrap_err();
+            assert_eq!(e.status, 401, "{claims}");
+        }
+        for claims in [
+            json!({"tenant": "a", "exp": now + 60, "aud": "anyone"}),
+            json!({"tenant": "a", "exp": now + 60, "aud": ["x", "y"], "iss": "someone"}),
+        ] {
+            assert!(
+                verify(&token(claims.clone(), KEY), Some(KEY), &cfg).is_ok(),
+                "{claims}"
+            );
+        }
     }
 
     #[test]

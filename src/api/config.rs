@@ -76,7 +76,7 @@ pub async fn connect(
         .connect_with(opts)
         .await?;
     let (user, superuser, bypass): (String, bool, bool) = sqlx::query_as(
-        "SELECT rolname::text, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user",
+        "SELECT rolname::pg_catalog.text, rolsuper, rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user",
     )
     .fetch_one(&pool)
     .await?;

@@ -9,7 +9,7 @@ use axum::{
     Json,
 };
 use futures::FutureExt;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::{
     config::Limits, error::ApiError, query, state::AppState, tenant::TenantRequest, tx::in_tenant,
@@ -160,54 +160,46 @@ pub(super) async fn get_row(
     Ok(json_response(StatusCode::OK, body))
 }
 
-fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid-body", format!("invalid JSON: {e}")))
-}
-
+/// The body is bound as sent and the answer is PostgreSQL's JSON text as it produced it:
+/// neither passes through a Rust number, so no digit of a `numeric` is lost either way.
 pub(super) async fn insert_rows(
     State(state): State<AppState>,
     Path(table): Path<String>,
     t: TenantRequest,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let value = parse_body(&body)?;
-    let single = value.is_object();
-    let rows = match value {
-        Value::Array(rows) => rows,
-        v @ Value::Object(_) => vec![v],
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid-body",
-                "expected a JSON object or an array of objects",
-            ))
-        }
-    };
+    let body = query::JsonBody::parse(&body)?;
     let out = on_table(&state, t, table, false, move |schema, tbl, _| {
-        Ok(query::insert(schema, tbl, rows)?)
+        Ok(query::insert(schema, tbl, &body)?)
     })
     .await?;
-    let body = if single {
-        let mut v: Value = serde_json::from_str(&out).map_err(ApiError::internal)?;
-        v.as_array_mut()
-            .and_then(|a| a.pop())
-            .unwrap_or(Value::Null)
-            .to_string()
-    } else {
-        out
-    };
-    Ok(json_response(StatusCode::CREATED, body))
+    Ok(json_response(StatusCode::CREATED, out))
 }
 
+/// PATCH and DELETE take column filters only. They change every row the filters match:
+/// `limit`, `offset` and `order` can neither bound nor pick those rows (a DELETE with
+/// `limit=10` would still delete every match), and `select` does not shape their answer.
 fn check_mass_change(
     headers: &HeaderMap,
     q: &query::Query,
     method: &Method,
 ) -> Result<(), ApiError> {
-    if q.select.is_some() || !q.order.is_empty() || q.offset != 0 {
+    let refused: Vec<&str> = [
+        (q.select.is_some(), "select"),
+        (!q.order.is_empty(), "order"),
+        (q.limit_given, "limit"),
+        (q.offset != 0, "offset"),
+    ]
+    .into_iter()
+    .filter_map(|(given, name)| given.then_some(name))
+    .collect();
+    if !refused.is_empty() {
         return Err(ApiError::bad_request(
             "invalid-parameter",
-            format!("{method} takes only column filters"),
+            format!(
+                "{method} takes only column filters, not {}: it changes every row the filters match, which limit, offset and order cannot bound or pick (narrow the filters instead), and answers with whole rows",
+                refused.join(", ")
+            ),
         ));
     }
     let confirmed = headers.get(ALL_ROWS_HEADER).and_then(|v| v.to_str().ok()) == Some("true");
@@ -229,8 +221,8 @@ pub(super) async fn update_rows(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let p = params(raw)?;
-    let patch = parse_body(&body)?;
-    if !patch.is_object() {
+    let patch = query::JsonBody::parse(&body)?;
+    if !matches!(patch.shape(), query::Shape::Object(_)) {
         return Err(ApiError::bad_request(
             "invalid-body",
             "PATCH takes one JSON object",
@@ -239,7 +231,7 @@ pub(super) async fn update_rows(
     let out = on_table(&state, t, table, false, move |schema, tbl, limits| {
         let q = query::parse(&p, tbl, limits)?;
         check_mass_change(&headers, &q, &Method::PATCH)?;
-        Ok(query::update(schema, tbl, &q.filters, patch)?)
+        Ok(query::update(schema, tbl, &q.filters, &patch)?)
     })
     .await?;
     Ok(json_response(StatusCode::OK, out))
@@ -291,6 +283,52 @@ mod tests {
         assert_eq!(pairs("t=eq.%C3%A9"), owned(&[("t", "eq.é")]));
         assert_eq!(pairs("a=b=c"), owned(&[("a", "b=c")]));
         assert_eq!(pairs("a=%zz%"), owned(&[("a", "%zz%")]));
+    }
+
+    #[test]
+    fn patch_and_delete_take_only_filters() {
+        let t = query::Table {
+            name: "t".into(),
+            columns: vec![query::Column {
+                name: "done".into(),
+                type_sql: "boolean".into(),
+                cast_sql: "boolean".into(),
+                nullable: false,
+                has_default: false,
+            }],
+            primary_key: None,
+        };
+        let check = |raw: &str| {
+            let q = query::parse(&pairs(raw), &t, &Limits::default()).unwrap();
+            check_mass_change(&HeaderMap::new(), &q, &Method::DELETE)
+        };
+        assert!(check("done=is.true").is_ok());
+        for (raw, named) in [
+            ("done=is.true&limit=10", "limit"),
+            ("done=is.true&limit=100", "limit"),
+            ("limit=0&done=is.true", "limit"),
+            ("done=is.true&offset=1", "offset"),
+            ("done=is.true&order=done", "order"),
+            ("done=is.true&select=done", "select"),
+        ] {
+            let e = check(raw).unwrap_err();
+            assert_eq!(
+                (e.status, e.kind),
+                (StatusCode::BAD_REQUEST, "invalid-parameter"),
+                "{raw}"
+            );
+            assert!(e.detail.contains(&format!("not {named}:")), "{}", e.detail);
+        }
+        let e = check("limit=1&done=is.true&order=done").unwrap_err();
+        assert!(e.detail.contains("not order, limit:"), "{}", e.detail);
+        // An unfiltered change still needs the header, limit or not.
+        let q = query::parse(&[], &t, &Limits::default()).unwrap();
+        assert_eq!(
+            check_mass_change(&HeaderMap::new(), &q, &Method::PATCH)
+                .unwrap_err()
+                .kind,
+            "unfiltered-change"
+        );
     }
 
     #[test]

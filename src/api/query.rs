@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use serde_json::Value;
 use sqlx::PgConnection;
 
 use super::config::Limits;
@@ -70,9 +69,17 @@ const HIDDEN_TABLES: &[&str] = &[crate::postgres::migrations::HISTORY_TABLE];
 #[serde(rename_all = "camelCase")]
 pub struct Column {
     pub name: String,
-    /// SQL type as PostgreSQL formats it (`bigint`, `text`, `timestamp with time zone`).
+    /// SQL type as PostgreSQL formats it, modifiers included (`bigint`, `varchar(3)`,
+    /// `numeric(10,2)`): what `/v1/tables` shows.
     #[serde(rename = "type")]
     pub type_sql: String,
+    /// The same type without its modifiers (`character varying`, `numeric`, `bpchar`): what
+    /// filter values are cast to. A cast to the full type would truncate or round the value
+    /// (`'abcdef'::varchar(3)` is `'abc'`, `1.005::numeric(10,2)` is `1.01`) and so match
+    /// rows the client never named. Formatted with typmod -1, not NULL: for NULL PostgreSQL
+    /// writes `character` and `bit`, which mean `character(1)` and `bit(1)`.
+    #[serde(skip)]
+    pub cast_sql: String,
     pub nullable: bool,
     pub has_default: bool,
 }
@@ -94,6 +101,20 @@ impl Table {
     }
 }
 
+/// Columns of the tables and views of schema `$1`. Every catalog name is qualified with
+/// `pg_catalog`, like every name of the statements below: nothing a search_path could put
+/// first is ever looked up.
+const CATALOG_SQL: &str = "SELECT c.relname::pg_catalog.text, a.attname::pg_catalog.text,
+        pg_catalog.format_type(a.atttypid, a.atttypmod), pg_catalog.format_type(a.atttypid, -1),
+        a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '',
+        EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
+                AND i.indnatts = 1 AND i.indkey[0] = a.attnum)
+ FROM pg_catalog.pg_class c
+ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+ WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v') AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY c.relname, a.attnum";
+
 /// Tables and columns of one tenant schema.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct Catalog {
@@ -101,24 +122,17 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Reads the catalog of `schema` (tables, partitioned tables and views).
+    /// Reads the catalog of `schema` (tables, partitioned tables and views), inside the
+    /// tenant's transaction: types are formatted for its search_path, which every statement
+    /// built from this catalog runs under.
     pub async fn load(conn: &mut PgConnection, schema: &str) -> Result<Self, sqlx::Error> {
-        let rows: Vec<(String, String, String, bool, bool, bool)> = sqlx::query_as(
-            "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull,
-                    a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '',
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
-                            AND i.indnatts = 1 AND i.indkey[0] = a.attnum)
-             FROM pg_class c
-             JOIN pg_namespace n ON n.oid = c.relnamespace
-             JOIN pg_attribute a ON a.attrelid = c.oid
-             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v') AND a.attnum > 0 AND NOT a.attisdropped
-             ORDER BY c.relname, a.attnum",
-        )
-        .bind(schema)
-        .fetch_all(conn)
-        .await?;
+        let rows: Vec<(String, String, String, String, bool, bool, bool)> =
+            sqlx::query_as(CATALOG_SQL)
+                .bind(schema)
+                .fetch_all(conn)
+                .await?;
         let mut tables: BTreeMap<String, Table> = BTreeMap::new();
-        for (table, column, type_sql, not_null, has_default, pk) in rows {
+        for (table, column, type_sql, cast_sql, not_null, has_default, pk) in rows {
             if HIDDEN_TABLES.contains(&table.as_str()) {
                 continue;
             }
@@ -133,6 +147,7 @@ impl Catalog {
             t.columns.push(Column {
                 name: column,
                 type_sql,
+                cast_sql,
                 nullable: !not_null,
                 has_default,
             });
@@ -192,7 +207,11 @@ pub struct Query {
     pub select: Option<Vec<String>>,
     pub filters: Vec<Filter>,
     pub order: Vec<Order>,
+    /// Rows to return: the request's `limit`, or the default.
     pub limit: i64,
+    /// Whether the request named `limit` itself (PATCH and DELETE refuse it: they cannot
+    /// honour it, and the default limit must not look like one).
+    pub limit_given: bool,
     pub offset: i64,
 }
 
@@ -212,23 +231,7 @@ fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, QueryE
         "gte" => (Op::Gte, FilterValue::One(rest.into())),
         "like" => (Op::Like, FilterValue::One(rest.replace('*', "%"))),
         "ilike" => (Op::Ilike, FilterValue::One(rest.replace('*', "%"))),
-        "in" => {
-            let inner = rest
-                .strip_prefix('(')
-                .and_then(|r| r.strip_suffix(')'))
-                .ok_or_else(|| {
-                    QueryError::InvalidFilter(format!("{column}=in.… needs a list: in.(a,b)"))
-                })?;
-            let items: Vec<String> = if inner.is_empty() {
-                Vec::new()
-            } else {
-                inner
-                    .split(',')
-                    .map(|s| s.trim_matches('"').to_string())
-                    .collect()
-            };
-            (Op::In, FilterValue::List(items))
-        }
+        "in" => (Op::In, FilterValue::List(in_list(column, rest)?)),
         "is" => match rest {
             "null" => (Op::IsNull, FilterValue::None),
             "notnull" => (Op::IsNotNull, FilterValue::None),
@@ -251,6 +254,63 @@ fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, QueryE
         op,
         value,
     })
+}
+
+/// The items of an `in.(…)` list, quoted as PostgREST quotes them: items are separated by
+/// commas; an item in double quotes may hold commas, parentheses and spaces, and inside the
+/// quotes a backslash takes the next character literally (`\"`, `\\`); unquoted items are
+/// trimmed. A list that cannot be read one way only (an unterminated quote, text after a
+/// closing quote, a quote inside an unquoted item) is refused rather than guessed at.
+fn in_list(column: &str, list: &str) -> Result<Vec<String>, QueryError> {
+    let bad = |why: &str| {
+        QueryError::InvalidFilter(format!(
+            "{column}=in.{list}: {why}; write in.(a,b), quoting items that hold commas: in.(\"Smith, John\",b)"
+        ))
+    };
+    let inner = list
+        .strip_prefix('(')
+        .and_then(|r| r.strip_suffix(')'))
+        .ok_or_else(|| bad("the list must be in parentheses"))?;
+    let mut items = Vec::new();
+    if inner.is_empty() {
+        return Ok(items);
+    }
+    let mut chars = inner.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next_if_eq(&'"').is_some() {
+            let mut item = String::new();
+            loop {
+                match chars.next() {
+                    Some('"') => break,
+                    Some('\\') => item.push(chars.next().ok_or_else(|| bad("unterminated quote"))?),
+                    Some(c) => item.push(c),
+                    None => return Err(bad("unterminated quote")),
+                }
+            }
+            items.push(item);
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            match chars.next() {
+                None => return Ok(items),
+                Some(',') => {}
+                Some(c) => return Err(bad(&format!("{c:?} after a quoted item"))),
+            }
+        } else {
+            let mut item = String::new();
+            let last = loop {
+                match chars.next() {
+                    None => break true,
+                    Some(',') => break false,
+                    Some('"') => return Err(bad("a quote inside an unquoted item")),
+                    Some(c) => item.push(c),
+                }
+            };
+            items.push(item.trim().to_string());
+            if last {
+                return Ok(items);
+            }
+        }
+    }
 }
 
 fn parse_int(name: &str, v: &str) -> Result<i64, QueryError> {
@@ -302,6 +362,7 @@ pub fn parse(
             }
             "limit" => {
                 q.limit = parse_int("limit", v)?;
+                q.limit_given = true;
                 if q.limit > limits.max_limit {
                     return Err(QueryError::InvalidParameter(format!(
                         "limit is at most {}",
@@ -329,7 +390,9 @@ pub fn parse(
 pub enum Bind {
     Text(String),
     TextArray(Vec<String>),
-    Json(Value),
+    /// JSON as the client sent it, for PostgreSQL to parse (`CAST($n AS json)`).
+    JsonText(String),
+    BigIntArray(Vec<i64>),
 }
 
 /// A statement and its parameters, in order.
@@ -352,7 +415,8 @@ impl Sql {
             q = match b {
                 Bind::Text(s) => q.bind(s),
                 Bind::TextArray(v) => q.bind(v),
-                Bind::Json(j) => q.bind(sqlx::types::Json(j)),
+                Bind::JsonText(s) => q.bind(s),
+                Bind::BigIntArray(v) => q.bind(v),
             };
         }
         q.fetch_one(conn).await
@@ -376,7 +440,7 @@ fn where_clause(
     for f in filters {
         let col = table.column(&f.column)?;
         let c = format!("{alias}.{}", quote_ident(&col.name));
-        let t = &col.type_sql;
+        let t = &col.cast_sql;
         let cmp = |sql: &mut Sql, op: &str, v: &str| {
             let p = sql.param(Bind::Text(v.to_string()));
             format!("{c} {op} CAST({p} AS {t})")
@@ -389,10 +453,16 @@ fn where_clause(
             (Op::Gt, FilterValue::One(v)) => cmp(sql, ">", v),
             (Op::Gte, FilterValue::One(v)) => cmp(sql, ">=", v),
             (Op::Like, FilterValue::One(v)) => {
-                format!("{c}::text LIKE {}", sql.param(Bind::Text(v.clone())))
+                format!(
+                    "{c}::pg_catalog.text LIKE {}",
+                    sql.param(Bind::Text(v.clone()))
+                )
             }
             (Op::Ilike, FilterValue::One(v)) => {
-                format!("{c}::text ILIKE {}", sql.param(Bind::Text(v.clone())))
+                format!(
+                    "{c}::pg_catalog.text ILIKE {}",
+                    sql.param(Bind::Text(v.clone()))
+                )
             }
             (Op::In, FilterValue::List(vs)) => {
                 let p = sql.param(Bind::TextArray(vs.clone()));
@@ -463,7 +533,7 @@ pub fn select(schema: &str, table: &Table, q: &Query) -> Result<Sql, QueryError>
     let limit = sql.param(Bind::Text(q.limit.to_string()));
     let offset = sql.param(Bind::Text(q.offset.to_string()));
     sql.text = format!(
-        "SELECT coalesce(pg_catalog.json_agg(_r), '[]'::json)::text FROM (SELECT {cols} FROM {} AS _t{wh}{order} LIMIT CAST({limit} AS bigint) OFFSET CAST({offset} AS bigint)) AS _r",
+        "SELECT coalesce(pg_catalog.json_agg(_r), '[]'::pg_catalog.json)::pg_catalog.text FROM (SELECT {cols} FROM {} AS _t{wh}{order} LIMIT CAST({limit} AS bigint) OFFSET CAST({offset} AS bigint)) AS _r",
         qualified(schema, table)
     );
     Ok(sql)
@@ -493,79 +563,190 @@ pub fn by_id(
     };
     let p = sql.param(Bind::Text(id.to_string()));
     sql.text = format!(
-        "SELECT coalesce((SELECT pg_catalog.row_to_json(_r)::text FROM (SELECT {} FROM {} AS _t WHERE _t.{} = CAST({p} AS {})) AS _r), 'null')",
+        "SELECT coalesce((SELECT pg_catalog.row_to_json(_r)::pg_catalog.text FROM (SELECT {} FROM {} AS _t WHERE _t.{} = CAST({p} AS {})) AS _r), 'null')",
         column_list(table, select, "_t"),
         qualified(schema, table),
         quote_ident(&pk.name),
-        pk.type_sql
+        pk.cast_sql
     );
     Ok(sql)
 }
 
-/// Column names of a JSON body (an object or an array of objects), checked against the table.
-fn body_columns<'a>(table: &'a Table, rows: &[Value]) -> Result<Vec<&'a Column>, QueryError> {
-    let mut cols: Vec<&Column> = Vec::new();
-    for row in rows {
-        let obj = row.as_object().ok_or_else(|| {
-            QueryError::InvalidBody("expected a JSON object or an array of objects".into())
-        })?;
-        for k in obj.keys() {
-            let c = table.column(k)?;
-            if !cols.iter().any(|x| x.name == c.name) {
-                cols.push(c);
+/// A JSON request body: the text exactly as the client sent it, which is what statements
+/// bind, so that PostgreSQL parses its values (numbers at full precision: a `numeric` with 30
+/// digits stays whole), and the keys of its object or objects, which is all the API reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonBody {
+    text: String,
+    shape: Shape,
+}
+
+/// The keys of a JSON body, which must be an object or an array of objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shape {
+    Object(Vec<String>),
+    Array(Vec<Vec<String>>),
+}
+
+impl JsonBody {
+    /// Checks that `bytes` is one JSON object or an array of objects, and reads its keys.
+    /// Values are skipped, not parsed: a number outside f64's range (`1e400`) is PostgreSQL's
+    /// to judge.
+    pub fn parse(bytes: &[u8]) -> Result<Self, QueryError> {
+        let invalid =
+            |e: &dyn std::fmt::Display| QueryError::InvalidBody(format!("invalid JSON: {e}"));
+        let shape: Shape = serde_json::from_slice(bytes).map_err(|e| invalid(&e))?;
+        // Skipped strings are not checked for UTF-8; the whole text is.
+        let text = String::from_utf8(bytes.to_vec()).map_err(|e| invalid(&e))?;
+        Ok(Self { text, shape })
+    }
+
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Shape {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Top;
+        impl<'de> serde::de::Visitor<'de> for Top {
+            type Value = Shape;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object or an array of objects")
             }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Shape, A::Error> {
+                Ok(Shape::Object(object_keys(map)?))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Shape, A::Error> {
+                let mut rows = Vec::new();
+                while let Some(ObjectKeys(keys)) = seq.next_element()? {
+                    rows.push(keys);
+                }
+                Ok(Shape::Array(rows))
+            }
+        }
+        d.deserialize_any(Top)
+    }
+}
+
+/// The keys of one JSON object.
+struct ObjectKeys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for ObjectKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Obj;
+        impl<'de> serde::de::Visitor<'de> for Obj {
+            type Value = ObjectKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ObjectKeys, A::Error> {
+                Ok(ObjectKeys(object_keys(map)?))
+            }
+        }
+        d.deserialize_map(Obj)
+    }
+}
+
+fn object_keys<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Vec<String>, A::Error> {
+    let mut keys = Vec::new();
+    while let Some(k) = map.next_key::<String>()? {
+        map.next_value::<serde::de::IgnoredAny>()?;
+        keys.push(k);
+    }
+    Ok(keys)
+}
+
+/// The columns one object's keys name, checked against the table, sorted and without
+/// repeats (PostgreSQL, like serde, takes a repeated key's last value).
+fn body_columns<'a>(table: &'a Table, keys: &[String]) -> Result<Vec<&'a Column>, QueryError> {
+    let mut cols: Vec<&Column> = Vec::new();
+    for k in keys {
+        let c = table.column(k)?;
+        if !cols.iter().any(|x| x.name == c.name) {
+            cols.push(c);
         }
     }
     if cols.is_empty() {
         return Err(QueryError::InvalidBody("no columns given".into()));
     }
+    cols.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(cols)
 }
 
-/// `INSERT` of one or more rows from JSON; returns the created rows as a JSON array. Rows
-/// are grouped by the set of keys they carry, so a column a row leaves out gets its default
-/// rather than NULL.
-pub fn insert(schema: &str, table: &Table, rows: Vec<Value>) -> Result<Sql, QueryError> {
+/// `INSERT` of one or more rows from a JSON body; returns the created row (for an object) or
+/// rows (for an array, in the request's order) as JSON. Rows are grouped by the set of keys
+/// they carry, so a column a row leaves out gets its default rather than NULL; each group
+/// picks its rows out of the one bound body by their position in it.
+///
+/// Answering in request order: each group inserts its rows ordered by position, and an
+/// `INSERT … SELECT … ORDER BY` returns its rows in the order it inserted them, so the n-th
+/// row a group returns is the one at the n-th of the group's (ascending) positions. The
+/// answer aggregates every group's rows by that position.
+pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, QueryError> {
+    let (rows, single) = match body.shape() {
+        Shape::Object(keys) => (std::slice::from_ref(keys), true),
+        Shape::Array(rows) => (rows.as_slice(), false),
+    };
     if rows.is_empty() {
         return Err(QueryError::InvalidBody("nothing to insert".into()));
     }
-    let mut groups: Vec<(Vec<String>, Vec<Value>)> = Vec::new();
-    for row in rows {
-        let cols = body_columns(table, std::slice::from_ref(&row))?;
-        let mut key: Vec<String> = cols.iter().map(|c| c.name.clone()).collect();
-        key.sort();
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, g)) => g.push(row),
-            None => groups.push((key, vec![row])),
+    // Groups of (columns, 1-based positions of the rows that carry exactly those keys).
+    let mut groups: Vec<(Vec<&Column>, Vec<i64>)> = Vec::new();
+    for (i, keys) in rows.iter().enumerate() {
+        let cols = body_columns(table, keys)?;
+        let ord = i as i64 + 1;
+        match groups.iter_mut().find(|(c, _)| *c == cols) {
+            Some((_, g)) => g.push(ord),
+            None => groups.push((cols, vec![ord])),
         }
     }
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
     };
+    let p = sql.param(Bind::JsonText(body.text.clone()));
+    let source = if single {
+        format!("SELECT CAST({p} AS pg_catalog.json) AS j, CAST(1 AS bigint) AS ord")
+    } else {
+        format!("SELECT _e.j, _e.ord FROM pg_catalog.json_array_elements(CAST({p} AS pg_catalog.json)) WITH ORDINALITY AS _e(j, ord)")
+    };
     let t = qualified(schema, table);
     let returning = column_list(table, None, t.as_str());
-    let mut ctes = Vec::new();
-    for (i, (cols, rows)) in groups.into_iter().enumerate() {
-        let names: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+    let mut ctes = vec![format!("_body AS ({source})")];
+    let mut outs = Vec::new();
+    for (i, (cols, ords)) in groups.into_iter().enumerate() {
+        let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
         let src: Vec<String> = cols
             .iter()
-            .map(|c| format!("_j.{}", quote_ident(c)))
+            .map(|c| format!("_j.{}", quote_ident(&c.name)))
             .collect();
-        let p = sql.param(Bind::Json(Value::Array(rows)));
+        let o = sql.param(Bind::BigIntArray(ords));
         ctes.push(format!(
-            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM pg_catalog.json_populate_recordset(NULL::{t}, CAST({p} AS json)) AS _j RETURNING {returning})",
+            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM _body CROSS JOIN LATERAL pg_catalog.json_populate_record(NULL::{t}, _body.j) AS _j WHERE _body.ord = ANY(CAST({o} AS bigint[])) ORDER BY _body.ord RETURNING {returning})",
             names.join(", "),
             src.join(", "),
         ));
+        outs.push(format!(
+            "SELECT (CAST({o} AS bigint[]))[pg_catalog.row_number() OVER ()] AS _ord, pg_catalog.to_json(_ins{i}) AS _row FROM _ins{i}"
+        ));
     }
-    let union: Vec<String> = (0..ctes.len())
-        .map(|i| format!("SELECT * FROM _ins{i}"))
-        .collect();
+    let rows = "pg_catalog.json_agg(_all._row ORDER BY _all._ord)";
+    let answer = if single {
+        format!("coalesce(({rows} -> 0)::pg_catalog.text, 'null')")
+    } else {
+        format!("coalesce({rows}, '[]'::pg_catalog.json)::pg_catalog.text")
+    };
     sql.text = format!(
-        "WITH {}, _all AS ({}) SELECT coalesce(pg_catalog.json_agg(_all), '[]'::json)::text FROM _all",
+        "WITH {}, _all AS ({}) SELECT {answer} FROM _all",
         ctes.join(", "),
-        union.join(" UNION ALL ")
+        outs.join(" UNION ALL ")
     );
     Ok(sql)
 }
@@ -575,14 +756,19 @@ pub fn update(
     schema: &str,
     table: &Table,
     filters: &[Filter],
-    patch: Value,
+    patch: &JsonBody,
 ) -> Result<Sql, QueryError> {
-    let cols = body_columns(table, std::slice::from_ref(&patch))?;
+    let Shape::Object(keys) = patch.shape() else {
+        return Err(QueryError::InvalidBody(
+            "PATCH takes one JSON object".into(),
+        ));
+    };
+    let cols = body_columns(table, keys)?;
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
     };
-    let p = sql.param(Bind::Json(patch));
+    let p = sql.param(Bind::JsonText(patch.text.clone()));
     let set: Vec<String> = cols
         .iter()
         .map(|c| format!("{} = _j.{}", quote_ident(&c.name), quote_ident(&c.name)))
@@ -590,8 +776,8 @@ pub fn update(
     let wh = where_clause(&mut sql, table, filters, "_t")?;
     let t = qualified(schema, table);
     sql.text = format!(
-        "WITH _upd AS (UPDATE {t} AS _t SET {} FROM pg_catalog.json_populate_record(NULL::{t}, CAST({p} AS json)) AS _j{wh} RETURNING {})
-         SELECT coalesce(pg_catalog.json_agg(_upd), '[]'::json)::text FROM _upd",
+        "WITH _upd AS (UPDATE {t} AS _t SET {} FROM pg_catalog.json_populate_record(NULL::{t}, CAST({p} AS pg_catalog.json)) AS _j{wh} RETURNING {})
+         SELECT coalesce(pg_catalog.json_agg(_upd), '[]'::pg_catalog.json)::pg_catalog.text FROM _upd",
         set.join(", "),
         column_list(table, None, "_t")
     );
@@ -607,7 +793,7 @@ pub fn delete(schema: &str, table: &Table, filters: &[Filter]) -> Result<Sql, Qu
     let wh = where_clause(&mut sql, table, filters, "_t")?;
     sql.text = format!(
         "WITH _del AS (DELETE FROM {} AS _t{wh} RETURNING {})
-         SELECT coalesce(pg_catalog.json_agg(_del), '[]'::json)::text FROM _del",
+         SELECT coalesce(pg_catalog.json_agg(_del), '[]'::pg_catalog.json)::pg_catalog.text FROM _del",
         qualified(schema, table),
         column_list(table, None, "_t")
     );
@@ -619,16 +805,24 @@ mod tests {
     use super::*;
 
     fn tasks() -> Table {
-        let c = |n: &str, t: &str| Column {
-            name: n.into(),
-            type_sql: t.into(),
-            nullable: true,
-            has_default: false,
-        };
         Table {
             name: "tasks".into(),
-            columns: vec![c("id", "bigint"), c("title", "text"), c("due_date", "date")],
+            columns: vec![
+                column("id", "bigint", "bigint"),
+                column("title", "text", "text"),
+                column("due_date", "date", "date"),
+            ],
             primary_key: Some("id".into()),
+        }
+    }
+
+    fn column(name: &str, type_sql: &str, cast_sql: &str) -> Column {
+        Column {
+            name: name.into(),
+            type_sql: type_sql.into(),
+            cast_sql: cast_sql.into(),
+            nullable: true,
+            has_default: false,
         }
     }
 
@@ -673,7 +867,12 @@ mod tests {
                 nulls_first: Some(false)
             }
         );
-        assert_eq!(q.limit, 5);
+        assert_eq!((q.limit, q.limit_given), (5, true));
+        let unlimited = parse(&p(&[("id", "eq.1")]), &tasks(), &limits()).unwrap();
+        assert_eq!(
+            (unlimited.limit, unlimited.limit_given),
+            (limits().default_limit, false)
+        );
         let sql = select("acme", &tasks(), &q).unwrap();
         assert!(
             sql.text
@@ -742,18 +941,258 @@ mod tests {
     }
 
     #[test]
+    fn in_lists_are_quoted_like_postgrest() {
+        let items = |list: &str| in_list("c", list);
+        let ok = |list: &str, want: &[&str]| {
+            assert_eq!(
+                items(list),
+                Ok(want.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+                "{list}"
+            )
+        };
+        ok("()", &[]);
+        ok("(1,2)", &["1", "2"]);
+        ok("( a , b c ,d)", &["a", "b c", "d"]);
+        ok(r#"("Smith, John")"#, &["Smith, John"]);
+        ok(r#"("a,b", c ,"(d)")"#, &["a,b", "c", "(d)"]);
+        ok(r#"( "x" , "y" )"#, &["x", "y"]);
+        ok(
+            r#"("say \"hi\"","back\\slash","\q")"#,
+            &[r#"say "hi""#, r"back\slash", "q"],
+        );
+        ok(r#"("")"#, &[""]);
+        ok("(a,)", &["a", ""]);
+        ok("(a(b),c)", &["a(b)", "c"]);
+        ok("(é,ü)", &["é", "ü"]);
+        for bad in [
+            "",
+            "1,2",
+            "(1,2",
+            "1,2)",
+            r#"("Smith, John)"#,
+            r#"("a\")"#,
+            r#"("a\"#,
+            r#"("a"b)"#,
+            r#"("a" "b")"#,
+            r#"(a"b)"#,
+            r#"(a,"b)"#,
+        ] {
+            let e = items(bad).unwrap_err();
+            assert_eq!(e.kind(), "invalid-filter", "{bad}");
+            assert!(e.detail().starts_with("c=in."), "{}", e.detail());
+        }
+        let f = parse(&p(&[("title", r#"in.("a, b",c)"#)]), &tasks(), &limits()).unwrap();
+        assert_eq!(
+            f.filters[0].value,
+            FilterValue::List(vec!["a, b".into(), "c".into()])
+        );
+    }
+
+    #[test]
+    fn filter_values_are_cast_to_the_type_without_modifiers() {
+        let t = Table {
+            name: "codes".into(),
+            columns: vec![
+                column("code", "character varying(3)", "character varying"),
+                column("amount", "numeric(10,2)", "numeric"),
+            ],
+            primary_key: Some("code".into()),
+        };
+        let q = parse(
+            &p(&[("code", "eq.abcdef"), ("amount", "in.(1.005)")]),
+            &t,
+            &limits(),
+        )
+        .unwrap();
+        let sql = select("acme", &t, &q).unwrap();
+        assert!(
+            sql.text
+                .contains(r#"_t."code" = CAST($1 AS character varying)"#)
+                && sql
+                    .text
+                    .contains(r#"_t."amount" = ANY(CAST($2 AS numeric[]))"#),
+            "{}",
+            sql.text
+        );
+        let sql = by_id("acme", &t, "abcdef", None).unwrap();
+        assert!(
+            sql.text
+                .contains(r#"_t."code" = CAST($1 AS character varying)"#),
+            "{}",
+            sql.text
+        );
+        assert_eq!(
+            serde_json::to_value(&t.columns[0]).unwrap(),
+            serde_json::json!({"name": "code", "type": "character varying(3)", "nullable": true, "hasDefault": false})
+        );
+    }
+
+    /// Names in `sql` (outside quotes) that PostgreSQL would look up in the search_path
+    /// although pg_catalog holds them.
+    fn unqualified_catalog_names(sql: &str) -> Vec<String> {
+        const CATALOG: &[&str] = &[
+            "pg_class",
+            "pg_namespace",
+            "pg_attribute",
+            "pg_index",
+            "pg_roles",
+            "format_type",
+            "json_agg",
+            "row_to_json",
+            "to_json",
+            "json_populate_record",
+            "json_populate_recordset",
+            "json_array_elements",
+            "row_number",
+            "text",
+            "json",
+            "int8",
+        ];
+        let mut out = Vec::new();
+        let mut word = String::new();
+        let mut quote = None;
+        for ch in sql.chars().chain([' ']) {
+            match quote {
+                Some(q) if ch == q => quote = None,
+                Some(_) => {}
+                None if ch == '\'' || ch == '"' => quote = Some(ch),
+                None if ch.is_ascii_alphanumeric() || ch == '_' || ch == '.' => {
+                    word.push(ch);
+                    continue;
+                }
+                None => {}
+            }
+            if CATALOG.contains(&word.as_str()) {
+                out.push(word.clone());
+            }
+            word.clear();
+        }
+        out
+    }
+
+    #[test]
+    fn every_catalog_name_is_qualified() {
+        assert_eq!(
+            unqualified_catalog_names("SELECT json_agg(x)::text, 'json' FROM pg_class"),
+            ["json_agg", "text", "pg_class"]
+        );
+        assert!(unqualified_catalog_names(CATALOG_SQL).is_empty());
+        let t = tasks();
+        let q = parse(
+            &p(&[
+                ("id", "in.(1,2)"),
+                ("title", "like.a*"),
+                ("due_date", "gte.2030-01-01"),
+                ("title", "ilike.b*"),
+                ("order", "title"),
+            ]),
+            &t,
+            &limits(),
+        )
+        .unwrap();
+        for sql in [
+            select("acme", &t, &q).unwrap(),
+            by_id("acme", &t, "1", None).unwrap(),
+            insert("acme", &t, &body(r#"[{"title": "x"}, {"id": 1}]"#)).unwrap(),
+            insert("acme", &t, &body(r#"{"title": "x"}"#)).unwrap(),
+            update("acme", &t, &q.filters, &body(r#"{"title": "y"}"#)).unwrap(),
+            delete("acme", &t, &q.filters).unwrap(),
+        ] {
+            assert_eq!(
+                unqualified_catalog_names(&sql.text),
+                Vec::<String>::new(),
+                "{}",
+                sql.text
+            );
+        }
+    }
+
+    fn body(text: &str) -> JsonBody {
+        JsonBody::parse(text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn bodies_keep_their_text_and_give_their_keys() {
+        let text = r#"{"amount": 123456789012345678901234567890.123456789, "big": 1e400, "n": {"x": [1]}}"#;
+        let b = body(text);
+        assert_eq!(b.text, text);
+        assert_eq!(
+            b.shape(),
+            &Shape::Object(vec!["amount".into(), "big".into(), "n".into()])
+        );
+        assert_eq!(
+            body(r#" [ {"a": 1, "b\u0061": 2}, {} ] "#).shape(),
+            &Shape::Array(vec![vec!["a".into(), "ba".into()], vec![]])
+        );
+        for bad in [
+            "1",
+            "\"x\"",
+            "null",
+            "[1]",
+            "[{}, []]",
+            "{",
+            "{} {}",
+            "{\"a\": 01}",
+            "{\"a\": \"\u{1}\"}",
+            "",
+        ] {
+            let e = JsonBody::parse(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.kind(), "invalid-body", "{bad}");
+        }
+        assert!(JsonBody::parse(b"{\"a\": \"\xff\"}").is_err());
+    }
+
+    #[test]
     fn write_statements() {
         let t = tasks();
-        let sql = insert("acme", &t, vec![serde_json::json!({"title": "x"})]).unwrap();
+        let sql = insert("acme", &t, &body(r#"{"title": "x"}"#)).unwrap();
         assert!(
             sql.text.contains(r#"INSERT INTO "acme"."tasks" ("title")"#),
             "{}",
             sql.text
         );
-        assert!(insert("acme", &t, vec![serde_json::json!({"nope": 1})]).is_err());
-        assert!(insert("acme", &t, vec![serde_json::json!(1)]).is_err());
+        assert_eq!(sql.binds[0], Bind::JsonText(r#"{"title": "x"}"#.into()));
+        assert_eq!(
+            insert("acme", &t, &body(r#"{"nope": 1}"#))
+                .unwrap_err()
+                .kind(),
+            "unknown-column"
+        );
+        assert_eq!(
+            insert("acme", &t, &body("[]")).unwrap_err().kind(),
+            "invalid-body"
+        );
+        assert_eq!(
+            insert("acme", &t, &body("[{}]")).unwrap_err().kind(),
+            "invalid-body"
+        );
+        // Rows are grouped by the keys they carry, whatever their order, and pick their
+        // rows out of the one body by position.
+        let sql = insert(
+            "acme",
+            &t,
+            &body(r#"[{"title": "a"}, {"due_date": null, "title": "b"}, {"title": "c", "due_date": "2030-01-01"}]"#),
+        )
+        .unwrap();
+        assert_eq!(
+            sql.binds[1..],
+            [Bind::BigIntArray(vec![1]), Bind::BigIntArray(vec![2, 3])]
+        );
+        // ... and the answer comes back in the request's order.
+        for part in [
+            "WITH ORDINALITY AS _e(j, ord)",
+            "WHERE _body.ord = ANY(CAST($3 AS bigint[])) ORDER BY _body.ord RETURNING",
+            "SELECT (CAST($3 AS bigint[]))[pg_catalog.row_number() OVER ()] AS _ord",
+            "pg_catalog.json_agg(_all._row ORDER BY _all._ord)",
+        ] {
+            assert!(sql.text.contains(part), "{part}: {}", sql.text);
+        }
         let f = parse(&p(&[("id", "eq.1")]), &t, &limits()).unwrap().filters;
-        let sql = update("acme", &t, &f, serde_json::json!({"title": "y"})).unwrap();
+        assert_eq!(
+            update("acme", &t, &f, &body("[{}]")).unwrap_err().kind(),
+            "invalid-body"
+        );
+        let sql = update("acme", &t, &f, &body(r#"{"title": "y"}"#)).unwrap();
         assert!(
             sql.text.contains(r#"SET "title" = _j."title""#) && sql.text.contains("WHERE"),
             "{}",

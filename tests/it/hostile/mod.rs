@@ -3,6 +3,7 @@
 //! without a side effect. The invariant under test: no session whose session user can act for
 //! more than one tenant ever evaluates an object a tenant credential could have created.
 
+mod api;
 mod operator;
 
 use sqlx::{Connection, PgConnection};
