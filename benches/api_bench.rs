@@ -312,6 +312,26 @@ pub(super) async fn registry_bench(stack: &Stack, n: usize) -> String {
         .unwrap();
     let rest = stack.database_url.split_once('@').unwrap().1;
     let url = format!("postgres://bench_registry_gateway:benchpassword0123456789@{rest}");
+    // The platform signing key, as the operator would have created it.
+    let platform_key = "p".repeat(64);
+    let signing = k8s_openapi::api::core::v1::Secret {
+        metadata: ObjectMeta {
+            name: Some("tenantry-signing-key".into()),
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                "key".to_string(),
+                k8s_openapi::ByteString(platform_key.clone().into_bytes()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let _ = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &signing)
+        .await;
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -328,6 +348,8 @@ pub(super) async fn registry_bench(stack: &Stack, n: usize) -> String {
             &format!("127.0.0.1:{port}"),
             "--log-level",
             "warn",
+            "--signing-key-secret-namespace",
+            &ns,
         ])
         .env("DATABASE_URL", &url)
         .env("KUBECONFIG", &stack.kubeconfig)
@@ -351,38 +373,17 @@ pub(super) async fn registry_bench(stack: &Stack, n: usize) -> String {
     assert!(out.status.success());
     let list_time = listed.elapsed();
 
-    // Ready → routable: act as the operator for one new Tenant (status Ready + signing key).
+    // Ready → routable: act as the operator for one new Tenant (status Ready); its token key
+    // is derived from the platform key and its uid, as the operator's would be.
     let api: Api<Tenant> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &Tenant::test("fresh"))
+    let fresh = api
+        .create(&PostParams::default(), &Tenant::test("fresh"))
         .await
         .unwrap();
-    let key = "k".repeat(64);
-    let secret = k8s_openapi::api::core::v1::Secret {
-        metadata: ObjectMeta {
-            name: Some("fresh-db".into()),
-            namespace: Some(ns.clone()),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "tenantry".to_string(),
-                )]
-                .into(),
-            ),
-            ..Default::default()
-        },
-        data: Some(
-            [(
-                "jwt-key".to_string(),
-                k8s_openapi::ByteString(key.clone().into_bytes()),
-            )]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    let key = tenantry::domain::credentials::derive_jwt_key(
+        platform_key.as_bytes(),
+        fresh.metadata.uid.as_deref().unwrap(),
+    );
     let token = tenantry::cli::mint_token("fresh", key.as_bytes(), "bench", 600).unwrap();
     let auth = format!("Bearer {token}");
     let status = serde_json::json!({
