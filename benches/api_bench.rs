@@ -149,31 +149,37 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     )
     .unwrap();
 
-    // Baseline: plain axum + sqlx, the same primary-key read on one schema, no tenancy.
-    let plain_pool = PgPoolOptions::new()
-        .max_connections(pool_size)
-        .connect(&stack.database_url)
-        .await
-        .unwrap();
-    let table = format!("\"{}\".projects", schemas[0]);
-    let plain = Router::new()
-        .route(
-            "/projects/{id}",
-            get(|State((pool, table)): State<(sqlx::PgPool, Arc<String>)>, Path(id): Path<String>| async move {
-                let row: Option<String> = sqlx::query_scalar(&format!(
-                    "SELECT row_to_json(_r)::text FROM (SELECT * FROM {table} WHERE id = CAST($1 AS bigint)) _r"
-                ))
-                .bind(id)
-                .fetch_optional(&pool)
-                .await
-                .unwrap();
-                row.unwrap_or_default()
-            }),
-        )
-        .with_state((plain_pool.clone(), Arc::new(table)));
-    let plain_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let plain_port = plain_listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(plain_listener, plain).await.unwrap() });
+    // Baselines: plain axum + sqlx, the same primary-key read on one schema, no tenancy; once
+    // as sqlx configures a pool by default (a ping before every acquire), once without it.
+    let table = Arc::new(format!("\"{}\".projects", schemas[0]));
+    let mut plain_ports = Vec::new();
+    for ping in [true, false] {
+        let plain_pool = PgPoolOptions::new()
+            .max_connections(pool_size)
+            .test_before_acquire(ping)
+            .connect(&stack.database_url)
+            .await
+            .unwrap();
+        let plain = Router::new()
+            .route(
+                "/projects/{id}",
+                get(|State((pool, table)): State<(sqlx::PgPool, Arc<String>)>, Path(id): Path<String>| async move {
+                    let row: Option<String> = sqlx::query_scalar(&format!(
+                        "SELECT row_to_json(_r)::text FROM (SELECT * FROM {table} WHERE id = CAST($1 AS bigint)) _r"
+                    ))
+                    .bind(id)
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap();
+                    row.unwrap_or_default()
+                }),
+            )
+            .with_state((plain_pool, table.clone()));
+        let plain_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        plain_ports.push(plain_listener.local_addr().unwrap().port());
+        tokio::spawn(async move { axum::serve(plain_listener, plain).await.unwrap() });
+    }
+    let (plain_port, noping_port) = (plain_ports[0], plain_ports[1]);
 
     // tenantry's API, in-process, on the gateway pool.
     let pool = tenantry::api::connect(
@@ -222,10 +228,13 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
         Some(200)
     );
 
-    // Warm both (prepared statements, catalog caches), then measure.
-    let _ = wrk(plain_port, &plain_script, 2, connections);
+    // Warm all three equally (prepared statements, catalog caches), then measure.
+    for p in [plain_port, noping_port] {
+        let _ = wrk(p, &plain_script, seconds, connections);
+    }
     let _ = wrk(port, &script, seconds, connections);
     let base = wrk(plain_port, &plain_script, seconds, connections);
+    let noping = wrk(noping_port, &plain_script, seconds, connections);
     let peak = Arc::new(AtomicI64::new(0));
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
@@ -269,7 +278,7 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
         anon.iter().sum::<u64>() as f64 / anon.len() as f64 / 1024.0
     };
     format!(
-        "| GET by primary key with JWT, random tenant of {n} (wrk, {connections} connections, {seconds} s) | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx | plain axum + sqlx, one schema: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | {:.2}× | pool {pool_size}; peak gateway connections {}; backend private memory {:.1} MB each |",
+        "| GET by primary key with JWT, random tenant of {n} (wrk, {connections} connections, {seconds} s) | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx | plain axum + sqlx, one schema: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms; same without the per-acquire ping: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | {:.2}× / {:.2}× | pool {pool_size}; peak gateway connections {}; backend private memory {:.1} MB each |",
         ours.rps,
         ours.p50_ms,
         ours.p99_ms,
@@ -277,7 +286,11 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
         base.rps,
         base.p50_ms,
         base.p99_ms,
+        noping.rps,
+        noping.p50_ms,
+        noping.p99_ms,
         ours.rps / base.rps,
+        ours.rps / noping.rps,
         peak.load(Ordering::SeqCst),
         backend_mb
     )

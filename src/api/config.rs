@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use sqlx::{postgres::PgPoolOptions, PgPool};
-
-use super::auth::AuthConfig;
+use super::{
+    auth::AuthConfig,
+    pool::{Pool, PoolError},
+};
 
 /// Settings of `tenantry api`.
 #[derive(Clone)]
@@ -51,7 +52,7 @@ pub struct PoolConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    Database(#[from] PoolError),
     #[error("refusing to serve as {user:?}: it is a superuser or bypasses row-level security, so PostgreSQL would not enforce tenant isolation; log in as the gateway role (default tenantry_gateway) or pass --allow-privileged-role")]
     PrivilegedRole { user: String },
 }
@@ -62,24 +63,12 @@ pub async fn connect(
     url: &str,
     cfg: PoolConfig,
     allow_privileged: bool,
-) -> Result<PgPool, ConnectError> {
-    let opts = crate::postgres::connect_options(url)?
-        .application_name("tenantry-api")
-        // One prepared statement per (tenant table, query shape) per connection: tenants
-        // times shapes, not the default 100, or every request would re-prepare.
-        .statement_cache_capacity(4096);
-    let pool = PgPoolOptions::new()
-        .max_connections(cfg.size)
-        .min_connections(0)
-        .acquire_timeout(cfg.acquire_timeout)
-        .max_lifetime(cfg.max_lifetime)
-        .connect_with(opts)
-        .await?;
-    let (user, superuser, bypass): (String, bool, bool) = sqlx::query_as(
-        "SELECT rolname::pg_catalog.text, rolsuper, rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user",
-    )
-    .fetch_one(&pool)
-    .await?;
+) -> Result<Pool, ConnectError> {
+    let pool = Pool::open(url, cfg).await?;
+    let (user, superuser, bypass) = pool
+        .login_role()
+        .await
+        .map_err(|e| ConnectError::Database(PoolError::Database(e)))?;
     if (superuser || bypass) && !allow_privileged {
         return Err(ConnectError::PrivilegedRole { user });
     }

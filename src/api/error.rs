@@ -132,44 +132,7 @@ impl From<sqlx::Error> for ApiError {
             ),
             sqlx::Error::Database(db) => {
                 let code = db.code().unwrap_or_default();
-                let msg = db.message().to_string();
-                let detail = match db.constraint() {
-                    Some(c) => format!("{msg} (constraint {c})"),
-                    None => msg,
-                };
-                match &*code {
-                    "23505" => ApiError::new(StatusCode::CONFLICT, "unique-violation", detail),
-                    "23503" => ApiError::new(StatusCode::CONFLICT, "foreign-key-violation", detail),
-                    "23502" => ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "not-null-violation",
-                        detail,
-                    ),
-                    "23514" => {
-                        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "check-violation", detail)
-                    }
-                    "23P01" => ApiError::new(StatusCode::CONFLICT, "exclusion-violation", detail),
-                    "428C9" => {
-                        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "generated-column", detail)
-                    }
-                    "42501" => ApiError::forbidden("permission-denied", detail),
-                    "57014" => ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "statement-timeout",
-                        "the query took too long",
-                    ),
-                    "25006" => ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read-only", detail),
-                    c if c.starts_with("22") => ApiError::bad_request("invalid-value", detail),
-                    c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57") => {
-                        tracing::warn!(error = %e, "database unavailable");
-                        ApiError::unavailable(
-                            "database-unavailable",
-                            "the database is unavailable; retry shortly",
-                            2,
-                        )
-                    }
-                    _ => ApiError::internal(e),
-                }
+                database(&code, db.message(), db.constraint(), &e)
             }
             sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 tracing::warn!(error = %e, "database unavailable");
@@ -180,6 +143,69 @@ impl From<sqlx::Error> for ApiError {
                 )
             }
             _ => ApiError::internal(e),
+        }
+    }
+}
+
+/// Whatever PostgreSQL refused, with its SQLSTATE: constraint violations as 409/422, the
+/// tenant role's missing rights as 403, unavailability as 503, the rest as 500.
+fn database(
+    code: &str,
+    message: &str,
+    constraint: Option<&str>,
+    e: &dyn std::fmt::Display,
+) -> ApiError {
+    let msg = message.to_string();
+    let detail = match constraint {
+        Some(c) => format!("{msg} (constraint {c})"),
+        None => msg,
+    };
+    match code {
+        "23505" => ApiError::new(StatusCode::CONFLICT, "unique-violation", detail),
+        "23503" => ApiError::new(StatusCode::CONFLICT, "foreign-key-violation", detail),
+        "23502" => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not-null-violation",
+            detail,
+        ),
+        "23514" => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "check-violation", detail),
+        "23P01" => ApiError::new(StatusCode::CONFLICT, "exclusion-violation", detail),
+        "428C9" => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "generated-column", detail),
+        "42501" => ApiError::forbidden("permission-denied", detail),
+        "57014" => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "statement-timeout",
+            "the query took too long",
+        ),
+        "25006" => ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read-only", detail),
+        c if c.starts_with("22") => ApiError::bad_request("invalid-value", detail),
+        c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57") => {
+            tracing::warn!(error = %e, "database unavailable");
+            ApiError::unavailable(
+                "database-unavailable",
+                "the database is unavailable; retry shortly",
+                2,
+            )
+        }
+        _ => ApiError::internal(e),
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => database(db.code().code(), db.message(), db.constraint(), &e),
+            None if e.is_closed()
+                || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) =>
+            {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::unavailable(
+                    "database-unavailable",
+                    "the database is unavailable; retry shortly",
+                    2,
+                )
+            }
+            None => ApiError::internal(e),
         }
     }
 }

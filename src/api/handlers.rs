@@ -8,11 +8,15 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use futures::FutureExt;
 use serde_json::json;
 
 use super::{
-    config::Limits, error::ApiError, query, state::AppState, tenant::TenantRequest, tx::in_tenant,
+    config::Limits,
+    error::ApiError,
+    query,
+    state::AppState,
+    tenant::TenantRequest,
+    tx::{in_tenant, json_text},
 };
 
 /// Header that allows PATCH or DELETE without filters (every row of the table).
@@ -65,23 +69,15 @@ pub(super) async fn list_tables(
     State(state): State<AppState>,
     t: TenantRequest,
 ) -> Result<Response, ApiError> {
-    let schema = t.schema.clone();
-    let st = state.clone();
-    let c = in_tenant(
-        &state.pool,
-        &schema,
-        true,
-        state.settings.limits.statement_timeout_ms,
-        move |conn| {
-            async move {
-                st.catalogs
-                    .get(conn, &t.schema, t.entry.info.migration_version)
-                    .await
-            }
-            .boxed()
-        },
-    )
-    .await?;
+    let c = state
+        .catalogs
+        .get(
+            &state.pool,
+            &t.schema,
+            t.entry.info.migration_version,
+            state.settings.limits.statement_timeout_ms,
+        )
+        .await?;
     Ok(Json(json!({ "tables": c.tables.values().collect::<Vec<_>>() })).into_response())
 }
 
@@ -95,28 +91,20 @@ async fn on_table<F>(
     build: F,
 ) -> Result<String, ApiError>
 where
-    F: FnOnce(&str, &query::Table, &Limits) -> Result<query::Sql, ApiError> + Send + 'static,
+    F: FnOnce(&str, &query::Table, &Limits) -> Result<query::Sql, ApiError>,
 {
-    let schema = t.schema.clone();
-    let st = state.clone();
-    in_tenant(
-        &state.pool,
-        &schema,
-        read_only,
-        state.settings.limits.statement_timeout_ms,
-        move |conn| {
-            async move {
-                let c = st
-                    .catalogs
-                    .get(conn, &t.schema, t.entry.info.migration_version)
-                    .await?;
-                let sql = build(t.schema.as_str(), c.table(&table)?, &st.settings.limits)?;
-                Ok(sql.fetch_json(conn).await?)
-            }
-            .boxed()
-        },
-    )
-    .await
+    let timeout = state.settings.limits.statement_timeout_ms;
+    let c = state
+        .catalogs
+        .get(
+            &state.pool,
+            &t.schema,
+            t.entry.info.migration_version,
+            timeout,
+        )
+        .await?;
+    let sql = build(t.schema.as_str(), c.table(&table)?, &state.settings.limits)?;
+    json_text(in_tenant(&state.pool, &t.schema, read_only, timeout, &sql).await?)
 }
 
 pub(super) async fn list_rows(

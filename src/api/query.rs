@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use sqlx::PgConnection;
 
 use super::config::Limits;
 use crate::domain::naming::quote_ident;
@@ -122,17 +121,24 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Reads the catalog of `schema` (tables, partitioned tables and views), inside the
-    /// tenant's transaction: types are formatted for its search_path, which every statement
-    /// built from this catalog runs under.
-    pub async fn load(conn: &mut PgConnection, schema: &str) -> Result<Self, sqlx::Error> {
-        let rows: Vec<(String, String, String, String, bool, bool, bool)> =
-            sqlx::query_as(CATALOG_SQL)
-                .bind(schema)
-                .fetch_all(conn)
-                .await?;
+    /// The statement reading the catalog of `schema` (tables, partitioned tables and
+    /// views), run inside the tenant's transaction: types are formatted for its search_path,
+    /// which every statement built from this catalog runs under.
+    pub fn statement(schema: &str) -> Sql {
+        Sql {
+            text: CATALOG_SQL.to_string(),
+            binds: vec![Bind::Text(schema.to_string())],
+        }
+    }
+
+    /// The catalog from the rows of [`Catalog::statement`].
+    pub fn from_rows(rows: Vec<tokio_postgres::Row>) -> Result<Self, tokio_postgres::Error> {
         let mut tables: BTreeMap<String, Table> = BTreeMap::new();
-        for (table, column, type_sql, cast_sql, not_null, has_default, pk) in rows {
+        for r in rows {
+            let (table, column, type_sql, cast_sql): (String, String, String, String) =
+                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
+            let (not_null, has_default, pk): (bool, bool, bool) =
+                (r.try_get(4)?, r.try_get(5)?, r.try_get(6)?);
             if HIDDEN_TABLES.contains(&table.as_str()) {
                 continue;
             }
@@ -407,19 +413,27 @@ impl Sql {
         self.binds.push(b);
         format!("${}", self.binds.len())
     }
+}
 
-    /// Runs the statement, which returns one JSON text value.
-    pub async fn fetch_json(&self, conn: &mut PgConnection) -> Result<String, sqlx::Error> {
-        let mut q = sqlx::query_scalar::<_, String>(&self.text);
-        for b in &self.binds {
-            q = match b {
-                Bind::Text(s) => q.bind(s),
-                Bind::TextArray(v) => q.bind(v),
-                Bind::JsonText(s) => q.bind(s),
-                Bind::BigIntArray(v) => q.bind(v),
-            };
+impl Bind {
+    /// The value as a statement parameter.
+    pub fn as_param(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+        match self {
+            Bind::Text(s) | Bind::JsonText(s) => s,
+            Bind::TextArray(v) => v,
+            Bind::BigIntArray(v) => v,
         }
-        q.fetch_one(conn).await
+    }
+
+    /// The parameter's declared type: text (or an array of it) that the statement casts
+    /// itself, so that PostgreSQL, not the driver, parses every value.
+    pub fn pg_type(&self) -> tokio_postgres::types::Type {
+        use tokio_postgres::types::Type;
+        match self {
+            Bind::Text(_) | Bind::JsonText(_) => Type::TEXT,
+            Bind::TextArray(_) => Type::TEXT_ARRAY,
+            Bind::BigIntArray(_) => Type::INT8_ARRAY,
+        }
     }
 }
 

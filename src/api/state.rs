@@ -3,23 +3,21 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
-
-use super::{config::Settings, observe::ApiMetrics, tx::CatalogCache};
+use super::{config::Settings, observe::ApiMetrics, pool::Pool, tx::CatalogCache};
 use crate::registry::Registry;
 
 /// Shared state of all handlers. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Registry,
-    pub pool: PgPool,
+    pub pool: Pool,
     pub settings: Arc<Settings>,
     pub metrics: ApiMetrics,
     pub(super) catalogs: Arc<CatalogCache>,
 }
 
 impl AppState {
-    pub fn new(registry: Registry, pool: PgPool, settings: Settings) -> Self {
+    pub fn new(registry: Registry, pool: Pool, settings: Settings) -> Self {
         Self {
             registry,
             pool,

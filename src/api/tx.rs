@@ -7,13 +7,17 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use futures::future::BoxFuture;
-use sqlx::{pool::PoolConnection, Connection, PgConnection, PgPool, Postgres};
+use tokio_postgres::{types::ToSql, Row};
 
-use super::{error::ApiError, query::Catalog};
+use super::{
+    error::ApiError,
+    pool::{Lease, Pool},
+    query::{Bind, Catalog, Sql},
+};
 use crate::domain::naming::Ident;
 
-/// Runs `f` in one transaction as the tenant role with the tenant schema as search_path.
+/// Runs `sql` in one transaction as the tenant role with the tenant schema as search_path,
+/// and returns its rows.
 ///
 /// Whose code runs in this session: the session user is the gateway role (refused by
 /// `connect` if it is a superuser or bypasses RLS), which is a member of every tenant role;
@@ -21,35 +25,114 @@ use crate::domain::naming::Ident;
 /// functions, triggers and defaults that a statement fires run in this session, whose session
 /// user outranks the tenant.
 ///
+/// Round trips: the opening batch (a simple query) and the statement (cached per connection)
+/// are pipelined, and so is a read's `COMMIT`: one flight for a read whose statement this
+/// connection has prepared before, two when it must prepare it first (the prepare goes with
+/// the opening batch). If the opening batch fails — say `SET LOCAL ROLE` is refused — the
+/// transaction is aborted and PostgreSQL refuses the pipelined statement (25P02): it never
+/// runs as the gateway. A write's `COMMIT` is sent only once its statement has answered,
+/// so that a request cancelled before then never commits: its connection is closed with the
+/// `COMMIT` unsent.
+///
 /// The connection goes back to the pool only once the transaction has ended cleanly; see
-/// [`Checkout`].
-pub(super) async fn in_tenant<T, F>(
-    pool: &PgPool,
+/// [`Lease`].
+pub(super) async fn in_tenant(
+    pool: &Pool,
     schema: &Ident,
     read_only: bool,
     statement_timeout_ms: u64,
-    f: F,
-) -> Result<T, ApiError>
-where
-    F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, ApiError>>,
-{
-    let mut checkout = Checkout {
-        conn: pool.acquire().await?,
-        clean: false,
+    sql: &Sql,
+) -> Result<Vec<Row>, ApiError> {
+    let begin = begin_statement(schema, read_only, statement_timeout_ms);
+    let mut lease = pool.get().await?;
+    match run(&mut lease, &begin, read_only, sql).await {
+        // The connection lost the statement (26000: deallocated behind our back) or cannot
+        // reuse its plan (0A000: result type changed): forget it and run the transaction once
+        // more, preparing afresh. Neither ran the statement.
+        Err(e) if lease.clean && stale_statement(&e) => {
+            lease.conn().forget(&sql.text);
+            Ok(run(&mut lease, &begin, read_only, sql).await?)
+        }
+        out => Ok(out?),
+    }
+}
+
+fn stale_statement(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME)
+        || (e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED)
+            && e.as_db_error()
+                .is_some_and(|d| d.message().starts_with("cached plan must not change")))
+}
+
+async fn run(
+    lease: &mut Lease,
+    begin: &str,
+    read_only: bool,
+    sql: &Sql,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    lease.clean = false;
+    let params: Vec<&(dyn ToSql + Sync)> = sql.binds.iter().map(Bind::as_param).collect();
+    let conn = lease.conn();
+    let (stmt, begun) = match conn.statement(&sql.text) {
+        Some(s) => (s, false),
+        None => {
+            let types: Vec<_> = sql.binds.iter().map(Bind::pg_type).collect();
+            let (b, p) = futures::join!(
+                conn.client.batch_execute(begin),
+                conn.client.prepare_typed(&sql.text, &types)
+            );
+            match (b, p) {
+                (Ok(()), Ok(s)) => {
+                    conn.remember(&sql.text, s.clone());
+                    (s, true)
+                }
+                (b, p) => {
+                    conn.client.batch_execute("ROLLBACK").await?;
+                    lease.clean = true;
+                    return Err(b.err().or(p.err()).expect("one of them failed"));
+                }
+            }
+        }
     };
-    let mut tx = checkout
-        .conn
-        .begin_with(begin_statement(schema, read_only, statement_timeout_ms))
-        .await?;
-    let out = f(&mut tx).await;
-    let end = match out {
-        Ok(_) => tx.commit().await,
-        Err(_) => tx.rollback().await,
+    let client = &conn.client;
+    let opened = async {
+        if begun {
+            Ok(())
+        } else {
+            client.batch_execute(begin).await
+        }
     };
-    checkout.clean = end.is_ok();
-    let out = out?;
-    end?;
-    Ok(out)
+    if read_only {
+        let (b, q, c) = futures::join!(
+            opened,
+            client.query(&stmt, &params),
+            client.batch_execute("COMMIT")
+        );
+        // A failed transaction's COMMIT is a ROLLBACK: either way it has ended.
+        c?;
+        lease.clean = true;
+        b?;
+        q
+    } else {
+        let (b, q) = futures::join!(opened, client.query(&stmt, &params));
+        let ok = b.is_ok() && q.is_ok();
+        conn.client
+            .batch_execute(if ok { "COMMIT" } else { "ROLLBACK" })
+            .await?;
+        lease.clean = true;
+        b?;
+        q
+    }
+}
+
+/// The single text value of a statement built by [`super::query`].
+pub(super) fn json_text(rows: Vec<Row>) -> Result<String, ApiError> {
+    let row = rows
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::internal("statement returned no row"))?;
+    row.try_get::<_, String>(0).map_err(ApiError::internal)
 }
 
 /// The statement that opens a request's transaction, in one round trip: the schema is a
@@ -63,26 +146,6 @@ fn begin_statement(schema: &Ident, read_only: bool, statement_timeout_ms: u64) -
     )
 }
 
-/// A pooled connection that returns to the pool only after its transaction ended cleanly
-/// (committed, or rolled back when asked), and is closed in any other state. sqlx, left to
-/// itself, returns a dropped connection to the pool after rolling back only the transaction it
-/// knows it opened: one whose opening batch failed after `BEGIN` (say, at `SET LOCAL ROLE`)
-/// went back inside an aborted transaction that every later request on it, of any tenant,
-/// inherited; one whose request was cancelled mid-statement held its pool slot until the
-/// abandoned statement ended.
-struct Checkout {
-    conn: PoolConnection<Postgres>,
-    clean: bool,
-}
-
-impl Drop for Checkout {
-    fn drop(&mut self) {
-        if !self.clean {
-            self.conn.close_on_drop();
-        }
-    }
-}
-
 /// A schema's catalog and the migration version it was read at.
 type VersionedCatalog = (Option<i64>, Arc<Catalog>);
 
@@ -93,13 +156,14 @@ pub(super) struct CatalogCache {
 }
 
 impl CatalogCache {
-    /// The catalog of `schema` at migration `version`, read on `conn` (inside the tenant's
-    /// transaction) when the cache has none for that version.
+    /// The catalog of `schema` at migration `version`, read in a transaction of its own as
+    /// the tenant when the cache has none for that version.
     pub(super) async fn get(
         &self,
-        conn: &mut PgConnection,
+        pool: &Pool,
         schema: &Ident,
         version: Option<i64>,
+        statement_timeout_ms: u64,
     ) -> Result<Arc<Catalog>, ApiError> {
         let key = schema.as_str();
         if let Some((v, c)) = self.entries.lock().expect("catalog lock").get(key) {
@@ -107,7 +171,15 @@ impl CatalogCache {
                 return Ok(c.clone());
             }
         }
-        let c = Arc::new(Catalog::load(conn, key).await?);
+        let rows = in_tenant(
+            pool,
+            schema,
+            true,
+            statement_timeout_ms,
+            &Catalog::statement(key),
+        )
+        .await?;
+        let c = Arc::new(Catalog::from_rows(rows)?);
         self.entries
             .lock()
             .expect("catalog lock")

@@ -12,7 +12,7 @@ use axum::{
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use kube::api::{Patch, PatchParams};
 use serde_json::{json, Value};
-use sqlx::PgPool;
+use sqlx::{postgres::PgPoolOptions, PgPool};
 use tenantry::{
     api::{self, auth::AuthConfig, AppState, Limits, PoolConfig, Settings},
     domain::crd::Tenant,
@@ -63,8 +63,9 @@ impl Api {
     }
 
     pub async fn start_with_auth(ns: &TestNs, namespace: Option<&str>, auth: AuthConfig) -> Self {
-        let pool = api::connect(
-            &gateway_uri(ns).await,
+        let uri = gateway_uri(ns).await;
+        let data = api::connect(
+            &uri,
             PoolConfig {
                 size: POOL_SIZE,
                 acquire_timeout: Duration::from_secs(5),
@@ -74,6 +75,11 @@ impl Api {
         )
         .await
         .expect("gateway pool");
+        // A gateway session of the tests' own, opened when a test asks for it.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy(&uri)
+            .expect("gateway URI");
         let config = registry::Config {
             namespace: namespace.map(str::to_string),
             base_domain: Some(BASE_DOMAIN.into()),
@@ -87,7 +93,7 @@ impl Api {
                 ..Limits::default()
             },
         };
-        let router = api::router(AppState::new(registry.clone(), pool.clone(), settings));
+        let router = api::router(AppState::new(registry.clone(), data, settings));
         Self {
             router,
             registry,

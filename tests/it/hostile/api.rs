@@ -938,6 +938,46 @@ async fn a_failed_transaction_leaves_no_poisoned_connection_in_the_pool() {
     assert_eq!(refused, vec![denied; 5], "acme's own requests");
 }
 
+/// Attack: the statement pipelined behind a `SET LOCAL ROLE` that fails. The gateway may no
+/// longer take acme's role, but was granted acme's table directly: a statement that ran
+/// after the refused role — as the gateway — would read acme's rows. Requests run both with
+/// the statement already prepared on their connection (one flight) and without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_role_never_lets_the_statement_run_as_the_gateway() {
+    let s = Stage::new(&["acme"]).await;
+    let (schema, gateway) = (s.schema("acme"), gateway_role(&s.ns));
+    s.as_owner(
+        "acme",
+        &format!(
+            "INSERT INTO projects (name) VALUES ('crown jewel');
+             GRANT USAGE ON SCHEMA \"{schema}\" TO \"{gateway}\";
+             GRANT SELECT ON projects TO \"{gateway}\""
+        ),
+    )
+    .await;
+    let acme = token(&s.ns, "acme").await;
+    let uris = ["/v1/tables/projects", "/v1/tables/projects/1"];
+    // Prepare both statements on several of the pool's connections.
+    let warm =
+        futures::future::join_all((0..8).map(|i| s.send(Method::GET, uris[i % 2], &acme, None)))
+            .await;
+    for a in warm {
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+        assert!(a.text.contains("crown jewel"), "{}", a.text);
+    }
+    s.pg.execute(format!("REVOKE \"{schema}\" FROM \"{gateway}\"").as_str())
+        .await
+        .unwrap();
+    let refused =
+        futures::future::join_all((0..16).map(|i| s.send(Method::GET, uris[i % 2], &acme, None)))
+            .await;
+    for a in refused {
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
+        assert!(!a.text.contains("crown jewel"), "{}", a.text);
+    }
+    s.no_idle_transactions().await;
+}
+
 /// Attack: requests abandoned mid-statement (the client hangs up while PostgreSQL waits on a
 /// lock). Their writes must not commit, their connections must not come back to the pool
 /// inside the transaction, and they must not hold the pool's slots until the statement
