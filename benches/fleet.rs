@@ -196,7 +196,10 @@ async fn raw_provision(
                     .ensure_roles(&names, &owner, &nothing, Some(&password))
                     .await
                     .unwrap();
-                admin.ensure_schema(&names, &owner, &nothing).await.unwrap();
+                admin
+                    .ensure_schema(&names, &owner, &nothing, set, false)
+                    .await
+                    .unwrap();
                 admin.migrate(&names, set).await.unwrap();
             }
         })

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use kube::runtime::controller::Action;
+use kube::{runtime::controller::Action, ResourceExt};
 use tracing::{info, Span};
 
 use super::{
@@ -12,7 +12,8 @@ use super::{
     credentials::{self, Issued},
     error::db,
     reconcile::{
-        now, Failure, Mark, Note, Report, Then, Warning, REQUEUE_MIGRATION_FAILED, RESYNC,
+        now, Failure, Mark, Note, Report, Then, Warning, REQUEUE_CONFLICT,
+        REQUEUE_MIGRATION_FAILED, RESYNC,
     },
     rollout::{Admission, Hold},
     Error, Stage,
@@ -28,9 +29,13 @@ use crate::{
     },
     postgres::{
         migrations::MigrateError,
-        tenant::{Names, SchemaChange},
+        tenant::{Names, Review, SchemaChange},
     },
 };
+
+/// Annotation with which an administrator says a schema of the layout before the owner/app
+/// split was reviewed and may be converted although it differs from its migrations.
+pub const LEGACY_REVIEWED_ANNOTATION: &str = "tenantry.dev/legacy-schema-reviewed";
 
 /// Provisions `tenant`; returns what the reconcile should report.
 pub(super) async fn apply(tenant: &Tenant, ctx: &Context) -> Report {
@@ -275,7 +280,15 @@ impl Run<'_> {
         let id = names.app();
         let change = ctx
             .admin
-            .ensure_schema(names, owner, observed)
+            .ensure_schema(
+                names,
+                owner,
+                observed,
+                &ctx.migrations,
+                self.tenant
+                    .annotations()
+                    .contains_key(LEGACY_REVIEWED_ANNOTATION),
+            )
             .await
             .map_err(|e| Failure::error(condition::SCHEMA_READY, db(Stage::Schema)(e)))?;
         let created = match change {
@@ -291,11 +304,47 @@ impl Run<'_> {
                 ));
                 true
             }
-            SchemaChange::Converted { untrusted } => {
+            SchemaChange::HeldForReview(review) => {
+                let why = match review {
+                    Review::Unreadable(message) => format!("its migration history cannot be read safely ({message})"),
+                    Review::Unexpected(items) => format!(
+                        "it holds definitions its applied migrations do not create, which may have been planted with the tenant's credentials: {}",
+                        items.join("; ")
+                    ),
+                    Review::Clean => String::new(),
+                };
+                let message = format!(
+                    "schema {} was provisioned before the owner/app split and was not converted: {why}. \
+                     Nothing of it runs in the operator's or the API's sessions until it is converted. \
+                     Review the schema (drop what does not belong), then annotate the Tenant with \
+                     {LEGACY_REVIEWED_ANNOTATION}=<anything> to convert it",
+                    id.as_str()
+                );
+                let before = self.tenant.condition(condition::SCHEMA_READY);
+                return Err(Failure {
+                    mark: Mark::Step(condition::SCHEMA_READY),
+                    reason: "ReviewRequired",
+                    phase: Phase::Failed,
+                    event: before
+                        .is_none_or(|c| c.message != message)
+                        .then_some(Warning {
+                            reason: "ReviewRequired",
+                            action: "Provision",
+                        }),
+                    message,
+                    then: Then::Requeue(REQUEUE_CONFLICT),
+                });
+            }
+            SchemaChange::Converted { untrusted, review } => {
                 let list = if untrusted.is_empty() {
                     "none found".to_string()
                 } else {
                     untrusted.join(", ")
+                };
+                let list = if review == Review::Clean {
+                    format!("{list} (the schema matches what its applied migrations create)")
+                } else {
+                    format!("{list} (converted after review, as annotated)")
                 };
                 self.notices.push(Note::warning(
                     "OwnershipConverted",

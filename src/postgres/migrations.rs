@@ -180,6 +180,44 @@ impl MigrationSet {
     }
 }
 
+/// Whether the history table `c` is exactly what the operator creates, so that inserting into
+/// it evaluates nothing anyone else wrote: the five columns with their built-in types, no
+/// generated or identity column, no default but `applied_at`'s `now()`, no constraint but the
+/// primary key (and NOT NULL), no index but the plain primary-key index, no inheritance.
+/// Catalog reads and deparsing only.
+const HISTORY_SHAPE: &str = "(
+    (SELECT pg_catalog.array_agg(a.attname::text || ' ' || a.atttypid::pg_catalog.regtype::text
+                                 || ' ' || a.attgenerated::text || a.attidentity::text
+                                 ORDER BY a.attname)
+       FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)
+      = ARRAY['applied_at timestamp with time zone ', 'checksum bytea ', 'description text ',
+              'execution_ms bigint ', 'version bigint ']
+    AND (SELECT COALESCE(pg_catalog.array_agg(a.attname::text || ' ' ||
+                                    pg_catalog.pg_get_expr(d.adbin, d.adrelid)), '{}')
+           FROM pg_catalog.pg_attrdef d JOIN pg_catalog.pg_attribute a
+             ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+          WHERE d.adrelid = c.oid) = ARRAY['applied_at now()']
+    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k
+                     WHERE k.conrelid = c.oid AND k.contype NOT IN ('p', 'n'))
+    AND (SELECT pg_catalog.count(*) FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid) = 1
+    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid
+                     AND (NOT i.indisprimary OR i.indexprs IS NOT NULL OR i.indpred IS NOT NULL))
+    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits h
+                     WHERE h.inhrelid = c.oid OR h.inhparent = c.oid))";
+
+/// The history table of `schema`, as the operator creates it.
+pub fn history_ddl(schema: &crate::domain::naming::Ident) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {schema}.{HISTORY_TABLE} (
+            version bigint PRIMARY KEY,
+            description text NOT NULL,
+            checksum bytea NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now(),
+            execution_ms bigint NOT NULL
+        )"
+    )
+}
+
 /// Why the history table of a schema cannot be trusted.
 fn untrusted_history(
     relkind: &str,
@@ -209,7 +247,10 @@ fn untrusted_history(
     } else if triggers || rules || row_security {
         format!("{table} has triggers, rules or row-level security")
     } else if !columns_ok {
-        format!("{table} does not have the columns version bigint and checksum bytea")
+        format!(
+            "{table} is not the table the operator creates (other columns, defaults, \
+             constraints, indexes or inheritance)"
+        )
     } else {
         return None;
     };
@@ -228,16 +269,13 @@ fn untrusted_history(
 pub async fn applied(conn: &mut PgConnection, names: &Names) -> Result<Vec<Applied>, MigrateError> {
     let schema = &names.schema;
     #[allow(clippy::type_complexity)]
-    let row: Option<(String, String, bool, bool, bool, bool)> = sqlx::query_as(
+    let row: Option<(String, String, bool, bool, bool, bool)> = sqlx::query_as(&format!(
         "SELECT c.relkind::text, pg_catalog.pg_get_userbyid(c.relowner)::text, c.relhastriggers,
                 c.relhasrules, c.relrowsecurity,
-                (SELECT pg_catalog.count(*) = 2 FROM pg_catalog.pg_attribute a
-                  WHERE a.attrelid = c.oid AND NOT a.attisdropped
-                    AND ((a.attname = 'version' AND a.atttypid = 'pg_catalog.int8'::pg_catalog.regtype)
-                      OR (a.attname = 'checksum' AND a.atttypid = 'pg_catalog.bytea'::pg_catalog.regtype)))
+                {HISTORY_SHAPE}
            FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
           WHERE n.nspname = $1 AND c.relname = $2",
-    )
+    ))
     .bind(schema.as_str())
     .bind(HISTORY_TABLE)
     .fetch_optional(&mut *conn)
@@ -297,17 +335,7 @@ pub async fn migrate(
     )
     .await?;
     if applied_before.is_empty() {
-        sqlx::query(&format!(
-            "CREATE TABLE IF NOT EXISTS {schema}.{HISTORY_TABLE} (
-                version bigint PRIMARY KEY,
-                description text NOT NULL,
-                checksum bytea NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now(),
-                execution_ms bigint NOT NULL
-            )"
-        ))
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(&history_ddl(schema)).execute(&mut *tx).await?;
         sqlx::Executor::execute(&mut *tx, super::tenant::revoke_history(names).as_str()).await?;
     }
     let mut done = Vec::new();
@@ -322,7 +350,8 @@ pub async fn migrate(
                 source,
             })?;
         sqlx::query(&format!(
-            "INSERT INTO {schema}.{HISTORY_TABLE} (version, description, checksum, execution_ms) VALUES ($1, $2, $3, $4)"
+            "INSERT INTO {schema}.{HISTORY_TABLE} (version, description, checksum, applied_at, execution_ms) \
+             VALUES ($1, $2, $3, pg_catalog.now(), $4)"
         ))
         .bind(m.version)
         .bind(&m.description)

@@ -12,7 +12,11 @@
 
 use sqlx::Connection;
 
-use super::{mark, Admin, Error};
+use super::{
+    mark,
+    migrations::{MigrateError, MigrationSet},
+    Admin, Error,
+};
 use crate::domain::{
     naming::{quote_literal, Ident},
     scram,
@@ -52,7 +56,12 @@ pub enum SchemaChange {
     /// planted and which now run with the owner's rights.
     Converted {
         untrusted: Vec<String>,
+        /// How the schema compared with what its migrations create.
+        review: Review,
     },
+    /// Not converted: a schema of the old layout that holds more than its migrations create
+    /// (or whose history cannot be read), waiting for an administrator's review.
+    HeldForReview(Review),
     Repaired,
     Unchanged,
 }
@@ -247,11 +256,17 @@ impl Admin {
     /// Brings the schema into the owner/app layout: creates it, converts a schema owned by the
     /// app role (ownership of the schema and every object in it moves to the owner role, the
     /// app role keeps DML only), or repairs drifted ownership and rights. One transaction.
+    ///
+    /// A schema of the old layout is converted only when it holds exactly what its applied
+    /// migrations create ([`Admin::review_legacy`]), or when `reviewed` (an administrator
+    /// looked at it); otherwise nothing changes and [`SchemaChange::HeldForReview`] says why.
     pub async fn ensure_schema(
         &self,
         names: &Names,
         owner_mark: &Owner,
         observed: &Observed,
+        set: &MigrationSet,
+        reviewed: bool,
     ) -> Result<SchemaChange, Error> {
         let comment = mark(owner_mark)?;
         let (schema, app, own) = (&names.schema, names.app(), &names.owner);
@@ -262,6 +277,7 @@ impl Admin {
             .is_some_and(|s| s.owner.as_ref() != Some(owner_mark));
         let mut stmts = Vec::new();
         let mut untrusted = Vec::new();
+        let mut review = Review::Clean;
         match layout {
             Layout::Missing => {
                 stmts.push(format!("CREATE SCHEMA {schema} AUTHORIZATION {own}"));
@@ -269,6 +285,10 @@ impl Admin {
                 stmts.extend(privileges(names));
             }
             Layout::Legacy => {
+                review = self.review_legacy(names, set).await?;
+                if review != Review::Clean && !reviewed {
+                    return Ok(SchemaChange::HeldForReview(review));
+                }
                 untrusted = self.untrusted_objects(schema).await?;
                 // Everything the app role owns in this database is the tenant's schema and its
                 // objects (it could create nowhere else).
@@ -304,7 +324,7 @@ impl Admin {
         tx.commit().await?;
         Ok(match layout {
             Layout::Missing => SchemaChange::Created,
-            Layout::Legacy => SchemaChange::Converted { untrusted },
+            Layout::Legacy => SchemaChange::Converted { untrusted, review },
             _ => SchemaChange::Repaired,
         })
     }
@@ -410,4 +430,176 @@ pub(super) fn revoke_history(names: &Names) -> String {
         quote_literal(&format!("REVOKE ALL ON TABLE {schema}.{table} FROM {app}"))
             .expect("identifiers quote"),
     )
+}
+
+/// Deparsed definitions of everything in a schema that can evaluate code or change what a
+/// statement means: columns with their defaults and generation, constraints (tables and
+/// domains), indexes, triggers, functions and aggregates, views, rules, policies, types, enum
+/// labels, operators, casts, inheritance and row-security switches. `$1` is the schema name.
+/// Catalog reads and deparsing only (the admin session's `search_path` is `pg_catalog`, so the
+/// schema's own names come out qualified and are normalised by the caller).
+const FINGERPRINT: &str = "
+WITH s AS (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $1)
+SELECT 'relation ' || c.relname || ' ' || c.relkind::text || ' rls=' || c.relrowsecurity::text
+       || c.relforcerowsecurity::text || ' ' || COALESCE(c.reloptions::text, '')
+  FROM pg_catalog.pg_class c, s WHERE c.relnamespace = s.oid AND c.relkind NOT IN ('i', 'I', 't')
+UNION ALL
+SELECT 'column ' || c.relname || '.' || a.attname || ' ' || pg_catalog.format_type(a.atttypid, a.atttypmod)
+       || ' notnull=' || a.attnotnull::text || ' gen=' || a.attgenerated::text
+       || ' id=' || a.attidentity::text || ' default=' ||
+       COALESCE(pg_catalog.pg_get_expr(d.adbin, d.adrelid), '')
+  FROM pg_catalog.pg_class c JOIN s ON c.relnamespace = s.oid
+  JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+  LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+ WHERE c.relkind NOT IN ('i', 'I', 't', 'S')
+UNION ALL
+SELECT 'constraint ' || COALESCE(c.relname, t.typname) || ' ' || k.conname || ' '
+       || pg_catalog.pg_get_constraintdef(k.oid)
+  FROM pg_catalog.pg_constraint k JOIN s ON k.connamespace = s.oid
+  LEFT JOIN pg_catalog.pg_class c ON c.oid = k.conrelid
+  LEFT JOIN pg_catalog.pg_type t ON t.oid = k.contypid
+UNION ALL
+SELECT 'index ' || pg_catalog.pg_get_indexdef(i.indexrelid)
+  FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid JOIN s ON c.relnamespace = s.oid
+UNION ALL
+SELECT 'trigger ' || pg_catalog.pg_get_triggerdef(g.oid)
+  FROM pg_catalog.pg_trigger g JOIN pg_catalog.pg_class c ON c.oid = g.tgrelid JOIN s ON c.relnamespace = s.oid
+ WHERE NOT g.tgisinternal
+UNION ALL
+SELECT CASE WHEN p.prokind = 'a' THEN 'aggregate ' || p.oid::pg_catalog.regprocedure::text
+            ELSE 'function ' || pg_catalog.pg_get_functiondef(p.oid) END
+  FROM pg_catalog.pg_proc p JOIN s ON p.pronamespace = s.oid
+UNION ALL
+SELECT 'view ' || c.relname || ' ' || pg_catalog.pg_get_viewdef(c.oid)
+  FROM pg_catalog.pg_class c JOIN s ON c.relnamespace = s.oid WHERE c.relkind IN ('v', 'm')
+UNION ALL
+SELECT 'rule ' || pg_catalog.pg_get_ruledef(r.oid)
+  FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_class c ON c.oid = r.ev_class JOIN s ON c.relnamespace = s.oid
+ WHERE r.rulename <> '_RETURN'
+UNION ALL
+SELECT 'policy ' || c.relname || ' ' || p.polname || ' ' || p.polcmd::text || ' ' || p.polpermissive::text
+       || ' ' || COALESCE(pg_catalog.pg_get_expr(p.polqual, p.polrelid), '')
+       || ' ' || COALESCE(pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid), '')
+  FROM pg_catalog.pg_policy p JOIN pg_catalog.pg_class c ON c.oid = p.polrelid JOIN s ON c.relnamespace = s.oid
+UNION ALL
+SELECT 'type ' || t.typname || ' ' || t.typtype::text || ' ' || pg_catalog.format_type(t.typbasetype, t.typtypmod)
+  FROM pg_catalog.pg_type t JOIN s ON t.typnamespace = s.oid
+ WHERE t.typrelid = 0 AND t.typcategory <> 'A'
+UNION ALL
+SELECT 'enum ' || t.typname || ' ' || e.enumlabel
+  FROM pg_catalog.pg_enum e JOIN pg_catalog.pg_type t ON t.oid = e.enumtypid JOIN s ON t.typnamespace = s.oid
+UNION ALL
+SELECT 'operator ' || o.oid::pg_catalog.regoperator::text || ' ' || o.oprcode::pg_catalog.regproc::text
+  FROM pg_catalog.pg_operator o JOIN s ON o.oprnamespace = s.oid
+UNION ALL
+SELECT 'cast ' || k.castsource::pg_catalog.regtype::text || ' ' || k.casttarget::pg_catalog.regtype::text
+       || ' ' || k.castfunc::pg_catalog.regprocedure::text
+  FROM pg_catalog.pg_cast k, s
+ WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace = s.oid
+                AND t.oid IN (k.castsource, k.casttarget))
+    OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.pronamespace = s.oid AND p.oid = k.castfunc)
+UNION ALL
+SELECT 'inherits ' || h.inhrelid::pg_catalog.regclass::text || ' ' || h.inhparent::pg_catalog.regclass::text
+  FROM pg_catalog.pg_inherits h JOIN pg_catalog.pg_class c ON c.oid = h.inhrelid JOIN s ON c.relnamespace = s.oid
+";
+
+/// The fingerprint of `schema` with its own name taken out, sorted.
+async fn fingerprint(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<Option<String>> = sqlx::query_scalar(FINGERPRINT)
+        .bind(schema)
+        .fetch_all(&mut *conn)
+        .await?;
+    let qualified = format!("{schema}.");
+    let quoted = format!("\"{schema}\".");
+    let mut out: Vec<String> = rows
+        .into_iter()
+        .flatten()
+        .map(|r| r.replace(&quoted, "").replace(&qualified, ""))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// What a schema of the layout before the owner/app split holds beyond what the migration set
+/// creates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Review {
+    /// The schema's definitions are exactly those the applied migrations create.
+    Clean,
+    /// Definitions the migration set does not create (or creates differently): they may have
+    /// been planted with the tenant's credentials.
+    Unexpected(Vec<String>),
+    /// The history table cannot be read safely, so the applied migrations are unknown.
+    Unreadable(String),
+}
+
+impl Admin {
+    /// Compares the schema of a tenant of the old layout with a reference schema built, in a
+    /// transaction that is rolled back, by the migrations its history records. Only trusted
+    /// code runs: the platform's migrations, in a throwaway schema.
+    pub async fn review_legacy(&self, names: &Names, set: &MigrationSet) -> Result<Review, Error> {
+        let mut conn = self.pool.acquire().await?;
+        // The history of the old layout is owned by the app role: same checks, that owner.
+        let legacy = Names {
+            schema: names.schema.clone(),
+            owner: names.schema.clone(),
+        };
+        let applied = match super::migrations::applied(&mut conn, &legacy).await {
+            Ok(a) => a,
+            Err(MigrateError::UntrustedHistory { message }) => {
+                return Ok(Review::Unreadable(message))
+            }
+            Err(MigrateError::Database(e)) => return Err(e.into()),
+            Err(e) => return Ok(Review::Unreadable(e.to_string())),
+        };
+        let pending = match set.pending(&applied) {
+            Ok(p) => p,
+            Err(e) => return Ok(Review::Unreadable(e.to_string())),
+        };
+        let theirs = fingerprint(&mut conn, names.schema.as_str()).await?;
+        let reference = format!(
+            "tenantry_ref_{}",
+            crate::domain::scram::generate_password().to_ascii_lowercase()
+        );
+        let reference_id = Ident::parse("schema", &reference[..reference.len().min(63)])
+            .expect("a valid identifier");
+        let mut tx = conn.begin().await?;
+        sqlx::Executor::execute(
+            &mut *tx,
+            format!(
+                "CREATE SCHEMA {reference_id}; SET LOCAL search_path TO {reference_id}; \
+                 SET LOCAL statement_timeout = {}",
+                self.timeouts.migration_ms
+            )
+            .as_str(),
+        )
+        .await?;
+        sqlx::Executor::execute(
+            &mut *tx,
+            super::migrations::history_ddl(&reference_id).as_str(),
+        )
+        .await?;
+        for m in set.migrations() {
+            if pending.iter().any(|p| p.version == m.version) {
+                continue;
+            }
+            sqlx::Executor::execute(&mut *tx, m.sql.as_str()).await?;
+        }
+        sqlx::Executor::execute(&mut *tx, "SET LOCAL search_path TO pg_catalog").await?;
+        let ours = fingerprint(&mut tx, reference_id.as_str()).await?;
+        tx.rollback().await?;
+        let unexpected: Vec<String> = theirs
+            .iter()
+            .filter(|t| ours.binary_search(t).is_err())
+            .cloned()
+            .collect();
+        Ok(if unexpected.is_empty() {
+            Review::Clean
+        } else {
+            Review::Unexpected(unexpected)
+        })
+    }
 }

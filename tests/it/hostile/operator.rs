@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
 use sqlx::{Connection, Executor, PgConnection};
-use tenantry::domain::crd::Tenant;
+use tenantry::{domain::crd::Tenant, postgres::migrations::MigrationSet};
 
 use super::*;
 use crate::{api::Api, common::*};
@@ -385,25 +385,20 @@ async fn createrole_admin_gives_the_tenant_nothing() {
     assert_eq!(owner, format!("{acme}_owner"));
 }
 
-/// A tenant provisioned by the release before the owner/app split (its login role owns the
-/// schema) is converted on the first reconcile: the owner role takes over the schema and every
-/// object, the login keeps read/write access only, data and the existing Secret are untouched,
-/// and objects that may have been planted are listed in a Warning Event.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_in_place_converts_a_tenant_of_the_old_layout() {
-    let ns = TestNs::new().await;
-    let pg = pg().await;
-    let schema = ns.schema("acme");
-    // The Tenant as the old release left it: created, provisioned, with its Secret.
-    let tenant = ns.create(Tenant::test("acme")).await;
+/// A tenant as the release before the owner/app split left it: its login role owns the schema
+/// and everything in it, the migrations were applied as that role, the Tenant exists and the
+/// old Secret holds its credentials. `plant` then runs as that login role inside the schema
+/// (what a tenant could do with its old rights). Returns the login password.
+async fn legacy_tenant(pg: &sqlx::PgPool, ns: &TestNs, name: &str, plant: &str) -> String {
+    let schema = ns.schema(name);
+    let tenant = ns.create(Tenant::test(name)).await;
     let uid = tenant.metadata.uid.clone().unwrap();
     let mark = format!(
-        r#"{{"managedBy":"tenantry","namespace":"{}","name":"acme","uid":"{uid}"}}"#,
+        r#"{{"managedBy":"tenantry","namespace":"{}","name":"{name}","uid":"{uid}"}}"#,
         ns.name
     );
     let password = random_suffix() + &random_suffix() + &random_suffix();
-    let mut setup = String::new();
-    setup.push_str(&format!(
+    let mut setup = format!(
         "CREATE ROLE \"{schema}\" LOGIN INHERIT PASSWORD '{password}';
          COMMENT ON ROLE \"{schema}\" IS '{mark}';
          ALTER ROLE \"{schema}\" SET search_path TO \"{schema}\";
@@ -414,9 +409,8 @@ async fn upgrade_in_place_converts_a_tenant_of_the_old_layout() {
          CREATE TABLE tenantry_migrations (version bigint PRIMARY KEY, description text NOT NULL,
            checksum bytea NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),
            execution_ms bigint NOT NULL);"
-    ));
-    let set = tenantry::postgres::migrations::MigrationSet::embedded();
-    for m in set.migrations() {
+    );
+    for m in MigrationSet::embedded().migrations() {
         setup.push_str(&m.sql);
         setup.push_str(&format!(
             ";\nINSERT INTO tenantry_migrations (version, description, checksum, execution_ms)
@@ -429,38 +423,22 @@ async fn upgrade_in_place_converts_a_tenant_of_the_old_layout() {
                 .collect::<String>()
         ));
     }
-    // What the tenant did with its old rights: data, and a planted trigger.
     setup.push_str(
-        "INSERT INTO members (email, display_name) VALUES ('a@acme.io', 'A');
-         INSERT INTO projects (name) VALUES ('p1'), ('p2');
-         CREATE FUNCTION steal() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
-         CREATE TRIGGER planted BEFORE INSERT ON projects FOR EACH ROW EXECUTE FUNCTION steal();
-         RESET ROLE; RESET search_path;",
+        "INSERT INTO members (email, display_name) VALUES ('a@legacy.io', 'A');
+         INSERT INTO projects (name) VALUES ('p1'), ('p2');",
     );
+    setup.push_str(plant);
+    setup.push_str(";\nRESET ROLE; RESET search_path;");
     let mut conn = pg.acquire().await.unwrap();
     conn.execute(setup.as_str()).await.unwrap();
     drop(conn);
-    let hash = || {
-        let pg = pg.clone();
-        let schema = schema.clone();
-        async move {
-            sqlx::query_scalar::<_, String>(&format!(
-                "SELECT md5((SELECT string_agg(t::text, ',' ORDER BY id) FROM \"{schema}\".members t) ||
-                            (SELECT string_agg(t::text, ',' ORDER BY id) FROM \"{schema}\".projects t))"
-            ))
-            .fetch_one(&pg)
-            .await
-            .unwrap()
-        }
-    };
-    let before = hash().await;
     let (host, port) = host_port();
     let endpoint = tenantry::domain::state::Endpoint {
         host,
         port,
         dbname: "tenantry".into(),
     };
-    // The old Secret: the same keys and values the old release wrote.
+    // The old Secret: the keys and values the old release wrote.
     let mut secret = tenantry::domain::credentials::desired(
         &tenant,
         &endpoint,
@@ -478,6 +456,44 @@ async fn upgrade_in_place_converts_a_tenant_of_the_old_layout() {
         .create(&PostParams::default(), &Secret { ..secret })
         .await
         .unwrap();
+    password
+}
+
+/// A hash of every row of the tenant's members and projects.
+async fn data_hash(pg: &sqlx::PgPool, schema: &str) -> String {
+    sqlx::query_scalar::<_, String>(&format!(
+        "SELECT md5((SELECT string_agg(t::text, ',' ORDER BY id) FROM \"{schema}\".members t) ||
+                    (SELECT string_agg(t::text, ',' ORDER BY id) FROM \"{schema}\".projects t))"
+    ))
+    .fetch_one(pg)
+    .await
+    .unwrap()
+}
+
+/// Owners of the schema and of everything in it.
+async fn owners(pg: &sqlx::PgPool, schema: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT pg_get_userbyid(relowner)::text FROM pg_class WHERE relnamespace = $1::regnamespace
+         UNION SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = $1
+         UNION SELECT DISTINCT pg_get_userbyid(proowner)::text FROM pg_proc WHERE pronamespace = $1::regnamespace",
+    )
+    .bind(schema)
+    .fetch_all(pg)
+    .await
+    .unwrap()
+}
+
+/// A tenant provisioned by the release before the owner/app split, holding exactly what its
+/// migrations created, is converted on the first reconcile: the owner role takes over the
+/// schema and every object, the login keeps read/write access only, data and the existing
+/// Secret's password are untouched, and a Warning Event records the conversion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_in_place_converts_a_tenant_of_the_old_layout() {
+    let ns = TestNs::new().await;
+    let pg = pg().await;
+    let schema = ns.schema("acme");
+    let password = legacy_tenant(&pg, &ns, "acme", "").await;
+    let before = data_hash(&pg, &schema).await;
 
     let _ctl = RunningController::start(&ns).await;
     let t = wait_ready(&ns, "acme").await;
@@ -487,21 +503,10 @@ async fn upgrade_in_place_converts_a_tenant_of_the_old_layout() {
         Some(format!("{schema}_owner").as_str())
     );
     assert_eq!(status.migration_version, Some(2));
+    assert_eq!(owners(&pg, &schema).await, [format!("{schema}_owner")]);
+    assert_eq!(data_hash(&pg, &schema).await, before, "data changed");
 
-    // Ownership moved: schema and every object belong to the owner role.
-    let owners: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT pg_get_userbyid(relowner)::text FROM pg_class WHERE relnamespace = $1::regnamespace
-         UNION SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = $1
-         UNION SELECT DISTINCT pg_get_userbyid(proowner)::text FROM pg_proc WHERE pronamespace = $1::regnamespace",
-    )
-    .bind(&schema)
-    .fetch_all(&pg)
-    .await
-    .unwrap();
-    assert_eq!(owners, [format!("{schema}_owner")]);
-    assert_eq!(hash().await, before, "data changed");
-
-    // The old Secret still logs in (password unchanged), reads and writes, creates nothing.
+    // The old Secret's password still logs in, reads and writes, and creates nothing.
     let s = ns.secrets().get("acme-db").await.unwrap();
     assert_eq!(secret_value(&s, "password"), password);
     let mut c = PgConnection::connect(&secret_value(&s, "uri"))
@@ -517,27 +522,22 @@ async fn upgrade_in_place_converts_a_tenant_of_the_old_layout() {
         .unwrap();
     assert_eq!(sqlstate(c.execute("CREATE TABLE t (x int)").await), "42501");
     assert_eq!(
-        sqlstate(c.execute("DROP TRIGGER planted ON projects").await),
-        "42501"
-    );
-    assert_eq!(
         sqlstate(c.execute("SELECT * FROM tenantry_migrations").await),
         "42501"
     );
 
-    // The planted objects are named in a Warning Event.
     let evs = events(&ns, "acme").await;
     let warning = evs
         .iter()
         .find(|(ty, reason, _)| ty == "Warning" && reason == "OwnershipConverted")
         .unwrap_or_else(|| panic!("no conversion warning in {evs:?}"));
     assert!(
-        warning.2.contains("trigger planted on projects"),
+        warning
+            .2
+            .contains("matches what its applied migrations create"),
         "{}",
         warning.2
     );
-    assert!(warning.2.contains("function"), "{}", warning.2);
-    assert!(warning.2.contains("steal()"), "{}", warning.2);
 
     // A second reconcile leaves it alone: no second conversion.
     ns.tenants()
@@ -555,6 +555,167 @@ async fn upgrade_in_place_converts_a_tenant_of_the_old_layout() {
         .filter(|(_, reason, _)| reason == "OwnershipConverted")
         .count();
     assert_eq!(n, 1);
+}
+
+/// A tenant of the old layout that planted a trigger with its old rights is not converted (and
+/// so not served) until an administrator reviewed it: the condition and a Warning name the
+/// planted objects; the review annotation converts it, and the Warning lists them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_holds_a_tampered_tenant_of_the_old_layout_for_review() {
+    let ns = TestNs::new().await;
+    let pg = pg().await;
+    let schema = ns.schema("initech");
+    legacy_tenant(
+        &pg,
+        &ns,
+        "initech",
+        "CREATE FUNCTION steal() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
+         CREATE TRIGGER planted BEFORE INSERT ON projects FOR EACH ROW EXECUTE FUNCTION steal();",
+    )
+    .await;
+    let _ctl = RunningController::start(&ns).await;
+    let t = wait_tenant(&ns, "initech", "ReviewRequired", |t| {
+        t.condition("SchemaReady")
+            .is_some_and(|c| c.reason == "ReviewRequired")
+    })
+    .await;
+    let msg = &t.condition("SchemaReady").unwrap().message;
+    assert!(msg.contains("planted") && msg.contains("steal()"), "{msg}");
+    assert!(!t.is_ready());
+    // Not converted: nothing changed hands.
+    assert_eq!(owners(&pg, &schema).await, vec![schema.clone()]);
+    assert!(events(&ns, "initech")
+        .await
+        .iter()
+        .any(|(ty, reason, _)| ty == "Warning" && reason == "ReviewRequired"));
+
+    ns.tenants()
+        .patch(
+            "initech",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "tenantry.dev/legacy-schema-reviewed": "kept the trigger on purpose"
+            }}})),
+        )
+        .await
+        .unwrap();
+    wait_ready(&ns, "initech").await;
+    assert_eq!(owners(&pg, &schema).await, [format!("{schema}_owner")]);
+    let evs = events(&ns, "initech").await;
+    let warning = evs
+        .iter()
+        .find(|(ty, reason, _)| ty == "Warning" && reason == "OwnershipConverted")
+        .unwrap_or_else(|| panic!("no conversion warning in {evs:?}"));
+    assert!(
+        warning.2.contains("trigger planted on projects"),
+        "{}",
+        warning.2
+    );
+    assert!(warning.2.contains("steal()"), "{}", warning.2);
+}
+
+/// With its old rights, a tenant set a column default built only from pg_catalog functions
+/// that switches to another tenant's role (`set_config('role', …)`) and reads its members,
+/// to fire in the API gateway's session on its next insert. The schema is held for review, so
+/// the API never serves it and no answer carries the other tenant's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_legacy_planted_default_read_through_the_api_fails() {
+    let ns = TestNs::new().await;
+    let pg = pg().await;
+    let globex = ns.schema("globex");
+    let plant = format!(
+        "ALTER TABLE projects ALTER COLUMN description SET DEFAULT
+           (pg_catalog.query_to_xml(pg_catalog.concat(
+              pg_catalog.left(pg_catalog.set_config('role', '{globex}', true), 0),
+              'SELECT pg_catalog.json_agg(m)::text AS loot FROM \"{globex}\".members m'),
+            false, false, '')::text)"
+    );
+    legacy_tenant(&pg, &ns, "acme", &plant).await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("globex")).await;
+    wait_ready(&ns, "globex").await;
+    sqlx::query(&format!(
+        "INSERT INTO \"{globex}\".members (email, display_name) VALUES ('secret@globex.io', 'Globex Secret')"
+    ))
+    .execute(&pg)
+    .await
+    .unwrap();
+    let t = wait_tenant(&ns, "acme", "ReviewRequired", |t| {
+        t.condition("SchemaReady")
+            .is_some_and(|c| c.reason == "ReviewRequired")
+    })
+    .await;
+    let msg = &t.condition("SchemaReady").unwrap().message;
+    assert!(msg.contains("column projects.description"), "{msg}");
+
+    let api = Api::start(&ns, Some(&ns.name)).await;
+    let tok = crate::api::token(&ns, "acme").await;
+    let (status, body, _) = api
+        .call(
+            Method::POST,
+            "/v1/tables/projects",
+            &[
+                ("x-tenant", "acme"),
+                ("authorization", &format!("Bearer {tok}")),
+            ],
+            Some(json!({"name": "x"})),
+        )
+        .await;
+    assert_ne!(status, StatusCode::CREATED, "{body}");
+    assert!(!body.to_string().contains("globex.io"), "{body}");
+}
+
+/// With its old rights, a tenant set a default on the history table's `applied_at` that resets
+/// the role to the session user and runs a query — to fire in the operator's admin session at
+/// the next migration. The history is not the operator's table, so it is never written (or
+/// trusted); the tenant is held for review and the planted query never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_legacy_history_default_run_by_the_operator_fails() {
+    let ns = TestNs::new().await;
+    let pg = pg().await;
+    let schema = ns.schema("acme");
+    let plant = format!(
+        "CREATE SEQUENCE called;
+         ALTER TABLE tenantry_migrations ALTER COLUMN applied_at SET DEFAULT
+           (CASE WHEN pg_catalog.query_to_xml(pg_catalog.concat(
+              pg_catalog.left(pg_catalog.set_config('role', 'none', true), 0),
+              'SELECT pg_catalog.nextval(''\"{schema}\".called'')'),
+             false, false, '') IS NOT NULL THEN pg_catalog.now() END)"
+    );
+    legacy_tenant(&pg, &ns, "acme", &plant).await;
+    // A new migration set, so that the operator would record a migration.
+    let mut files = MigrationSet::embedded().to_files();
+    files.push((
+        "3_archived.sql".into(),
+        "ALTER TABLE projects ADD COLUMN archived boolean NOT NULL DEFAULT false;".into(),
+    ));
+    let _ctl = RunningController::start_with(
+        &ns,
+        ControllerOpts {
+            migrations: MigrationSet::from_files(files).unwrap(),
+            ..ControllerOpts::default()
+        },
+    )
+    .await;
+    let t = wait_tenant(&ns, "acme", "ReviewRequired", |t| {
+        t.condition("SchemaReady")
+            .is_some_and(|c| c.reason == "ReviewRequired")
+    })
+    .await;
+    let msg = &t.condition("SchemaReady").unwrap().message;
+    assert!(msg.contains("history"), "{msg}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls: i64 = sqlx::query_scalar(&format!(
+        "SELECT last_value - 1 + is_called::int FROM \"{schema}\".called"
+    ))
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(
+        calls, 0,
+        "the planted default ran in the operator's session"
+    );
+    assert!(!is_superuser(&pg, &schema).await);
 }
 
 /// A Tenant lists another tenant's base-domain host (`globex.tenants.test`) in its
