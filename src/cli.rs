@@ -339,6 +339,17 @@ pub struct ApiArgs {
     #[arg(long, env = "TENANTRY_STATEMENT_TIMEOUT_MS", default_value_t = 5000)]
     pub statement_timeout_ms: u64,
 
+    /// How long a statement waits for a lock before 503 `lock-timeout`, in milliseconds
+    /// (0: only the statement timeout bounds it). Bounds how long a tenant that locks its own
+    /// tables can hold pool connections.
+    #[arg(long, env = "TENANTRY_LOCK_TIMEOUT_MS", default_value_t = 1000)]
+    pub lock_timeout_ms: u64,
+
+    /// Data requests one tenant may have in flight; beyond, a request waits 100 ms for a slot,
+    /// then 429 `too-many-requests`. 0: a quarter of the pool, at least 1.
+    #[arg(long, env = "TENANTRY_TENANT_MAX_CONCURRENCY", default_value_t = 0)]
+    pub tenant_max_concurrency: u32,
+
     /// Allow logging in as a superuser or a BYPASSRLS role (isolation then rests on our code).
     #[arg(long)]
     pub allow_privileged_role: bool,
@@ -419,6 +430,8 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
             max_offset: 100_000,
             max_body_bytes: args.max_body_bytes,
             statement_timeout_ms: args.statement_timeout_ms,
+            lock_timeout_ms: args.lock_timeout_ms,
+            tenant_max_concurrency: args.tenant_max_concurrency,
         },
     };
     let pool = api::connect(

@@ -24,6 +24,27 @@ pub struct Limits {
     pub max_offset: i64,
     pub max_body_bytes: usize,
     pub statement_timeout_ms: u64,
+    /// How long a statement waits for a lock (`SET LOCAL lock_timeout`) before it is refused
+    /// with 503 `lock-timeout`; 0 = no limit but the statement timeout. A tenant can lock
+    /// its own tables from a direct session: without this, every API request of that tenant
+    /// would hold a pool connection for the whole statement timeout.
+    pub lock_timeout_ms: u64,
+    /// Data requests one tenant may have in flight at once (each holds or waits for a pool
+    /// connection); 0 = the default rule, a quarter of the pool (at least 1). See
+    /// [`Limits::tenant_concurrency`].
+    pub tenant_max_concurrency: u32,
+}
+
+impl Limits {
+    /// Concurrent data requests allowed per tenant with a pool of `pool_size` connections:
+    /// `tenant_max_concurrency`, or when 0 `max(1, pool_size / 4)`, so that no tenant can
+    /// hold more than its share of the pool.
+    pub fn tenant_concurrency(&self, pool_size: u32) -> usize {
+        match self.tenant_max_concurrency {
+            0 => (pool_size / 4).max(1) as usize,
+            n => n as usize,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -34,6 +55,8 @@ impl Default for Limits {
             max_offset: 100_000,
             max_body_bytes: 1 << 20,
             statement_timeout_ms: 5000,
+            lock_timeout_ms: 1000,
+            tenant_max_concurrency: 0,
         }
     }
 }

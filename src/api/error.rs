@@ -60,6 +60,14 @@ impl ApiError {
         }
     }
 
+    /// The tenant has as many requests in flight as it may (429, `Retry-After`).
+    pub fn too_many_requests(detail: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "too-many-requests", detail)
+        }
+    }
+
     /// A real fault: logged in full, reported without details.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!(error = %detail, "internal error");
@@ -178,6 +186,13 @@ fn database(
             "the query took too long",
         ),
         "25006" => ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "read-only", detail),
+        // lock_timeout: a lock held elsewhere (typically the tenant's own session) outlasted
+        // the API's lock timeout. Nothing ran; the request may be retried.
+        "55P03" => ApiError::unavailable(
+            "lock-timeout",
+            "the data is locked by another session; retry shortly",
+            1,
+        ),
         c if c.starts_with("22") => ApiError::bad_request("invalid-value", detail),
         c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57") => {
             tracing::warn!(error = %e, "database unavailable");
@@ -261,6 +276,25 @@ mod tests {
             let e = ApiError::from(q);
             assert_eq!((e.status, e.kind), (StatusCode::BAD_REQUEST, kind));
         }
+    }
+
+    #[test]
+    fn lock_timeout_is_503_with_retry_after() {
+        let e = database(
+            "55P03",
+            "canceling statement due to lock timeout",
+            None,
+            &"x",
+        );
+        assert_eq!(
+            (e.status, e.kind, e.retry_after),
+            (StatusCode::SERVICE_UNAVAILABLE, "lock-timeout", Some(1))
+        );
+        let e = ApiError::too_many_requests("x", 1);
+        assert_eq!(
+            (e.status, e.kind, e.retry_after),
+            (StatusCode::TOO_MANY_REQUESTS, "too-many-requests", Some(1))
+        );
     }
 
     #[test]

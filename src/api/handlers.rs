@@ -69,20 +69,22 @@ pub(super) async fn list_tables(
     State(state): State<AppState>,
     t: TenantRequest,
 ) -> Result<Response, ApiError> {
+    let _slot = state.slots.acquire(t.schema.as_str()).await?;
     let c = state
         .catalogs
         .get(
             &state.pool,
             &t.schema,
             t.entry.info.migration_version,
-            state.settings.limits.statement_timeout_ms,
+            &state.settings.limits,
         )
         .await?;
     Ok(Json(json!({ "tables": c.tables.values().collect::<Vec<_>>() })).into_response())
 }
 
 /// Runs the statement `build` makes for `table` (looked up in the tenant's catalog) in the
-/// tenant's transaction, and returns its JSON text.
+/// tenant's transaction, and returns its JSON text. The request holds one of its tenant's
+/// slots (its fair share of the pool) throughout, or is refused with 429.
 async fn on_table<F>(
     state: &AppState,
     t: TenantRequest,
@@ -93,18 +95,19 @@ async fn on_table<F>(
 where
     F: FnOnce(&str, &query::Table, &Limits) -> Result<query::Sql, ApiError>,
 {
-    let timeout = state.settings.limits.statement_timeout_ms;
+    let limits = &state.settings.limits;
+    let _slot = state.slots.acquire(t.schema.as_str()).await?;
     let c = state
         .catalogs
         .get(
             &state.pool,
             &t.schema,
             t.entry.info.migration_version,
-            timeout,
+            limits,
         )
         .await?;
-    let sql = build(t.schema.as_str(), c.table(&table)?, &state.settings.limits)?;
-    json_text(in_tenant(&state.pool, &t.schema, read_only, timeout, &sql).await?)
+    let sql = build(t.schema.as_str(), c.table(&table)?, limits)?;
+    json_text(in_tenant(&state.pool, &t.schema, read_only, limits, &sql).await?)
 }
 
 pub(super) async fn list_rows(

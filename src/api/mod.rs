@@ -15,6 +15,7 @@ pub mod openapi;
 pub mod pool;
 pub mod query;
 mod router;
+mod share;
 mod state;
 pub mod tenant;
 mod tx;

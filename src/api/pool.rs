@@ -146,6 +146,11 @@ impl Pool {
         Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
     }
 
+    /// Connections the pool may open at most.
+    pub fn capacity(&self) -> u32 {
+        self.inner.cfg.size.max(1)
+    }
+
     /// Connections open now (idle or leased), as far as the permits tell.
     pub fn size(&self) -> usize {
         self.inner.cfg.size as usize - self.inner.permits.available_permits() + self.num_idle()

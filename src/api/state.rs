@@ -1,9 +1,15 @@
-//! The state every handler shares: the registry reader, the pool, the settings, the metrics
-//! and the catalog cache.
+//! The state every handler shares: the registry reader, the pool, the settings, the metrics,
+//! the catalog cache and the tenants' shares of the pool.
 
 use std::sync::Arc;
 
-use super::{config::Settings, observe::ApiMetrics, pool::Pool, tx::CatalogCache};
+use super::{
+    config::Settings,
+    observe::ApiMetrics,
+    pool::Pool,
+    share::{TenantSlots, SLOT_WAIT},
+    tx::CatalogCache,
+};
 use crate::registry::Registry;
 
 /// Shared state of all handlers. Cheap to clone.
@@ -14,11 +20,14 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub metrics: ApiMetrics,
     pub(super) catalogs: Arc<CatalogCache>,
+    pub(super) slots: Arc<TenantSlots>,
 }
 
 impl AppState {
     pub fn new(registry: Registry, pool: Pool, settings: Settings) -> Self {
+        let per_tenant = settings.limits.tenant_concurrency(pool.capacity());
         Self {
+            slots: Arc::new(TenantSlots::new(per_tenant, SLOT_WAIT)),
             registry,
             pool,
             settings: Arc::new(settings),

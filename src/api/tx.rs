@@ -10,6 +10,7 @@ use std::{
 use tokio_postgres::{types::ToSql, Row};
 
 use super::{
+    config::Limits,
     error::ApiError,
     pool::{Lease, Pool},
     query::{Bind, Catalog, Sql},
@@ -40,10 +41,10 @@ pub(super) async fn in_tenant(
     pool: &Pool,
     schema: &Ident,
     read_only: bool,
-    statement_timeout_ms: u64,
+    limits: &Limits,
     sql: &Sql,
 ) -> Result<Vec<Row>, ApiError> {
-    let begin = begin_statement(schema, read_only, statement_timeout_ms);
+    let begin = begin_statement(schema, read_only, limits);
     let mut lease = pool.get().await?;
     match run(&mut lease, &begin, read_only, sql).await {
         // The connection lost the statement (26000: deallocated behind our back) or cannot
@@ -138,11 +139,15 @@ pub(super) fn json_text(rows: Vec<Row>) -> Result<String, ApiError> {
 /// The statement that opens a request's transaction, in one round trip: the schema is a
 /// validated identifier, the rest are constants. `pg_temp` is named last in the search_path
 /// because, left out, it is searched first for relations and types (ahead of the tenant's
-/// schema and even of pg_catalog, which stays implicitly first).
-fn begin_statement(schema: &Ident, read_only: bool, statement_timeout_ms: u64) -> String {
+/// schema and even of pg_catalog, which stays implicitly first). `lock_timeout` bounds how
+/// long a request waits on a lock the tenant holds from a session of its own (55P03, served
+/// as 503 `lock-timeout`), so such a lock cannot pin pool connections for the whole
+/// statement timeout.
+fn begin_statement(schema: &Ident, read_only: bool, limits: &Limits) -> String {
     let mode = if read_only { "READ ONLY" } else { "READ WRITE" };
     format!(
-        "BEGIN ISOLATION LEVEL READ COMMITTED {mode}; SET LOCAL ROLE {schema}; SET LOCAL search_path TO {schema}, pg_temp; SET LOCAL statement_timeout = {statement_timeout_ms}"
+        "BEGIN ISOLATION LEVEL READ COMMITTED {mode}; SET LOCAL ROLE {schema}; SET LOCAL search_path TO {schema}, pg_temp; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+        limits.statement_timeout_ms, limits.lock_timeout_ms
     )
 }
 
@@ -163,7 +168,7 @@ impl CatalogCache {
         pool: &Pool,
         schema: &Ident,
         version: Option<i64>,
-        statement_timeout_ms: u64,
+        limits: &Limits,
     ) -> Result<Arc<Catalog>, ApiError> {
         let key = schema.as_str();
         if let Some((v, c)) = self.entries.lock().expect("catalog lock").get(key) {
@@ -171,14 +176,7 @@ impl CatalogCache {
                 return Ok(c.clone());
             }
         }
-        let rows = in_tenant(
-            pool,
-            schema,
-            true,
-            statement_timeout_ms,
-            &Catalog::statement(key),
-        )
-        .await?;
+        let rows = in_tenant(pool, schema, true, limits, &Catalog::statement(key)).await?;
         let c = Arc::new(Catalog::from_rows(rows)?);
         self.entries
             .lock()
@@ -196,10 +194,16 @@ mod tests {
     fn transactions_switch_role_and_put_pg_temp_last() {
         let schema = Ident::parse("schema", "acme").unwrap();
         assert_eq!(
-            begin_statement(&schema, true, 5000),
-            r#"BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; SET LOCAL ROLE "acme"; SET LOCAL search_path TO "acme", pg_temp; SET LOCAL statement_timeout = 5000"#
+            begin_statement(&schema, true, &Limits::default()),
+            r#"BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; SET LOCAL ROLE "acme"; SET LOCAL search_path TO "acme", pg_temp; SET LOCAL statement_timeout = 5000; SET LOCAL lock_timeout = 1000"#
         );
-        assert!(begin_statement(&schema, false, 1)
-            .starts_with("BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE;"));
+        let limits = Limits {
+            statement_timeout_ms: 1,
+            lock_timeout_ms: 0,
+            ..Limits::default()
+        };
+        let begin = begin_statement(&schema, false, &limits);
+        assert!(begin.starts_with("BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE;"));
+        assert!(begin.ends_with("SET LOCAL statement_timeout = 1; SET LOCAL lock_timeout = 0"));
     }
 }

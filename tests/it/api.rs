@@ -63,6 +63,15 @@ impl Api {
     }
 
     pub async fn start_with_auth(ns: &TestNs, namespace: Option<&str>, auth: AuthConfig) -> Self {
+        Self::start_with_limits(ns, namespace, auth, test_limits()).await
+    }
+
+    pub async fn start_with_limits(
+        ns: &TestNs,
+        namespace: Option<&str>,
+        auth: AuthConfig,
+        limits: Limits,
+    ) -> Self {
         let uri = gateway_uri(ns).await;
         let data = api::connect(
             &uri,
@@ -86,13 +95,7 @@ impl Api {
             signing_key: (ns.name.clone(), SIGNING_KEY_SECRET.into()),
         };
         let (registry, watch) = registry::watch(ns.client.clone(), &config);
-        let settings = Settings {
-            auth,
-            limits: Limits {
-                max_body_bytes: 64 * 1024,
-                ..Limits::default()
-            },
-        };
+        let settings = Settings { auth, limits };
         let router = api::router(AppState::new(registry.clone(), data, settings));
         Self {
             router,
@@ -134,6 +137,15 @@ impl Api {
         let v = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         (status, v, headers)
+    }
+}
+
+/// The limits the tests' API runs with: the defaults (so a tenant's share of the 4-connection
+/// pool is one request in flight), with a smaller body limit.
+pub fn test_limits() -> Limits {
+    Limits {
+        max_body_bytes: 64 * 1024,
+        ..Limits::default()
     }
 }
 
@@ -868,7 +880,15 @@ async fn many_tenants_in_parallel_each_see_only_their_own_rows_within_the_pool()
     for n in &names {
         wait_ready(&ns, n).await;
     }
-    let api = std::sync::Arc::new(Api::start(&ns, Some(&ns.name)).await);
+    // Every tenant's requests arrive at once: no per-tenant cap here (its 429s are tested in
+    // hostile::api), only the pool's bound.
+    let limits = Limits {
+        tenant_max_concurrency: REQUESTS as u32,
+        ..test_limits()
+    };
+    let api = std::sync::Arc::new(
+        Api::start_with_limits(&ns, Some(&ns.name), AuthConfig::default(), limits).await,
+    );
     let mut tokens = Vec::new();
     for n in &names {
         let t = token(&ns, n).await;

@@ -10,11 +10,15 @@ use axum::{
 };
 use serde_json::{json, Value};
 use sqlx::{Executor, PgPool};
-use tenantry::{api::auth::AuthConfig, domain::crd::Tenant, registry::Lookup};
+use tenantry::{
+    api::{auth::AuthConfig, Limits},
+    domain::crd::Tenant,
+    registry::Lookup,
+};
 use tower::ServiceExt;
 
 use crate::{
-    api::{token, Api},
+    api::{test_limits, token, Api, POOL_SIZE},
     common::*,
 };
 
@@ -79,6 +83,26 @@ impl Stage {
     }
 
     async fn with_auth(names: &[&str], auth: AuthConfig) -> Self {
+        Self::with_limits(names, auth, test_limits()).await
+    }
+
+    /// A stage whose API allows each tenant `share` requests in flight (these tests need one
+    /// tenant on several connections at once) and waits `lock_ms` for a lock (0: the
+    /// statement timeout only).
+    async fn sharing(names: &[&str], share: u32, lock_ms: u64) -> Self {
+        let limits = Limits {
+            tenant_max_concurrency: share,
+            lock_timeout_ms: lock_ms,
+            ..test_limits()
+        };
+        let auth = AuthConfig {
+            leeway_secs: 5,
+            ..AuthConfig::default()
+        };
+        Self::with_limits(names, auth, limits).await
+    }
+
+    async fn with_limits(names: &[&str], auth: AuthConfig, limits: Limits) -> Self {
         let ns = TestNs::new().await;
         let ctl = RunningController::start(&ns).await;
         for n in names {
@@ -87,7 +111,7 @@ impl Stage {
         for n in names {
             wait_ready(&ns, n).await;
         }
-        let api = Api::start_with_auth(&ns, Some(&ns.name), auth).await;
+        let api = Api::start_with_limits(&ns, Some(&ns.name), auth, limits).await;
         // Routable: known, Ready, with its key; asked of the registry, not with a request, so
         // that no catalog is read yet and stages with strict token rules need no token here.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -944,7 +968,8 @@ async fn a_failed_transaction_leaves_no_poisoned_connection_in_the_pool() {
 /// the statement already prepared on their connection (one flight) and without.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_role_never_lets_the_statement_run_as_the_gateway() {
-    let s = Stage::new(&["acme"]).await;
+    // All 16 requests at once, without 429s: they wait for the pool's 4 connections.
+    let s = Stage::sharing(&["acme"], 16, 1000).await;
     let (schema, gateway) = (s.schema("acme"), gateway_role(&s.ns));
     s.as_owner(
         "acme",
@@ -984,7 +1009,9 @@ async fn a_refused_role_never_lets_the_statement_run_as_the_gateway() {
 /// timeout while other tenants wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_requests_neither_commit_nor_hold_connections() {
-    let s = Stage::new(&["acme", "globex"]).await;
+    // acme may take the whole pool and wait on the lock until the statement timeout: the
+    // connections are freed by the cancellation, not by a 429 or the lock timeout.
+    let s = Stage::sharing(&["acme", "globex"], POOL_SIZE, 0).await;
     s.as_owner(
         "acme",
         &format!("{WHOAMI}; INSERT INTO projects (name) VALUES ('p')"),
@@ -1005,7 +1032,7 @@ async fn cancelled_requests_neither_commit_nor_hold_connections() {
         )
         .await
         .unwrap();
-    let n = crate::api::POOL_SIZE as i64;
+    let n = POOL_SIZE as i64;
     let patches = futures::future::join_all((0..n).map(|_| {
         s.send(
             Method::PATCH,
@@ -1223,4 +1250,110 @@ async fn bulk_insert_answers_in_request_order() {
             .await;
         assert_eq!(a.json()["title"], back["title"]);
     }
+}
+
+/// Attack: a tenant locks its own table from a direct session (`LOCK TABLE … ACCESS
+/// EXCLUSIVE` in an open transaction) and floods the API with reads of it. Without a lock
+/// timeout each read would hold a pool connection for the whole statement timeout, and
+/// without a per-tenant share twelve of them would take all four connections: the other
+/// tenants would wait in line behind them. Here the flood gets 429s beyond acme's share, the
+/// one read that got a connection gives up after the lock timeout (503 `lock-timeout`), and
+/// globex is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_locking_its_own_table_cannot_starve_the_others() {
+    let s = Stage::new(&["acme", "globex"]).await;
+    let (acme, globex) = (token(&s.ns, "acme").await, token(&s.ns, "globex").await);
+    // Catalogs read and statements prepared before the lock.
+    for t in [&acme, &globex] {
+        let a = s.send(Method::GET, "/v1/tables/projects", t, None).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+    let mut locker = super::as_tenant(&s.ns, "acme").await;
+    locker.execute("BEGIN").await.unwrap();
+    locker
+        .execute(
+            format!(
+                "LOCK TABLE \"{}\".projects IN ACCESS EXCLUSIVE MODE",
+                s.schema("acme")
+            )
+            .as_str(),
+        )
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let flood = futures::future::join_all(
+        (0..12).map(|_| s.send(Method::GET, "/v1/tables/projects", &acme, None)),
+    );
+    let gateway = gateway_role(&s.ns);
+    let then_globex = async {
+        // Once acme's flood is waiting on its lock in PostgreSQL.
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND wait_event_type = 'Lock'",
+            )
+            .bind(&gateway)
+            .fetch_one(&s.pg)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let asked = Instant::now();
+        let a = s
+            .send(Method::GET, "/v1/tables/projects", &globex, None)
+            .await;
+        (a, asked.elapsed())
+    };
+    let (answers, (g, g_took)) = tokio::join!(
+        async {
+            let answers = flood.await;
+            (answers, started.elapsed())
+        },
+        then_globex
+    );
+    let (answers, flood_took) = answers;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    assert!(
+        g_took < Duration::from_millis(1500),
+        "globex waited {g_took:?} behind acme's locked requests"
+    );
+
+    let mut kinds = std::collections::BTreeMap::new();
+    for a in &answers {
+        let kind = a.problem();
+        assert!(
+            matches!(
+                (a.status.as_u16(), kind.as_str()),
+                (429, "too-many-requests") | (503, "lock-timeout")
+            ),
+            "{} {}",
+            a.status,
+            a.text
+        );
+        assert_eq!(a.headers["retry-after"], "1", "{}", a.text);
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    assert!(
+        kinds.get("too-many-requests").is_some_and(|n| *n >= 1),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.get("lock-timeout").is_some_and(|n| *n >= 1),
+        "{kinds:?}"
+    );
+    // Bounded by the lock timeout (1 s), not the statement timeout (5 s).
+    assert!(
+        flood_took < Duration::from_secs(4),
+        "acme's flood took {flood_took:?}"
+    );
+
+    locker.execute("ROLLBACK").await.unwrap();
+    s.no_idle_transactions().await;
+    let a = s
+        .send(Method::GET, "/v1/tables/projects", &acme, None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
 }

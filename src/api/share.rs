@@ -1,0 +1,170 @@
+//! Fair share of the pool: each tenant may have at most a few data requests in flight (each
+//! holding or waiting for a pool connection). A tenant flooding the API, or one whose
+//! requests are slow because it locked its own tables, then delays only itself: beyond its
+//! share, its requests wait [`SLOT_WAIT`] for a slot and are refused with 429
+//! `too-many-requests`, while other tenants still find free connections.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::Semaphore;
+
+use super::error::ApiError;
+
+/// How long a request waits for one of its tenant's slots before 429.
+pub const SLOT_WAIT: Duration = Duration::from_millis(100);
+
+/// The slots of every tenant with a request in flight or waiting. An entry exists only while
+/// some [`Slot`] of that tenant does, so the map holds at most one entry per request in
+/// flight, never one per tenant ever seen.
+pub(super) struct TenantSlots {
+    per_tenant: usize,
+    wait: Duration,
+    map: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// A request's claim on one of its tenant's slots, held for the length of its data access.
+pub(super) struct Slot {
+    slots: Arc<TenantSlots>,
+    key: String,
+    /// This slot's handle on the tenant's semaphore; the map's and the slots' handles are the
+    /// only ones, so the map's is the last exactly when no request of the tenant is left.
+    sem: Option<Arc<Semaphore>>,
+    held: bool,
+}
+
+impl TenantSlots {
+    pub(super) fn new(per_tenant: usize, wait: Duration) -> Self {
+        Self {
+            per_tenant: per_tenant.max(1),
+            wait,
+            map: Mutex::default(),
+        }
+    }
+
+    /// One slot of tenant `key`, waiting at most the configured time for it.
+    pub(super) async fn acquire(self: &Arc<Self>, key: &str) -> Result<Slot, ApiError> {
+        let sem = self
+            .map
+            .lock()
+            .expect("slots lock")
+            .entry(key.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant)))
+            .clone();
+        // Made before waiting, so that the entry is cleaned up however this ends (slot
+        // dropped, wait timed out, or the request cancelled while waiting).
+        let mut slot = Slot {
+            slots: self.clone(),
+            key: key.to_string(),
+            sem: Some(sem),
+            held: false,
+        };
+        let acquired = {
+            let sem = slot.sem.as_ref().expect("semaphore");
+            match tokio::time::timeout(self.wait, sem.acquire()).await {
+                Ok(Ok(permit)) => {
+                    // Given back by hand in `Drop`, so that no permit holds an `Arc` clone.
+                    permit.forget();
+                    true
+                }
+                _ => false,
+            }
+        };
+        slot.held = acquired;
+        match acquired {
+            true => Ok(slot),
+            false => Err(ApiError::too_many_requests(
+                format!(
+                    "this tenant already has {} requests in flight; retry shortly",
+                    self.per_tenant
+                ),
+                1,
+            )),
+        }
+    }
+
+    /// Tenants with a request in flight or waiting.
+    #[cfg(test)]
+    fn tenants(&self) -> usize {
+        self.map.lock().expect("slots lock").len()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(sem) = self.sem.take() {
+            if self.held {
+                sem.add_permits(1);
+            }
+            drop(sem);
+        }
+        let mut map = self.slots.map.lock().expect("slots lock");
+        // Handles are cloned only under this lock: a count of 1 means no slot of this tenant
+        // exists or waits, and none can appear before the lock is released.
+        if map
+            .get(&self.key)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tenant_gets_its_share_and_no_more_and_idle_tenants_leave_no_entry() {
+        let slots = Arc::new(TenantSlots::new(2, Duration::from_millis(20)));
+        let a1 = slots.acquire("acme").await.unwrap();
+        let a2 = slots.acquire("acme").await.unwrap();
+        let e = slots.acquire("acme").await.err().unwrap();
+        assert_eq!((e.status.as_u16(), e.kind), (429, "too-many-requests"));
+        assert_eq!(e.retry_after, Some(1));
+        // Another tenant is not affected.
+        let g = slots.acquire("globex").await.unwrap();
+        assert_eq!(slots.tenants(), 2);
+        drop(g);
+        assert_eq!(slots.tenants(), 1);
+        // A waiter gets the slot freed while it waits.
+        let waiter = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.acquire("acme").await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(a1);
+        waiter.await.unwrap().unwrap();
+        drop(a2);
+        assert_eq!(slots.tenants(), 0);
+    }
+
+    #[tokio::test]
+    async fn timed_out_and_cancelled_waiters_leave_no_entry() {
+        let slots = Arc::new(TenantSlots::new(1, Duration::from_secs(5)));
+        let held = slots.acquire("acme").await.unwrap();
+        let waiter = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.acquire("acme").await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waiter.abort();
+        let _ = waiter.await;
+        drop(held);
+        assert_eq!(slots.tenants(), 0);
+
+        let slots = Arc::new(TenantSlots::new(1, Duration::from_millis(10)));
+        let held = slots.acquire("acme").await.unwrap();
+        assert!(slots.acquire("acme").await.is_err());
+        assert_eq!(slots.tenants(), 1);
+        drop(held);
+        assert_eq!(slots.tenants(), 0);
+        // Freed slots are reusable: the permits came back.
+        let a = slots.acquire("acme").await.unwrap();
+        drop(a);
+        let _b = slots.acquire("acme").await.unwrap();
+    }
+}
