@@ -76,6 +76,7 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     };
     let pool_size = arg("--pool", 16) as u32;
     let seconds = arg("--seconds", 10);
+    let tenant_share = arg("--tenant-max-concurrency", 0) as u32;
     let connections = 32;
     let client = client(stack).await;
     let ns = format!("bench-api-{n}");
@@ -207,7 +208,10 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
             leeway_secs: 30,
             ..Default::default()
         },
-        limits: tenantry::api::Limits::default(),
+        limits: tenantry::api::Limits {
+            tenant_max_concurrency: tenant_share,
+            ..tenantry::api::Limits::default()
+        },
     };
     let app = tenantry::api::router(tenantry::api::AppState::new(
         registry,
@@ -278,7 +282,7 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
         anon.iter().sum::<u64>() as f64 / anon.len() as f64 / 1024.0
     };
     format!(
-        "| GET by primary key with JWT, random tenant of {n} (wrk, {connections} connections, {seconds} s) | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx | plain axum + sqlx, one schema: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms; same without the per-acquire ping: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | {:.2}× / {:.2}× | pool {pool_size}; peak gateway connections {}; backend private memory {:.1} MB each |",
+        "| GET by primary key with JWT, random tenant of {n} (wrk, {connections} connections, {seconds} s) | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx | plain axum + sqlx, one schema: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms; same without the per-acquire ping: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | {:.2}× / {:.2}× | pool {pool_size}, per-tenant share {share}; peak gateway connections {}; backend private memory {:.1} MB each |",
         ours.rps,
         ours.p50_ms,
         ours.p99_ms,
@@ -292,7 +296,12 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
         ours.rps / base.rps,
         ours.rps / noping.rps,
         peak.load(Ordering::SeqCst),
-        backend_mb
+        backend_mb,
+        share = if tenant_share == 0 {
+            format!("{} (default rule)", (pool_size / 4).max(1))
+        } else {
+            tenant_share.to_string()
+        }
     )
 }
 

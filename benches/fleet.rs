@@ -8,7 +8,9 @@
 //!
 //! Options: --concurrency C (reconciles in flight, default 16), --connections K (database
 //! connections of the operator and of the raw-SQL baseline, default 8), --pool P (API pool,
-//! default 16), --seconds S (wrk duration, default 10).
+//! default 16), --seconds S (wrk duration, default 10), --tenant-max-concurrency T (the API's
+//! per-tenant share; default 0 = a quarter of the pool, which `api 1` needs raised to the pool
+//! size to measure throughput rather than 429s).
 
 use std::{
     collections::HashSet,
