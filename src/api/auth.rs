@@ -3,10 +3,14 @@
 //! accepts exactly one algorithm (no `none`, no HS/RS confusion); `exp` is required, `nbf` and
 //! (when configured) `iss`/`aud` are checked with a small leeway.
 
-use std::collections::HashSet;
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+};
 
 use axum::http::{header, HeaderMap};
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use hashlink::LruCache;
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
@@ -181,13 +185,138 @@ pub fn verify(token: &str, tenant_key: Option<&[u8]>, cfg: &AuthConfig) -> Resul
     }))
 }
 
+/// Verified tokens kept by [`TokenCache`].
+pub const TOKEN_CACHE_ENTRIES: usize = 10_000;
+
+/// Longer tokens are verified every time, never cached: the cache's memory stays bounded by
+/// entries × (this + the claims parsed from it).
+pub const MAX_CACHED_TOKEN_BYTES: usize = 2048;
+
+/// Tokens that verified, so that a client sending the same token again is not verified again
+/// (an HMAC, or an RSA/ECDSA verification for platform tokens, plus JSON parsing). An entry
+/// answers only for the tenant key it was verified with — a rotated or different key misses
+/// and verifies afresh — and only while `now < exp`: stricter than verification itself,
+/// which grants `exp` the leeway, and `nbf`, once passed, stays passed. Nothing else that
+/// [`verify`] depends on can change while the process runs (the issuer, audience, leeway and
+/// platform key are fixed at start). Failures are not cached. Least recently used entries
+/// are evicted beyond the capacity.
+pub struct TokenCache {
+    entries: Mutex<LruCache<String, Verified>>,
+}
+
+struct Verified {
+    tenant_key: Option<Arc<[u8]>>,
+    exp: u64,
+    claims: Value,
+}
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        Self::new(TOKEN_CACHE_ENTRIES)
+    }
+}
+
+impl TokenCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: Mutex::new(LruCache::new(capacity.max(1))),
+        }
+    }
+
+    /// [`verify`], answered from the cache when `token` verified before with `tenant_key`
+    /// and has not expired at `now` (seconds since the epoch).
+    pub fn verify(
+        &self,
+        token: &str,
+        tenant_key: Option<&Arc<[u8]>>,
+        cfg: &AuthConfig,
+        now: u64,
+    ) -> Result<Value, ApiError> {
+        if let Some(claims) = self.lookup(token, tenant_key, now) {
+            return Ok(claims);
+        }
+        let claims = verify(token, tenant_key.map(|k| &k[..]), cfg)?;
+        let exp = claims.get("exp").and_then(Value::as_u64);
+        if let Some(exp) = exp.filter(|e| *e > now) {
+            if token.len() <= MAX_CACHED_TOKEN_BYTES {
+                self.entries.lock().expect("token cache lock").insert(
+                    token.to_string(),
+                    Verified {
+                        tenant_key: tenant_key.cloned(),
+                        exp,
+                        claims: claims.clone(),
+                    },
+                );
+            }
+        }
+        Ok(claims)
+    }
+
+    fn lookup(&self, token: &str, tenant_key: Option<&Arc<[u8]>>, now: u64) -> Option<Value> {
+        if token.len() > MAX_CACHED_TOKEN_BYTES {
+            return None;
+        }
+        let mut entries = self.entries.lock().expect("token cache lock");
+        let v = entries.get(token)?;
+        let same_key = match (&v.tenant_key, tenant_key) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a[..] == b[..],
+            _ => false,
+        };
+        if !same_key {
+            return None;
+        }
+        if now >= v.exp {
+            entries.remove(token);
+            return None;
+        }
+        Some(v.claims.clone())
+    }
+
+    /// Tokens cached now.
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("token cache lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Authorizes a request for the tenant it was resolved to: a bearer token is required, it must
 /// verify with that tenant's key (or the platform key), and its tenant claim must name that
 /// tenant. Returns the verified claims.
 pub fn authorize(token: Option<&str>, entry: &Entry, cfg: &AuthConfig) -> Result<Value, ApiError> {
-    let token = token
-        .ok_or_else(|| ApiError::unauthorized("a bearer token is required", "invalid_request"))?;
-    let claims = verify(token, entry.jwt_key.as_deref(), cfg)?;
+    let token = required(token)?;
+    for_tenant(verify(token, entry.jwt_key.as_deref(), cfg)?, entry)
+}
+
+/// [`authorize`], verifying through `cache`.
+pub fn authorize_cached(
+    token: Option<&str>,
+    entry: &Entry,
+    cfg: &AuthConfig,
+    cache: &TokenCache,
+) -> Result<Value, ApiError> {
+    let token = required(token)?;
+    for_tenant(
+        cache.verify(token, entry.jwt_key.as_ref(), cfg, unix_now())?,
+        entry,
+    )
+}
+
+fn required(token: Option<&str>) -> Result<&str, ApiError> {
+    token.ok_or_else(|| ApiError::unauthorized("a bearer token is required", "invalid_request"))
+}
+
+/// The claims, when their tenant claim names the entry's tenant.
+fn for_tenant(claims: Value, entry: &Entry) -> Result<Value, ApiError> {
     let name = &entry.info.name;
     match claims.get(TENANT_CLAIM).and_then(Value::as_str) {
         Some(t) if t == name => Ok(claims),
@@ -403,6 +532,64 @@ mod tests {
             PlatformKey::from_file(&path, "HS256").unwrap().alg,
             Algorithm::HS256
         );
+    }
+
+    #[test]
+    fn cached_tokens_expire_and_answer_only_for_the_key_that_verified_them() {
+        let cfg = AuthConfig::default();
+        let cache = TokenCache::new(10);
+        let key: Arc<[u8]> = Arc::from(KEY);
+        let other: Arc<[u8]> = Arc::from(&b"another key of thirty-two bytes!"[..]);
+        let exp = now() + 60;
+        let t = token(json!({"tenant": "acme", "exp": exp}), KEY);
+        let t_now = now();
+        assert_eq!(
+            cache.verify(&t, Some(&key), &cfg, t_now).unwrap()["tenant"],
+            "acme"
+        );
+        assert_eq!(cache.len(), 1);
+        assert!(cache.lookup(&t, Some(&key), t_now).is_some());
+        assert!(cache.lookup(&t, Some(&key), exp - 1).is_some());
+        // Expired: not answered from the cache, and dropped from it.
+        assert!(cache.lookup(&t, Some(&key), exp).is_none());
+        assert!(cache.is_empty());
+        cache.verify(&t, Some(&key), &cfg, t_now).unwrap();
+        // Another (rotated) key, or none, misses and verifies afresh: refused.
+        assert!(cache.lookup(&t, Some(&other), t_now).is_none());
+        assert!(cache.lookup(&t, None, t_now).is_none());
+        let e = cache.verify(&t, Some(&other), &cfg, t_now).unwrap_err();
+        assert!(e.detail.contains("signature"), "{}", e.detail);
+        let e = cache.verify(&t, None, &cfg, t_now).unwrap_err();
+        assert_eq!(e.status, 401);
+        // The entry verified with the right key is still there and still answers.
+        assert!(cache.lookup(&t, Some(&key), t_now).is_some());
+        // Failures are not cached; neither are tokens past exp (accepted within the leeway)
+        // nor oversized ones.
+        let wrong = token(json!({"tenant": "acme", "exp": exp}), &other);
+        assert!(cache.verify(&wrong, Some(&key), &cfg, t_now).is_err());
+        let leeway = AuthConfig {
+            leeway_secs: 30,
+            ..AuthConfig::default()
+        };
+        let late = token(json!({"tenant": "acme", "exp": now() - 5}), KEY);
+        cache.verify(&late, Some(&key), &leeway, now()).unwrap();
+        let big = token(
+            json!({"tenant": "acme", "exp": exp, "pad": "x".repeat(MAX_CACHED_TOKEN_BYTES)}),
+            KEY,
+        );
+        cache.verify(&big, Some(&key), &cfg, t_now).unwrap();
+        assert_eq!(cache.len(), 1);
+        // Bounded: least recently used first out.
+        let small = TokenCache::new(2);
+        let ts: Vec<String> = (0..3)
+            .map(|i| token(json!({"tenant": "acme", "exp": exp, "i": i}), KEY))
+            .collect();
+        for t in &ts {
+            small.verify(t, Some(&key), &cfg, t_now).unwrap();
+        }
+        assert_eq!(small.len(), 2);
+        assert!(small.lookup(&ts[0], Some(&key), t_now).is_none());
+        assert!(small.lookup(&ts[2], Some(&key), t_now).is_some());
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The state every handler shares: the registry reader, the pool, the settings, the metrics,
-//! the catalog cache and the tenants' shares of the pool.
+//! the catalog cache, the tenants' shares of the pool and the verified-token cache.
 
 use std::sync::Arc;
 
 use super::{
+    auth::TokenCache,
     config::Settings,
     observe::ApiMetrics,
     pool::Pool,
@@ -21,6 +22,7 @@ pub struct AppState {
     pub metrics: ApiMetrics,
     pub(super) catalogs: Arc<CatalogCache>,
     pub(super) slots: Arc<TenantSlots>,
+    pub(super) tokens: Arc<TokenCache>,
 }
 
 impl AppState {
@@ -28,6 +30,7 @@ impl AppState {
         let per_tenant = settings.limits.tenant_concurrency(pool.capacity());
         Self {
             slots: Arc::new(TenantSlots::new(per_tenant, SLOT_WAIT)),
+            tokens: Arc::default(),
             registry,
             pool,
             settings: Arc::new(settings),

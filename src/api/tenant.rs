@@ -1,6 +1,6 @@
 //! The [`TenantRequest`] extractor: resolves a request to one tenant from the registry (Host,
 //! `X-Tenant`, the token's tenant claim, which must all agree), checks that the tenant is
-//! ready, then has [`auth::authorize`] verify the token for that tenant.
+//! ready, then has [`auth::authorize_cached`] verify the token for that tenant.
 
 use axum::{
     extract::FromRequestParts,
@@ -112,7 +112,7 @@ impl FromRequestParts<AppState> for TenantRequest {
                 ))
             }
         };
-        let claims = auth::authorize(token, &entry, &state.settings.auth)?;
+        let claims = auth::authorize_cached(token, &entry, &state.settings.auth, &state.tokens)?;
         Ok(TenantRequest {
             entry,
             schema,
