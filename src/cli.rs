@@ -134,6 +134,11 @@ pub struct ControllerArgs {
     #[arg(long, env = "TENANTRY_DB_MAX_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub db_max_connections: u32,
 
+    /// Concurrent sessions each tenant's login role may open (-1: unlimited), so that one
+    /// tenant cannot take every connection of the server.
+    #[arg(long, env = "TENANTRY_TENANT_CONNECTION_LIMIT", default_value_t = crate::postgres::DEFAULT_TENANT_CONNECTION_LIMIT, value_parser = clap::value_parser!(i32).range(-1..=10000))]
+    pub tenant_connection_limit: i32,
+
     /// Host written into credentials Secrets (default: the host of --database-url). Set it to
     /// the address applications use, e.g. a Service name.
     #[arg(long, env = "TENANTRY_TENANT_DB_HOST")]
@@ -493,7 +498,8 @@ impl Cli {
                     args.tenant_db_port,
                 )
                 .context("--database-url")?
-                .with_gateway(gateway.clone());
+                .with_gateway(gateway.clone())
+                .with_tenant_connection_limit(args.tenant_connection_limit);
                 let client = args.kube.client().await?;
                 let own_namespace = std::env::var("POD_NAMESPACE")
                     .unwrap_or_else(|_| client.default_namespace().to_string());

@@ -56,7 +56,10 @@ pub fn verify(password: &str, stored_verifier: &str) -> bool {
         let (iter, salt) = iter_salt.split_once(':')?;
         let (stored, server) = keys_part.split_once(':')?;
         let iterations: u32 = iter.parse().ok()?;
-        if iterations == 0 || iterations > 1_000_000 {
+        // The operator always writes 4096; a verifier costing more (which a role can set on
+        // itself) would make every verification a CPU burden, so it counts as a mismatch and
+        // the password is rotated.
+        if iterations == 0 || iterations > ITERATIONS {
             return None;
         }
         let salt = STANDARD.decode(salt).ok()?;
@@ -88,6 +91,16 @@ mod tests {
         assert!(verify("s3cret", &v));
         assert!(!verify("other", &v));
         assert!(!verify("s3cret", "md5abcdef"));
+        // A verifier costing more than the operator's own is refused unverified.
+        let salt = [7u8; 16];
+        let (stored, server) = keys("s3cret", &salt, 100_000);
+        let costly = format!(
+            "SCRAM-SHA-256$100000:{}${}:{}",
+            STANDARD.encode(salt),
+            STANDARD.encode(stored),
+            STANDARD.encode(server)
+        );
+        assert!(!verify("s3cret", &costly));
     }
 
     #[test]

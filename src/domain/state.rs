@@ -60,6 +60,8 @@ pub struct RoleState {
     pub owner: Option<Owner>,
     /// The stored SCRAM verifier, when the admin role may read `pg_authid`.
     pub verifier: Option<String>,
+    /// `rolconnlimit`: concurrent sessions allowed (-1: unlimited).
+    pub connection_limit: i32,
 }
 
 #[derive(Debug, Clone, PartialEq)]

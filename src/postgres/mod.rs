@@ -65,6 +65,9 @@ fn mark(owner: &Owner) -> Result<String, Error> {
     quote_literal(&owner.comment()).ok_or(Error::UnquotableMark)
 }
 
+/// Default `CONNECTION LIMIT` of tenant app roles.
+pub const DEFAULT_TENANT_CONNECTION_LIMIT: i32 = 20;
+
 /// Time limits of the operator's admin sessions, so that a tenant holding a lock (or the
 /// advisory lock of a migration) costs only that tenant a retry, never a stuck reconcile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +98,9 @@ pub struct Admin {
     endpoint: Endpoint,
     gateway: Option<Ident>,
     timeouts: Timeouts,
+    /// Concurrent sessions each tenant's app role may open (-1: unlimited), so that one
+    /// tenant cannot take every connection of the server.
+    connection_limit: i32,
 }
 
 /// Connection options for `url` with statement logging off: DDL carrying password verifiers
@@ -138,12 +144,20 @@ impl Admin {
             endpoint,
             gateway: None,
             timeouts,
+            connection_limit: DEFAULT_TENANT_CONNECTION_LIMIT,
         })
     }
 
     /// Makes every tenant role provisioned from now on a role that `gateway` may switch to.
     pub fn with_gateway(mut self, gateway: Option<Ident>) -> Self {
         self.gateway = gateway;
+        self
+    }
+
+    /// Sets the `CONNECTION LIMIT` of every tenant's app role (-1: unlimited); existing roles
+    /// are brought in line at their next full reconcile.
+    pub fn with_tenant_connection_limit(mut self, limit: i32) -> Self {
+        self.connection_limit = limit;
         self
     }
 

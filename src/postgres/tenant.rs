@@ -100,6 +100,7 @@ impl Admin {
             Option<String>,
             Option<bool>,
             Option<bool>,
+            Option<i32>,
         ) = sqlx::query_as(&format!(
             "SELECT {app}, {verifier_expr}, {own}, \
                     n.oid IS NOT NULL, pg_catalog.pg_get_userbyid(n.nspowner), \
@@ -107,7 +108,8 @@ impl Admin {
                     CASE WHEN n.oid IS NOT NULL AND r.oid IS NOT NULL \
                          THEN pg_catalog.has_schema_privilege(r.oid, n.oid, 'CREATE') END, \
                     CASE WHEN n.oid IS NOT NULL AND r.oid IS NOT NULL \
-                         THEN pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE') END \
+                         THEN pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE') END, \
+                    r.rolconnlimit \
              FROM (SELECT $1::name AS app, $2::name AS own) x \
              LEFT JOIN pg_catalog.pg_roles r ON r.rolname = x.app \
              LEFT JOIN pg_catalog.pg_roles o ON o.rolname = x.own \
@@ -122,17 +124,18 @@ impl Admin {
         .await?;
         let app: RoleRow = (row.0, row.1, row.2, row.3, row.4);
         let own: RoleRow = (row.5, row.6, row.7, row.8, None);
-        let role = |(exists, login, gw, comment, verifier): RoleRow| {
+        let role = |(exists, login, gw, comment, verifier): RoleRow, limit: Option<i32>| {
             exists.then(|| RoleState {
                 can_login: login.unwrap_or(false),
                 gateway_member: gw,
                 owner: Owner::parse(comment.as_deref()),
                 verifier,
+                connection_limit: limit.unwrap_or(-1),
             })
         };
         Ok(Observed {
-            role: role(app),
-            owner_role: role(own),
+            role: role(app, row.14),
+            owner_role: role(own, None),
             schema: row.9.then(|| SchemaState {
                 owner_role: row.10.clone().unwrap_or_default(),
                 owner: Owner::parse(row.11.as_deref()),
@@ -187,9 +190,10 @@ impl Admin {
                 let password = password.expect("a password for a new app role");
                 let verifier =
                     quote_literal(&scram::verifier(password)).expect("verifier is base64");
+                let limit = self.connection_limit;
                 stmts.push(format!(
                     "CREATE ROLE {app} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
-                     NOBYPASSRLS INHERIT PASSWORD {verifier}"
+                     NOBYPASSRLS INHERIT CONNECTION LIMIT {limit} PASSWORD {verifier}"
                 ));
                 stmts.push(format!("COMMENT ON ROLE {app} IS {comment}"));
                 stmts.push(format!("ALTER ROLE {app} SET search_path TO {app}"));
@@ -203,6 +207,12 @@ impl Admin {
             Some(state) => {
                 if !state.can_login {
                     stmts.push(format!("ALTER ROLE {app} LOGIN"));
+                }
+                if state.connection_limit != self.connection_limit {
+                    stmts.push(format!(
+                        "ALTER ROLE {app} CONNECTION LIMIT {}",
+                        self.connection_limit
+                    ));
                 }
                 if state.owner.as_ref() != Some(owner_mark) {
                     stmts.push(format!("COMMENT ON ROLE {app} IS {comment}"));

@@ -767,3 +767,42 @@ async fn attack_claiming_another_tenants_base_domain_host_fails() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(!body.to_string().contains("\"schema\""), "{body}");
 }
+
+/// One tenant opens sessions until the server has none left, locking every other tenant and
+/// the API gateway out. Its login role has a connection limit it cannot lift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_exhausting_the_servers_connections_fails() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("acme")).await;
+    wait_ready(&ns, "acme").await;
+    let s = ns.secrets().get("acme-db").await.unwrap();
+    let uri = secret_value(&s, "uri");
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..100 {
+        match PgConnection::connect(&uri).await {
+            Ok(c) => held.push(c),
+            Err(e) => {
+                refused = Some(sqlstate::<()>(Err(e)));
+                break;
+            }
+        }
+    }
+    assert_eq!(held.len(), 20, "sessions the tenant could open");
+    assert_eq!(refused.as_deref(), Some("53300"));
+    assert_eq!(
+        sqlstate(
+            held[0]
+                .execute(
+                    format!("ALTER ROLE \"{}\" CONNECTION LIMIT -1", ns.schema("acme")).as_str()
+                )
+                .await
+        ),
+        "42501"
+    );
+    // The gateway still logs in.
+    PgConnection::connect(&crate::api::gateway_uri(&ns).await)
+        .await
+        .expect("gateway login while the tenant holds its maximum");
+}
