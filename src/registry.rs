@@ -52,12 +52,7 @@ impl TenantInfo {
             namespace: t.namespace().unwrap_or_default(),
             name: t.name_any(),
             display_name: t.spec.display_name.clone().unwrap_or_else(|| t.name_any()),
-            hosts: t
-                .spec
-                .hosts
-                .iter()
-                .map(|h| h.to_ascii_lowercase())
-                .collect(),
+            hosts: Claims::of(t).hosts,
             schema: status.and_then(|s| s.schema.clone()),
             // Ready as last reported, even while a spec edit (a new host, a display name) is
             // being reconciled: the schema cannot change, so serving it stays correct.

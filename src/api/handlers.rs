@@ -69,7 +69,16 @@ pub(super) async fn list_tables(
     State(state): State<AppState>,
     t: TenantRequest,
 ) -> Result<Response, ApiError> {
-    let _slot = state.slots.acquire(t.schema.as_str()).await?;
+    let (_slot, c) = slot_and_catalog(&state, &t).await?;
+    Ok(Json(json!({ "tables": c.tables.values().collect::<Vec<_>>() })).into_response())
+}
+
+/// One of the tenant's slots (its fair share of the pool, or 429) and its schema's catalog.
+async fn slot_and_catalog(
+    state: &AppState,
+    t: &TenantRequest,
+) -> Result<(super::share::Slot, std::sync::Arc<query::Catalog>), ApiError> {
+    let slot = state.slots.acquire(t.schema.as_str()).await?;
     let c = state
         .catalogs
         .get(
@@ -79,7 +88,7 @@ pub(super) async fn list_tables(
             &state.settings.limits,
         )
         .await?;
-    Ok(Json(json!({ "tables": c.tables.values().collect::<Vec<_>>() })).into_response())
+    Ok((slot, c))
 }
 
 /// Runs the statement `build` makes for `table` (looked up in the tenant's catalog) in the
@@ -96,16 +105,7 @@ where
     F: FnOnce(&str, &query::Table, &Limits) -> Result<query::Sql, ApiError>,
 {
     let limits = &state.settings.limits;
-    let _slot = state.slots.acquire(t.schema.as_str()).await?;
-    let c = state
-        .catalogs
-        .get(
-            &state.pool,
-            &t.schema,
-            t.entry.info.migration_version,
-            limits,
-        )
-        .await?;
+    let (_slot, c) = slot_and_catalog(state, &t).await?;
     let sql = build(t.schema.as_str(), c.table(&table)?, limits)?;
     json_text(in_tenant(&state.pool, &t.schema, read_only, limits, &sql).await?)
 }

@@ -112,6 +112,23 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<Value>,
     ) -> (StatusCode, Value, axum::http::HeaderMap) {
+        let (status, bytes, headers) = self
+            .call_raw(method, uri, headers, body.map(|b| b.to_string()))
+            .await;
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, v, headers)
+    }
+
+    /// Sends a request with the body exactly as given (JSON content type when there is one)
+    /// and returns the answer's bytes unparsed.
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> (StatusCode, axum::body::Bytes, axum::http::HeaderMap) {
         let mut req = Request::builder().method(method).uri(uri);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -119,7 +136,7 @@ impl Api {
         let body = match body {
             Some(b) => {
                 req = req.header("content-type", "application/json");
-                Body::from(b.to_string())
+                Body::from(b)
             }
             None => Body::empty(),
         };
@@ -134,9 +151,7 @@ impl Api {
         let bytes = axum::body::to_bytes(res.into_body(), 16 << 20)
             .await
             .unwrap();
-        let v = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (status, v, headers)
+        (status, bytes, headers)
     }
 }
 

@@ -4,10 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use axum::{
-    body::Body,
-    http::{HeaderMap, Method, Request, StatusCode},
-};
+use axum::http::{HeaderMap, Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::{Executor, PgPool};
 use tenantry::{
@@ -15,7 +12,6 @@ use tenantry::{
     domain::crd::Tenant,
     registry::Lookup,
 };
-use tower::ServiceExt;
 
 use crate::{
     api::{test_limits, token, Api, POOL_SIZE},
@@ -170,29 +166,10 @@ impl Stage {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> Answer {
-        let mut req = Request::builder().method(method).uri(uri);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let body = match body {
-            Some(b) => {
-                req = req.header("content-type", "application/json");
-                Body::from(b.to_string())
-            }
-            None => Body::empty(),
-        };
-        let res = self
+        let (status, bytes, headers) = self
             .api
-            .router
-            .clone()
-            .oneshot(req.body(body).unwrap())
-            .await
-            .unwrap();
-        let status = res.status();
-        let headers = res.headers().clone();
-        let bytes = axum::body::to_bytes(res.into_body(), 16 << 20)
-            .await
-            .unwrap();
+            .call_raw(method, uri, headers, body.map(str::to_string))
+            .await;
         Answer {
             status,
             text: String::from_utf8(bytes.to_vec()).unwrap(),
