@@ -1,8 +1,15 @@
 //! The data path's connections: a bounded pool of tokio-postgres clients, each with its own
 //! bounded cache of prepared statements. tokio-postgres pipelines requests issued
-//! concurrently on one client, which is what lets a request's `BEGIN … SET LOCAL …`, its
+//! concurrently on one client, which is what lets a request's `BEGIN`, its settings, its
 //! statement and its `COMMIT` leave in one write (see [`super::tx`]). sqlx, which does not
 //! pipeline, stays everywhere else.
+//!
+//! The connections are split into groups of [`GROUP_SIZE`], and each tenant is served by
+//! its home group (a hash of its schema) whenever one of that group's connections is free,
+//! so a backend only ever prepares statements for, and caches the catalog of, about
+//! `1 / groups` of the tenants: with 1,000 tenants and 16 connections, each backend sees
+//! some 250 schemas instead of all 1,000. When the home group is busy and another group has
+//! a free connection, the request borrows it rather than wait.
 
 use std::{
     str::FromStr,
@@ -24,6 +31,10 @@ use super::{config::PoolConfig, error::ApiError};
 /// tokio-postgres close (deallocate) it on the server.
 pub const STATEMENT_CACHE: usize = 4096;
 
+/// Connections per group (see the module documentation); a pool smaller than two groups is
+/// one group.
+pub const GROUP_SIZE: u32 = 4;
+
 /// Why the pool could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -42,10 +53,31 @@ pub struct Pool {
 struct Inner {
     config: tokio_postgres::Config,
     cfg: PoolConfig,
-    /// One permit per connection that may exist: held by every lease and by every background
-    /// replacement, so PostgreSQL never sees more than `cfg.size` of ours.
+    groups: Vec<Group>,
+}
+
+/// Some of the pool's connections. Its permits, one per connection the group may have, are
+/// held by every lease and by every background replacement, so PostgreSQL never sees more
+/// than `cfg.size` of ours in all.
+struct Group {
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<Conn>>,
+}
+
+/// The sizes of the groups a pool of `size` connections is split into: as many groups of
+/// [`GROUP_SIZE`] as fit, the remainder spread over them.
+fn group_sizes(size: u32) -> Vec<u32> {
+    let size = size.max(1);
+    let n = (size / GROUP_SIZE).max(1);
+    (0..n).map(|i| size / n + u32::from(i < size % n)).collect()
+}
+
+/// The home group of tenant `key` among `n` groups (FNV-1a: stable across processes).
+fn home(key: &str, n: usize) -> usize {
+    let h = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (h % n as u64) as usize
 }
 
 /// One connection, its driver task and its statements.
@@ -56,6 +88,8 @@ pub(super) struct Conn {
     /// so that connections opened together are not all replaced together.
     retire_at: Instant,
     statements: LruCache<String, Statement>,
+    /// [`super::tx::SETTINGS`], prepared when the connection opened.
+    pub(super) settings: Statement,
 }
 
 impl Conn {
@@ -88,29 +122,49 @@ impl Pool {
         config
             .application_name("tenantry-api")
             .connect_timeout(cfg.acquire_timeout);
+        let groups = group_sizes(cfg.size)
+            .into_iter()
+            .map(|n| Group {
+                permits: Arc::new(Semaphore::new(n as usize)),
+                idle: Mutex::new(Vec::new()),
+            })
+            .collect();
         let inner = Arc::new(Inner {
             config,
             cfg,
-            permits: Arc::new(Semaphore::new(cfg.size.max(1) as usize)),
-            idle: Mutex::new(Vec::new()),
+            groups,
         });
         let first = inner.connect().await?;
-        inner.idle.lock().expect("pool lock").push(first);
+        inner.groups[0].idle.lock().expect("pool lock").push(first);
         Ok(Self { inner })
     }
 
-    /// A connection to run one transaction on. It returns to the pool only when the lease
-    /// says it ended cleanly (see [`Lease::clean`]).
-    pub(super) async fn get(&self) -> Result<Lease, ApiError> {
-        let permit = tokio::time::timeout(
-            self.inner.cfg.acquire_timeout,
-            self.inner.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| pool_exhausted())?
-        .map_err(|_| pool_exhausted())?;
+    /// A connection to run one transaction on for tenant `key`: one of its home group's, or
+    /// a free one of another group when the home group has none free, or the home group's
+    /// next free one. It returns to its group only when the lease says it ended cleanly (see
+    /// [`Lease::clean`]).
+    pub(super) async fn get(&self, key: &str) -> Result<Lease, ApiError> {
+        let groups = &self.inner.groups;
+        let home = home(key, groups.len());
+        let order = (0..groups.len()).map(|i| (home + i) % groups.len());
+        let free = order
+            .into_iter()
+            .find_map(|g| Some((g, groups[g].permits.clone().try_acquire_owned().ok()?)));
+        let (group, permit) = match free {
+            Some(found) => found,
+            None => (
+                home,
+                tokio::time::timeout(
+                    self.inner.cfg.acquire_timeout,
+                    groups[home].permits.clone().acquire_owned(),
+                )
+                .await
+                .map_err(|_| pool_exhausted())?
+                .map_err(|_| pool_exhausted())?,
+            ),
+        };
         let reused = loop {
-            let c = self.inner.idle.lock().expect("pool lock").pop();
+            let c = groups[group].idle.lock().expect("pool lock").pop();
             match c {
                 Some(c) if c.client.is_closed() => continue,
                 other => break other,
@@ -124,13 +178,15 @@ impl Pool {
             conn: Some(conn),
             permit: Some(permit),
             pool: self.inner.clone(),
+            group,
             clean: false,
         })
     }
 
     /// The login role and whether it is a superuser or bypasses row-level security.
     pub(super) async fn login_role(&self) -> Result<(String, bool, bool), tokio_postgres::Error> {
-        let c = self.inner.idle.lock().expect("pool lock").pop();
+        let idle = &self.inner.groups[0].idle;
+        let c = idle.lock().expect("pool lock").pop();
         let c = match c {
             Some(c) => c,
             None => self.inner.connect().await?,
@@ -142,7 +198,7 @@ impl Pool {
                 &[],
             )
             .await?;
-        self.inner.idle.lock().expect("pool lock").push(c);
+        idle.lock().expect("pool lock").push(c);
         Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
     }
 
@@ -153,11 +209,26 @@ impl Pool {
 
     /// Connections open now (idle or leased), as far as the permits tell.
     pub fn size(&self) -> usize {
-        self.inner.cfg.size as usize - self.inner.permits.available_permits() + self.num_idle()
+        let available: usize = self
+            .inner
+            .groups
+            .iter()
+            .map(|g| g.permits.available_permits())
+            .sum();
+        self.capacity() as usize - available + self.num_idle()
     }
 
     pub fn num_idle(&self) -> usize {
-        self.inner.idle.lock().expect("pool lock").len()
+        self.inner
+            .groups
+            .iter()
+            .map(|g| g.idle.lock().expect("pool lock").len())
+            .sum()
+    }
+
+    /// The number of connection groups (see the module documentation).
+    pub fn groups(&self) -> usize {
+        self.inner.groups.len()
     }
 }
 
@@ -185,11 +256,14 @@ impl Inner {
             let _ = connection.await;
         });
         let life = self.cfg.max_lifetime.as_secs_f64() * (1.0 - rand::random::<f64>() / 4.0);
+        // Dropping the client on failure ends the driver task and closes the socket.
+        let settings = client.prepare(super::tx::SETTINGS).await?;
         Ok(Conn {
             client,
             task,
             retire_at: Instant::now() + Duration::from_secs_f64(life),
             statements: LruCache::new(STATEMENT_CACHE),
+            settings,
         })
     }
 }
@@ -202,6 +276,7 @@ pub(super) struct Lease {
     conn: Option<Conn>,
     permit: Option<OwnedSemaphorePermit>,
     pool: Arc<Inner>,
+    group: usize,
     /// Set only once the transaction ended with a `COMMIT` or `ROLLBACK` the server answered.
     pub(super) clean: bool,
 }
@@ -220,19 +295,52 @@ impl Drop for Lease {
         if !self.clean || conn.client.is_closed() {
             return; // conn dropped: closed; the permit frees its slot
         }
+        let idle = &self.pool.groups[self.group].idle;
         if Instant::now() < conn.retire_at {
-            self.pool.idle.lock().expect("pool lock").push(conn);
+            idle.lock().expect("pool lock").push(conn);
             return;
         }
         // Recycle off the request path: the replacement connects under the retiring
         // connection's permit, so the pool never exceeds its size and no request waits.
-        let pool = self.pool.clone();
+        let (pool, group) = (self.pool.clone(), self.group);
         drop(conn);
         tokio::spawn(async move {
             if let Ok(c) = pool.connect().await {
-                pool.idle.lock().expect("pool lock").push(c);
+                pool.groups[group].idle.lock().expect("pool lock").push(c);
             }
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_split_into_groups_of_four_with_the_remainder_spread() {
+        assert_eq!(group_sizes(0), [1]);
+        assert_eq!(group_sizes(3), [3]);
+        assert_eq!(group_sizes(4), [4]);
+        assert_eq!(group_sizes(7), [7]);
+        assert_eq!(group_sizes(16), [4, 4, 4, 4]);
+        assert_eq!(group_sizes(18), [5, 5, 4, 4]);
+        for size in 1..200 {
+            assert_eq!(group_sizes(size).iter().sum::<u32>(), size);
+        }
+    }
+
+    #[test]
+    fn tenants_spread_over_home_groups_and_keep_theirs() {
+        let mut per_group = [0; 4];
+        for i in 0..4000 {
+            per_group[home(&format!("tenant-{i}"), 4)] += 1;
+        }
+        assert!(
+            per_group.iter().all(|&n| (800..1200).contains(&n)),
+            "{per_group:?}"
+        );
+        assert_eq!(home("acme", 4), home("acme", 4));
+        assert_eq!(home("acme", 1), 0);
     }
 }

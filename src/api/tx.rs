@@ -22,18 +22,20 @@ use crate::domain::naming::Ident;
 ///
 /// Whose code runs in this session: the session user is the gateway role (refused by
 /// `connect` if it is a superuser or bypasses RLS), which is a member of every tenant role;
-/// `SET LOCAL ROLE` makes the tenant the current user for this transaction only. Tenant-made
-/// functions, triggers and defaults that a statement fires run in this session, whose session
-/// user outranks the tenant.
+/// the transaction's settings statement makes the tenant the current user for this
+/// transaction only (`set_config('role', …, true)`, the same check as `SET LOCAL ROLE`).
+/// Tenant-made functions, triggers and defaults that a statement fires run in this session,
+/// whose session user outranks the tenant.
 ///
-/// Round trips: the opening batch (a simple query) and the statement (cached per connection)
-/// are pipelined, and so is a read's `COMMIT`: one flight for a read whose statement this
-/// connection has prepared before, two when it must prepare it first (the prepare goes with
-/// the opening batch). If the opening batch fails — say `SET LOCAL ROLE` is refused — the
-/// transaction is aborted and PostgreSQL refuses the pipelined statement (25P02): it never
-/// runs as the gateway. A write's `COMMIT` is sent only once its statement has answered,
-/// so that a request cancelled before then never commits: its connection is closed with the
-/// `COMMIT` unsent.
+/// Round trips: `BEGIN` (a constant simple query), the settings statement and the request's
+/// statement (both prepared once per connection and bound) are pipelined, and so is a read's
+/// `COMMIT`: one flight for a read whose statement this connection has prepared before, two
+/// when it must prepare it first (the prepare goes with the opening flight, after the
+/// settings, so that it is parsed as the tenant). If the settings fail — say the role is
+/// refused — the transaction is aborted and PostgreSQL refuses the pipelined statement
+/// (25P02): it never runs as the gateway. A write's `COMMIT` is sent only once its statement
+/// has answered, so that a request cancelled before then never commits: its connection is
+/// closed with the `COMMIT` unsent.
 ///
 /// The connection goes back to the pool only once the transaction has ended cleanly; see
 /// [`Lease`].
@@ -44,15 +46,15 @@ pub(super) async fn in_tenant(
     limits: &Limits,
     sql: &Sql,
 ) -> Result<Vec<Row>, ApiError> {
-    let begin = begin_statement(schema, read_only, limits);
-    let mut lease = pool.get().await?;
-    match run(&mut lease, &begin, read_only, sql).await {
+    let settings = TenantSettings::new(schema, limits);
+    let mut lease = pool.get(schema.as_str()).await?;
+    match run(&mut lease, &settings, read_only, sql).await {
         // The connection lost the statement (26000: deallocated behind our back) or cannot
         // reuse its plan (0A000: result type changed): forget it and run the transaction once
         // more, preparing afresh. Neither ran the statement.
         Err(e) if lease.clean && stale_statement(&e) => {
             lease.conn().forget(&sql.text);
-            Ok(run(&mut lease, &begin, read_only, sql).await?)
+            Ok(run(&mut lease, &settings, read_only, sql).await?)
         }
         out => Ok(out?),
     }
@@ -66,32 +68,84 @@ fn stale_statement(e: &tokio_postgres::Error) -> bool {
                 .is_some_and(|d| d.message().starts_with("cached plan must not change")))
 }
 
+/// What a tenant transaction sets, as the values bound to [`SETTINGS`].
+pub(super) struct TenantSettings {
+    /// The tenant role's name as PostgreSQL stores it (`role` takes a name, not SQL).
+    role: String,
+    /// The search_path value: the quoted schema, then `pg_temp` (see [`SETTINGS`]).
+    search_path: String,
+    statement_timeout: String,
+    lock_timeout: String,
+}
+
+impl TenantSettings {
+    pub(super) fn new(schema: &Ident, limits: &Limits) -> Self {
+        Self {
+            role: schema.as_str().to_string(),
+            search_path: format!("{schema}, pg_temp"),
+            statement_timeout: limits.statement_timeout_ms.to_string(),
+            lock_timeout: limits.lock_timeout_ms.to_string(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 4] {
+        [
+            &self.role,
+            &self.search_path,
+            &self.statement_timeout,
+            &self.lock_timeout,
+        ]
+    }
+}
+
+/// The statement that switches a transaction to a tenant: one statement, the same text for
+/// every tenant (so one prepared statement per connection), with the values bound.
+/// `pg_temp` is named last in the search_path because, left out, it is searched first for
+/// relations and types (ahead of the tenant's schema and even of pg_catalog, which stays
+/// implicitly first). `lock_timeout` bounds how long a request waits on a lock the tenant
+/// holds from a session of its own (55P03, served as 503 `lock-timeout`), so such a lock
+/// cannot pin pool connections for the whole statement timeout. Every function is named
+/// with its schema: the statement runs before the role and search_path are set.
+pub(super) const SETTINGS: &str = "SELECT pg_catalog.set_config('role', $1, true), pg_catalog.set_config('search_path', $2, true), pg_catalog.set_config('statement_timeout', $3, true), pg_catalog.set_config('lock_timeout', $4, true)";
+
+/// The constant opening of a transaction.
+fn begin(read_only: bool) -> &'static str {
+    if read_only {
+        "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY"
+    } else {
+        "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
+    }
+}
+
 async fn run(
     lease: &mut Lease,
-    begin: &str,
+    settings: &TenantSettings,
     read_only: bool,
     sql: &Sql,
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
     lease.clean = false;
     let params: Vec<&(dyn ToSql + Sync)> = sql.binds.iter().map(Bind::as_param).collect();
+    let set_params = settings.params();
     let conn = lease.conn();
+    let set = conn.settings.clone();
     let (stmt, begun) = match conn.statement(&sql.text) {
         Some(s) => (s, false),
         None => {
             let types: Vec<_> = sql.binds.iter().map(Bind::pg_type).collect();
-            let (b, p) = futures::join!(
-                conn.client.batch_execute(begin),
+            let (b, s, p) = futures::join!(
+                conn.client.batch_execute(begin(read_only)),
+                conn.client.execute(&set, &set_params),
                 conn.client.prepare_typed(&sql.text, &types)
             );
-            match (b, p) {
-                (Ok(()), Ok(s)) => {
-                    conn.remember(&sql.text, s.clone());
-                    (s, true)
+            match (b, s, p) {
+                (Ok(()), Ok(_), Ok(stmt)) => {
+                    conn.remember(&sql.text, stmt.clone());
+                    (stmt, true)
                 }
-                (b, p) => {
+                (b, s, p) => {
                     conn.client.batch_execute("ROLLBACK").await?;
                     lease.clean = true;
-                    return Err(b.err().or(p.err()).expect("one of them failed"));
+                    return Err(b.err().or(s.err()).or(p.err()).expect("one of them failed"));
                 }
             }
         }
@@ -101,7 +155,12 @@ async fn run(
         if begun {
             Ok(())
         } else {
-            client.batch_execute(begin).await
+            let (b, s) = futures::join!(
+                client.batch_execute(begin(read_only)),
+                client.execute(&set, &set_params)
+            );
+            b?;
+            s.map(|_| ())
         }
     };
     if read_only {
@@ -134,21 +193,6 @@ pub(super) fn json_text(rows: Vec<Row>) -> Result<String, ApiError> {
         .next()
         .ok_or_else(|| ApiError::internal("statement returned no row"))?;
     row.try_get::<_, String>(0).map_err(ApiError::internal)
-}
-
-/// The statement that opens a request's transaction, in one round trip: the schema is a
-/// validated identifier, the rest are constants. `pg_temp` is named last in the search_path
-/// because, left out, it is searched first for relations and types (ahead of the tenant's
-/// schema and even of pg_catalog, which stays implicitly first). `lock_timeout` bounds how
-/// long a request waits on a lock the tenant holds from a session of its own (55P03, served
-/// as 503 `lock-timeout`), so such a lock cannot pin pool connections for the whole
-/// statement timeout.
-fn begin_statement(schema: &Ident, read_only: bool, limits: &Limits) -> String {
-    let mode = if read_only { "READ ONLY" } else { "READ WRITE" };
-    format!(
-        "BEGIN ISOLATION LEVEL READ COMMITTED {mode}; SET LOCAL ROLE {schema}; SET LOCAL search_path TO {schema}, pg_temp; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
-        limits.statement_timeout_ms, limits.lock_timeout_ms
-    )
 }
 
 /// A schema's catalog and the migration version it was read at.
@@ -191,19 +235,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transactions_switch_role_and_put_pg_temp_last() {
+    fn settings_bind_the_role_name_and_put_pg_temp_last() {
         let schema = Ident::parse("schema", "acme").unwrap();
-        assert_eq!(
-            begin_statement(&schema, true, &Limits::default()),
-            r#"BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; SET LOCAL ROLE "acme"; SET LOCAL search_path TO "acme", pg_temp; SET LOCAL statement_timeout = 5000; SET LOCAL lock_timeout = 1000"#
-        );
         let limits = Limits {
             statement_timeout_ms: 1,
             lock_timeout_ms: 0,
             ..Limits::default()
         };
-        let begin = begin_statement(&schema, false, &limits);
-        assert!(begin.starts_with("BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE;"));
-        assert!(begin.ends_with("SET LOCAL statement_timeout = 1; SET LOCAL lock_timeout = 0"));
+        let s = TenantSettings::new(&schema, &limits);
+        assert_eq!(s.role, "acme");
+        assert_eq!(s.search_path, r#""acme", pg_temp"#);
+        assert_eq!(
+            (s.statement_timeout.as_str(), s.lock_timeout.as_str()),
+            ("1", "0")
+        );
+        assert!(begin(true).ends_with("READ ONLY"));
+        assert!(begin(false).ends_with("READ WRITE"));
     }
 }
