@@ -43,6 +43,8 @@ pub struct TenantInfo {
     pub secret_name: String,
     /// metadata.uid: the context of the tenant's signing-key derivation.
     pub uid: String,
+    /// `spec.api.maxConcurrency`: the tenant's own share of the pool, if set.
+    pub max_concurrency: Option<u32>,
 }
 
 impl TenantInfo {
@@ -63,6 +65,7 @@ impl TenantInfo {
             migration_version: status.and_then(|s| s.migration_version),
             secret_name: creds::effective_secret_name(t),
             uid: t.metadata.uid.clone().unwrap_or_default(),
+            max_concurrency: t.spec.api.max_concurrency.filter(|n| *n > 0),
         }
     }
 }

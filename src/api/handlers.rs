@@ -78,7 +78,10 @@ async fn slot_and_catalog(
     state: &AppState,
     t: &TenantRequest,
 ) -> Result<(super::share::Slot, std::sync::Arc<query::Catalog>), ApiError> {
-    let slot = state.slots.acquire(t.schema.as_str()).await?;
+    let slot = state
+        .slots
+        .acquire(t.schema.as_str(), t.entry.info.max_concurrency)
+        .await?;
     let c = state
         .catalogs
         .get(

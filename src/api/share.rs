@@ -23,7 +23,8 @@ pub const SLOT_WAIT: Duration = Duration::from_millis(100);
 pub(super) struct TenantSlots {
     per_tenant: usize,
     wait: Duration,
-    map: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Each tenant's semaphore and the share it was made for.
+    map: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
 
 /// A request's claim on one of its tenant's slots, held for the length of its data access.
@@ -45,15 +46,25 @@ impl TenantSlots {
         }
     }
 
-    /// One slot of tenant `key`, waiting at most the configured time for it.
-    pub(super) async fn acquire(self: &Arc<Self>, key: &str) -> Result<Slot, ApiError> {
-        let sem = self
-            .map
-            .lock()
-            .expect("slots lock")
-            .entry(key.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant)))
-            .clone();
+    /// One slot of tenant `key`, whose share is `own` (its `spec.api.maxConcurrency`) or else
+    /// the default, waiting at most the configured time for it. A changed share takes effect
+    /// at once for new requests; those already in flight finish on the old one.
+    pub(super) async fn acquire(
+        self: &Arc<Self>,
+        key: &str,
+        own: Option<u32>,
+    ) -> Result<Slot, ApiError> {
+        let share = own.map_or(self.per_tenant, |n| (n as usize).max(1));
+        let sem = {
+            let mut map = self.map.lock().expect("slots lock");
+            let entry = map
+                .entry(key.to_string())
+                .or_insert_with(|| (share, Arc::new(Semaphore::new(share))));
+            if entry.0 != share {
+                *entry = (share, Arc::new(Semaphore::new(share)));
+            }
+            entry.1.clone()
+        };
         // Made before waiting, so that the entry is cleaned up however this ends (slot
         // dropped, wait timed out, or the request cancelled while waiting).
         let mut slot = Slot {
@@ -77,10 +88,7 @@ impl TenantSlots {
         match acquired {
             true => Ok(slot),
             false => Err(ApiError::too_many_requests(
-                format!(
-                    "this tenant already has {} requests in flight; retry shortly",
-                    self.per_tenant
-                ),
+                format!("this tenant already has {share} requests in flight; retry shortly"),
                 1,
             )),
         }
@@ -106,7 +114,7 @@ impl Drop for Slot {
         // exists or waits, and none can appear before the lock is released.
         if map
             .get(&self.key)
-            .is_some_and(|s| Arc::strong_count(s) == 1)
+            .is_some_and(|(_, s)| Arc::strong_count(s) == 1)
         {
             map.remove(&self.key);
         }
@@ -120,20 +128,20 @@ mod tests {
     #[tokio::test]
     async fn a_tenant_gets_its_share_and_no_more_and_idle_tenants_leave_no_entry() {
         let slots = Arc::new(TenantSlots::new(2, Duration::from_millis(20)));
-        let a1 = slots.acquire("acme").await.unwrap();
-        let a2 = slots.acquire("acme").await.unwrap();
-        let e = slots.acquire("acme").await.err().unwrap();
+        let a1 = slots.acquire("acme", None).await.unwrap();
+        let a2 = slots.acquire("acme", None).await.unwrap();
+        let e = slots.acquire("acme", None).await.err().unwrap();
         assert_eq!((e.status.as_u16(), e.kind), (429, "too-many-requests"));
         assert_eq!(e.retry_after, Some(1));
         // Another tenant is not affected.
-        let g = slots.acquire("globex").await.unwrap();
+        let g = slots.acquire("globex", None).await.unwrap();
         assert_eq!(slots.tenants(), 2);
         drop(g);
         assert_eq!(slots.tenants(), 1);
         // A waiter gets the slot freed while it waits.
         let waiter = {
             let slots = slots.clone();
-            tokio::spawn(async move { slots.acquire("acme").await.map(|_| ()) })
+            tokio::spawn(async move { slots.acquire("acme", None).await.map(|_| ()) })
         };
         tokio::time::sleep(Duration::from_millis(5)).await;
         drop(a1);
@@ -145,10 +153,10 @@ mod tests {
     #[tokio::test]
     async fn timed_out_and_cancelled_waiters_leave_no_entry() {
         let slots = Arc::new(TenantSlots::new(1, Duration::from_secs(5)));
-        let held = slots.acquire("acme").await.unwrap();
+        let held = slots.acquire("acme", None).await.unwrap();
         let waiter = {
             let slots = slots.clone();
-            tokio::spawn(async move { slots.acquire("acme").await.map(|_| ()) })
+            tokio::spawn(async move { slots.acquire("acme", None).await.map(|_| ()) })
         };
         tokio::time::sleep(Duration::from_millis(5)).await;
         waiter.abort();
@@ -157,14 +165,30 @@ mod tests {
         assert_eq!(slots.tenants(), 0);
 
         let slots = Arc::new(TenantSlots::new(1, Duration::from_millis(10)));
-        let held = slots.acquire("acme").await.unwrap();
-        assert!(slots.acquire("acme").await.is_err());
+        let held = slots.acquire("acme", None).await.unwrap();
+        assert!(slots.acquire("acme", None).await.is_err());
         assert_eq!(slots.tenants(), 1);
         drop(held);
         assert_eq!(slots.tenants(), 0);
         // Freed slots are reusable: the permits came back.
-        let a = slots.acquire("acme").await.unwrap();
+        let a = slots.acquire("acme", None).await.unwrap();
         drop(a);
-        let _b = slots.acquire("acme").await.unwrap();
+        let _b = slots.acquire("acme", None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_tenants_own_share_overrides_the_default_and_changes_live() {
+        let slots = Arc::new(TenantSlots::new(1, Duration::from_millis(10)));
+        let a1 = slots.acquire("acme", Some(2)).await.unwrap();
+        let a2 = slots.acquire("acme", Some(2)).await.unwrap();
+        let e = slots.acquire("acme", Some(2)).await.err().unwrap();
+        assert_eq!(e.status, axum::http::StatusCode::TOO_MANY_REQUESTS);
+        // Lowered to 1 while two are in flight: new requests get the new share.
+        let b1 = slots.acquire("acme", Some(1)).await.unwrap();
+        assert!(slots.acquire("acme", Some(1)).await.is_err());
+        drop((a1, a2, b1));
+        assert_eq!(slots.tenants(), 0);
+        let _g = slots.acquire("globex", None).await.unwrap();
+        assert!(slots.acquire("globex", None).await.is_err());
     }
 }

@@ -58,6 +58,28 @@ pub struct TenantSpec {
     /// Options for the credentials Secret.
     #[serde(default)]
     pub credentials: CredentialsSpec,
+
+    /// How the tenantry API serves this tenant.
+    #[serde(default, skip_serializing_if = "ApiSpec::is_default")]
+    pub api: ApiSpec,
+}
+
+/// How the tenantry API serves one tenant.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiSpec {
+    /// Data requests this tenant may have in flight at once on the API's shared pool; beyond
+    /// it, requests wait briefly and are then refused with 429 and `Retry-After`. Defaults to
+    /// the API's `--tenant-max-concurrency` (a quarter of its pool unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_concurrency: Option<u32>,
+}
+
+impl ApiSpec {
+    fn is_default(&self) -> bool {
+        self == &Self::default()
+    }
 }
 
 /// What to do with tenant data when the Tenant is deleted.

@@ -1334,3 +1334,76 @@ async fn a_tenant_locking_its_own_table_cannot_starve_the_others() {
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
 }
+
+/// `spec.api.maxConcurrency` gives one tenant its own share of the pool, read live from the
+/// Tenant: with a share of 1, a tenant whose one request waits on a lock gets 429 for the
+/// others at once, while the API-wide share (3 here) would have let three wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_own_share_overrides_the_default() {
+    let s = Stage::sharing(&["acme"], 3, 1000).await;
+    let acme = token(&s.ns, "acme").await;
+    let a = s
+        .send(Method::GET, "/v1/tables/projects", &acme, None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let mut locker = super::as_tenant(&s.ns, "acme").await;
+    let lock = format!(
+        "LOCK TABLE \"{}\".projects IN ACCESS EXCLUSIVE MODE",
+        s.schema("acme")
+    );
+
+    let flood = |n: usize| {
+        futures::future::join_all(
+            (0..n).map(|_| s.send(Method::GET, "/v1/tables/projects", &acme, None)),
+        )
+    };
+    let kinds = |answers: Vec<Answer>| {
+        let mut kinds = std::collections::BTreeMap::new();
+        for a in &answers {
+            *kinds.entry(a.problem()).or_insert(0) += 1;
+        }
+        kinds
+    };
+
+    // The API-wide share: three requests wait on the lock, the fourth is refused.
+    locker.execute("BEGIN").await.unwrap();
+    locker.execute(lock.as_str()).await.unwrap();
+    let k = kinds(flood(4).await);
+    assert_eq!(k.get("lock-timeout"), Some(&3), "{k:?}");
+    assert_eq!(k.get("too-many-requests"), Some(&1), "{k:?}");
+    locker.execute("ROLLBACK").await.unwrap();
+
+    // The tenant's own share of 1, once the API has seen it.
+    s.ns.tenants()
+        .patch(
+            "acme",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"api": {"maxConcurrency": 1}}})),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(
+        s.api.registry.by_name("acme"),
+        tenantry::registry::Lookup::Found(e) if e.info.max_concurrency == Some(1)
+    ) {
+        assert!(Instant::now() < deadline, "the API never saw the share");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    locker.execute("BEGIN").await.unwrap();
+    locker.execute(lock.as_str()).await.unwrap();
+    let answers = flood(4).await;
+    let refused = answers
+        .iter()
+        .find(|a| a.status == StatusCode::TOO_MANY_REQUESTS)
+        .map(|a| a.json()["detail"].clone());
+    let k = kinds(answers);
+    assert_eq!(k.get("lock-timeout"), Some(&1), "{k:?}");
+    assert_eq!(k.get("too-many-requests"), Some(&3), "{k:?}");
+    assert!(
+        refused.is_some_and(|d| d.as_str().unwrap().contains("1 requests in flight")),
+        "the refusal names the tenant's share"
+    );
+    locker.execute("ROLLBACK").await.unwrap();
+    s.no_idle_transactions().await;
+}
