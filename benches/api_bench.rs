@@ -68,15 +68,338 @@ fn wrk(port: u16, script: &std::path::Path, seconds: u64, connections: u64) -> W
     }
 }
 
-pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
+/// What a benchmark request does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Shape {
+    /// GET one row by primary key.
+    Get,
+    /// GET a filtered, limited list.
+    List,
+    /// POST one new row, answered with it.
+    Post,
+}
+
+/// How each request picks its tenant.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Pick {
+    Uniform,
+    /// Zipf with s = 1.1 over the tenants, in their creation order.
+    Zipf,
+}
+
+impl Shape {
+    fn label(self) -> &'static str {
+        match self {
+            Shape::Get => "GET by primary key",
+            Shape::List => "GET list with filter (`id=gte.1&limit=10`)",
+            Shape::Post => "POST one row",
+        }
+    }
+
+    /// wrk's request for this shape: path, method and body (Lua expressions).
+    fn lua(self, prefix: &str) -> (String, &'static str, &'static str) {
+        match self {
+            Shape::Get => (format!("\"{prefix}/1\""), "GET", "nil"),
+            Shape::List => (
+                format!("\"{prefix}?id=gte.1&limit=10\""),
+                "GET",
+                "nil",
+            ),
+            Shape::Post => (
+                format!("\"{prefix}\""),
+                "POST",
+                "string.format('{\"name\":\"n%d-%d\",\"description\":\"benchmark row\"}', math.random(1, 1000000000), counter)",
+            ),
+        }
+    }
+}
+
+/// A wrk script for `shape`: for tenantry (`tokens`, one per tenant, picked by `pick`) or,
+/// with no tokens, for the plain server.
+fn script(
+    dir: &std::path::Path,
+    shape: Shape,
+    pick: Pick,
+    tokens: &[String],
+) -> std::path::PathBuf {
+    let plain = tokens.is_empty();
+    let prefix = if plain {
+        "/projects"
+    } else {
+        "/v1/tables/projects"
+    };
+    let (path, method, body) = shape.lua(prefix);
+    let mut lua = String::from("counter = 0\n");
+    if plain {
+        lua.push_str("function pick() return nil end\n");
+    } else {
+        let quoted: Vec<String> = tokens.iter().map(|t| format!("\"Bearer {t}\"")).collect();
+        lua.push_str(&format!("tokens = {{ {} }}\n", quoted.join(", ")));
+        match pick {
+            Pick::Uniform => lua.push_str("function pick() return tokens[math.random(#tokens)] end\n"),
+            Pick::Zipf => lua.push_str(
+                "cdf = {}\nlocal total = 0\nfor i = 1, #tokens do total = total + 1 / i ^ 1.1; cdf[i] = total end\n\
+                 function pick()\n  local u = math.random() * total\n  local lo, hi = 1, #tokens\n  \
+                 while lo < hi do local mid = (lo + hi) // 2; if cdf[mid] < u then lo = mid + 1 else hi = mid end end\n  \
+                 return tokens[lo]\nend\n",
+            ),
+        }
+    }
+    lua.push_str(&format!(
+        "init = function(args) math.randomseed(os.time() + math.floor(os.clock() * 1000000)) end\n\
+         request = function()\n  counter = counter + 1\n  local h = {{ [\"Content-Type\"] = \"application/json\" }}\n  \
+         local t = pick()\n  if t then h[\"Authorization\"] = t end\n  \
+         return wrk.format(\"{method}\", {path}, h, {body})\nend\n"
+    ));
+    let file = dir.join(format!(
+        "{}-{shape:?}-{pick:?}.lua",
+        if plain { "plain" } else { "tenantry" }
+    ));
+    std::fs::write(&file, lua).unwrap();
+    file
+}
+
+/// A plain axum + sqlx server on one schema, no tenancy, serving the three shapes with the
+/// same SQL shapes as tenantry's; `ping` as sqlx configures a pool by default.
+async fn plain_server(stack: &Stack, schema: &str, pool_size: u32, ping: bool) -> u16 {
     use axum::{
         extract::{Path, State},
         routing::get,
-        Router,
+        Json, Router,
     };
+    let pool = PgPoolOptions::new()
+        .max_connections(pool_size)
+        .test_before_acquire(ping)
+        .connect(&stack.database_url)
+        .await
+        .unwrap();
+    let t = Arc::new(format!("\"{schema}\".projects"));
+    type St = State<(sqlx::PgPool, Arc<String>)>;
+    let app = Router::new()
+        .route(
+            "/projects/{id}",
+            get(|State((pool, t)): St, Path(id): Path<String>| async move {
+                let row: Option<String> = sqlx::query_scalar(&format!(
+                    "SELECT row_to_json(_r)::text FROM (SELECT * FROM {t} WHERE id = CAST($1 AS bigint)) _r"
+                ))
+                .bind(id)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+                row.unwrap_or_default()
+            }),
+        )
+        .route(
+            "/projects",
+            get(|State((pool, t)): St| async move {
+                let rows: String = sqlx::query_scalar(&format!(
+                    "SELECT coalesce(json_agg(_r), '[]')::text FROM (SELECT * FROM {t} WHERE id >= CAST($1 AS bigint) LIMIT 10) _r"
+                ))
+                .bind("1")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                rows
+            })
+            .post(|State((pool, t)): St, Json(v): Json<serde_json::Value>| async move {
+                let row: String = sqlx::query_scalar(&format!(
+                    "INSERT INTO {t} AS _t (name, description) VALUES ($1, $2) RETURNING row_to_json(_t)::text"
+                ))
+                .bind(v["name"].as_str().unwrap_or_default().to_string())
+                .bind(v["description"].as_str().map(str::to_string))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                (axum::http::StatusCode::CREATED, row)
+            }),
+        )
+        .with_state((pool, t));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+/// tenantry's API, in-process, on a fresh gateway pool and registry (nothing cached), with a
+/// count of answered requests.
+struct Ours {
+    port: u16,
+    answered: Arc<AtomicI64>,
+    pool: tenantry::api::Pool,
+    started: Instant,
+}
+
+async fn start_ours(
+    client: &Client,
+    ns: &str,
+    gateway_uri: &str,
+    pool_size: u32,
+    lifetime: Duration,
+    tenant_share: u32,
+) -> Ours {
+    let started = Instant::now();
+    let pool = tenantry::api::connect(
+        gateway_uri,
+        tenantry::api::PoolConfig {
+            size: pool_size,
+            acquire_timeout: Duration::from_secs(5),
+            max_lifetime: lifetime,
+        },
+        false,
+    )
+    .await
+    .unwrap();
+    let config = tenantry::registry::Config {
+        namespace: Some(ns.to_string()),
+        base_domain: None,
+        signing_key: (ns.to_string(), "tenantry-signing-key".into()),
+    };
+    let (registry, _watch) = tenantry::registry::watch(client.clone(), &config);
+    while !registry.is_synced() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let settings = tenantry::api::Settings {
+        auth: tenantry::api::auth::AuthConfig {
+            leeway_secs: 30,
+            ..Default::default()
+        },
+        limits: tenantry::api::Limits {
+            tenant_max_concurrency: tenant_share,
+            ..tenantry::api::Limits::default()
+        },
+    };
+    let answered = Arc::new(AtomicI64::new(0));
+    let count = answered.clone();
+    let app = tenantry::api::router(tenantry::api::AppState::new(
+        registry,
+        pool.clone(),
+        settings,
+    ))
+    .layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let count = count.clone();
+            async move {
+                let res = next.run(req).await;
+                count.fetch_add(1, Ordering::Relaxed);
+                res
+            }
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Ours {
+        port,
+        answered,
+        pool,
+        started,
+    }
+}
+
+/// Runs wrk in a blocking thread so that the in-process servers keep their runtime.
+async fn wrk_async(
+    port: u16,
+    script: &std::path::Path,
+    seconds: u64,
+    connections: u64,
+) -> WrkResult {
+    let script = script.to_path_buf();
+    tokio::task::spawn_blocking(move || wrk(port, &script, seconds, connections))
+        .await
+        .unwrap()
+}
+
+/// Warms one server with 5-second wrk windows until two in a row are within 5 % of each other
+/// (at least two windows, at most eight): the check that every (connection, statement) pair
+/// has reached its steady state. Returns the windows run.
+async fn warm(port: u16, script: &std::path::Path, connections: u64) -> usize {
+    let mut last = wrk_async(port, script, 5, connections).await.rps;
+    for windows in 2..=8 {
+        let now = wrk_async(port, script, 5, connections).await.rps;
+        if (now - last).abs() <= 0.05 * last.max(now) {
+            return windows;
+        }
+        last = now;
+    }
+    8
+}
+
+fn fmt_run(r: &WrkResult) -> String {
+    format!(
+        "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms{}",
+        r.rps,
+        r.p50_ms,
+        r.p99_ms,
+        if r.non_2xx > 0 {
+            format!(", {} non-2xx", r.non_2xx)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Peak number of the gateway's connections seen while `f` runs.
+async fn peak_connections<F: std::future::Future>(admin: &sqlx::PgPool, f: F) -> (F::Output, i64) {
+    let peak = Arc::new(AtomicI64::new(0));
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (admin, peak, sampling) = (admin.clone(), peak.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while sampling.load(Ordering::SeqCst) {
+                let c: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = 'bench_gateway'",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                peak.fetch_max(c, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let out = f.await;
+    sampling.store(false, Ordering::SeqCst);
+    sampler.await.unwrap();
+    (out, peak.load(Ordering::SeqCst))
+}
+
+/// Private memory of the gateway's PostgreSQL backends (catalog and relation caches,
+/// prepared statements), RssAnon from /proc: mean and largest.
+async fn backend_memory(admin: &sqlx::PgPool) -> (f64, f64) {
+    let pids: Vec<i32> =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE usename = 'bench_gateway'")
+            .fetch_all(admin)
+            .await
+            .unwrap_or_default();
+    let anon: Vec<u64> = pids
+        .iter()
+        .map(|p| rss_kb(*p as u32, "RssAnon:"))
+        .filter(|k| *k > 0)
+        .collect();
+    if anon.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    (
+        anon.iter().sum::<u64>() as f64 / anon.len() as f64 / 1024.0,
+        *anon.iter().max().unwrap() as f64 / 1024.0,
+    )
+}
+
+/// Load average (1 min), to say how busy the machine was.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_string()
+}
+
+pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     let pool_size = arg("--pool", 16) as u32;
     let seconds = arg("--seconds", 10);
     let tenant_share = arg("--tenant-max-concurrency", 0) as u32;
+    let only_get = std::env::args().any(|a| a == "--get-only");
     let connections = 32;
     let client = client(stack).await;
     let ns = format!("bench-api-{n}");
@@ -108,7 +431,7 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
         .collect::<Vec<_>>()
         .await;
 
-    // Tokens for every tenant, signed with the keys from their Secrets.
+    // Tokens for every tenant in creation order (Zipf rank), signed with their Secrets' keys.
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
     let list = secrets
         .list(&kube::api::ListParams::default().labels("app.kubernetes.io/managed-by=tenantry"))
@@ -126,105 +449,34 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
                 .unwrap()
                 .trim_end_matches("-db")
                 .to_string();
-            tokens.push(tenantry::cli::mint_token(&name, &key.0, "bench", 3600).unwrap());
+            tokens.push((
+                name.clone(),
+                tenantry::cli::mint_token(&name, &key.0, "bench", 3600).unwrap(),
+            ));
         } else if s.metadata.name.as_deref() == Some("tenantry-gateway") {
             gateway_uri = String::from_utf8(data["uri"].0.clone()).unwrap();
         }
     }
+    tokens.sort();
+    let tokens: Vec<String> = tokens.into_iter().map(|(_, t)| t).collect();
     assert_eq!(tokens.len(), n);
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("tenantry.lua");
-    let lua_tokens: Vec<String> = tokens.iter().map(|t| format!("\"{t}\"")).collect();
-    std::fs::write(
-        &script,
-        format!(
-            "tokens = {{ {} }}\nrequest = function()\n  local t = tokens[math.random(#tokens)]\n  return wrk.format(\"GET\", \"/v1/tables/projects/1\", {{ [\"Authorization\"] = \"Bearer \" .. t }})\nend\n",
-            lua_tokens.join(", ")
-        ),
-    )
-    .unwrap();
-    let plain_script = dir.path().join("plain.lua");
-    std::fs::write(
-        &plain_script,
-        "request = function()\n  return wrk.format(\"GET\", \"/projects/1\")\nend\n",
-    )
-    .unwrap();
 
-    // Baselines: plain axum + sqlx, the same primary-key read on one schema, no tenancy; once
-    // as sqlx configures a pool by default (a ping before every acquire), once without it.
-    let table = Arc::new(format!("\"{}\".projects", schemas[0]));
-    let mut plain_ports = Vec::new();
-    for ping in [true, false] {
-        let plain_pool = PgPoolOptions::new()
-            .max_connections(pool_size)
-            .test_before_acquire(ping)
-            .connect(&stack.database_url)
-            .await
-            .unwrap();
-        let plain = Router::new()
-            .route(
-                "/projects/{id}",
-                get(|State((pool, table)): State<(sqlx::PgPool, Arc<String>)>, Path(id): Path<String>| async move {
-                    let row: Option<String> = sqlx::query_scalar(&format!(
-                        "SELECT row_to_json(_r)::text FROM (SELECT * FROM {table} WHERE id = CAST($1 AS bigint)) _r"
-                    ))
-                    .bind(id)
-                    .fetch_optional(&pool)
-                    .await
-                    .unwrap();
-                    row.unwrap_or_default()
-                }),
-            )
-            .with_state((plain_pool, table.clone()));
-        let plain_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        plain_ports.push(plain_listener.local_addr().unwrap().port());
-        tokio::spawn(async move { axum::serve(plain_listener, plain).await.unwrap() });
-    }
-    let (plain_port, noping_port) = (plain_ports[0], plain_ports[1]);
-
-    // tenantry's API, in-process, on the gateway pool.
-    let pool = tenantry::api::connect(
+    let plain_port = plain_server(stack, &schemas[0], pool_size, true).await;
+    let noping_port = plain_server(stack, &schemas[0], pool_size, false).await;
+    let ours = start_ours(
+        &client,
+        &ns,
         &gateway_uri,
-        tenantry::api::PoolConfig {
-            size: pool_size,
-            acquire_timeout: Duration::from_secs(5),
-            max_lifetime: Duration::from_secs(1800),
-        },
-        false,
+        pool_size,
+        Duration::from_secs(1800),
+        tenant_share,
     )
-    .await
-    .unwrap();
-    let config = tenantry::registry::Config {
-        namespace: Some(ns.to_string()),
-        base_domain: None,
-        signing_key: (ns.to_string(), "tenantry-signing-key".into()),
-    };
-    let (registry, _watch) = tenantry::registry::watch(client.clone(), &config);
-    while !registry.is_synced() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let settings = tenantry::api::Settings {
-        auth: tenantry::api::auth::AuthConfig {
-            leeway_secs: 30,
-            ..Default::default()
-        },
-        limits: tenantry::api::Limits {
-            tenant_max_concurrency: tenant_share,
-            ..tenantry::api::Limits::default()
-        },
-    };
-    let app = tenantry::api::router(tenantry::api::AppState::new(
-        registry,
-        pool.clone(),
-        settings,
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    .await;
     let first = tokens[0].clone();
     assert_eq!(
         http_status(
-            port,
+            ours.port,
             "/v1/tables/projects/1",
             &[("Authorization", &format!("Bearer {first}"))]
         )
@@ -232,77 +484,200 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
         Some(200)
     );
 
-    // Warm all three equally (prepared statements, catalog caches), then measure.
-    for p in [plain_port, noping_port] {
-        let _ = wrk(p, &plain_script, seconds, connections);
-    }
-    let _ = wrk(port, &script, seconds, connections);
-    let base = wrk(plain_port, &plain_script, seconds, connections);
-    let noping = wrk(noping_port, &plain_script, seconds, connections);
-    let peak = Arc::new(AtomicI64::new(0));
-    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let sampler = {
-        let (admin, peak, sampling) = (admin.clone(), peak.clone(), sampling.clone());
-        tokio::spawn(async move {
-            while sampling.load(Ordering::SeqCst) {
-                let c: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE usename = 'bench_gateway'",
-                )
-                .fetch_one(&admin)
-                .await
-                .unwrap();
-                peak.fetch_max(c, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
-    let ours = tokio::task::spawn_blocking({
-        let script = script.clone();
-        move || wrk(port, &script, seconds, connections)
-    })
-    .await
-    .unwrap();
-    sampling.store(false, Ordering::SeqCst);
-    sampler.await.unwrap();
-    // Private memory of the API's PostgreSQL backends after visiting many tenant schemas
-    // (catalog and relation caches, prepared statements): RssAnon from /proc.
-    let pids: Vec<i32> =
-        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE usename = 'bench_gateway'")
-            .fetch_all(&admin)
-            .await
-            .unwrap_or_default();
-    let anon: Vec<u64> = pids
-        .iter()
-        .map(|p| rss_kb(*p as u32, "RssAnon:"))
-        .filter(|k| *k > 0)
-        .collect();
-    let backend_mb = if anon.is_empty() {
-        f64::NAN
+    let share = if tenant_share == 0 {
+        format!("{} (default rule)", (pool_size / 4).max(1))
     } else {
-        anon.iter().sum::<u64>() as f64 / anon.len() as f64 / 1024.0
+        tenant_share.to_string()
     };
-    format!(
-        "| GET by primary key with JWT, random tenant of {n} (wrk, {connections} connections, {seconds} s) | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx | plain axum + sqlx, one schema: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms; same without the per-acquire ping: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | {:.2}× / {:.2}× | pool {pool_size}, per-tenant share {share}; peak gateway connections {}; backend private memory {:.1} MB each |",
-        ours.rps,
-        ours.p50_ms,
-        ours.p99_ms,
-        ours.non_2xx,
-        base.rps,
-        base.p50_ms,
-        base.p99_ms,
-        noping.rps,
-        noping.p50_ms,
-        noping.p99_ms,
-        ours.rps / base.rps,
-        ours.rps / noping.rps,
-        peak.load(Ordering::SeqCst),
-        backend_mb,
-        share = if tenant_share == 0 {
-            format!("{} (default rule)", (pool_size / 4).max(1))
-        } else {
-            tenant_share.to_string()
+    let mut rows = Vec::new();
+    let mut cases = vec![(Shape::Get, Pick::Uniform), (Shape::Get, Pick::Zipf)];
+    if !only_get {
+        cases.extend([(Shape::List, Pick::Uniform), (Shape::Post, Pick::Uniform)]);
+    }
+    for (shape, pick) in cases {
+        if n == 1 && pick == Pick::Zipf {
+            continue; // one tenant: no choice to skew
         }
+        let plain = script(dir.path(), shape, pick, &[]);
+        let mine = script(dir.path(), shape, pick, &tokens);
+        let mut windows = Vec::new();
+        for (port, s) in [
+            (plain_port, &plain),
+            (noping_port, &plain),
+            (ours.port, &mine),
+        ] {
+            windows.push(warm(port, s, connections).await);
+        }
+        let base = wrk_async(plain_port, &plain, seconds, connections).await;
+        let noping = wrk_async(noping_port, &plain, seconds, connections).await;
+        let (mine_run, peak) =
+            peak_connections(&admin, wrk_async(ours.port, &mine, seconds, connections)).await;
+        let (mean_mb, max_mb) = backend_memory(&admin).await;
+        rows.push(format!(
+            "| {} with JWT, {pick:?} tenant of {n} (wrk, {connections} connections, {seconds} s) | {} | plain axum + sqlx, one schema: {}; without the per-acquire ping: {} | {:.2}× / {:.2}× | pool {pool_size} ({} groups), per-tenant share {share}; peak gateway connections {peak}; backend private memory {mean_mb:.1} MB mean, {max_mb:.1} MB largest; warm-up windows (plain, no-ping, tenantry) {windows:?}; load {} |",
+            shape.label(),
+            fmt_run(&mine_run),
+            fmt_run(&base),
+            fmt_run(&noping),
+            mine_run.rps / base.rps,
+            mine_run.rps / noping.rps,
+            ours.pool.groups(),
+            load(),
+        ));
+    }
+    if std::env::args().any(|a| a == "--cold") {
+        rows.extend(
+            cold_and_recycle(
+                &client,
+                &ns,
+                &gateway_uri,
+                stack,
+                &schemas[0],
+                pool_size,
+                tenant_share,
+                &tokens,
+                dir.path(),
+                connections,
+            )
+            .await,
+        );
+    }
+    rows.join("\n")
+}
+
+/// Throughput per second of a server while `wrk` runs `seconds` against it: requests
+/// answered each second (read from `answered`) and connections opened (from `opened`).
+async fn per_second(
+    port: u16,
+    script: &std::path::Path,
+    seconds: u64,
+    connections: u64,
+    answered: impl Fn() -> i64,
+    opened: impl Fn() -> u64,
+) -> (WrkResult, Vec<(i64, u64)>) {
+    let script = script.to_path_buf();
+    let run = tokio::spawn(async move { wrk_async(port, &script, seconds, connections).await });
+    let mut series = Vec::new();
+    let (mut a0, mut o0) = (answered(), opened());
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    for _ in 0..seconds {
+        tick.tick().await;
+        let (a, o) = (answered(), opened());
+        series.push((a - a0, o - o0));
+        (a0, o0) = (a, o);
+    }
+    (run.await.unwrap(), series)
+}
+
+/// Cold start (the first 15 s after a fresh API, and a fresh plain server, start) and
+/// connection recycling (throughput per second around recycles).
+#[allow(clippy::too_many_arguments)]
+async fn cold_and_recycle(
+    client: &Client,
+    ns: &str,
+    gateway_uri: &str,
+    stack: &Stack,
+    schema: &str,
+    pool_size: u32,
+    tenant_share: u32,
+    tokens: &[String],
+    dir: &std::path::Path,
+    connections: u64,
+) -> Vec<String> {
+    let n = tokens.len();
+    let mine = script(dir, Shape::Get, Pick::Uniform, tokens);
+    let plain = script(dir, Shape::Get, Pick::Uniform, &[]);
+    let mut rows = Vec::new();
+
+    // Cold: fresh servers (new pools, new backends, empty caches), measured from the moment
+    // each answers its first request.
+    let fresh_plain = plain_server(stack, schema, pool_size, true).await;
+    let fresh_noping = plain_server(stack, schema, pool_size, false).await;
+    let base = wrk_async(fresh_plain, &plain, 15, connections).await;
+    let noping = wrk_async(fresh_noping, &plain, 15, connections).await;
+    let fresh = start_ours(
+        client,
+        ns,
+        gateway_uri,
+        pool_size,
+        Duration::from_secs(1800),
+        tenant_share,
     )
+    .await;
+    let ready = fresh.started.elapsed();
+    let (cold, series) = per_second(
+        fresh.port,
+        &mine,
+        15,
+        connections,
+        || fresh.answered.load(Ordering::Relaxed),
+        || fresh.pool.opened(),
+    )
+    .await;
+    rows.push(format!(
+        "| cold start: GET by primary key with JWT, uniform tenant of {n}, the first 15 s after start (wrk, {connections} connections) | {} | fresh plain axum + sqlx: {}; without the ping: {} | {:.2}× / {:.2}× | API start → registry synced {:.2} s (not counted); requests per second: {:?}; load {} |",
+        fmt_run(&cold),
+        fmt_run(&base),
+        fmt_run(&noping),
+        cold.rps / base.rps,
+        cold.rps / noping.rps,
+        ready.as_secs_f64(),
+        series.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+        load(),
+    ));
+
+    // Recycle: connections live 20 s (less up to a quarter, at random); 45 s of load after a
+    // 15 s warm-up shows each connection replaced about twice.
+    let recycling = start_ours(
+        client,
+        ns,
+        gateway_uri,
+        pool_size,
+        Duration::from_secs(20),
+        tenant_share,
+    )
+    .await;
+    let _ = wrk_async(recycling.port, &mine, 15, connections).await;
+    let (run, series) = per_second(
+        recycling.port,
+        &mine,
+        45,
+        connections,
+        || recycling.answered.load(Ordering::Relaxed),
+        || recycling.pool.opened(),
+    )
+    .await;
+    let steady: Vec<i64> = series
+        .iter()
+        .filter(|(_, o)| *o == 0)
+        .map(|(a, _)| *a)
+        .collect();
+    let around: Vec<i64> = series
+        .iter()
+        .filter(|(_, o)| *o > 0)
+        .map(|(a, _)| *a)
+        .collect();
+    let median = |v: &[i64]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    rows.push(format!(
+        "| recycle: GET by primary key with JWT, uniform tenant of {n}, connection lifetime 20 s, 45 s (wrk, {connections} connections) | {} | seconds without a recycle: median {} req/s, min {} | seconds with a recycle: median {} req/s, min {} ({} of {}) | per second (req/s, connections opened): {:?}; load {} |",
+        fmt_run(&run),
+        median(&steady),
+        steady.iter().min().copied().unwrap_or(0),
+        median(&around),
+        around.iter().min().copied().unwrap_or(0),
+        around.len(),
+        series.len(),
+        series,
+        load(),
+    ));
+    rows
 }
 
 fn rss_kb(pid: u32, key: &str) -> u64 {

@@ -13,7 +13,10 @@
 
 use std::{
     str::FromStr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -54,6 +57,8 @@ struct Inner {
     config: tokio_postgres::Config,
     cfg: PoolConfig,
     groups: Vec<Group>,
+    /// Connections opened since the pool was: the first, replacements and recycles.
+    opened: AtomicU64,
 }
 
 /// Some of the pool's connections. Its permits, one per connection the group may have, are
@@ -133,6 +138,7 @@ impl Pool {
             config,
             cfg,
             groups,
+            opened: AtomicU64::new(0),
         });
         let first = inner.connect().await?;
         inner.groups[0].idle.lock().expect("pool lock").push(first);
@@ -226,6 +232,12 @@ impl Pool {
             .sum()
     }
 
+    /// Connections opened since the pool was (the first, replacements of broken ones, and
+    /// recycles at the end of their lifetime).
+    pub fn opened(&self) -> u64 {
+        self.inner.opened.load(Ordering::Relaxed)
+    }
+
     /// The number of connection groups (see the module documentation).
     pub fn groups(&self) -> usize {
         self.inner.groups.len()
@@ -252,6 +264,7 @@ fn pool_exhausted() -> ApiError {
 impl Inner {
     async fn connect(&self) -> Result<Conn, tokio_postgres::Error> {
         let (client, connection) = self.config.connect(NoTls).await?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
         let task = tokio::spawn(async move {
             let _ = connection.await;
         });
