@@ -140,7 +140,7 @@ fn script(
             Pick::Zipf => lua.push_str(
                 "cdf = {}\nlocal total = 0\nfor i = 1, #tokens do total = total + 1 / i ^ 1.1; cdf[i] = total end\n\
                  function pick()\n  local u = math.random() * total\n  local lo, hi = 1, #tokens\n  \
-                 while lo < hi do local mid = (lo + hi) // 2; if cdf[mid] < u then lo = mid + 1 else hi = mid end end\n  \
+                 while lo < hi do local mid = math.floor((lo + hi) / 2); if cdf[mid] < u then lo = mid + 1 else hi = mid end end\n  \
                  return tokens[lo]\nend\n",
             ),
         }
@@ -244,6 +244,7 @@ async fn start_ours(
             size: pool_size,
             acquire_timeout: Duration::from_secs(5),
             max_lifetime: lifetime,
+            statement_cache: tenantry::api::pool::STATEMENT_CACHE,
         },
         false,
     )

@@ -328,6 +328,11 @@ pub struct ApiArgs {
     #[arg(long, env = "TENANTRY_POOL_MAX_LIFETIME_SECS", default_value_t = 1800)]
     pub pool_max_lifetime_secs: u64,
 
+    /// Prepared statements kept per pool connection (one per tenant table and query shape
+    /// it served); the least recently used beyond this are closed on the server.
+    #[arg(long, env = "TENANTRY_POOL_STATEMENT_CACHE", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub pool_statement_cache: u64,
+
     /// Largest accepted request body.
     #[arg(long, env = "TENANTRY_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
@@ -445,6 +450,7 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
             size: args.pool_size,
             acquire_timeout: std::time::Duration::from_millis(args.pool_acquire_timeout_ms),
             max_lifetime: std::time::Duration::from_secs(args.pool_max_lifetime_secs),
+            statement_cache: args.pool_statement_cache as usize,
         },
         args.allow_privileged_role,
     )

@@ -69,6 +69,8 @@ pub struct PoolConfig {
     /// Connections are recycled after this long, bounding each backend's catalog cache as it
     /// visits many tenant schemas.
     pub max_lifetime: Duration,
+    /// Prepared statements kept per connection (least recently used ones are closed).
+    pub statement_cache: usize,
 }
 
 /// Why the shared pool could not be opened.

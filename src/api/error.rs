@@ -7,7 +7,7 @@ use axum::{
 };
 use serde_json::json;
 
-use super::query::QueryError;
+use super::{query::QueryError, wire::WireError};
 
 /// Base of every problem `type` URI.
 pub const PROBLEM_BASE: &str = "https://tenantry.dev/problems/";
@@ -206,13 +206,11 @@ fn database(
     }
 }
 
-impl From<tokio_postgres::Error> for ApiError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        match e.as_db_error() {
-            Some(db) => database(db.code().code(), db.message(), db.constraint(), &e),
-            None if e.is_closed()
-                || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) =>
-            {
+impl From<WireError> for ApiError {
+    fn from(e: WireError) -> Self {
+        match &e {
+            WireError::Db(db) => database(&db.code, &db.message, db.constraint.as_deref(), &e),
+            WireError::Io(_) => {
                 tracing::warn!(error = %e, "database unavailable");
                 ApiError::unavailable(
                     "database-unavailable",
@@ -220,7 +218,7 @@ impl From<tokio_postgres::Error> for ApiError {
                     2,
                 )
             }
-            None => ApiError::internal(e),
+            WireError::Protocol(_) => ApiError::internal(e),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `tenantry api`: the tenant-aware data API. Each request is resolved to a tenant from the
 //! watch-fed [`Registry`](crate::registry::Registry), authenticated with a JWT, and served in
 //! one transaction on one shared pool that first switches to the tenant's role and schema
-//! (`SET LOCAL`), so PostgreSQL itself refuses anything outside the tenant's schema.
+//! (`set_config(…, true)`, local to the transaction), so PostgreSQL itself refuses anything outside the tenant's schema.
 //!
 //! Dependencies point one way: `api` → `registry`, `domain` and the PostgreSQL connection
 //! options; never the controller.
@@ -19,6 +19,7 @@ mod share;
 mod state;
 pub mod tenant;
 mod tx;
+pub mod wire;
 
 pub use config::{connect, ConnectError, Limits, PoolConfig, Settings};
 pub use error::ApiError;

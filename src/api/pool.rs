@@ -1,8 +1,8 @@
-//! The data path's connections: a bounded pool of tokio-postgres clients, each with its own
-//! bounded cache of prepared statements. tokio-postgres pipelines requests issued
-//! concurrently on one client, which is what lets a request's `BEGIN`, its settings, its
-//! statement and its `COMMIT` leave in one write (see [`super::tx`]). sqlx, which does not
-//! pipeline, stays everywhere else.
+//! The data path's connections: a bounded pool of [`WireConn`] sessions, each with its own
+//! bounded cache of prepared statements, so that a request's settings, its statement (and
+//! the statement's preparation, the first time) leave in one write ending in one `Sync`
+//! (see [`super::tx`] and [`super::wire`]). sqlx, which does not pipeline, stays everywhere
+//! else.
 //!
 //! The connections are split into groups of [`GROUP_SIZE`], and each tenant is served by
 //! its home group (a hash of its schema) whenever one of that group's connections is free,
@@ -21,18 +21,22 @@ use std::{
 };
 
 use hashlink::LruCache;
-use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
-    task::JoinHandle,
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::types::Type;
+
+use super::{
+    config::PoolConfig,
+    error::ApiError,
+    wire::{Step, WireConn, WireError},
 };
-use tokio_postgres::{Client, NoTls, Statement};
 
-use super::{config::PoolConfig, error::ApiError};
-
-/// Prepared statements kept per connection: one per (tenant table, query shape) the
-/// connection has served. Evicting one drops the last [`Statement`] handle, which makes
-/// tokio-postgres close (deallocate) it on the server.
+/// Prepared statements kept per connection by default: one per (tenant table, query shape)
+/// the connection has served. An evicted one is closed (deallocated) on the server with the
+/// connection's next request.
 pub const STATEMENT_CACHE: usize = 4096;
+
+/// The name of the settings statement ([`super::tx::SETTINGS`]) on every connection.
+pub(super) const SETTINGS_STATEMENT: &str = "tenantry_settings";
 
 /// Connections per group (see the module documentation); a pool smaller than two groups is
 /// one group.
@@ -44,7 +48,7 @@ pub enum PoolError {
     #[error("invalid database URL: {0}")]
     Url(tokio_postgres::Error),
     #[error(transparent)]
-    Database(#[from] tokio_postgres::Error),
+    Database(#[from] WireError),
 }
 
 /// One pool for all tenants. Cheap to clone.
@@ -85,37 +89,64 @@ fn home(key: &str, n: usize) -> usize {
     (h % n as u64) as usize
 }
 
-/// One connection, its driver task and its statements.
+/// An idle connection's session, as [`Pool::inspect_idle`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdleSession {
+    pub current_user: String,
+    pub search_path: String,
+    /// Statements prepared on the server in this session.
+    pub prepared: i64,
+}
+
+/// One connection and its prepared statements.
 pub(super) struct Conn {
-    pub(super) client: Client,
-    task: JoinHandle<()>,
+    pub(super) wire: WireConn,
     /// Recycle after this instant: the configured lifetime less up to a quarter, at random,
     /// so that connections opened together are not all replaced together.
     retire_at: Instant,
-    statements: LruCache<String, Statement>,
-    /// [`super::tx::SETTINGS`], prepared when the connection opened.
-    pub(super) settings: Statement,
+    /// Statement name by SQL text, at most `capacity`.
+    statements: LruCache<String, String>,
+    capacity: usize,
+    /// Statements evicted from the cache, to close with the next request.
+    evicted: Vec<String>,
+    next_name: u64,
 }
 
 impl Conn {
-    pub(super) fn statement(&mut self, sql: &str) -> Option<Statement> {
-        self.statements.get(sql).cloned()
+    /// The name of the prepared statement for `sql`, and whether it must be prepared (it is
+    /// then remembered as prepared: a failed preparation must be [`Conn::forget`]-ed).
+    pub(super) fn statement(&mut self, sql: &str) -> (String, bool) {
+        if let Some(name) = self.statements.get(sql) {
+            return (name.clone(), false);
+        }
+        if self.statements.len() >= self.capacity {
+            if let Some((_, old)) = self.statements.remove_lru() {
+                self.evicted.push(old);
+            }
+        }
+        self.next_name += 1;
+        let name = format!("s{}", self.next_name);
+        self.statements.insert(sql.to_string(), name.clone());
+        (name, true)
     }
 
-    pub(super) fn remember(&mut self, sql: &str, s: Statement) {
-        self.statements.insert(sql.to_string(), s);
-    }
-
+    /// Forgets the statement for `sql` (not prepared after all, or lost on the server).
     pub(super) fn forget(&mut self, sql: &str) {
         self.statements.remove(sql);
     }
-}
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // Ends the driver task, which closes the socket: the server ends the session and
-        // rolls back whatever transaction it was in.
-        self.task.abort();
+    /// Statements to close with the next request; the list is emptied.
+    pub(super) fn take_evicted(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Puts statements whose closing did not complete back in the list.
+    pub(super) fn restore_evicted(&mut self, names: Vec<String>) {
+        self.evicted.extend(names);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.wire.is_broken()
     }
 }
 
@@ -172,7 +203,7 @@ impl Pool {
         let reused = loop {
             let c = groups[group].idle.lock().expect("pool lock").pop();
             match c {
-                Some(c) if c.client.is_closed() => continue,
+                Some(c) if c.is_closed() => continue,
                 other => break other,
             }
         };
@@ -190,22 +221,81 @@ impl Pool {
     }
 
     /// The login role and whether it is a superuser or bypasses row-level security.
-    pub(super) async fn login_role(&self) -> Result<(String, bool, bool), tokio_postgres::Error> {
+    pub(super) async fn login_role(&self) -> Result<(String, bool, bool), WireError> {
         let idle = &self.inner.groups[0].idle;
         let c = idle.lock().expect("pool lock").pop();
-        let c = match c {
+        let mut c = match c {
             Some(c) => c,
             None => self.inner.connect().await?,
         };
-        let row = c
-            .client
-            .query_one(
-                "SELECT rolname::pg_catalog.text, rolsuper, rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user",
-                &[],
-            )
+        let rows = c
+            .wire
+            .sync(&[
+                Step::Parse {
+                    name: "",
+                    sql: "SELECT rolname::pg_catalog.text, rolsuper, rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user",
+                    types: &[],
+                },
+                Step::Execute {
+                    statement: "",
+                    params: &[],
+                    types: &[],
+                },
+            ])
             .await?;
         idle.lock().expect("pool lock").push(c);
-        Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+        let row = rows
+            .first()
+            .ok_or_else(|| WireError::Protocol("the login role is not in pg_roles".into()))?;
+        Ok((row.string(0)?, row.bool(1)?, row.bool(2)?))
+    }
+
+    /// What each idle connection's session looks like between transactions, after closing
+    /// the statements evicted from its cache: the current user and search_path (a tenant
+    /// transaction must leave neither behind) and the statements prepared on the server (the
+    /// settings statement included: what the cache bounds). Runs nothing but a catalog
+    /// query, as the gateway.
+    pub async fn inspect_idle(&self) -> Result<Vec<IdleSession>, WireError> {
+        const INSPECT: &str = "SELECT current_user::pg_catalog.text, pg_catalog.current_setting('search_path'), (SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements)::pg_catalog.text";
+        let mut out = Vec::new();
+        for g in &self.inner.groups {
+            let idle: Vec<Conn> = std::mem::take(&mut *g.idle.lock().expect("pool lock"));
+            let mut kept = Vec::new();
+            let mut failed = None;
+            for mut c in idle {
+                let evicted = c.take_evicted();
+                let mut steps: Vec<Step<'_>> = evicted.iter().map(|n| Step::Close(n)).collect();
+                steps.push(Step::Parse {
+                    name: "",
+                    sql: INSPECT,
+                    types: &[],
+                });
+                steps.push(Step::Execute {
+                    statement: "",
+                    params: &[],
+                    types: &[],
+                });
+                match c.wire.sync(&steps).await {
+                    Ok(rows) => {
+                        let row = rows
+                            .first()
+                            .ok_or_else(|| WireError::Protocol("no row".into()))?;
+                        out.push(IdleSession {
+                            current_user: row.string(0)?,
+                            search_path: row.string(1)?,
+                            prepared: row.string(2)?.parse().unwrap_or(-1),
+                        });
+                        kept.push(c);
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+            g.idle.lock().expect("pool lock").extend(kept);
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        Ok(out)
     }
 
     /// Connections the pool may open at most.
@@ -262,21 +352,29 @@ fn pool_exhausted() -> ApiError {
 }
 
 impl Inner {
-    async fn connect(&self) -> Result<Conn, tokio_postgres::Error> {
-        let (client, connection) = self.config.connect(NoTls).await?;
+    async fn connect(&self) -> Result<Conn, WireError> {
+        // READ COMMITTED whatever the role's or the database's default: a request's
+        // settings cannot set it, as they run once the transaction has its snapshot.
+        let mut wire = WireConn::connect(
+            &self.config,
+            &[("default_transaction_isolation", "read committed")],
+        )
+        .await?;
         self.opened.fetch_add(1, Ordering::Relaxed);
-        let task = tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        wire.sync(&[Step::Parse {
+            name: SETTINGS_STATEMENT,
+            sql: super::tx::SETTINGS,
+            types: &[Type::TEXT; 5],
+        }])
+        .await?;
         let life = self.cfg.max_lifetime.as_secs_f64() * (1.0 - rand::random::<f64>() / 4.0);
-        // Dropping the client on failure ends the driver task and closes the socket.
-        let settings = client.prepare(super::tx::SETTINGS).await?;
         Ok(Conn {
-            client,
-            task,
+            wire,
             retire_at: Instant::now() + Duration::from_secs_f64(life),
-            statements: LruCache::new(STATEMENT_CACHE),
-            settings,
+            statements: LruCache::new_unbounded(),
+            capacity: self.cfg.statement_cache.max(1),
+            evicted: Vec::new(),
+            next_name: 0,
         })
     }
 }
@@ -305,7 +403,7 @@ impl Drop for Lease {
         let (Some(conn), Some(permit)) = (self.conn.take(), self.permit.take()) else {
             return;
         };
-        if !self.clean || conn.client.is_closed() {
+        if !self.clean || conn.is_closed() {
             return; // conn dropped: closed; the permit frees its slot
         }
         let idle = &self.pool.groups[self.group].idle;

@@ -132,13 +132,12 @@ impl Catalog {
     }
 
     /// The catalog from the rows of [`Catalog::statement`].
-    pub fn from_rows(rows: Vec<tokio_postgres::Row>) -> Result<Self, tokio_postgres::Error> {
+    pub fn from_rows(rows: Vec<super::wire::Row>) -> Result<Self, super::wire::WireError> {
         let mut tables: BTreeMap<String, Table> = BTreeMap::new();
         for r in rows {
-            let (table, column, type_sql, cast_sql): (String, String, String, String) =
-                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
-            let (not_null, has_default, pk): (bool, bool, bool) =
-                (r.try_get(4)?, r.try_get(5)?, r.try_get(6)?);
+            let (table, column, type_sql, cast_sql) =
+                (r.string(0)?, r.string(1)?, r.string(2)?, r.string(3)?);
+            let (not_null, has_default, pk) = (r.bool(4)?, r.bool(5)?, r.bool(6)?);
             if HIDDEN_TABLES.contains(&table.as_str()) {
                 continue;
             }

@@ -7,13 +7,14 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tokio_postgres::{types::ToSql, Row};
+use tokio_postgres::types::{ToSql, Type};
 
 use super::{
     config::Limits,
     error::ApiError,
-    pool::{Lease, Pool},
+    pool::{Lease, Pool, SETTINGS_STATEMENT},
     query::{Bind, Catalog, Sql},
+    wire::{Row, Step, WireError},
 };
 use crate::domain::naming::Ident;
 
@@ -22,20 +23,19 @@ use crate::domain::naming::Ident;
 ///
 /// Whose code runs in this session: the session user is the gateway role (refused by
 /// `connect` if it is a superuser or bypasses RLS), which is a member of every tenant role;
-/// the transaction's settings statement makes the tenant the current user for this
-/// transaction only (`set_config('role', …, true)`, the same check as `SET LOCAL ROLE`).
-/// Tenant-made functions, triggers and defaults that a statement fires run in this session,
-/// whose session user outranks the tenant.
+/// the settings statement makes the tenant the current user for this transaction only
+/// (`set_config('role', …, true)`, the same check as `SET LOCAL ROLE`). Tenant-made
+/// functions, triggers and defaults that a statement fires run in this session, whose
+/// session user outranks the tenant.
 ///
-/// Round trips: `BEGIN` (a constant simple query), the settings statement and the request's
-/// statement (both prepared once per connection and bound) are pipelined, and so is a read's
-/// `COMMIT`: one flight for a read whose statement this connection has prepared before, two
-/// when it must prepare it first (the prepare goes with the opening flight, after the
-/// settings, so that it is parsed as the tenant). If the settings fail — say the role is
-/// refused — the transaction is aborted and PostgreSQL refuses the pipelined statement
-/// (25P02): it never runs as the gateway. A write's `COMMIT` is sent only once its statement
-/// has answered, so that a request cancelled before then never commits: its connection is
-/// closed with the `COMMIT` unsent.
+/// One flight: the settings (a statement prepared once per connection, its values bound),
+/// the statement's preparation if this connection has not prepared it yet (after the
+/// settings, so that it is parsed as the tenant), and the statement leave in one write
+/// ending in one `Sync`; PostgreSQL runs them as one implicit transaction. If the settings
+/// fail — say the role is refused — the server skips everything up to the `Sync`: the
+/// statement never runs as the gateway. A write ends with `Flush` instead, and its commit
+/// (the `Sync`) is sent only once its statement has answered, so that a request cancelled
+/// before then never commits: its connection is closed with the `Sync` unsent.
 ///
 /// The connection goes back to the pool only once the transaction has ended cleanly; see
 /// [`Lease`].
@@ -46,7 +46,7 @@ pub(super) async fn in_tenant(
     limits: &Limits,
     sql: &Sql,
 ) -> Result<Vec<Row>, ApiError> {
-    let settings = TenantSettings::new(schema, limits);
+    let settings = TenantSettings::new(schema, read_only, limits);
     let mut lease = pool.get(schema.as_str()).await?;
     match run(&mut lease, &settings, read_only, sql).await {
         // The connection lost the statement (26000: deallocated behind our back) or cannot
@@ -60,12 +60,14 @@ pub(super) async fn in_tenant(
     }
 }
 
-fn stale_statement(e: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME)
-        || (e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED)
-            && e.as_db_error()
-                .is_some_and(|d| d.message().starts_with("cached plan must not change")))
+fn stale_statement(e: &WireError) -> bool {
+    match e {
+        WireError::Db(d) => {
+            d.code == "26000"
+                || (d.code == "0A000" && d.message.starts_with("cached plan must not change"))
+        }
+        _ => false,
+    }
 }
 
 /// What a tenant transaction sets, as the values bound to [`SETTINGS`].
@@ -76,24 +78,27 @@ pub(super) struct TenantSettings {
     search_path: String,
     statement_timeout: String,
     lock_timeout: String,
+    read_only: &'static str,
 }
 
 impl TenantSettings {
-    pub(super) fn new(schema: &Ident, limits: &Limits) -> Self {
+    pub(super) fn new(schema: &Ident, read_only: bool, limits: &Limits) -> Self {
         Self {
             role: schema.as_str().to_string(),
             search_path: format!("{schema}, pg_temp"),
             statement_timeout: limits.statement_timeout_ms.to_string(),
             lock_timeout: limits.lock_timeout_ms.to_string(),
+            read_only: if read_only { "on" } else { "off" },
         }
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 4] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 5] {
         [
             &self.role,
             &self.search_path,
             &self.statement_timeout,
             &self.lock_timeout,
+            &self.read_only,
         ]
     }
 }
@@ -104,86 +109,71 @@ impl TenantSettings {
 /// relations and types (ahead of the tenant's schema and even of pg_catalog, which stays
 /// implicitly first). `lock_timeout` bounds how long a request waits on a lock the tenant
 /// holds from a session of its own (55P03, served as 503 `lock-timeout`), so such a lock
-/// cannot pin pool connections for the whole statement timeout. Every function is named
-/// with its schema: the statement runs before the role and search_path are set.
-pub(super) const SETTINGS: &str = "SELECT pg_catalog.set_config('role', $1, true), pg_catalog.set_config('search_path', $2, true), pg_catalog.set_config('statement_timeout', $3, true), pg_catalog.set_config('lock_timeout', $4, true)";
+/// cannot pin pool connections for the whole statement timeout. A read's transaction is
+/// made read-only. Every function is named with its schema: the statement runs before the
+/// role and search_path are set.
+pub(super) const SETTINGS: &str = "SELECT pg_catalog.set_config('role', $1, true), pg_catalog.set_config('search_path', $2, true), pg_catalog.set_config('statement_timeout', $3, true), pg_catalog.set_config('lock_timeout', $4, true), pg_catalog.set_config('transaction_read_only', $5, true)";
 
-/// The constant opening of a transaction.
-fn begin(read_only: bool) -> &'static str {
-    if read_only {
-        "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY"
-    } else {
-        "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
-    }
-}
+const SETTINGS_TYPES: [Type; 5] = [Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT];
 
 async fn run(
     lease: &mut Lease,
     settings: &TenantSettings,
     read_only: bool,
     sql: &Sql,
-) -> Result<Vec<Row>, tokio_postgres::Error> {
+) -> Result<Vec<Row>, WireError> {
     lease.clean = false;
     let params: Vec<&(dyn ToSql + Sync)> = sql.binds.iter().map(Bind::as_param).collect();
+    let types: Vec<Type> = sql.binds.iter().map(Bind::pg_type).collect();
     let set_params = settings.params();
     let conn = lease.conn();
-    let set = conn.settings.clone();
-    let (stmt, begun) = match conn.statement(&sql.text) {
-        Some(s) => (s, false),
-        None => {
-            let types: Vec<_> = sql.binds.iter().map(Bind::pg_type).collect();
-            let (b, s, p) = futures::join!(
-                conn.client.batch_execute(begin(read_only)),
-                conn.client.execute(&set, &set_params),
-                conn.client.prepare_typed(&sql.text, &types)
-            );
-            match (b, s, p) {
-                (Ok(()), Ok(_), Ok(stmt)) => {
-                    conn.remember(&sql.text, stmt.clone());
-                    (stmt, true)
-                }
-                (b, s, p) => {
-                    conn.client.batch_execute("ROLLBACK").await?;
-                    lease.clean = true;
-                    return Err(b.err().or(s.err()).or(p.err()).expect("one of them failed"));
-                }
-            }
-        }
-    };
-    let client = &conn.client;
-    let opened = async {
-        if begun {
-            Ok(())
-        } else {
-            let (b, s) = futures::join!(
-                client.batch_execute(begin(read_only)),
-                client.execute(&set, &set_params)
-            );
-            b?;
-            s.map(|_| ())
-        }
-    };
-    if read_only {
-        let (b, q, c) = futures::join!(
-            opened,
-            client.query(&stmt, &params),
-            client.batch_execute("COMMIT")
-        );
-        // A failed transaction's COMMIT is a ROLLBACK: either way it has ended.
-        c?;
-        lease.clean = true;
-        b?;
-        q
-    } else {
-        let (b, q) = futures::join!(opened, client.query(&stmt, &params));
-        let ok = b.is_ok() && q.is_ok();
-        conn.client
-            .batch_execute(if ok { "COMMIT" } else { "ROLLBACK" })
-            .await?;
-        lease.clean = true;
-        b?;
-        q
+    let (name, prepare) = conn.statement(&sql.text);
+    let evicted = conn.take_evicted();
+    let mut steps: Vec<Step<'_>> = evicted.iter().map(|n| Step::Close(n)).collect();
+    steps.push(Step::Execute {
+        statement: SETTINGS_STATEMENT,
+        params: &set_params,
+        types: &SETTINGS_TYPES,
+    });
+    if prepare {
+        steps.push(Step::Parse {
+            name: &name,
+            sql: &sql.text,
+            types: &types,
+        });
     }
+    steps.push(Step::Execute {
+        statement: &name,
+        params: &params,
+        types: &types,
+    });
+    let out = if read_only {
+        conn.wire.sync(&steps).await
+    } else {
+        let out = conn.wire.flush(&steps).await;
+        if conn.wire.in_transaction() {
+            // The statement answered (rows or an error): commit, or roll back the failure.
+            let ended = conn.wire.end().await;
+            out.and_then(|rows| ended.map(|()| rows))
+        } else {
+            out
+        }
+    };
+    match &out {
+        // The server answered: the transaction ended (committed or rolled back) and the
+        // session is clean. A failed request may have left its statement unprepared, and
+        // the closes after a failure unsent: start afresh for both.
+        Ok(_) => lease.clean = true,
+        Err(WireError::Db(_)) if !conn.wire.is_broken() => {
+            if prepare {
+                conn.forget(&sql.text);
+            }
+            conn.restore_evicted(evicted);
+            lease.clean = true;
+        }
+        Err(_) => {}
+    }
+    out
 }
 
 /// The single text value of a statement built by [`super::query`].
@@ -192,7 +182,7 @@ pub(super) fn json_text(rows: Vec<Row>) -> Result<String, ApiError> {
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::internal("statement returned no row"))?;
-    row.try_get::<_, String>(0).map_err(ApiError::internal)
+    row.string(0).map_err(ApiError::internal)
 }
 
 /// A schema's catalog and the migration version it was read at.
@@ -242,14 +232,17 @@ mod tests {
             lock_timeout_ms: 0,
             ..Limits::default()
         };
-        let s = TenantSettings::new(&schema, &limits);
+        let s = TenantSettings::new(&schema, true, &limits);
         assert_eq!(s.role, "acme");
         assert_eq!(s.search_path, r#""acme", pg_temp"#);
         assert_eq!(
             (s.statement_timeout.as_str(), s.lock_timeout.as_str()),
             ("1", "0")
         );
-        assert!(begin(true).ends_with("READ ONLY"));
-        assert!(begin(false).ends_with("READ WRITE"));
+        assert_eq!(s.read_only, "on");
+        assert_eq!(
+            TenantSettings::new(&schema, false, &limits).read_only,
+            "off"
+        );
     }
 }

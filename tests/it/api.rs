@@ -27,6 +27,9 @@ pub const POOL_SIZE: u32 = 4;
 pub struct Api {
     pub router: Router,
     pub registry: Registry,
+    /// The API's own data pool.
+    pub data: api::Pool,
+    /// A gateway session of the tests' own.
     pub pool: PgPool,
     _watch: tokio::task::JoinHandle<()>,
 }
@@ -72,18 +75,24 @@ impl Api {
         auth: AuthConfig,
         limits: Limits,
     ) -> Self {
+        let pool = PoolConfig {
+            size: POOL_SIZE,
+            acquire_timeout: Duration::from_secs(5),
+            max_lifetime: Duration::from_secs(600),
+            statement_cache: api::pool::STATEMENT_CACHE,
+        };
+        Self::start_with_pool(ns, namespace, auth, limits, pool).await
+    }
+
+    pub async fn start_with_pool(
+        ns: &TestNs,
+        namespace: Option<&str>,
+        auth: AuthConfig,
+        limits: Limits,
+        pool: PoolConfig,
+    ) -> Self {
         let uri = gateway_uri(ns).await;
-        let data = api::connect(
-            &uri,
-            PoolConfig {
-                size: POOL_SIZE,
-                acquire_timeout: Duration::from_secs(5),
-                max_lifetime: Duration::from_secs(600),
-            },
-            false,
-        )
-        .await
-        .expect("gateway pool");
+        let data = api::connect(&uri, pool, false).await.expect("gateway pool");
         // A gateway session of the tests' own, opened when a test asks for it.
         let pool = PgPoolOptions::new()
             .max_connections(1)
@@ -96,10 +105,11 @@ impl Api {
         };
         let (registry, watch) = registry::watch(ns.client.clone(), &config);
         let settings = Settings { auth, limits };
-        let router = api::router(AppState::new(registry.clone(), data, settings));
+        let router = api::router(AppState::new(registry.clone(), data.clone(), settings));
         Self {
             router,
             registry,
+            data,
             pool,
             _watch: watch,
         }
@@ -874,6 +884,7 @@ async fn refuses_to_serve_as_a_superuser() {
             size: 1,
             acquire_timeout: Duration::from_secs(5),
             max_lifetime: Duration::from_secs(60),
+            statement_cache: api::pool::STATEMENT_CACHE,
         },
         false,
     )
@@ -1076,4 +1087,69 @@ async fn platform_issuer_tokens_are_accepted_with_exactly_their_algorithm() {
             .await;
         assert_eq!(s, 401, "{what}: {v}");
     }
+}
+
+/// The per-connection statement cache is bounded on the server too: with room for two
+/// statements, five query shapes leave two prepared (plus the settings statement) on the
+/// one connection, the evicted ones closed, and an evicted shape served again by preparing
+/// it afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_statements_are_closed_on_the_server_and_prepared_again() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("acme")).await;
+    wait_ready(&ns, "acme").await;
+    let pool = PoolConfig {
+        size: 1,
+        acquire_timeout: Duration::from_secs(5),
+        max_lifetime: Duration::from_secs(600),
+        statement_cache: 2,
+    };
+    let api = Api::start_with_pool(
+        &ns,
+        Some(&ns.name),
+        AuthConfig {
+            leeway_secs: 5,
+            ..AuthConfig::default()
+        },
+        test_limits(),
+        pool,
+    )
+    .await;
+    let tok = token(&ns, "acme").await;
+    wait_routable(&api, "acme", &tok).await;
+    let auth = bearer(&tok);
+    let h = [("authorization", auth.as_str())];
+    let (s, v, _) = api
+        .call(
+            Method::POST,
+            "/v1/tables/projects",
+            &h,
+            Some(json!({"name": "one", "description": "first"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    // The catalog statement, then one statement per shape.
+    let shapes = [
+        "/v1/tables/projects?select=id",
+        "/v1/tables/projects?select=name",
+        "/v1/tables/projects?select=id,name",
+        "/v1/tables/projects?select=description",
+        "/v1/tables/projects?select=name,description",
+    ];
+    for uri in shapes {
+        let (s, v, _) = api.call(Method::GET, uri, &h, None).await;
+        assert_eq!(s, 200, "{uri}: {v}");
+        assert_eq!(v.as_array().map(Vec::len), Some(1), "{uri}: {v}");
+    }
+    let prepared = || async {
+        let idle = api.data.inspect_idle().await.unwrap();
+        idle.iter().map(|s| s.prepared).collect::<Vec<_>>()
+    };
+    assert_eq!(prepared().await, [3]);
+    // The first shape was evicted long ago: prepared again, same answer.
+    let (s, v, _) = api.call(Method::GET, shapes[0], &h, None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v[0]["id"], 1, "{v}");
+    assert_eq!(prepared().await, [3]);
 }

@@ -863,6 +863,13 @@ impl Stage {
         loop {
             let n = self.idle_in_transaction().await;
             if n == 0 {
+                // And every pooled session is back to the gateway between transactions: no
+                // tenant role, no tenant search_path left set.
+                let gateway = gateway_role(&self.ns);
+                for session in self.api.data.inspect_idle().await.unwrap() {
+                    assert_eq!(session.current_user, gateway, "{session:?}");
+                    assert_eq!(session.search_path, "\"$user\", public", "{session:?}");
+                }
                 return;
             }
             assert!(
@@ -887,6 +894,7 @@ async fn requests_run_as_the_tenant_with_pg_temp_last() {
         s.whoami(&tok).await,
         (schema.clone(), format!("{schema}, pg_temp"))
     );
+    s.no_idle_transactions().await;
 }
 
 /// Attack: a request whose transaction fails while it is being opened — here a tenant whose
