@@ -93,12 +93,16 @@ struct Index {
     routes: RoutingIndex,
     /// The platform signing key, once read.
     platform_key: Option<Arc<[u8]>>,
+    /// Each tenant's token key, derived from the platform key and its uid (HKDF, two HMACs)
+    /// when either changes rather than on every request.
+    jwt_keys: HashMap<Key, Arc<[u8]>>,
 }
 
 impl Index {
     fn unlink(&mut self, key: &Key) {
         self.tenants.remove(key);
         self.routes.remove(key);
+        self.jwt_keys.remove(key);
     }
 
     fn upsert(&mut self, t: &Tenant) {
@@ -108,18 +112,38 @@ impl Index {
         if self.tenants.get(&key).is_some_and(|old| **old == info) {
             return;
         }
+        self.derive_key(&key, &info);
         self.tenants.insert(key, Arc::new(info));
+    }
+
+    fn derive_key(&mut self, key: &Key, info: &TenantInfo) {
+        match (&self.platform_key, info.uid.is_empty()) {
+            (Some(pk), false) => {
+                let k = creds::derive_jwt_key(pk, &info.uid);
+                self.jwt_keys.insert(key.clone(), Arc::from(k.as_bytes()));
+            }
+            _ => {
+                self.jwt_keys.remove(key);
+            }
+        }
+    }
+
+    /// A new platform key applies to every tenant at once.
+    fn set_platform_key(&mut self, k: &[u8]) {
+        self.platform_key = Some(Arc::from(k));
+        let tenants: Vec<(Key, Arc<TenantInfo>)> = self
+            .tenants
+            .iter()
+            .map(|(k, i)| (k.clone(), i.clone()))
+            .collect();
+        for (key, info) in tenants {
+            self.derive_key(&key, &info);
+        }
     }
 
     fn entry(&self, key: &Key) -> Option<Entry> {
         let info = self.tenants.get(key)?.clone();
-        // HKDF costs two HMACs: derived per lookup rather than stored per tenant, so a new
-        // platform key applies to every tenant at once.
-        let jwt_key = self
-            .platform_key
-            .as_ref()
-            .filter(|_| !info.uid.is_empty())
-            .map(|pk| Arc::from(creds::derive_jwt_key(pk, &info.uid).as_bytes()));
+        let jwt_key = self.jwt_keys.get(key).cloned();
         Some(Entry { info, jwt_key })
     }
 
@@ -337,7 +361,7 @@ impl RegistryWriter {
                     if idx.platform_key.is_some() {
                         info!("signing key changed; tenant token keys follow");
                     }
-                    idx.platform_key = Some(Arc::from(k.as_slice()));
+                    idx.set_platform_key(&k);
                 }
                 shared.key_loaded.store(true, Ordering::SeqCst);
             }

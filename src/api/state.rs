@@ -13,29 +13,41 @@ use super::{
 };
 use crate::registry::Registry;
 
-/// Shared state of all handlers. Cheap to clone.
+/// Shared state of all handlers: one `Arc`, so that the several extractors of a request
+/// clone one pointer rather than each field. Cheap to clone.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// What [`AppState`] shares.
+pub struct Shared {
     pub registry: Registry,
     pub pool: Pool,
-    pub settings: Arc<Settings>,
+    pub settings: Settings,
     pub metrics: ApiMetrics,
-    pub(super) catalogs: Arc<CatalogCache>,
+    pub(super) catalogs: CatalogCache,
     pub(super) slots: Arc<TenantSlots>,
-    pub(super) tokens: Arc<TokenCache>,
+    pub(super) tokens: TokenCache,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl AppState {
     pub fn new(registry: Registry, pool: Pool, settings: Settings) -> Self {
         let per_tenant = settings.limits.tenant_concurrency(pool.capacity());
-        Self {
+        Self(Arc::new(Shared {
             slots: Arc::new(TenantSlots::new(per_tenant, SLOT_WAIT)),
-            tokens: Arc::default(),
+            tokens: TokenCache::default(),
             registry,
             pool,
-            settings: Arc::new(settings),
+            settings,
             metrics: ApiMetrics::default(),
-            catalogs: Arc::default(),
-        }
+            catalogs: CatalogCache::default(),
+        }))
     }
 }

@@ -1415,3 +1415,66 @@ async fn a_tenants_own_share_overrides_the_default() {
     locker.execute("ROLLBACK").await.unwrap();
     s.no_idle_transactions().await;
 }
+
+/// A tenant whose every request runs for seconds (a slow view, a heavy query) holds at most
+/// its share of the pool: with three of four connections busy sleeping for it, another
+/// tenant is served at once, and the slow tenant's requests beyond its share get 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_running_slow_queries_leaves_the_others_served() {
+    let s = Stage::sharing(&["acme", "globex"], 3, 1000).await;
+    s.as_owner(
+        "acme",
+        "CREATE VIEW slow AS SELECT 1 AS id, pg_catalog.pg_sleep(3)::text AS slept",
+    )
+    .await;
+    let (acme, globex) = (token(&s.ns, "acme").await, token(&s.ns, "globex").await);
+    // Catalogs read before the flood.
+    for t in [&acme, &globex] {
+        let a = s.send(Method::GET, "/v1/tables/projects", t, None).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+    let gateway = gateway_role(&s.ns);
+    let flood = futures::future::join_all(
+        (0..6).map(|_| s.send(Method::GET, "/v1/tables/slow", &acme, None)),
+    );
+    let then_globex = async {
+        loop {
+            let sleeping: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND wait_event = 'PgSleep'",
+            )
+            .bind(&gateway)
+            .fetch_one(&s.pg)
+            .await
+            .unwrap();
+            if sleeping >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let asked = Instant::now();
+        let a = s
+            .send(Method::GET, "/v1/tables/projects", &globex, None)
+            .await;
+        (a, asked.elapsed())
+    };
+    let (answers, (g, took)) = tokio::join!(flood, then_globex);
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    assert!(
+        took < Duration::from_millis(1000),
+        "globex waited {took:?} behind acme's slow requests"
+    );
+    let served = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::OK)
+        .count();
+    let refused = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(
+        (served, refused),
+        (3, 3),
+        "acme: its share served, the rest refused"
+    );
+    s.no_idle_transactions().await;
+}
