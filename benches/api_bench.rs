@@ -526,6 +526,9 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
             load(),
         ));
     }
+    if std::env::args().any(|a| a == "--noisy") && n > 50 {
+        rows.push(noisy_neighbour(ours.port, &tokens, &admin).await);
+    }
     if std::env::args().any(|a| a == "--cold") {
         rows.extend(
             cold_and_recycle(
@@ -544,6 +547,160 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
         );
     }
     rows.join("\n")
+}
+
+/// One keep-alive HTTP/1.1 connection sending GETs with a bearer token; returns the status.
+struct Http {
+    stream: tokio::io::BufStream<tokio::net::TcpStream>,
+}
+
+impl Http {
+    async fn connect(port: u16) -> Self {
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.set_nodelay(true).unwrap();
+        Self {
+            stream: tokio::io::BufStream::new(s),
+        }
+    }
+
+    async fn get(&mut self, path: &str, token: &str) -> u16 {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
+        );
+        self.stream.write_all(req.as_bytes()).await.unwrap();
+        self.stream.flush().await.unwrap();
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await.unwrap();
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).await.unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        self.stream.read_exact(&mut body).await.unwrap();
+        status
+    }
+}
+
+/// Open-loop load: each of `tokens` sends `rate` GETs per second for `seconds` on one
+/// connection of its own, on a fixed schedule; each latency is measured from the request's
+/// scheduled time (so a late answer also delays, and is charged to, the requests queued
+/// behind it). Returns the latencies in ms and the count of non-2xx answers.
+async fn open_loop(
+    port: u16,
+    tokens: &[String],
+    rate: f64,
+    seconds: u64,
+    conns_per_token: usize,
+) -> (Vec<f64>, usize) {
+    let mut tasks = Vec::new();
+    for t in tokens {
+        for c in 0..conns_per_token {
+            let t = t.clone();
+            let period = Duration::from_secs_f64(conns_per_token as f64 / rate);
+            // Spread the connections' schedules over one period.
+            let offset =
+                period.mul_f64((c as f64 + rand::random::<f64>()) / conns_per_token as f64);
+            tasks.push(tokio::spawn(async move {
+                let mut http = Http::connect(port).await;
+                let start = tokio::time::Instant::now() + offset;
+                let end = start + Duration::from_secs(seconds);
+                let mut tick = tokio::time::interval_at(start, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let (mut lat, mut bad) = (Vec::new(), 0);
+                loop {
+                    let at = tick.tick().await;
+                    if at >= end {
+                        break;
+                    }
+                    let status = http.get("/v1/tables/projects/1", &t).await;
+                    lat.push(at.elapsed().as_secs_f64() * 1000.0);
+                    bad += usize::from(!(200..300).contains(&status));
+                }
+                (lat, bad)
+            }));
+        }
+    }
+    let mut all = Vec::new();
+    let mut bad = 0;
+    for t in tasks {
+        let (l, b) = t.await.unwrap();
+        all.extend(l);
+        bad += b;
+    }
+    all.sort_by(|a, b| a.total_cmp(b));
+    (all, bad)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// Noisy neighbour: 50 quiet tenants at 10 GETs/s each (open loop), alone and then beside one
+/// tenant driven at 100 times that (1,000 GETs/s, open loop), and beside the same tenant
+/// flooding with wrk (32 connections, closed loop, as fast as the API answers it); the quiet
+/// tenants' p99 in each, and the gateway's connections.
+async fn noisy_neighbour(port: u16, tokens: &[String], admin: &sqlx::PgPool) -> String {
+    let quiet = &tokens[1..51];
+    let noisy = tokens[0].clone();
+    let seconds = 15;
+    let (alone, alone_bad) = open_loop(port, quiet, 10.0, seconds, 1).await;
+    let ((beside, beside_bad), peak) = peak_connections(admin, async {
+        let (q, n) = tokio::join!(
+            open_loop(port, quiet, 10.0, seconds, 1),
+            open_loop(port, std::slice::from_ref(&noisy), 1000.0, seconds, 16)
+        );
+        let _ = n;
+        q
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let flood_script = script(
+        dir.path(),
+        Shape::Get,
+        Pick::Uniform,
+        std::slice::from_ref(&noisy),
+    );
+    let ((flooded, flooded_bad), flood) = tokio::join!(
+        open_loop(port, quiet, 10.0, seconds, 1),
+        wrk_async(port, &flood_script, seconds, 32)
+    );
+    format!(
+        "| noisy neighbour: 50 quiet tenants at 10 GET/s each (open loop, {seconds} s) | quiet p99 beside one tenant at 1,000 GET/s: {:.2} ms (p50 {:.2}, {} non-2xx); beside one tenant flooding (wrk, 32 connections: {:.0} req/s, {} non-2xx): {:.2} ms (p50 {:.2}, {} non-2xx) | quiet tenants alone: p99 {:.2} ms (p50 {:.2}, {} non-2xx) | {:.2}× / {:.2}× | peak gateway connections beside the 1,000 GET/s tenant {peak}; load {} |",
+        pct(&beside, 0.99),
+        pct(&beside, 0.5),
+        beside_bad,
+        flood.rps,
+        flood.non_2xx,
+        pct(&flooded, 0.99),
+        pct(&flooded, 0.5),
+        flooded_bad,
+        pct(&alone, 0.99),
+        pct(&alone, 0.5),
+        alone_bad,
+        pct(&beside, 0.99) / pct(&alone, 0.99),
+        pct(&flooded, 0.99) / pct(&alone, 0.99),
+        load(),
+    )
 }
 
 /// Throughput per second of a server while `wrk` runs `seconds` against it: requests

@@ -3,7 +3,11 @@
 //!
 //!   cargo bench --bench fleet -- provision N      N Tenants → all Ready, vs the same DDL without Kubernetes
 //!   cargo bench --bench fleet -- migrate N        one additive migration over N tenants, vs the same SQL; no-op resync
-//!   cargo bench --bench fleet -- api N            GET by primary key with JWT over N tenants (wrk), vs plain axum + sqlx
+//!   cargo bench --bench fleet -- api N            GET by primary key with JWT over N tenants, uniform and Zipf,
+//!                                                 list-with-filter and POST (wrk), vs plain axum + sqlx with and
+//!                                                 without its per-acquire ping; --get-only skips list and POST,
+//!                                                 --cold adds the first 15 s after a start and recycling,
+//!                                                 --noisy (N > 50) the noisy-neighbour p99
 //!   cargo bench --bench fleet -- registry N       API registry: sync of N Tenants, RSS, Ready → routable
 //!
 //! Options: --concurrency C (reconciles in flight, default 16), --connections K (database

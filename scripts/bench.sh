@@ -8,7 +8,7 @@ command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteract
 cargo build --release --locked --benches --quiet
 echo "| benchmark | tenantry | baseline (same run) | ratio | notes |"
 echo "|---|---|---|---|---|"
-for b in "provision 100" "provision 1000" "migrate 1000" "api 100" "api 1000" "registry 10000"; do
+for b in "provision 100" "provision 1000" "migrate 1000" "api 1 --tenant-max-concurrency 16" "api 100" "api 1000 --cold --noisy" "registry 10000"; do
   # shellcheck disable=SC2086
   cargo bench --locked --quiet --bench fleet -- $b "$@" | grep -E '^\| [a-zG]' | grep -v '^| benchmark'
 done
