@@ -195,7 +195,7 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     .await
     .unwrap();
     let config = tenantry::registry::Config {
-        namespace: Some(ns.to_string()),
+        namespaces: vec![ns.to_string()],
         base_domain: None,
         signing_key: (ns.to_string(), "tenantry-signing-key".into()),
     };

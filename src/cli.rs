@@ -118,9 +118,11 @@ pub struct ControllerArgs {
     #[arg(long, env = "TENANTRY_BASE_DOMAIN")]
     pub base_domain: Option<String>,
 
-    /// Watch Tenants in this namespace only (default: all namespaces).
-    #[arg(long, env = "TENANTRY_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch Tenants in this namespace only (default: all namespaces). Repeat the flag, or
+    /// separate names with commas, to watch several: one watch per namespace, which namespaced
+    /// Roles allow.
+    #[arg(long = "namespace", env = "TENANTRY_NAMESPACE", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
 
     /// Directory of tenant migrations (`<version>_<name>.sql`); default: the embedded set.
     #[arg(long, env = "TENANTRY_MIGRATIONS_DIR")]
@@ -283,9 +285,11 @@ pub struct ApiArgs {
     #[command(flatten)]
     pub signing_key: SigningKeyArgs,
 
-    /// Serve Tenants of this namespace only (default: all namespaces).
-    #[arg(long, env = "TENANTRY_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Serve Tenants of this namespace only (default: all namespaces). Repeat the flag, or
+    /// separate names with commas, to serve several: one watch per namespace, which namespaced
+    /// Roles allow.
+    #[arg(long = "namespace", env = "TENANTRY_NAMESPACE", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
 
     /// Address serving /v1, /healthz, /readyz, /metrics and /openapi.json.
     #[arg(long, env = "TENANTRY_LISTEN", default_value = "0.0.0.0:8080")]
@@ -452,7 +456,7 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     .context("--database-url")?;
     let client = args.kube.client().await?;
     let config = crate::registry::Config {
-        namespace: args.namespace.clone(),
+        namespaces: args.namespaces.clone(),
         base_domain: args.base_domain.clone(),
         signing_key: args.signing_key.locate(&client),
     };
@@ -524,7 +528,7 @@ impl Cli {
                     admin,
                     migrations,
                     controller::Settings {
-                        namespace: args.namespace,
+                        namespaces: args.namespaces,
                         concurrency: args.concurrency,
                         health_addr: args.health_addr,
                         gateway_secret: gateway.map(|_| (gateway_namespace, args.gateway_secret)),
@@ -542,5 +546,33 @@ impl Cli {
                 .await?)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_repeat_or_take_a_comma_list() {
+        let cli = Cli::try_parse_from([
+            "tenantry",
+            "api",
+            "--database-url=postgres://x",
+            "--namespace=a",
+            "--namespace",
+            "b,c",
+        ])
+        .unwrap();
+        let Command::Api(args) = cli.command else {
+            panic!("api")
+        };
+        assert_eq!(args.namespaces, ["a", "b", "c"]);
+        let cli =
+            Cli::try_parse_from(["tenantry", "controller", "--database-url=postgres://x"]).unwrap();
+        let Command::Controller(args) = cli.command else {
+            panic!("controller")
+        };
+        assert!(args.namespaces.is_empty(), "default: all namespaces");
     }
 }

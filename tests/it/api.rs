@@ -90,7 +90,7 @@ impl Api {
             .connect_lazy(&uri)
             .expect("gateway URI");
         let config = registry::Config {
-            namespace: namespace.map(str::to_string),
+            namespaces: namespace.map(str::to_string).into_iter().collect(),
             base_domain: Some(BASE_DOMAIN.into()),
             signing_key: (ns.name.clone(), SIGNING_KEY_SECRET.into()),
         };

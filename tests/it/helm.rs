@@ -125,10 +125,30 @@ fn run_like_deployment(
     Proc(cmd.spawn().unwrap())
 }
 
+/// Waits until `/readyz` on `port` answers 200.
+async fn ready_at(port: u16, what: &str) {
+    eventually(
+        &format!("{what} ready"),
+        Duration::from_secs(30),
+        move || async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://127.0.0.1:{port}/readyz"))
+                .output()
+                .await
+                .ok()?;
+            (out.stdout == b"200").then_some(())
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_rbac_is_sufficient_for_operator_and_api() {
     let env = env();
+    // Two watched namespaces: a Role in each, one watch in each, both served.
     let tenants_ns = TestNs::new().await;
+    let other_ns = TestNs::new().await;
     let release_ns = format!("tenantry-system-{}", random_suffix());
     let release = "tenantry";
     let gateway_role = format!("gw_{}", release_ns.replace('-', "_"));
@@ -144,7 +164,7 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
     ]);
     let values = json!({
         "database": {"existingSecret": "tenantry-db"},
-        "watchNamespaces": [tenants_ns.name],
+        "watchNamespaces": [tenants_ns.name, other_ns.name],
         "operator": {"gateway": {"role": gateway_role}},
         "api": {"replicas": 1}
     });
@@ -224,6 +244,14 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
             vec!["list", "tenants.tenantry.dev", "-n", &tenants_ns.name],
             "yes",
         ),
+        (
+            vec!["list", "tenants.tenantry.dev", "-n", &other_ns.name],
+            "yes",
+        ),
+        (
+            vec!["list", "tenants.tenantry.dev", "--all-namespaces"],
+            "no",
+        ),
     ] {
         assert_eq!(can_i(&args), want, "API ServiceAccount: can-i {args:?}");
     }
@@ -239,8 +267,15 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
     tenants_ns
         .create(tenantry::domain::crd::Tenant::test("charted").with_hosts(&["charted.example.com"]))
         .await;
-    let t = wait_ready(&tenants_ns, "charted").await;
-    assert!(t.is_ready());
+    other_ns
+        .create(
+            tenantry::domain::crd::Tenant::test("charted-too")
+                .with_hosts(&["charted-too.example.com"]),
+        )
+        .await;
+    assert!(wait_ready(&tenants_ns, "charted").await.is_ready());
+    assert!(wait_ready(&other_ns, "charted-too").await.is_ready());
+    ready_at(op_port, "operator").await;
     let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
         kube::Api::namespaced(tenants_ns.client.clone(), &release_ns);
     let lease = leases
@@ -263,44 +298,50 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
         &[("--listen", format!("127.0.0.1:{api_port}"))],
         &format!("tenantry-helm-api-{release_ns}.log"),
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_tenantry"))
-        .args(["token", "charted", "-n", &tenants_ns.name])
-        .env("KUBECONFIG", &env.kubeconfig)
-        .output()
-        .unwrap();
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let status = eventually(
-        "API serves the tenant",
-        Duration::from_secs(30),
-        move || {
-            let token = token.clone();
-            async move {
-                let out = tokio::process::Command::new("curl")
-                    .args([
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                        "-H",
-                        "Host: charted.example.com",
-                        "-H",
-                        &format!("Authorization: Bearer {token}"),
-                    ])
-                    .arg(format!("http://127.0.0.1:{api_port}/v1/tables/projects"))
-                    .output()
-                    .await
-                    .ok()?;
-                let code = String::from_utf8_lossy(&out.stdout).to_string();
-                (code == "200").then_some(code)
-            }
-        },
-    )
-    .await;
-    assert_eq!(status, "200");
+    ready_at(api_port, "API").await;
+    for (ns, name) in [(&tenants_ns, "charted"), (&other_ns, "charted-too")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tenantry"))
+            .args(["token", name, "-n", &ns.name])
+            .env("KUBECONFIG", &env.kubeconfig)
+            .output()
+            .unwrap();
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let host = format!("{name}.example.com");
+        let status = eventually(
+            "API serves the tenant",
+            Duration::from_secs(30),
+            move || {
+                let (token, host) = (token.clone(), host.clone());
+                async move {
+                    let out = tokio::process::Command::new("curl")
+                        .args([
+                            "-s",
+                            "-o",
+                            "/dev/null",
+                            "-w",
+                            "%{http_code}",
+                            "-H",
+                            &format!("Host: {host}"),
+                            "-H",
+                            &format!("Authorization: Bearer {token}"),
+                        ])
+                        .arg(format!("http://127.0.0.1:{api_port}/v1/tables/projects"))
+                        .output()
+                        .await
+                        .ok()?;
+                    let code = String::from_utf8_lossy(&out.stdout).to_string();
+                    (code == "200").then_some(code)
+                }
+            },
+        )
+        .await;
+        assert_eq!(status, "200", "{}/{name}", ns.name);
+    }
 
     delete_tenant(&tenants_ns, "charted").await;
+    delete_tenant(&other_ns, "charted-too").await;
     wait_gone(&tenants_ns, "charted").await;
+    wait_gone(&other_ns, "charted-too").await;
     for log in [
         format!("tenantry-helm-operator-{release_ns}.log"),
         format!("tenantry-helm-api-{release_ns}.log"),
