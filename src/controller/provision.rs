@@ -148,8 +148,31 @@ impl Run<'_> {
 
     /// Validates the spec (pure). Invalid specs wait for a change; nothing touches the
     /// database. The Event is sent when the Tenant becomes Invalid or its spec changed.
+    /// A tenant already provisioned is not taken down by an invalid change (one the
+    /// apiserver's admission rules let through): the change is refused and the tenant keeps
+    /// serving what it was provisioned as.
     fn validate(&self) -> Result<Plan, Failure> {
         plan::plan(self.tenant).map_err(|message| {
+            if let Some(schema) = self.tenant.status.as_ref().and_then(|s| s.schema.as_deref()) {
+                let message = format!(
+                    "change refused, the tenant keeps serving as provisioned (schema {schema}): {message}"
+                );
+                let news = self
+                    .tenant
+                    .condition(condition::SPEC_ACCEPTED)
+                    .is_none_or(|c| c.message != message);
+                return Failure {
+                    mark: Mark::Refused,
+                    reason: "ChangeRefused",
+                    phase: self.previous_phase.unwrap_or_default(),
+                    event: news.then_some(Warning {
+                        reason: "ChangeRefused",
+                        action: "Validate",
+                    }),
+                    message,
+                    then: Then::AwaitChange,
+                };
+            }
             let news = self.previous_phase != Some(Phase::Invalid)
                 || self
                     .tenant

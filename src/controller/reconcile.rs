@@ -114,6 +114,9 @@ pub(super) enum Mark {
     /// Ready False only; the step conditions keep what they said (invalid spec, deletion
     /// pending).
     NotReady,
+    /// SpecAccepted False; everything else keeps what it said (a refused change to a tenant
+    /// that is already provisioned: it keeps serving).
+    Refused,
 }
 
 /// What the controller does after a failure.
@@ -209,6 +212,7 @@ impl Failure {
         match self.mark {
             Mark::Step(step) => b.fail(step, self.reason, self.message, self.phase),
             Mark::NotReady => b.not_ready(self.reason, self.message, self.phase),
+            Mark::Refused => b.refuse(self.reason, self.message),
         }
         Report {
             events,
