@@ -22,7 +22,7 @@ set -a; source "$dir/env"; set +a
 kubectl apply --validate=false -f crds/ >/dev/null
 kubectl wait --for=condition=Established crd/tenants.tenantry.dev --timeout=60s >/dev/null
 
-"$root/target/debug/tenantry" controller --health-addr 127.0.0.1:8081 --base-domain tenants.localhost >"$dir/operator.log" 2>&1 &
+"$root/target/debug/tenantry" controller --demo-migrations --health-addr 127.0.0.1:8081 --base-domain tenants.localhost >"$dir/operator.log" 2>&1 &
 pids+=($!)
 until curl -sf http://127.0.0.1:8081/readyz >/dev/null; do
   kill -0 "${pids[0]}" 2>/dev/null || { cat "$dir/operator.log"; exit 1; }

@@ -124,9 +124,16 @@ pub struct ControllerArgs {
     #[arg(long = "namespace", env = "TENANTRY_NAMESPACE", value_delimiter = ',')]
     pub namespaces: Vec<String>,
 
-    /// Directory of tenant migrations (`<version>_<name>.sql`); default: the embedded set.
+    /// Directory of tenant migrations (`<version>_<name>.sql`). Without it and without
+    /// --demo-migrations the set is empty: tenants get an empty schema.
     #[arg(long, env = "TENANTRY_MIGRATIONS_DIR")]
     pub migrations_dir: Option<PathBuf>,
+
+    /// Include the demo migration set (members, projects, tasks) built into the binary, before
+    /// the --migrations-dir set when both are given (which is how tenants provisioned with the
+    /// demo set adopt a set of their own: number its migrations from 3).
+    #[arg(long, env = "TENANTRY_DEMO_MIGRATIONS")]
+    pub demo_migrations: bool,
 
     /// Tenants reconciled in parallel.
     #[arg(long, env = "TENANTRY_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -411,6 +418,28 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The tenant migration set the flags ask for: the demo set, a directory's, both (demo first)
+/// or none.
+pub fn migration_set(demo: bool, dir: Option<&std::path::Path>) -> anyhow::Result<MigrationSet> {
+    let base = if demo {
+        MigrationSet::embedded()
+    } else {
+        MigrationSet::default()
+    };
+    let set = match dir {
+        Some(dir) => base
+            .then(MigrationSet::from_dir(dir)?)
+            .context("--demo-migrations with --migrations-dir")?,
+        None => base,
+    };
+    if set.latest().is_none() {
+        tracing::info!(
+            "no tenant migrations (neither --migrations-dir nor --demo-migrations): tenants get an empty schema"
+        );
+    }
+    Ok(set)
+}
+
 /// The CRD as committed in `crds/tenant.yaml`.
 pub fn crd_yaml() -> String {
     let body = serde_yaml::to_string(&Tenant::crd()).expect("the CRD serializes");
@@ -487,10 +516,8 @@ impl Cli {
             }
             Command::Controller(args) => {
                 telemetry::init_logging(&self.log_level, self.log_format)?;
-                let migrations = match &args.migrations_dir {
-                    Some(dir) => MigrationSet::from_dir(dir)?,
-                    None => MigrationSet::embedded(),
-                };
+                let migrations =
+                    migration_set(args.demo_migrations, args.migrations_dir.as_deref())?;
                 let gateway = match args.gateway_role.as_str() {
                     "" => None,
                     name => Some(Ident::parse_role(name).context("--gateway-role")?),
@@ -574,5 +601,21 @@ mod tests {
             panic!("controller")
         };
         assert!(args.namespaces.is_empty(), "default: all namespaces");
+        assert!(!args.demo_migrations && args.migrations_dir.is_none());
+    }
+
+    #[test]
+    fn the_migration_set_is_an_explicit_choice() {
+        assert_eq!(migration_set(false, None).unwrap().latest(), None);
+        let demo = migration_set(true, None).unwrap();
+        assert_eq!(demo, MigrationSet::embedded());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("3_mine.sql"), "CREATE TABLE mine (id int)").unwrap();
+        let adopted = migration_set(true, Some(dir.path())).unwrap();
+        assert_eq!(adopted.latest(), Some(3));
+        assert_eq!(adopted.migrations()[..2], demo.migrations()[..]);
+        std::fs::write(dir.path().join("2_clash.sql"), "SELECT 1").unwrap();
+        let err = migration_set(true, Some(dir.path())).unwrap_err();
+        assert!(format!("{err:#}").contains("version 2"), "{err:#}");
     }
 }

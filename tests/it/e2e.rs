@@ -74,6 +74,7 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
     let _op = spawn_logged(
         &[
             "controller",
+            "--demo-migrations", // the examples' API calls read the demo tables
             "--namespace",
             &ns.name,
             "--health-addr",
@@ -345,4 +346,45 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     let (_, m) = http_get(port_b, "/metrics").await.unwrap();
     assert!(reconciliations(&m) > 0);
     drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_migration_flag_tenants_get_an_empty_schema() {
+    let env = env();
+    let ns = TestNs::new().await;
+    let kubeconfig = env.kubeconfig.to_string_lossy().into_owned();
+    let health = format!("127.0.0.1:{}", free_port());
+    let _op = spawn_logged(
+        &[
+            "controller",
+            "--namespace",
+            &ns.name,
+            "--health-addr",
+            &health,
+            "--gateway-role",
+            &gateway_role(&ns),
+            "--gateway-secret-namespace",
+            &ns.name,
+            "--signing-key-secret-namespace",
+            &ns.name,
+        ],
+        &[
+            ("DATABASE_URL", &env.database_url),
+            ("KUBECONFIG", &kubeconfig),
+        ],
+        &format!("tenantry-e2e-empty-{}.log", ns.name),
+    );
+    ns.create(tenantry::domain::crd::Tenant::test("blank"))
+        .await;
+    let t = wait_ready(&ns, "blank").await;
+    let status = t.status.unwrap();
+    assert_eq!(status.migration_version, None, "no demo tables by default");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename <> 'tenantry_migrations'",
+    )
+    .bind(status.schema.unwrap())
+    .fetch_one(&pg().await)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0);
 }
