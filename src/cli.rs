@@ -604,6 +604,66 @@ mod tests {
         assert!(!args.demo_migrations && args.migrations_dir.is_none());
     }
 
+    /// The `--flags` of the README table in the section whose heading starts with `heading`.
+    fn readme_flags(heading: &str) -> std::collections::BTreeSet<String> {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## ")
+            .find(|s| s.starts_with(heading))
+            .unwrap_or_else(|| panic!("README has a section {heading:?}"));
+        section
+            .lines()
+            .filter(|l| l.starts_with("| `--"))
+            .flat_map(|l| {
+                let first_cell = l.split('|').nth(1).unwrap_or_default();
+                first_cell
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(|f| f.trim_start_matches("--").to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The long flags of a subcommand, without help and version.
+    fn code_flags(sub: &str) -> std::collections::BTreeSet<String> {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let cmd = cli.find_subcommand(sub).expect("subcommand");
+        cmd.get_arguments()
+            .filter_map(|a| a.get_long())
+            .chain(cli.get_arguments().filter_map(|a| a.get_long()))
+            .filter(|f| !matches!(*f, "help" | "version"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_flag_tables_are_the_flags() {
+        for (sub, heading) in [
+            ("controller", "Configuration (`tenantry controller`)"),
+            ("api", "The API (`tenantry api`)"),
+        ] {
+            let documented = readme_flags(heading);
+            let code = code_flags(sub);
+            let undocumented: Vec<_> = code
+                .iter()
+                .filter(|f| !documented.contains(*f))
+                .filter(|f| sub == "controller" || !f.starts_with("log-"))
+                .collect();
+            assert!(
+                undocumented.is_empty(),
+                "{sub}: README lacks {undocumented:?}"
+            );
+            let unknown: Vec<_> = documented.difference(&code).collect();
+            assert!(
+                unknown.is_empty(),
+                "{sub}: README documents {unknown:?}, which do not exist"
+            );
+        }
+    }
+
     #[test]
     fn the_migration_set_is_an_explicit_choice() {
         assert_eq!(migration_set(false, None).unwrap().latest(), None);

@@ -53,6 +53,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: &'static str,
 }
@@ -72,6 +77,7 @@ pub struct Metrics {
     target_version: Gauge,
     behind: Gauge,
     failed: Gauge,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -126,10 +132,28 @@ impl Default for Metrics {
             "Tenants whose migration failed",
             failed.clone(),
         );
+        let build = Family::<BuildLabel, Gauge>::default();
+        build
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the label carries the operator's version",
+            build,
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica reconciles (the leader, or the only replica), 0 on standby",
+            leader.clone(),
+        );
         Self {
             target_version,
             behind,
             failed,
+            leader,
             registry: Arc::new(registry),
             reconciles,
             errors,
@@ -199,6 +223,11 @@ impl Metrics {
         }
     }
 
+    /// Whether this replica reconciles (leader or only replica) or stands by.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
     /// Reconciles finished so far (any result).
     pub fn reconciliations(&self) -> u64 {
         ["ok", "error"]
@@ -244,5 +273,13 @@ mod tests {
             text.contains("tenantry_tenants{phase=\"Failed\"} 0"),
             "{text}"
         );
+        let build = format!(
+            "tenantry_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
+        assert!(text.contains("tenantry_leader 0"), "{text}");
+        m.set_leader(true);
+        assert!(m.encode().contains("tenantry_leader 1"));
     }
 }

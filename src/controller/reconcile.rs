@@ -64,6 +64,10 @@ pub(super) struct Note {
 
 impl Note {
     pub fn normal(reason: &'static str, action: &'static str, note: impl Into<String>) -> Self {
+        debug_assert!(
+            super::events::NORMAL.contains(&reason),
+            "unlisted Event reason {reason}"
+        );
         Self {
             type_: EventType::Normal,
             reason,
@@ -73,6 +77,10 @@ impl Note {
     }
 
     pub fn warning(reason: &'static str, action: &'static str, note: impl Into<String>) -> Self {
+        debug_assert!(
+            super::events::WARNING.contains(&reason),
+            "unlisted Event reason {reason}"
+        );
         Self {
             type_: EventType::Warning,
             reason,

@@ -131,6 +131,7 @@ pub async fn run(
             let elector = crate::leader::LeaderElector::new(client.clone(), cfg);
             elector.acquire().await;
             standby.store(false, Ordering::SeqCst);
+            metrics.set_leader(true);
             let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
             tokio::spawn(async move {
                 elector.keep().await;
@@ -138,7 +139,10 @@ pub async fn run(
             });
             Some(lost_rx)
         }
-        None => None,
+        None => {
+            metrics.set_leader(true);
+            None
+        }
     };
     let lost = Arc::new(AtomicBool::new(false));
     let lost_flag = lost.clone();

@@ -32,6 +32,7 @@ pub const FINALIZER: &str = "tenantry.dev/cleanup";
     printcolumn = r#"{"name":"Migration", "type":"integer", "jsonPath":".status.migrationVersion", "description":"Latest applied migration version"}"#,
     printcolumn = r#"{"name":"Hosts", "type":"string", "jsonPath":".spec.hosts", "description":"Host names routed to this tenant", "priority":1}"#,
     printcolumn = r#"{"name":"Secret", "type":"string", "jsonPath":".status.secretName", "description":"Credentials Secret", "priority":1}"#,
+    printcolumn = r#"{"name":"Message", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].message", "description":"Why the tenant is or is not Ready", "priority":1}"#,
     printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

@@ -324,6 +324,10 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     wait_ready(&ns, "before").await;
     let (_, m) = http_get(port_b, "/metrics").await.unwrap();
     assert_eq!(reconciliations(&m), 0, "the standby must not reconcile");
+    assert!(m.contains("tenantry_leader 0"), "{m}");
+    assert!(m.contains("tenantry_build_info{version="), "{m}");
+    let (_, m) = http_get(port_a, "/metrics").await.unwrap();
+    assert!(m.contains("tenantry_leader 1"), "{m}");
 
     // The leader dies without releasing the lease; the standby takes over within its duration.
     let _ = a.0.kill();
@@ -345,6 +349,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     wait_ready(&ns, "after").await;
     let (_, m) = http_get(port_b, "/metrics").await.unwrap();
     assert!(reconciliations(&m) > 0);
+    assert!(m.contains("tenantry_leader 1"), "{m}");
     drop(b);
 }
 
