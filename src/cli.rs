@@ -298,9 +298,13 @@ pub struct ApiArgs {
     #[arg(long = "namespace", env = "TENANTRY_NAMESPACE", value_delimiter = ',')]
     pub namespaces: Vec<String>,
 
-    /// Address serving /v1, /healthz, /readyz, /metrics and /openapi.json.
+    /// Address serving /v1, /healthz, /readyz and /openapi.json: tenant traffic.
     #[arg(long, env = "TENANTRY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+
+    /// Address serving /metrics (and /healthz, /readyz), apart from tenant traffic.
+    #[arg(long, env = "TENANTRY_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
 
     /// Route `<tenant>.<base domain>` hosts to tenants (in addition to spec.hosts).
     #[arg(long, env = "TENANTRY_BASE_DOMAIN")]
@@ -493,12 +497,17 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
-    api::serve(
-        listener,
-        api::AppState::new(registry, pool, settings),
-        shutdown_signal(),
-    )
-    .await?;
+    let ops_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("--metrics-listen {}", args.metrics_listen))?;
+    let state = api::AppState::new(registry, pool, settings);
+    let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ops = tokio::spawn(api::serve_ops(ops_listener, state.clone(), async {
+        let _ = ops_stopped.await;
+    }));
+    api::serve(listener, state, shutdown_signal()).await?;
+    let _ = stop_ops.send(());
+    ops.await??;
     Ok(())
 }
 

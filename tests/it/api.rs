@@ -26,6 +26,8 @@ pub const POOL_SIZE: u32 = 4;
 
 pub struct Api {
     pub router: Router,
+    /// The operations routes (`/metrics`), which `tenantry api` serves on their own port.
+    pub ops: Router,
     pub registry: Registry,
     pub pool: PgPool,
     _watch: tokio::task::JoinHandle<()>,
@@ -96,13 +98,31 @@ impl Api {
         };
         let (registry, watch) = registry::watch(ns.client.clone(), &config);
         let settings = Settings { auth, limits };
-        let router = api::router(AppState::new(registry.clone(), data, settings));
+        let state = AppState::new(registry.clone(), data, settings);
+        let router = api::router(state.clone());
+        let ops = api::ops_router(state);
         Self {
             router,
+            ops,
             registry,
             pool,
             _watch: watch,
         }
+    }
+
+    /// `/metrics`, from the operations routes.
+    pub async fn scrape(&self) -> (StatusCode, String) {
+        let res = self
+            .ops
+            .clone()
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), 16 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 
     pub async fn call(

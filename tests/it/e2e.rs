@@ -136,6 +136,8 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
     let gateway = ns.secrets().get("tenantry-gateway").await.unwrap();
     let api_port = free_port();
     let listen = format!("127.0.0.1:{api_port}");
+    let ops_port = free_port();
+    let metrics_listen = format!("127.0.0.1:{ops_port}");
     let _api = spawn_logged(
         &[
             "api",
@@ -143,6 +145,8 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
             &ns.name,
             "--listen",
             &listen,
+            "--metrics-listen",
+            &metrics_listen,
             "--base-domain",
             "tenants.test",
             "--pool-size",
@@ -207,7 +211,10 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
     .await
     .unwrap();
     assert_eq!(code, 403, "{text}");
-    let (code, text) = http_get(api_port, "/metrics").await.unwrap();
+    // Metrics are on their own port, not beside tenant traffic.
+    let (code, _) = http_get(api_port, "/metrics").await.unwrap();
+    assert_eq!(code, 404);
+    let (code, text) = http_get(ops_port, "/metrics").await.unwrap();
     assert_eq!(code, 200);
     assert!(text.contains("tenantry_api_registry_tenants 3"), "{text}");
     assert!(text.contains(r#"route="/v1/tables/{table}""#), "{text}");

@@ -398,7 +398,10 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
         &api_deploy,
         &api_kc,
         &[("DATABASE_URL", gateway_uri)],
-        &[("--listen", format!("127.0.0.1:{api_port}"))],
+        &[
+            ("--listen", format!("127.0.0.1:{api_port}")),
+            ("--metrics-listen", format!("127.0.0.1:{}", free_port())),
+        ],
         &format!("tenantry-helm-api-{release_ns}.log"),
     );
     ready_at(api_port, "API").await;
