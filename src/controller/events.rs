@@ -12,6 +12,7 @@ pub const NORMAL: &[&str] = &[
     "CredentialsRepaired",
     "Retained",
     "Deleted",
+    "ReconcilePaused",
 ];
 
 /// Reasons of Warning Events.

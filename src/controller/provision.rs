@@ -39,6 +39,9 @@ pub const LEGACY_REVIEWED_ANNOTATION: &str = "tenantry.dev/legacy-schema-reviewe
 
 /// Provisions `tenant`; returns what the reconcile should report.
 pub(super) async fn apply(tenant: &Tenant, ctx: &Context) -> Report {
+    if let Some(report) = super::reconcile::paused(tenant) {
+        return report;
+    }
     let mut run = Run {
         tenant,
         b: StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now()),
@@ -106,8 +109,11 @@ impl Run<'_> {
 
         // Fast path: nothing relevant changed since a recent full verification (our own Secret
         // and status writes come back as watch events; they need no second look).
-        if let Some(wait) = ctx.recently_verified(self.tenant, &self.b, secret_name) {
-            return Ok(Done::Unchanged(wait));
+        // (Not right after a pause: the Paused condition must go.)
+        if self.tenant.condition(condition::PAUSED).is_none() {
+            if let Some(wait) = ctx.recently_verified(self.tenant, &self.b, secret_name) {
+                return Ok(Done::Unchanged(wait));
+            }
         }
 
         // Read what exists, once, before changing anything: conflicts stop us with nothing done.

@@ -29,7 +29,7 @@ use super::{
     Error, Stage,
 };
 use crate::domain::{
-    crd::{Phase, Tenant, TenantStatus, FINALIZER},
+    crd::{condition, Phase, Tenant, TenantStatus, FINALIZER, PAUSED_ANNOTATION},
     status::StatusBuilder,
 };
 
@@ -125,6 +125,8 @@ pub(super) enum Mark {
     /// SpecAccepted False; everything else keeps what it said (a refused change to a tenant
     /// that is already provisioned: it keeps serving).
     Refused,
+    /// Paused True; everything else keeps what it said (nothing was looked at).
+    Paused,
 }
 
 /// What the controller does after a failure.
@@ -221,6 +223,7 @@ impl Failure {
             Mark::Step(step) => b.fail(step, self.reason, self.message, self.phase),
             Mark::NotReady => b.not_ready(self.reason, self.message, self.phase),
             Mark::Refused => b.refuse(self.reason, self.message),
+            Mark::Paused => b.pause(self.message),
         }
         Report {
             events,
@@ -233,6 +236,34 @@ impl Failure {
             verified: None,
         }
     }
+}
+
+/// A paused Tenant (the pause annotation): nothing is done, the status says so, and the
+/// Normal Event `ReconcilePaused` marks the moment it was paused. Removing the annotation is
+/// the change it waits for.
+pub(super) fn paused(tenant: &Tenant) -> Option<Report> {
+    if !tenant.is_paused() {
+        return None;
+    }
+    let b = StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now());
+    let message = format!(
+        "reconciliation paused by the annotation {PAUSED_ANNOTATION}=true; remove it to resume"
+    );
+    let news = tenant.condition(condition::PAUSED).is_none();
+    let events = if news {
+        vec![Note::normal("ReconcilePaused", "Pause", message.clone())]
+    } else {
+        Vec::new()
+    };
+    let failure = Failure {
+        mark: Mark::Paused,
+        reason: "ReconcilePaused",
+        phase: tenant.status.as_ref().map(|s| s.phase).unwrap_or_default(),
+        message,
+        event: None,
+        then: Then::AwaitChange,
+    };
+    Some(failure.report(b, events))
 }
 
 pub(super) fn now() -> String {

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "tenantry.dev";
 /// Finalizer the operator puts on every Tenant so that deletion waits for database cleanup.
 pub const FINALIZER: &str = "tenantry.dev/cleanup";
+/// With this annotation set to `"true"` the operator leaves the Tenant alone — no database
+/// work, no Secret writes, deletion waits — for manual work on its schema (Crossplane's
+/// `paused`). The API keeps serving it as it was.
+pub const PAUSED_ANNOTATION: &str = "tenantry.dev/paused";
 
 /// Desired state of a Tenant, decided by the platform team. tenantry gives the Tenant a
 /// PostgreSQL schema owned by a dedicated role, runs the tenant migrations inside that schema
@@ -137,7 +141,8 @@ pub struct TenantStatus {
     /// One condition per provisioning step (RoleReady, SchemaReady, MigrationsApplied,
     /// CredentialsReady), Ready, Routable (no other Tenant shares its name or a host), and
     /// SpecAccepted=False while a change to an already provisioned tenant is refused (the
-    /// tenant keeps serving as it was).
+    /// tenant keeps serving as it was), and Paused=True while the annotation
+    /// `tenantry.dev/paused: "true"` freezes it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -219,6 +224,10 @@ pub mod condition {
     /// already provisioned (a change admission let through): the other conditions still
     /// describe the last accepted spec, which the tenant keeps serving.
     pub const SPEC_ACCEPTED: &str = "SpecAccepted";
+    /// Present, and True, only while the Tenant carries the pause annotation
+    /// ([`super::PAUSED_ANNOTATION`]): nothing is reconciled, the other conditions stay as
+    /// they were.
+    pub const PAUSED: &str = "Paused";
     pub const STEPS: [&str; 4] = [
         ROLE_READY,
         SCHEMA_READY,
@@ -273,6 +282,15 @@ impl Tenant {
         self.status
             .as_ref()
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+    }
+
+    /// Whether the pause annotation is set to `"true"`.
+    pub fn is_paused(&self) -> bool {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PAUSED_ANNOTATION))
+            .is_some_and(|v| v == "true")
     }
 
     /// True when the Ready condition is True for the current generation.

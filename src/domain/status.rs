@@ -114,14 +114,28 @@ impl StatusBuilder {
     /// SpecAccepted False: the current spec is refused and everything else stays as the last
     /// accepted spec left it (phase, Ready, the steps), so a tenant that served keeps serving.
     pub fn refuse(&mut self, reason: &str, message: impl Into<String>) {
+        self.keep_all_but(condition::SPEC_ACCEPTED, "False", reason, message);
+    }
+
+    /// Paused True: nothing is reconciled, so everything else stays as it was.
+    pub fn pause(&mut self, message: impl Into<String>) {
+        self.keep_all_but(condition::PAUSED, "True", "ReconcilePaused", message);
+    }
+
+    /// Keeps every previous condition but `type_`, which is set.
+    fn keep_all_but(
+        &mut self,
+        type_: &str,
+        status: &str,
+        reason: &str,
+        message: impl Into<String>,
+    ) {
         for c in &self.previous {
-            if c.type_ != condition::SPEC_ACCEPTED
-                && !self.status.conditions.iter().any(|x| x.type_ == c.type_)
-            {
+            if c.type_ != type_ && !self.status.conditions.iter().any(|x| x.type_ == c.type_) {
                 self.status.conditions.push(c.clone());
             }
         }
-        self.set(condition::SPEC_ACCEPTED, "False", reason, message);
+        self.set(type_, status, reason, message);
     }
 
     pub fn ready(&mut self, message: impl Into<String>) {

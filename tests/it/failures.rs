@@ -455,3 +455,52 @@ async fn the_apiserver_refuses_malformed_names_at_admission() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_tenant_is_left_alone_until_resumed() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("frozen")).await;
+    wait_ready(&ns, "frozen").await;
+    let annotate = |value: Option<&str>| {
+        let tenants = ns.tenants();
+        let patch = json!({"metadata": {"annotations": {"tenantry.dev/paused": value}}});
+        async move {
+            tenants
+                .patch("frozen", &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .unwrap()
+        }
+    };
+    annotate(Some("true")).await;
+    let t = wait_tenant(&ns, "frozen", "Paused=True", |t| {
+        t.condition("Paused").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert_eq!(t.condition("Ready").unwrap().status, "True", "still served");
+    let evs = events(&ns, "frozen").await;
+    assert!(
+        evs.iter()
+            .any(|e| e.0 == "Normal" && e.1 == "ReconcilePaused"),
+        "{evs:?}"
+    );
+
+    // While paused, a deleted Secret is not repaired and a deletion waits.
+    ns.secrets()
+        .delete("frozen-db", &Default::default())
+        .await
+        .unwrap();
+    ns.tenants()
+        .delete("frozen", &Default::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(ns.secrets().get_opt("frozen-db").await.unwrap().is_none());
+    let t = ns.tenants().get("frozen").await.unwrap();
+    assert!(t.metadata.deletion_timestamp.is_some());
+    assert!(exists("schema", &ns.schema("frozen")).await);
+
+    // Resumed: the deletion goes ahead.
+    annotate(None).await;
+    wait_gone(&ns, "frozen").await;
+}
