@@ -6,9 +6,6 @@ usage: check.py lint CHART VALUES...        lint (strict) and render with each v
        check.py install KUBECONFIG NAMESPACE CHART RELEASE VALUES_JSON
 """
 import json
-import os
-import shutil
-import tempfile
 import sys
 
 import helm_python
@@ -32,7 +29,7 @@ def lint(chart, values_files):
 
 def render_bundle(chart):
     """The plain-manifest install: the chart rendered with default values into tenantry-system."""
-    values = {"database": {"existingSecret": "tenantry-db"}}
+    values = {"database": {"existingSecret": "tenantry-db"}, "crds": {"install": False}}
     rendered = helm_python.Chart.load(chart).render(values, name="tenantry", namespace="tenantry-system", is_install=True)
     out = [
         "# Plain-manifest install of tenantry into the namespace tenantry-system: the Helm chart",
@@ -58,6 +55,13 @@ def render_bundle(chart):
     sys.stdout.write("\n".join(out) + "\n")
 
 
+def crd(chart):
+    """The CRD as the chart renders it with default values."""
+    values = {"database": {"existingSecret": "tenantry-db"}}
+    rendered = helm_python.Chart.load(chart).render(values, name="tenantry", namespace="tenantry-system", is_install=True)
+    sys.stdout.write(rendered["tenantry/templates/crds.yaml"])
+
+
 def bad(chart):
     cases = [
         ({}, "existingSecret"),
@@ -78,16 +82,9 @@ def bad(chart):
         sys.exit(f"values {values} were accepted")
 
 
-def install(kubeconfig, namespace, chart, release, values_json, *flags):
-    """`helm install`; with --skip-crds, as `helm install --skip-crds` (the CRD applied beforehand,
-    as on Kubernetes before 1.25, whose server-side apply refuses x-kubernetes-validations)."""
+def install(kubeconfig, namespace, chart, release, values_json):
     cfg = helm_python.Config(kubeconfig_path=kubeconfig, namespace=namespace)
-    with tempfile.TemporaryDirectory() as tmp:
-        if "--skip-crds" in flags:
-            copy = os.path.join(tmp, os.path.basename(os.path.normpath(chart)))
-            shutil.copytree(chart, copy, ignore=shutil.ignore_patterns("crds"))
-            chart = copy
-        cfg.install(chart, release, json.loads(values_json), namespace=namespace, create_namespace=True)
+    cfg.install(chart, release, json.loads(values_json), namespace=namespace, create_namespace=True)
     summary = cfg.status(release)
     status = summary.get("status") or (summary.get("info") or {}).get("status")
     print(json.dumps({"release": release, "status": status, "keys": sorted(summary)}))
@@ -99,6 +96,8 @@ if __name__ == "__main__":
         lint(args[0], args[1:])
     elif cmd == "render":
         render_bundle(args[0])
+    elif cmd == "crd":
+        crd(args[0])
     elif cmd == "bad":
         bad(args[0])
     elif cmd == "install":

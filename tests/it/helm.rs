@@ -54,11 +54,24 @@ fn chart_lints_and_renders_for_default_and_all_options() {
 
 #[test]
 fn chart_crds_are_the_generated_ones() {
-    let chart = std::fs::read(repo().join("charts/tenantry/crds/tenant.yaml")).unwrap();
+    let chart = std::fs::read(repo().join("charts/tenantry/files/crds/tenant.yaml")).unwrap();
     let root = std::fs::read(repo().join("crds/tenant.yaml")).unwrap();
     assert!(
         chart == root,
-        "charts/tenantry/crds/tenant.yaml differs from crds/tenant.yaml: copy it"
+        "charts/tenantry/files/crds/tenant.yaml differs from crds/tenant.yaml: copy it"
+    );
+    // The chart's template renders it, labelled and kept on uninstall.
+    let out = check_py(&["crd", "charts/tenantry"]);
+    let rendered: Value = serde_yaml::from_str(&out).unwrap();
+    let generated: Value = serde_yaml::from_slice(&root).unwrap();
+    assert_eq!(rendered["spec"], generated["spec"]);
+    assert_eq!(
+        rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    assert_eq!(
+        rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "Helm"
     );
 }
 
@@ -173,6 +186,9 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
         "watchNamespaces": [tenants_ns.name, other_ns.name],
         // The test reads the demo tables through the API: ask for them (never the default).
         "migrations": {"demo": true},
+        // The test apiserver (1.20) takes the CRD only by a plain apply, which the test stack
+        // made (README, "Admission rules").
+        "crds": {"install": false},
         "operator": {"gateway": {"role": gateway_role}},
         "api": {"replicas": 1}
     });
@@ -183,9 +199,6 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
         "charts/tenantry",
         release,
         &values.to_string(),
-        // The test apiserver (1.20) takes the CRD only by a plain apply, which the test stack
-        // made (README, "Admission rules").
-        "--skip-crds",
     ]);
     assert!(out.contains("deployed"), "{out}");
 
