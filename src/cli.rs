@@ -157,6 +157,11 @@ pub struct ControllerArgs {
     #[arg(long, env = "TENANTRY_TENANT_DB_PORT")]
     pub tenant_db_port: Option<u16>,
 
+    /// `sslmode` written into the URIs of credentials Secrets and of the gateway Secret
+    /// (default: the sslmode of --database-url, if it has one).
+    #[arg(long, env = "TENANTRY_TENANT_DB_SSLMODE", value_parser = crate::domain::state::SSL_MODES)]
+    pub tenant_db_sslmode: Option<String>,
+
     /// Address of the /healthz, /readyz and /metrics server.
     #[arg(long, env = "TENANTRY_HEALTH_ADDR", default_value = "0.0.0.0:8081")]
     pub health_addr: SocketAddr,
@@ -539,6 +544,7 @@ impl Cli {
                 )
                 .context("--database-url")?
                 .with_gateway(gateway.clone())
+                .with_tenant_sslmode(args.tenant_db_sslmode.clone())
                 .with_tenant_connection_limit(args.tenant_connection_limit);
                 let client = args.kube.client().await?;
                 let own_namespace = std::env::var("POD_NAMESPACE")
