@@ -39,6 +39,8 @@ fn chart_lints_and_renders_for_default_and_all_options() {
         "Ingress",
         "NetworkPolicy",
         "PodDisruptionBudget",
+        "ConfigMap",
+        "CustomResourceDefinition",
     ] {
         assert!(out.contains(kind), "all-options render lacks {kind}: {out}");
     }
@@ -73,6 +75,44 @@ fn chart_crds_are_the_generated_ones() {
         rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"],
         "Helm"
     );
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_binaries_expose() {
+    let text =
+        std::fs::read_to_string(repo().join("charts/tenantry/dashboards/tenantry.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    // Metric families, as `# TYPE <name> <kind>` lines name them.
+    let exposed: std::collections::BTreeSet<String> = [
+        tenantry::telemetry::Metrics::default().encode(),
+        tenantry::api::ApiMetrics::default().encode(),
+    ]
+    .iter()
+    .flat_map(|t| t.lines())
+    .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+    .map(str::to_string)
+    .collect();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("tenantry_") {
+                    continue;
+                }
+                let family = ["_bucket", "_total", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .unwrap_or(word);
+                assert!(
+                    exposed.contains(family),
+                    "{word} in {expr:?}; exposed: {exposed:?}"
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 10, "{queried}");
 }
 
 /// A kubeconfig that authenticates with `token` (a ServiceAccount's, from TokenRequest).
