@@ -6,6 +6,8 @@ usage: check.py lint CHART VALUES...        lint (strict) and render with each v
        check.py install KUBECONFIG NAMESPACE CHART RELEASE VALUES_JSON
 """
 import json
+import os
+import re
 import sys
 
 import helm_python
@@ -62,6 +64,67 @@ def crd(chart):
     sys.stdout.write(rendered["tenantry/templates/crds.yaml"])
 
 
+def values_rows(chart):
+    """(dotted key, default, description) for every leaf of values.yaml: the comment right above
+    the key, else the nearest commented ancestor's."""
+    rows, stack, comment = [], [], []
+    for line in open(os.path.join(chart, "values.yaml")).read().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment.append(stripped[1:].strip())
+            continue
+        m = re.match(r"^(\s*)([A-Za-z0-9_]+):\s*(.*)$", line)
+        if not m:
+            comment = []
+            continue
+        indent, key, value = len(m.group(1)), m.group(2), m.group(3)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        own = " ".join(comment)
+        description = own or next((d for _, _, d in reversed(stack) if d), "")
+        if value:
+            rows.append((".".join([k for _, k, _ in stack] + [key]), value, description))
+        stack.append((indent, key, description))
+        comment = []
+    return rows
+
+
+def readme(chart):
+    """The chart's README (`helm show readme`): what it installs, and every value."""
+    rows = values_rows(chart)
+    undescribed = [k for k, _, d in rows if not d]
+    if undescribed:
+        sys.exit(f"values without a description (a comment above them or their parent): {undescribed}")
+    out = [
+        "# tenantry",
+        "",
+        "Schema-per-tenant PostgreSQL on Kubernetes: the `Tenant` CRD, the operator that gives each",
+        "Tenant a PostgreSQL schema, roles, migrations and a credentials Secret, and the",
+        "tenant-aware data API. See the project README for the whole story.",
+        "",
+        "```sh",
+        "kubectl create namespace tenantry-system",
+        "kubectl -n tenantry-system create secret generic tenantry-db --from-literal=url='postgres://admin:PASSWORD@postgres.db.svc:5432/app'",
+        "helm install tenantry charts/tenantry -n tenantry-system --set database.existingSecret=tenantry-db",
+        "helm upgrade tenantry charts/tenantry -n tenantry-system --reset-then-reuse-values",
+        "```",
+        "",
+        "With default values tenants get an empty schema: choose a migration set",
+        "(`migrations.configMap`, or `migrations.demo=true` to try the demo tables).",
+        "",
+        "## Values",
+        "",
+        "Generated from the comments in `values.yaml` (`tests/helm/check.py readme charts/tenantry`).",
+        "",
+        "| key | default | description |",
+        "|---|---|---|",
+    ]
+    for key, value, description in rows:
+        cell = lambda t: t.replace("|", "\\|").replace("<", "&lt;")
+        out.append(f"| `{key}` | `{cell(value)}` | {cell(description)} |")
+    sys.stdout.write("\n".join(out) + "\n")
+
+
 def bad(chart):
     cases = [
         ({}, "existingSecret"),
@@ -96,6 +159,8 @@ if __name__ == "__main__":
         lint(args[0], args[1:])
     elif cmd == "render":
         render_bundle(args[0])
+    elif cmd == "readme":
+        readme(args[0])
     elif cmd == "crd":
         crd(args[0])
     elif cmd == "bad":

@@ -55,6 +55,19 @@ fn chart_lints_and_renders_for_default_and_all_options() {
 }
 
 #[test]
+fn the_chart_readme_describes_every_value() {
+    // `check.py readme` refuses a value without a description (its own comment or its
+    // parent's); the committed README is its current output.
+    let generated = check_py(&["readme", "charts/tenantry"]);
+    let committed = std::fs::read_to_string(repo().join("charts/tenantry/README.md")).unwrap();
+    assert!(
+        generated == committed,
+        "charts/tenantry/README.md is stale: tests/helm/check.py readme charts/tenantry > charts/tenantry/README.md"
+    );
+    assert!(committed.contains("| `watchNamespaces` |"), "{committed}");
+}
+
+#[test]
 fn chart_crds_are_the_generated_ones() {
     let chart = std::fs::read(repo().join("charts/tenantry/files/crds/tenant.yaml")).unwrap();
     let root = std::fs::read(repo().join("crds/tenant.yaml")).unwrap();
