@@ -274,7 +274,7 @@ pub(super) fn now() -> String {
 }
 
 /// Entry point of one reconcile: everything goes through the finalizer helper.
-#[instrument(skip(tenant, ctx), fields(tenant = %tenant.name_any(), namespace = tenant.namespace().unwrap_or_default(), schema = tracing::field::Empty))]
+#[instrument(skip(tenant, ctx), fields(tenant = %tenant.name_any(), name = %tenant.name_any(), namespace = tenant.namespace().unwrap_or_default(), schema = tracing::field::Empty))]
 pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = tenant.namespace().unwrap_or_default();

@@ -219,6 +219,20 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
     assert!(text.contains("tenantry_api_registry_tenants 3"), "{text}");
     assert!(text.contains(r#"route="/v1/tables/{table}""#), "{text}");
 
+    // JSON logs carry the reconcile's namespace, name and tenant at the top level.
+    let log =
+        std::fs::read_to_string(std::env::temp_dir().join(format!("tenantry-e2e-{}.log", ns.name)))
+            .unwrap();
+    assert!(
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v["message"] == "tenant provisioned"
+                && v["namespace"] == ns.name.as_str()
+                && v["name"].is_string()
+                && v["tenant"] == v["name"]),
+        "{log}"
+    );
+
     let (_, metrics) = http_get(port, "/metrics").await.unwrap();
     assert!(
         metrics.contains(&format!(
