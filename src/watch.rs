@@ -67,7 +67,11 @@ where
         + Send
         + 'static,
 {
-    match namespaces {
+    // A namespace named twice would be watched twice, and its relists would disagree.
+    let mut namespaces = namespaces.to_vec();
+    namespaces.sort();
+    namespaces.dedup();
+    match namespaces.as_slice() {
         [] => watcher(Api::<K>::all(client), config)
             .default_backoff()
             .boxed(),
