@@ -251,7 +251,7 @@ async fn start_ours(
     .await
     .unwrap();
     let config = tenantry::registry::Config {
-        namespace: Some(ns.to_string()),
+        namespaces: vec![ns.to_string()],
         base_domain: None,
         signing_key: (ns.to_string(), "tenantry-signing-key".into()),
     };

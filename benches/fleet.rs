@@ -103,7 +103,7 @@ impl Operator {
             .unwrap()
             .with_gateway(Some(gw));
         let settings = Settings {
-            namespace: Some(ns.into()),
+            namespaces: vec![ns.into()],
             concurrency,
             health_addr: "127.0.0.1:0".parse().unwrap(),
             gateway_secret: Some((ns.into(), "tenantry-gateway".into())),

@@ -18,10 +18,11 @@ trap cleanup EXIT INT TERM
 echo "Starting PostgreSQL and kube-apiserver in $dir ..."
 scripts/stack.sh start "$dir" >/dev/null
 set -a; source "$dir/env"; set +a
-kubectl apply --server-side -f crds/ >/dev/null
+# The local apiserver is 1.20: no x-kubernetes-validations (see README, "Install").
+kubectl apply --validate=false -f crds/ >/dev/null
 kubectl wait --for=condition=Established crd/tenants.tenantry.dev --timeout=60s >/dev/null
 
-"$root/target/debug/tenantry" controller --health-addr 127.0.0.1:8081 --base-domain tenants.localhost >"$dir/operator.log" 2>&1 &
+"$root/target/debug/tenantry" controller --demo-migrations --health-addr 127.0.0.1:8081 --base-domain tenants.localhost >"$dir/operator.log" 2>&1 &
 pids+=($!)
 until curl -sf http://127.0.0.1:8081/readyz >/dev/null; do
   kill -0 "${pids[0]}" 2>/dev/null || { cat "$dir/operator.log"; exit 1; }
@@ -33,7 +34,7 @@ kubectl wait --for=condition=Ready tenant/acme --timeout=60s >/dev/null
 # The API logs in as the gateway role, with the credentials the operator wrote.
 gateway_uri=$(kubectl get secret tenantry-gateway -o jsonpath='{.data.uri}' | base64 -d)
 DATABASE_URL=$gateway_uri "$root/target/debug/tenantry" api --listen 127.0.0.1:8080 \
-  --base-domain tenants.localhost >"$dir/api.log" 2>&1 &
+  --metrics-listen 127.0.0.1:9090 --base-domain tenants.localhost >"$dir/api.log" 2>&1 &
 pids+=($!)
 until curl -sf http://127.0.0.1:8080/readyz >/dev/null; do
   kill -0 "${pids[1]}" 2>/dev/null || { cat "$dir/api.log"; exit 1; }
@@ -70,6 +71,7 @@ tenantry is running. In another shell:
   kubectl apply -f examples/tenant-full.yaml && kubectl wait --for=condition=Ready tenant/globex
   kubectl delete tenant acme
   curl -s http://127.0.0.1:8081/metrics | grep tenantry_
+  curl -s http://127.0.0.1:9090/metrics | grep tenantry_api_
   export TOKEN=\$(target/debug/tenantry token acme)
   curl -s -H "Authorization: Bearer \$TOKEN" 'http://127.0.0.1:8080/v1/tables/tasks?status=eq.todo'
   curl -s http://127.0.0.1:8080/openapi.json

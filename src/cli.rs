@@ -118,13 +118,22 @@ pub struct ControllerArgs {
     #[arg(long, env = "TENANTRY_BASE_DOMAIN")]
     pub base_domain: Option<String>,
 
-    /// Watch Tenants in this namespace only (default: all namespaces).
-    #[arg(long, env = "TENANTRY_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch Tenants in this namespace only (default: all namespaces). Repeat the flag, or
+    /// separate names with commas, to watch several: one watch per namespace, which namespaced
+    /// Roles allow.
+    #[arg(long = "namespace", env = "TENANTRY_NAMESPACE", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
 
-    /// Directory of tenant migrations (`<version>_<name>.sql`); default: the embedded set.
+    /// Directory of tenant migrations (`<version>_<name>.sql`). Without it and without
+    /// --demo-migrations the set is empty: tenants get an empty schema.
     #[arg(long, env = "TENANTRY_MIGRATIONS_DIR")]
     pub migrations_dir: Option<PathBuf>,
+
+    /// Include the demo migration set (members, projects, tasks) built into the binary, before
+    /// the --migrations-dir set when both are given (which is how tenants provisioned with the
+    /// demo set adopt a set of their own: number its migrations from 3).
+    #[arg(long, env = "TENANTRY_DEMO_MIGRATIONS")]
+    pub demo_migrations: bool,
 
     /// Tenants reconciled in parallel.
     #[arg(long, env = "TENANTRY_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -147,6 +156,11 @@ pub struct ControllerArgs {
     /// Port written into credentials Secrets (default: the port of --database-url).
     #[arg(long, env = "TENANTRY_TENANT_DB_PORT")]
     pub tenant_db_port: Option<u16>,
+
+    /// `sslmode` written into the URIs of credentials Secrets and of the gateway Secret
+    /// (default: the sslmode of --database-url, if it has one).
+    #[arg(long, env = "TENANTRY_TENANT_DB_SSLMODE", value_parser = crate::domain::state::SSL_MODES)]
+    pub tenant_db_sslmode: Option<String>,
 
     /// Address of the /healthz, /readyz and /metrics server.
     #[arg(long, env = "TENANTRY_HEALTH_ADDR", default_value = "0.0.0.0:8081")]
@@ -283,13 +297,19 @@ pub struct ApiArgs {
     #[command(flatten)]
     pub signing_key: SigningKeyArgs,
 
-    /// Serve Tenants of this namespace only (default: all namespaces).
-    #[arg(long, env = "TENANTRY_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Serve Tenants of this namespace only (default: all namespaces). Repeat the flag, or
+    /// separate names with commas, to serve several: one watch per namespace, which namespaced
+    /// Roles allow.
+    #[arg(long = "namespace", env = "TENANTRY_NAMESPACE", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
 
-    /// Address serving /v1, /healthz, /readyz, /metrics and /openapi.json.
+    /// Address serving /v1, /healthz, /readyz and /openapi.json: tenant traffic.
     #[arg(long, env = "TENANTRY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+
+    /// Address serving /metrics (and /healthz, /readyz), apart from tenant traffic.
+    #[arg(long, env = "TENANTRY_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
 
     /// Route `<tenant>.<base domain>` hosts to tenants (in addition to spec.hosts).
     #[arg(long, env = "TENANTRY_BASE_DOMAIN")]
@@ -412,6 +432,28 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The tenant migration set the flags ask for: the demo set, a directory's, both (demo first)
+/// or none.
+pub fn migration_set(demo: bool, dir: Option<&std::path::Path>) -> anyhow::Result<MigrationSet> {
+    let base = if demo {
+        MigrationSet::embedded()
+    } else {
+        MigrationSet::default()
+    };
+    let set = match dir {
+        Some(dir) => base
+            .then(MigrationSet::from_dir(dir)?)
+            .context("--demo-migrations with --migrations-dir")?,
+        None => base,
+    };
+    if set.latest().is_none() {
+        tracing::info!(
+            "no tenant migrations (neither --migrations-dir nor --demo-migrations): tenants get an empty schema"
+        );
+    }
+    Ok(set)
+}
+
 /// The CRD as committed in `crds/tenant.yaml`.
 pub fn crd_yaml() -> String {
     let body = serde_yaml::to_string(&Tenant::crd()).expect("the CRD serializes");
@@ -458,7 +500,7 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     .context("--database-url")?;
     let client = args.kube.client().await?;
     let config = crate::registry::Config {
-        namespace: args.namespace.clone(),
+        namespaces: args.namespaces.clone(),
         base_domain: args.base_domain.clone(),
         signing_key: args.signing_key.locate(&client),
     };
@@ -466,12 +508,17 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
-    api::serve(
-        listener,
-        api::AppState::new(registry, pool, settings),
-        shutdown_signal(),
-    )
-    .await?;
+    let ops_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("--metrics-listen {}", args.metrics_listen))?;
+    let state = api::AppState::new(registry, pool, settings);
+    let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ops = tokio::spawn(api::serve_ops(ops_listener, state.clone(), async {
+        let _ = ops_stopped.await;
+    }));
+    api::serve(listener, state, shutdown_signal()).await?;
+    let _ = stop_ops.send(());
+    ops.await??;
     Ok(())
 }
 
@@ -489,10 +536,8 @@ impl Cli {
             }
             Command::Controller(args) => {
                 telemetry::init_logging(&self.log_level, self.log_format)?;
-                let migrations = match &args.migrations_dir {
-                    Some(dir) => MigrationSet::from_dir(dir)?,
-                    None => MigrationSet::embedded(),
-                };
+                let migrations =
+                    migration_set(args.demo_migrations, args.migrations_dir.as_deref())?;
                 let gateway = match args.gateway_role.as_str() {
                     "" => None,
                     name => Some(Ident::parse_role(name).context("--gateway-role")?),
@@ -505,6 +550,7 @@ impl Cli {
                 )
                 .context("--database-url")?
                 .with_gateway(gateway.clone())
+                .with_tenant_sslmode(args.tenant_db_sslmode.clone())
                 .with_tenant_connection_limit(args.tenant_connection_limit);
                 let client = args.kube.client().await?;
                 let own_namespace = std::env::var("POD_NAMESPACE")
@@ -530,7 +576,7 @@ impl Cli {
                     admin,
                     migrations,
                     controller::Settings {
-                        namespace: args.namespace,
+                        namespaces: args.namespaces,
                         concurrency: args.concurrency,
                         health_addr: args.health_addr,
                         gateway_secret: gateway.map(|_| (gateway_namespace, args.gateway_secret)),
@@ -548,5 +594,109 @@ impl Cli {
                 .await?)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_repeat_or_take_a_comma_list() {
+        let cli = Cli::try_parse_from([
+            "tenantry",
+            "api",
+            "--database-url=postgres://x",
+            "--namespace=a",
+            "--namespace",
+            "b,c",
+        ])
+        .unwrap();
+        let Command::Api(args) = cli.command else {
+            panic!("api")
+        };
+        assert_eq!(args.namespaces, ["a", "b", "c"]);
+        let cli =
+            Cli::try_parse_from(["tenantry", "controller", "--database-url=postgres://x"]).unwrap();
+        let Command::Controller(args) = cli.command else {
+            panic!("controller")
+        };
+        assert!(args.namespaces.is_empty(), "default: all namespaces");
+        assert!(!args.demo_migrations && args.migrations_dir.is_none());
+    }
+
+    /// The `--flags` of the README table in the section whose heading starts with `heading`.
+    fn readme_flags(heading: &str) -> std::collections::BTreeSet<String> {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## ")
+            .find(|s| s.starts_with(heading))
+            .unwrap_or_else(|| panic!("README has a section {heading:?}"));
+        section
+            .lines()
+            .filter(|l| l.starts_with("| `--"))
+            .flat_map(|l| {
+                let first_cell = l.split('|').nth(1).unwrap_or_default();
+                first_cell
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(|f| f.trim_start_matches("--").to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The long flags of a subcommand, without help and version.
+    fn code_flags(sub: &str) -> std::collections::BTreeSet<String> {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let cmd = cli.find_subcommand(sub).expect("subcommand");
+        cmd.get_arguments()
+            .filter_map(|a| a.get_long())
+            .chain(cli.get_arguments().filter_map(|a| a.get_long()))
+            .filter(|f| !matches!(*f, "help" | "version"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_flag_tables_are_the_flags() {
+        for (sub, heading) in [
+            ("controller", "Configuration (`tenantry controller`)"),
+            ("api", "The API (`tenantry api`)"),
+        ] {
+            let documented = readme_flags(heading);
+            let code = code_flags(sub);
+            let undocumented: Vec<_> = code
+                .iter()
+                .filter(|f| !documented.contains(*f))
+                .filter(|f| sub == "controller" || !f.starts_with("log-"))
+                .collect();
+            assert!(
+                undocumented.is_empty(),
+                "{sub}: README lacks {undocumented:?}"
+            );
+            let unknown: Vec<_> = documented.difference(&code).collect();
+            assert!(
+                unknown.is_empty(),
+                "{sub}: README documents {unknown:?}, which do not exist"
+            );
+        }
+    }
+
+    #[test]
+    fn the_migration_set_is_an_explicit_choice() {
+        assert_eq!(migration_set(false, None).unwrap().latest(), None);
+        let demo = migration_set(true, None).unwrap();
+        assert_eq!(demo, MigrationSet::embedded());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("3_mine.sql"), "CREATE TABLE mine (id int)").unwrap();
+        let adopted = migration_set(true, Some(dir.path())).unwrap();
+        assert_eq!(adopted.latest(), Some(3));
+        assert_eq!(adopted.migrations()[..2], demo.migrations()[..]);
+        std::fs::write(dir.path().join("2_clash.sql"), "SELECT 1").unwrap();
+        let err = migration_set(true, Some(dir.path())).unwrap_err();
+        assert!(format!("{err:#}").contains("version 2"), "{err:#}");
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Rooms: [`crd`] (the Tenant resource), [`naming`] (identifiers and quoting), [`postgres`]
 //! (provisioning and migrations), [`controller`] (the reconcile pipeline), [`health`] and
-//! [`telemetry`] (probes, metrics, logs), [`cli`] (the `tenantry` command line).
+//! [`telemetry`] (probes, metrics, logs), [`watch`] (one watch over several namespaces), [`cli`]
+//! (the `tenantry` command line).
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -14,3 +15,4 @@ pub mod leader;
 pub mod postgres;
 pub mod registry;
 pub mod telemetry;
+pub mod watch;

@@ -16,10 +16,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    runtime::{watcher, WatchStreamExt},
-    Api, Client, ResourceExt,
-};
+use kube::{runtime::watcher, Api, Client, ResourceExt};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -201,8 +198,8 @@ pub fn new(base_domain: Option<&str>) -> (Registry, RegistryWriter) {
 /// Where the registry finds what it serves.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Watch Tenants of this namespace only (all namespaces when `None`).
-    pub namespace: Option<String>,
+    /// Watch Tenants of these namespaces only (all namespaces when empty).
+    pub namespaces: Vec<String>,
     /// `<name>.<base domain>` routes to the Tenant called `<name>`.
     pub base_domain: Option<String>,
     /// The Secret (namespace, name) holding the platform signing key under
@@ -216,14 +213,15 @@ const KEY_REFRESH: Duration = Duration::from_secs(30);
 const KEY_RETRY: Duration = Duration::from_secs(2);
 
 /// A registry kept current from the apiserver: watches Tenants (all namespaces, or only
-/// `config.namespace`) and reads the platform signing key, on a spawned task, retrying with
+/// `config.namespaces`) and reads the platform signing key, on a spawned task, retrying with
 /// backoff across apiserver outages and serving the last known state meanwhile. Dropping the
 /// handle detaches the task; aborting it stops the watch.
 pub fn watch(client: Client, config: &Config) -> (Registry, JoinHandle<()>) {
-    let tenants: Api<Tenant> = match &config.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let tenants = crate::watch::namespaces::<Tenant>(
+        client.clone(),
+        &config.namespaces,
+        watcher::Config::default(),
+    );
     let (ns, name) = config.signing_key.clone();
     let secrets: Api<Secret> = Api::namespaced(client, &ns);
     let (registry, mut writer) = new(config.base_domain.as_deref());
@@ -241,14 +239,16 @@ pub enum Change {
 }
 
 /// The retrying Tenant watch merged with periodic reads of the signing-key Secret.
-fn changes(tenants: Api<Tenant>, secrets: Api<Secret>, name: String) -> impl Stream<Item = Change> {
-    let tenant_events = watcher(tenants, watcher::Config::default())
-        .default_backoff()
-        .filter_map(|r| async move {
-            r.map_err(|e| warn!(error = %e, "tenant watch error; retrying"))
-                .ok()
-                .map(Change::Tenants)
-        });
+fn changes(
+    tenants: impl Stream<Item = watcher::Result<watcher::Event<Tenant>>>,
+    secrets: Api<Secret>,
+    name: String,
+) -> impl Stream<Item = Change> {
+    let tenant_events = tenants.filter_map(|r| async move {
+        r.map_err(|e| warn!(error = %e, "tenant watch error; retrying"))
+            .ok()
+            .map(Change::Tenants)
+    });
     let key_reads = futures::stream::unfold(
         (secrets, name, false),
         |(secrets, name, loaded)| async move {

@@ -30,16 +30,88 @@ pub fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => registry.with(fmt::layer()).try_init()?,
-        LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true),
-            )
-            .try_init()?,
+        LogFormat::Json => registry.with(json_layer(std::io::stdout)).try_init()?,
     }
     Ok(())
+}
+
+/// JSON lines with every field at the top level, as controller-runtime writes them: the
+/// fields of the spans in scope (a reconcile's `namespace`, `name`, `tenant`; a request's
+/// route and tenant), then the event's own.
+pub fn json_layer<S, W>(writer: W) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    fmt::layer()
+        .fmt_fields(fmt::format::JsonFields::new())
+        .event_format(FlatJson)
+        .with_writer(writer)
+}
+
+/// The event formatter of [`json_layer`].
+struct FlatJson;
+
+impl<S, N> fmt::FormatEvent<S, N> for FlatJson
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &fmt::FmtContext<'_, S, N>,
+        mut writer: fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use serde_json::Value;
+        let meta = event.metadata();
+        let mut line = serde_json::Map::new();
+        line.insert(
+            "timestamp".into(),
+            k8s_openapi::jiff::Timestamp::now().to_string().into(),
+        );
+        line.insert("level".into(), meta.level().as_str().into());
+        line.insert("target".into(), meta.target().into());
+        if let Some(scope) = ctx.event_scope() {
+            // Outermost first, so that an inner span's field wins.
+            for span in scope.from_root() {
+                let ext = span.extensions();
+                let Some(fields) = ext.get::<fmt::FormattedFields<N>>() else {
+                    continue;
+                };
+                if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(fields) {
+                    line.extend(map);
+                }
+            }
+        }
+        event.record(&mut FieldsVisitor(&mut line));
+        writeln!(writer, "{}", Value::Object(line))
+    }
+}
+
+/// Writes an event's fields into the JSON line.
+struct FieldsVisitor<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for FieldsVisitor<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,6 +122,11 @@ struct StageLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,6 +149,7 @@ pub struct Metrics {
     target_version: Gauge,
     behind: Gauge,
     failed: Gauge,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -126,10 +204,28 @@ impl Default for Metrics {
             "Tenants whose migration failed",
             failed.clone(),
         );
+        let build = Family::<BuildLabel, Gauge>::default();
+        build
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the label carries the operator's version",
+            build,
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica reconciles (the leader, or the only replica), 0 on standby",
+            leader.clone(),
+        );
         Self {
             target_version,
             behind,
             failed,
+            leader,
             registry: Arc::new(registry),
             reconciles,
             errors,
@@ -199,6 +295,11 @@ impl Metrics {
         }
     }
 
+    /// Whether this replica reconciles (leader or only replica) or stands by.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
     /// Reconciles finished so far (any result).
     pub fn reconciliations(&self) -> u64 {
         ["ok", "error"]
@@ -218,6 +319,44 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_logs_put_span_fields_at_the_top_level() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::registry().with(json_layer(move || out.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "reconcile",
+                namespace = "team-a",
+                name = "acme",
+                tenant = "acme"
+            );
+            let _g = span.enter();
+            tracing::info!(schema = "team_a_acme", attempt = 2, "tenant provisioned");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(line["namespace"], "team-a", "{line}");
+        assert_eq!(line["name"], "acme");
+        assert_eq!(line["tenant"], "acme");
+        assert_eq!(line["schema"], "team_a_acme");
+        assert_eq!(line["attempt"], 2);
+        assert_eq!(line["message"], "tenant provisioned");
+        assert_eq!(line["level"], "INFO");
+    }
 
     #[test]
     fn exposes_counters_and_phase_gauges() {
@@ -244,5 +383,13 @@ mod tests {
             text.contains("tenantry_tenants{phase=\"Failed\"} 0"),
             "{text}"
         );
+        let build = format!(
+            "tenantry_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
+        assert!(text.contains("tenantry_leader 0"), "{text}");
+        m.set_leader(true);
+        assert!(m.encode().contains("tenantry_leader 1"));
     }
 }

@@ -26,6 +26,6 @@ pub use error::ApiError;
 pub use handlers::ALL_ROWS_HEADER;
 pub use observe::ApiMetrics;
 pub use pool::Pool;
-pub use router::{router, serve};
+pub use router::{ops_router, router, serve, serve_ops};
 pub use state::AppState;
 pub use tenant::TenantRequest;

@@ -87,6 +87,15 @@ impl Default for ApiMetrics {
     }
 }
 
+impl ApiMetrics {
+    /// The OpenMetrics text exposition as it stands (`/metrics` samples the gauges first).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
 /// Request span (route, method, tenant) and metrics.
 pub(super) async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req

@@ -1,4 +1,5 @@
-//! The routes, and [`serve`], which runs them on a listener until shutdown.
+//! The routes, and [`serve`], which runs them on a listener until shutdown; the operations
+//! routes (`/metrics`) on a listener of their own ([`serve_ops`]).
 
 use std::net::SocketAddr;
 
@@ -30,7 +31,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tables/{table}/{id}", get(handlers::get_row))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(observe::metrics))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .fallback(|| async { ApiError::not_found("not-found", "no such route") })
         .layer(DefaultBodyLimit::max(max_body))
@@ -39,6 +39,29 @@ pub fn router(state: AppState) -> Router {
             observe::observe,
         ))
         .with_state(state)
+}
+
+/// The operations routes, served on a port of their own ([`serve_ops`]) so that tenant
+/// traffic never reaches them: `/metrics`, and the probes.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(observe::metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Runs [`ops_router`] on `listener` until `shutdown` resolves.
+pub async fn serve_ops(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    info!(%addr, "tenantry API metrics listening");
+    axum::serve(listener, ops_router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Ready once the registry has synced: before that, every tenant would look unknown.

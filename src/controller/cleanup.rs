@@ -22,6 +22,13 @@ use crate::postgres::tenant::Names;
 
 /// Cleans up after `tenant`; returns what the reconcile should report.
 pub(super) async fn cleanup(tenant: &Tenant, ctx: &Context) -> Report {
+    // Someone is working on the schema by hand: deletion waits until the pause is lifted.
+    if let Some(report) = super::reconcile::paused(tenant) {
+        return Report {
+            verdict: Err(Error::Paused),
+            ..report
+        };
+    }
     let mut events = Vec::new();
     // What was provisioned (status.schema) wins over what the spec says now.
     let id = tenant

@@ -41,6 +41,9 @@ pub enum Error {
     Migration(#[from] crate::postgres::migrations::MigrateError),
     #[error("{0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Deletion of a paused Tenant waits (an error keeps the finalizer in place).
+    #[error("the Tenant is paused (annotation tenantry.dev/paused); its deletion waits until it is resumed")]
+    Paused,
 }
 
 impl Error {
@@ -65,6 +68,7 @@ impl Error {
         match self {
             Error::Database { stage, .. } | Error::Kube { stage, .. } => stage.label(),
             Error::Migration(_) => Stage::Migrations.label(),
+            Error::Paused => Stage::Cleanup.label(),
             Error::Finalizer(e) => match &**e {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),

@@ -121,12 +121,16 @@ pub async fn ensure_gateway(
 /// The gateway's credentials Secret (keys username, password, host, port, dbname, uri).
 fn desired(namespace: &str, name: &str, role: &Ident, ep: &Endpoint, password: String) -> Secret {
     let uri = format!(
-        "postgresql://{}:{}@{}:{}/{}",
+        "postgresql://{}:{}@{}:{}/{}{}",
         role.as_str(),
         contract::encode(&password),
         ep.host,
         ep.port,
-        ep.dbname
+        ep.dbname,
+        ep.sslmode
+            .as_deref()
+            .map(|m| format!("?sslmode={m}"))
+            .unwrap_or_default()
     );
     let data: BTreeMap<String, ByteString> = [
         ("username", role.as_str().to_string()),
@@ -164,6 +168,7 @@ mod tests {
             host: "db.example".into(),
             port: 5432,
             dbname: "app".into(),
+            sslmode: None,
         };
         let role = Ident::parse_role("tenantry_gateway").unwrap();
         let s = desired("ops", "tenantry-gateway", &role, &ep, "p/w".into());

@@ -5,7 +5,8 @@
 //! - `error`: stages and the reconcile error, with metric labels.
 //! - `context`: state shared by reconciles (watch caches, routing index, fast-path cache,
 //!   failure counters) and Event publishing.
-//! - `reconcile`: entry point, backoff, and the one report step that writes Events and status.
+//! - `reconcile`: entry point, backoff, and the one report step that writes Events and status;
+//!   `events`: every Event reason.
 //! - `provision`, `cleanup`: the apply and delete pipelines; `credentials`: Secret I/O;
 //!   `rollout`: canary and halt; `gateway`: the API's role; `runtime`: wiring.
 
@@ -13,6 +14,7 @@ mod cleanup;
 mod context;
 mod credentials;
 mod error;
+pub mod events;
 mod gateway;
 mod provision;
 mod reconcile;

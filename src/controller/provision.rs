@@ -39,6 +39,9 @@ pub const LEGACY_REVIEWED_ANNOTATION: &str = "tenantry.dev/legacy-schema-reviewe
 
 /// Provisions `tenant`; returns what the reconcile should report.
 pub(super) async fn apply(tenant: &Tenant, ctx: &Context) -> Report {
+    if let Some(report) = super::reconcile::paused(tenant) {
+        return report;
+    }
     let mut run = Run {
         tenant,
         b: StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now()),
@@ -106,8 +109,11 @@ impl Run<'_> {
 
         // Fast path: nothing relevant changed since a recent full verification (our own Secret
         // and status writes come back as watch events; they need no second look).
-        if let Some(wait) = ctx.recently_verified(self.tenant, &self.b, secret_name) {
-            return Ok(Done::Unchanged(wait));
+        // (Not right after a pause: the Paused condition must go.)
+        if self.tenant.condition(condition::PAUSED).is_none() {
+            if let Some(wait) = ctx.recently_verified(self.tenant, &self.b, secret_name) {
+                return Ok(Done::Unchanged(wait));
+            }
         }
 
         // Read what exists, once, before changing anything: conflicts stop us with nothing done.
@@ -148,8 +154,31 @@ impl Run<'_> {
 
     /// Validates the spec (pure). Invalid specs wait for a change; nothing touches the
     /// database. The Event is sent when the Tenant becomes Invalid or its spec changed.
+    /// A tenant already provisioned is not taken down by an invalid change (one the
+    /// apiserver's admission rules let through): the change is refused and the tenant keeps
+    /// serving what it was provisioned as.
     fn validate(&self) -> Result<Plan, Failure> {
         plan::plan(self.tenant).map_err(|message| {
+            if let Some(schema) = self.tenant.status.as_ref().and_then(|s| s.schema.as_deref()) {
+                let message = format!(
+                    "change refused, the tenant keeps serving as provisioned (schema {schema}): {message}"
+                );
+                let news = self
+                    .tenant
+                    .condition(condition::SPEC_ACCEPTED)
+                    .is_none_or(|c| c.message != message);
+                return Failure {
+                    mark: Mark::Refused,
+                    reason: "ChangeRefused",
+                    phase: self.previous_phase.unwrap_or_default(),
+                    event: news.then_some(Warning {
+                        reason: "ChangeRefused",
+                        action: "Validate",
+                    }),
+                    message,
+                    then: Then::AwaitChange,
+                };
+            }
             let news = self.previous_phase != Some(Phase::Invalid)
                 || self
                     .tenant

@@ -29,7 +29,7 @@ use super::{
     Error, Stage,
 };
 use crate::domain::{
-    crd::{Phase, Tenant, TenantStatus, FINALIZER},
+    crd::{condition, Phase, Tenant, TenantStatus, FINALIZER, PAUSED_ANNOTATION},
     status::StatusBuilder,
 };
 
@@ -64,6 +64,10 @@ pub(super) struct Note {
 
 impl Note {
     pub fn normal(reason: &'static str, action: &'static str, note: impl Into<String>) -> Self {
+        debug_assert!(
+            super::events::NORMAL.contains(&reason),
+            "unlisted Event reason {reason}"
+        );
         Self {
             type_: EventType::Normal,
             reason,
@@ -73,6 +77,10 @@ impl Note {
     }
 
     pub fn warning(reason: &'static str, action: &'static str, note: impl Into<String>) -> Self {
+        debug_assert!(
+            super::events::WARNING.contains(&reason),
+            "unlisted Event reason {reason}"
+        );
         Self {
             type_: EventType::Warning,
             reason,
@@ -114,6 +122,11 @@ pub(super) enum Mark {
     /// Ready False only; the step conditions keep what they said (invalid spec, deletion
     /// pending).
     NotReady,
+    /// SpecAccepted False; everything else keeps what it said (a refused change to a tenant
+    /// that is already provisioned: it keeps serving).
+    Refused,
+    /// Paused True; everything else keeps what it said (nothing was looked at).
+    Paused,
 }
 
 /// What the controller does after a failure.
@@ -209,6 +222,8 @@ impl Failure {
         match self.mark {
             Mark::Step(step) => b.fail(step, self.reason, self.message, self.phase),
             Mark::NotReady => b.not_ready(self.reason, self.message, self.phase),
+            Mark::Refused => b.refuse(self.reason, self.message),
+            Mark::Paused => b.pause(self.message),
         }
         Report {
             events,
@@ -223,6 +238,34 @@ impl Failure {
     }
 }
 
+/// A paused Tenant (the pause annotation): nothing is done, the status says so, and the
+/// Normal Event `ReconcilePaused` marks the moment it was paused. Removing the annotation is
+/// the change it waits for.
+pub(super) fn paused(tenant: &Tenant) -> Option<Report> {
+    if !tenant.is_paused() {
+        return None;
+    }
+    let b = StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now());
+    let message = format!(
+        "reconciliation paused by the annotation {PAUSED_ANNOTATION}=true; remove it to resume"
+    );
+    let news = tenant.condition(condition::PAUSED).is_none();
+    let events = if news {
+        vec![Note::normal("ReconcilePaused", "Pause", message.clone())]
+    } else {
+        Vec::new()
+    };
+    let failure = Failure {
+        mark: Mark::Paused,
+        reason: "ReconcilePaused",
+        phase: tenant.status.as_ref().map(|s| s.phase).unwrap_or_default(),
+        message,
+        event: None,
+        then: Then::AwaitChange,
+    };
+    Some(failure.report(b, events))
+}
+
 pub(super) fn now() -> String {
     k8s_openapi::jiff::Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
@@ -231,7 +274,7 @@ pub(super) fn now() -> String {
 }
 
 /// Entry point of one reconcile: everything goes through the finalizer helper.
-#[instrument(skip(tenant, ctx), fields(tenant = %tenant.name_any(), namespace = tenant.namespace().unwrap_or_default(), schema = tracing::field::Empty))]
+#[instrument(skip(tenant, ctx), fields(tenant = %tenant.name_any(), name = %tenant.name_any(), namespace = tenant.namespace().unwrap_or_default(), schema = tracing::field::Empty))]
 pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = tenant.namespace().unwrap_or_default();

@@ -16,8 +16,7 @@ use kube::{
     runtime::{
         controller::{Config as ControllerConfig, Controller},
         reflector::{self, reflector},
-        watcher::{self, watcher},
-        WatchStreamExt,
+        watcher, WatchStreamExt,
     },
     Api, Client,
 };
@@ -33,6 +32,7 @@ use crate::{
     domain::{crd::Tenant, credentials as secret},
     postgres::{migrations::MigrationSet, Admin},
     telemetry::Metrics,
+    watch,
 };
 
 fn tokio_stream_from<T: Send + 'static>(
@@ -64,8 +64,8 @@ pub enum RunError {
 /// Settings of `tenantry controller`.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Watch Tenants in this namespace only (all namespaces when `None`).
-    pub namespace: Option<String>,
+    /// Watch Tenants in these namespaces only (all namespaces when empty).
+    pub namespaces: Vec<String>,
     pub concurrency: u16,
     pub health_addr: SocketAddr,
     /// Where the gateway role's credentials are kept (namespace, name), when the admin has a
@@ -92,19 +92,20 @@ pub async fn run(
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), RunError> {
-    let tenants: Api<Tenant> = match &settings.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    let listable: Vec<Api<Tenant>> = match settings.namespaces.as_slice() {
+        [] => vec![Api::all(client.clone())],
+        many => many
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect(),
     };
-    let secrets: Api<Secret> = match &settings.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    if let Err(e) = tenants
-        .list(&kube::api::ListParams::default().limit(1))
-        .await
-    {
-        return Err(RunError::NoTenants(e));
+    for tenants in listable {
+        if let Err(e) = tenants
+            .list(&kube::api::ListParams::default().limit(1))
+            .await
+        {
+            return Err(RunError::NoTenants(e));
+        }
     }
 
     metrics.set_migration_target(migrations.latest());
@@ -130,6 +131,7 @@ pub async fn run(
             let elector = crate::leader::LeaderElector::new(client.clone(), cfg);
             elector.acquire().await;
             standby.store(false, Ordering::SeqCst);
+            metrics.set_leader(true);
             let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
             tokio::spawn(async move {
                 elector.keep().await;
@@ -137,7 +139,10 @@ pub async fn run(
             });
             Some(lost_rx)
         }
-        None => None,
+        None => {
+            metrics.set_leader(true);
+            None
+        }
     };
     let lost = Arc::new(AtomicBool::new(false));
     let lost_flag = lost.clone();
@@ -181,11 +186,11 @@ pub async fn run(
     let (secret_reader, secret_writer) = reflector::store::<Secret>();
     let secret_stream = reflector(
         secret_writer,
-        watcher(
-            secrets,
+        watch::namespaces::<Secret>(
+            client.clone(),
+            &settings.namespaces,
             watcher::Config::default().labels(&secret::managed_selector()),
-        )
-        .default_backoff(),
+        ),
     )
     .touched_objects();
     let ctx = Arc::new(Context::new(
@@ -202,7 +207,11 @@ pub async fn run(
     ));
     let tenant_stream = reflector(
         writer,
-        watcher(tenants, watcher::Config::default()).default_backoff(),
+        watch::namespaces::<Tenant>(
+            ctx.client.clone(),
+            &settings.namespaces,
+            watcher::Config::default(),
+        ),
     )
     .inspect_ok({
         let ctx = ctx.clone();
@@ -224,7 +233,10 @@ pub async fn run(
         )
         .graceful_shutdown_on(shutdown);
     info!(
-        namespace = settings.namespace.as_deref().unwrap_or("<all>"),
+        namespaces = %match settings.namespaces.as_slice() {
+            [] => "<all>".to_string(),
+            many => many.join(","),
+        },
         migrations = ctx.migrations.latest(),
         "controller started"
     );

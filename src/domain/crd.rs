@@ -2,19 +2,25 @@
 //! condition types, plus the pure helpers that read them. Doc comments on fields become the
 //! `kubectl explain` text, so they are written for platform engineers.
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
+
+use super::{naming, plan};
 use serde::{Deserialize, Serialize};
 
 /// API group of every tenantry resource.
 pub const GROUP: &str = "tenantry.dev";
 /// Finalizer the operator puts on every Tenant so that deletion waits for database cleanup.
 pub const FINALIZER: &str = "tenantry.dev/cleanup";
+/// With this annotation set to `"true"` the operator leaves the Tenant alone — no database
+/// work, no Secret writes, deletion waits — for manual work on its schema (Crossplane's
+/// `paused`). The API keeps serving it as it was.
+pub const PAUSED_ANNOTATION: &str = "tenantry.dev/paused";
 
 /// Desired state of a Tenant, decided by the platform team. tenantry gives the Tenant a
 /// PostgreSQL schema owned by a dedicated role, runs the tenant migrations inside that schema
 /// and issues the role's credentials as a Secret in the Tenant's namespace.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[kube(
     group = "tenantry.dev",
     version = "v1alpha1",
@@ -30,23 +36,36 @@ pub const FINALIZER: &str = "tenantry.dev/cleanup";
     printcolumn = r#"{"name":"Migration", "type":"integer", "jsonPath":".status.migrationVersion", "description":"Latest applied migration version"}"#,
     printcolumn = r#"{"name":"Hosts", "type":"string", "jsonPath":".spec.hosts", "description":"Host names routed to this tenant", "priority":1}"#,
     printcolumn = r#"{"name":"Secret", "type":"string", "jsonPath":".status.secretName", "description":"Credentials Secret", "priority":1}"#,
+    printcolumn = r#"{"name":"Message", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].message", "description":"Why the tenant is or is not Ready", "priority":1}"#,
     printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TenantSpec {
-    /// Human-readable name of the tenant, shown by the API. Defaults to metadata.name.
+    /// Human-readable name of the tenant, shown by the API. Defaults to metadata.name. At most
+    /// 200 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 200))]
     pub display_name: Option<String>,
 
     /// PostgreSQL schema (and role) name for this tenant. Defaults to `<namespace>_<name>` with
-    /// `-` and `.` replaced by `_`. Must be a lowercase identifier of at most 63 bytes, not
-    /// `public`, `information_schema`, `tenantry` or `pg_*`. Cannot change once provisioned.
+    /// `-` and `.` replaced by `_`. Must be a lowercase identifier (`[a-z_][a-z0-9_]*`) of at
+    /// most 63 bytes, neither `pg_*` nor a reserved name (`public`, `information_schema`,
+    /// `tenantry`, `postgres`, `tenantry_gateway`, `current_user`, `current_role`,
+    /// `session_user`, `user`, `none`). Cannot change once set; a change the apiserver lets
+    /// through (before Kubernetes 1.25, or from unset to a different name) is refused by the
+    /// operator, and the tenant keeps serving from its schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63), pattern(naming::IDENT_PATTERN))]
+    #[x_kube(
+        validation = Rule::new(naming::reserved_names_rule()).message(naming::RESERVED_MESSAGE),
+        validation = Rule::new("self == oldSelf").message(SCHEMA_IMMUTABLE_MESSAGE)
+    )]
     pub schema: Option<String>,
 
     /// Host names (exact match) that the tenantry API routes to this tenant, e.g.
-    /// `acme.example.com`.
+    /// `acme.example.com`: lowercase RFC 1123 names of at most 253 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(max = 253), pattern(plan::DNS_SUBDOMAIN_PATTERN)))]
     pub hosts: Vec<String>,
 
     /// What happens to the schema, its data and the role when the Tenant is deleted. `Retain`
@@ -82,6 +101,10 @@ impl ApiSpec {
     }
 }
 
+/// The message of the admission rule that keeps `spec.schema` as it was set (Kubernetes 1.25+).
+pub const SCHEMA_IMMUTABLE_MESSAGE: &str =
+    "spec.schema cannot change once set: the tenant's data lives in that schema";
+
 /// What to do with tenant data when the Tenant is deleted.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum DeletionPolicy {
@@ -97,8 +120,9 @@ pub enum DeletionPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct CredentialsSpec {
     /// Name of the Secret holding the tenant's database credentials, in the Tenant's namespace.
-    /// Defaults to `<tenant name>-db`.
+    /// Defaults to `<tenant name>-db`. A lowercase RFC 1123 name of at most 253 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), pattern(plan::DNS_SUBDOMAIN_PATTERN))]
     pub secret_name: Option<String>,
 }
 
@@ -137,7 +161,10 @@ pub struct TenantStatus {
     pub migration_version: Option<i64>,
 
     /// One condition per provisioning step (RoleReady, SchemaReady, MigrationsApplied,
-    /// CredentialsReady), Ready, and Routable (no other Tenant shares its name or a host).
+    /// CredentialsReady), Ready, Routable (no other Tenant shares its name or a host), and
+    /// SpecAccepted=False while a change to an already provisioned tenant is refused (the
+    /// tenant keeps serving as it was), and Paused=True while the annotation
+    /// `tenantry.dev/paused: "true"` freezes it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -215,6 +242,14 @@ pub mod condition {
     pub const READY: &str = "Ready";
     /// Whether the API can route to the tenant: no other Tenant has its name or a host of it.
     pub const ROUTABLE: &str = "Routable";
+    /// Present, and False, only while the operator refuses the current spec of a tenant it
+    /// already provisioned (a change admission let through): the other conditions still
+    /// describe the last accepted spec, which the tenant keeps serving.
+    pub const SPEC_ACCEPTED: &str = "SpecAccepted";
+    /// Present, and True, only while the Tenant carries the pause annotation
+    /// ([`super::PAUSED_ANNOTATION`]): nothing is reconciled, the other conditions stay as
+    /// they were.
+    pub const PAUSED: &str = "Paused";
     pub const STEPS: [&str; 4] = [
         ROLE_READY,
         SCHEMA_READY,
@@ -271,6 +306,15 @@ impl Tenant {
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
     }
 
+    /// Whether the pause annotation is set to `"true"`.
+    pub fn is_paused(&self) -> bool {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PAUSED_ANNOTATION))
+            .is_some_and(|v| v == "true")
+    }
+
     /// True when the Ready condition is True for the current generation.
     pub fn is_ready(&self) -> bool {
         self.condition(condition::READY)
@@ -299,6 +343,57 @@ mod tests {
         // Option<Enum>.
         let yaml = serde_yaml::to_string(&Tenant::crd()).unwrap();
         assert!(!yaml.contains("- null"), "{yaml}");
+    }
+
+    /// The schema of `spec.<path>` in the generated CRD.
+    fn spec_property(path: &[&str]) -> serde_json::Value {
+        let crd = serde_json::to_value(Tenant::crd()).unwrap();
+        let mut v = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        for p in path {
+            v = &v["properties"][p];
+        }
+        v.clone()
+    }
+
+    #[test]
+    fn admission_refuses_what_the_operator_would() {
+        let schema = spec_property(&["schema"]);
+        assert_eq!(schema["maxLength"], 63);
+        assert_eq!(schema["pattern"], "^[a-z_][a-z0-9_]*$");
+        // Kubernetes 1.25+ evaluates these; older apiservers ignore them and the operator
+        // refuses the change instead.
+        assert_eq!(
+            schema["x-kubernetes-validations"],
+            serde_json::json!([
+                {
+                    "rule": "!(self in ['public', 'information_schema', 'tenantry', 'postgres', \
+                             'tenantry_gateway', 'current_user', 'current_role', 'session_user', \
+                             'user', 'none']) && !self.startsWith('pg_')",
+                    "message": "spec.schema must not be a reserved name or start with pg_"
+                },
+                {
+                    "rule": "self == oldSelf",
+                    "message": "spec.schema cannot change once set: the tenant's data lives in that schema"
+                }
+            ])
+        );
+        let hosts = spec_property(&["hosts"]);
+        assert_eq!(hosts["items"]["maxLength"], 253);
+        assert_eq!(hosts["items"]["pattern"], plan::DNS_SUBDOMAIN_PATTERN);
+        let secret = spec_property(&["credentials", "secretName"]);
+        assert_eq!(secret["pattern"], plan::DNS_SUBDOMAIN_PATTERN);
+        assert_eq!(spec_property(&["displayName"])["maxLength"], 200);
+    }
+
+    #[test]
+    fn the_reserved_names_rule_covers_every_reserved_name() {
+        for name in ["public", "tenantry", "tenantry_gateway", "none", "user"] {
+            assert!(crate::domain::naming::Ident::parse("schema", name).is_err());
+            assert!(
+                naming::reserved_names_rule().contains(&format!("'{name}'")),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -103,7 +103,7 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
         )
     };
     let uri = format!(
-        "postgresql://{}:{}@{}/{}?options={}{}{}",
+        "postgresql://{}:{}@{}/{}?options={}{}{}{}",
         encode(user),
         encode(password),
         authority,
@@ -114,16 +114,18 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
             format!("&port={}", endpoint.port)
         } else {
             String::new()
-        }
+        },
+        endpoint.ssl_param()
     );
     let jdbc = format!(
-        "jdbc:postgresql://{}:{}/{}?currentSchema={}&user={}&password={}",
+        "jdbc:postgresql://{}:{}/{}?currentSchema={}&user={}&password={}{}",
         endpoint.host,
         endpoint.port,
         encode(&endpoint.dbname),
         encode(user),
         encode(user),
-        encode(password)
+        encode(password),
+        endpoint.ssl_param()
     );
     BTreeMap::from([
         ("host".into(), endpoint.host.clone()),
@@ -277,6 +279,7 @@ mod tests {
             host: "db.example".into(),
             port: 5432,
             dbname: "app".into(),
+            sslmode: None,
         }
     }
 
@@ -311,6 +314,22 @@ mod tests {
         );
         assert!(c["jdbc-uri"]
             .starts_with("jdbc:postgresql://db.example:5432/app?currentSchema=ns%5Facme"));
+        // TLS settings reach both URIs.
+        let tls = Endpoint {
+            sslmode: Some("verify-full".into()),
+            ..ep()
+        };
+        let c = credentials(&tls, &id(), &m("pw"));
+        assert!(
+            c["uri"].ends_with("search%5Fpath%3Dns%5Facme&sslmode=verify-full"),
+            "{}",
+            c["uri"]
+        );
+        assert!(
+            c["jdbc-uri"].ends_with("&password=pw&sslmode=verify-full"),
+            "{}",
+            c["jdbc-uri"]
+        );
     }
 
     #[test]

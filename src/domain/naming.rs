@@ -24,6 +24,23 @@ const RESERVED: &[&str] = &[
     "none",
 ];
 
+/// The syntax of a tenant identifier, as the CRD's `pattern` (the length is its `maxLength`).
+pub const IDENT_PATTERN: &str = "^[a-z_][a-z0-9_]*$";
+
+/// What the CRD's reserved-name rule says when it refuses a schema name.
+pub const RESERVED_MESSAGE: &str = "spec.schema must not be a reserved name or start with pg_";
+
+/// The reserved names as a CEL rule on a string (`self`), for the CRD: the apiserver refuses
+/// them at admission (Kubernetes 1.25+); [`Ident::parse`] refuses them everywhere.
+pub fn reserved_names_rule() -> String {
+    let names = RESERVED
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("!(self in [{names}]) && !self.startsWith('pg_')")
+}
+
 /// Why a name cannot be used as a tenant identifier.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {

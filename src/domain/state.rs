@@ -148,6 +148,29 @@ pub struct Endpoint {
     pub host: String,
     pub port: u16,
     pub dbname: String,
+    /// libpq's `sslmode` for applications (from the admin URL, or `--tenant-db-sslmode`), put
+    /// into the URIs; `None` leaves the client's default.
+    pub sslmode: Option<String>,
+}
+
+/// The `sslmode` libpq and pgjdbc both understand.
+pub const SSL_MODES: [&str; 6] = [
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+
+impl Endpoint {
+    /// `&sslmode=…` to append to a URI query, or nothing.
+    pub fn ssl_param(&self) -> String {
+        self.sslmode
+            .as_deref()
+            .map(|m| format!("&sslmode={m}"))
+            .unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

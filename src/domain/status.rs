@@ -111,6 +111,33 @@ impl StatusBuilder {
         self.status.phase = phase;
     }
 
+    /// SpecAccepted False: the current spec is refused and everything else stays as the last
+    /// accepted spec left it (phase, Ready, the steps), so a tenant that served keeps serving.
+    pub fn refuse(&mut self, reason: &str, message: impl Into<String>) {
+        self.keep_all_but(condition::SPEC_ACCEPTED, "False", reason, message);
+    }
+
+    /// Paused True: nothing is reconciled, so everything else stays as it was.
+    pub fn pause(&mut self, message: impl Into<String>) {
+        self.keep_all_but(condition::PAUSED, "True", "ReconcilePaused", message);
+    }
+
+    /// Keeps every previous condition but `type_`, which is set.
+    fn keep_all_but(
+        &mut self,
+        type_: &str,
+        status: &str,
+        reason: &str,
+        message: impl Into<String>,
+    ) {
+        for c in &self.previous {
+            if c.type_ != type_ && !self.status.conditions.iter().any(|x| x.type_ == c.type_) {
+                self.status.conditions.push(c.clone());
+            }
+        }
+        self.set(type_, status, reason, message);
+    }
+
     pub fn ready(&mut self, message: impl Into<String>) {
         self.set(condition::READY, "True", "Provisioned", message);
         self.status.phase = Phase::Ready;
@@ -183,6 +210,41 @@ mod tests {
             ]
         );
         assert_eq!(s.phase, Phase::Failed);
+    }
+
+    #[test]
+    fn a_refused_change_keeps_the_last_accepted_status() {
+        let mut b = StatusBuilder::new(None, Some(1), "t1".into());
+        b.ok(condition::ROLE_READY, "Created", "r");
+        b.ready("serving");
+        let served = b.build();
+        let mut b = StatusBuilder::new(Some(&served), Some(2), "t2".into());
+        b.refuse("ChangeRefused", "spec.schema cannot change");
+        let s = b.build();
+        assert_eq!(s.phase, Phase::Ready);
+        assert_eq!(s.observed_generation, Some(2));
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.observed_generation),
+            ("True", Some(1))
+        );
+        let refused = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::SPEC_ACCEPTED)
+            .unwrap();
+        assert_eq!(
+            (refused.status.as_str(), refused.reason.as_str()),
+            ("False", "ChangeRefused")
+        );
+        // Accepted again: the condition goes away with the next full status.
+        let mut b = StatusBuilder::new(Some(&s), Some(3), "t3".into());
+        b.ready("serving");
+        assert!(b
+            .build()
+            .conditions
+            .iter()
+            .all(|c| c.type_ != condition::SPEC_ACCEPTED));
     }
 
     #[test]

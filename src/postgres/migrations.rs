@@ -56,7 +56,7 @@ pub enum MigrateError {
     },
     #[error("migration {version} was changed after it was applied to this schema (checksum mismatch); restore the original file or add a new migration instead")]
     ChecksumMismatch { version: i64 },
-    #[error("schema has migration {version} applied, which the migration set does not contain")]
+    #[error("schema has migration {version} applied, which the migration set does not contain (a tenant provisioned with the demo set needs it in its set: --demo-migrations, chart value migrations.demo=true)")]
     UnknownApplied { version: i64 },
     #[error("{message}")]
     UntrustedHistory { message: String },
@@ -78,7 +78,9 @@ impl MigrateError {
 include!(concat!(env!("OUT_DIR"), "/default_migrations.rs"));
 
 impl MigrationSet {
-    /// The set embedded from the repository's `migrations/` directory at build time.
+    /// The demo set (members, projects, tasks), embedded from the repository's `migrations/`
+    /// directory at build time: what `--demo-migrations` adds, for the quickstart and the tests.
+    /// Never a tenant's default.
     pub fn embedded() -> Self {
         Self::from_files(
             DEFAULT_MIGRATIONS
@@ -137,6 +139,14 @@ impl MigrationSet {
             return Err(LoadError::Duplicate(w[0].version));
         }
         Ok(Self { migrations })
+    }
+
+    /// This set followed by `other`'s migrations (a version in both is refused): how tenants
+    /// provisioned with the demo set adopt a set of their own.
+    pub fn then(self, other: Self) -> Result<Self, LoadError> {
+        let mut files = self.to_files();
+        files.extend(other.to_files());
+        Self::from_files(files)
     }
 
     /// The set as `<version>_<description>.sql` files, the inverse of [`MigrationSet::from_files`]

@@ -111,6 +111,17 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
         .disable_statement_logging())
 }
 
+/// The `sslmode` query parameter of a connection URL, when it names one libpq knows.
+fn url_sslmode(url: &str) -> Option<String> {
+    let (_, query) = url.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "sslmode")
+        .map(|(_, v)| v.to_string())
+        .filter(|v| crate::domain::state::SSL_MODES.contains(&v.as_str()))
+}
+
 impl Admin {
     /// A lazily connecting pool: the operator starts (and reports not-ready) while the database
     /// is down, and recovers by itself when it comes back.
@@ -133,6 +144,7 @@ impl Admin {
             host: public_host.unwrap_or_else(|| opts.get_host().to_string()),
             port: public_port.unwrap_or_else(|| opts.get_port()),
             dbname: opts.get_database().unwrap_or("postgres").to_string(),
+            sslmode: url_sslmode(url),
         };
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
@@ -146,6 +158,14 @@ impl Admin {
             timeouts,
             connection_limit: DEFAULT_TENANT_CONNECTION_LIMIT,
         })
+    }
+
+    /// The `sslmode` written into credentials (default: the admin URL's, if any).
+    pub fn with_tenant_sslmode(mut self, sslmode: Option<String>) -> Self {
+        if sslmode.is_some() {
+            self.endpoint.sslmode = sslmode;
+        }
+        self
     }
 
     /// Makes every tenant role provisioned from now on a role that `gateway` may switch to.
@@ -288,6 +308,16 @@ impl Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_admin_urls_sslmode_reaches_the_endpoint_unless_overridden() {
+        let admin = Admin::new("postgres://a@db:5432/app?sslmode=require", 1, None, None).unwrap();
+        assert_eq!(admin.endpoint().sslmode.as_deref(), Some("require"));
+        let admin = admin.with_tenant_sslmode(Some("verify-full".into()));
+        assert_eq!(admin.endpoint().sslmode.as_deref(), Some("verify-full"));
+        let admin = Admin::new("postgres://a@db:5432/app", 1, None, None).unwrap();
+        assert_eq!(admin.endpoint().sslmode, None);
+    }
 
     #[test]
     fn transient_errors() {

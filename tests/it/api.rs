@@ -26,6 +26,8 @@ pub const POOL_SIZE: u32 = 4;
 
 pub struct Api {
     pub router: Router,
+    /// The operations routes (`/metrics`), which `tenantry api` serves on their own port.
+    pub ops: Router,
     pub registry: Registry,
     /// The API's own data pool.
     pub data: api::Pool,
@@ -99,20 +101,38 @@ impl Api {
             .connect_lazy(&uri)
             .expect("gateway URI");
         let config = registry::Config {
-            namespace: namespace.map(str::to_string),
+            namespaces: namespace.map(str::to_string).into_iter().collect(),
             base_domain: Some(BASE_DOMAIN.into()),
             signing_key: (ns.name.clone(), SIGNING_KEY_SECRET.into()),
         };
         let (registry, watch) = registry::watch(ns.client.clone(), &config);
         let settings = Settings { auth, limits };
-        let router = api::router(AppState::new(registry.clone(), data.clone(), settings));
+        let state = AppState::new(registry.clone(), data.clone(), settings);
+        let router = api::router(state.clone());
+        let ops = api::ops_router(state);
         Self {
             router,
+            ops,
             registry,
             data,
             pool,
             _watch: watch,
         }
+    }
+
+    /// `/metrics`, from the operations routes.
+    pub async fn scrape(&self) -> (StatusCode, String) {
+        let res = self
+            .ops
+            .clone()
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), 16 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 
     pub async fn call(

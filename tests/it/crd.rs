@@ -38,3 +38,28 @@ fn kubectl_explain_reads_the_field_docs() {
     let out = kubectl_ok(&["explain", "tenant.status"]);
     assert!(out.contains("Observed state of a Tenant"), "{out}");
 }
+
+#[test]
+fn the_crd_with_its_admission_rules_installs_on_the_test_apiserver() {
+    env();
+    // The stack installed crds/tenant.yaml (x-kubernetes-validations included) with a plain
+    // apply; a 1.20 apiserver keeps its patterns and lengths and drops the CEL rules.
+    let crd: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
+        "get",
+        "crd",
+        "tenants.tenantry.dev",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let established = crd["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["type"] == "Established" && c["status"] == "True");
+    assert!(established, "{crd}");
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["schema"];
+    assert_eq!(schema["pattern"], tenantry::domain::naming::IDENT_PATTERN);
+    assert_eq!(schema["maxLength"], 63);
+}

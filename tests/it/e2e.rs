@@ -62,13 +62,19 @@ fn spawn_logged(args: &[&str], envs: &[(&str, &str)], log_name: &str) -> Proc {
 async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
     let env = env();
     let ns = TestNs::new().await;
-    kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", "crds/"]);
+    kubectl_ok(&[
+        "apply",
+        "--validate=false", // a 1.20 apiserver: see tests/support/stack.rs
+        "-f",
+        "crds/",
+    ]);
     let port = free_port();
     let kubeconfig = env.kubeconfig.to_string_lossy().into_owned();
     let health = format!("127.0.0.1:{port}");
     let _op = spawn_logged(
         &[
             "controller",
+            "--demo-migrations", // the examples' API calls read the demo tables
             "--namespace",
             &ns.name,
             "--health-addr",
@@ -130,6 +136,8 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
     let gateway = ns.secrets().get("tenantry-gateway").await.unwrap();
     let api_port = free_port();
     let listen = format!("127.0.0.1:{api_port}");
+    let ops_port = free_port();
+    let metrics_listen = format!("127.0.0.1:{ops_port}");
     let _api = spawn_logged(
         &[
             "api",
@@ -137,6 +145,8 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
             &ns.name,
             "--listen",
             &listen,
+            "--metrics-listen",
+            &metrics_listen,
             "--base-domain",
             "tenants.test",
             "--pool-size",
@@ -201,10 +211,27 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
     .await
     .unwrap();
     assert_eq!(code, 403, "{text}");
-    let (code, text) = http_get(api_port, "/metrics").await.unwrap();
+    // Metrics are on their own port, not beside tenant traffic.
+    let (code, _) = http_get(api_port, "/metrics").await.unwrap();
+    assert_eq!(code, 404);
+    let (code, text) = http_get(ops_port, "/metrics").await.unwrap();
     assert_eq!(code, 200);
     assert!(text.contains("tenantry_api_registry_tenants 3"), "{text}");
     assert!(text.contains(r#"route="/v1/tables/{table}""#), "{text}");
+
+    // JSON logs carry the reconcile's namespace, name and tenant at the top level.
+    let log =
+        std::fs::read_to_string(std::env::temp_dir().join(format!("tenantry-e2e-{}.log", ns.name)))
+            .unwrap();
+    assert!(
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v["message"] == "tenant provisioned"
+                && v["namespace"] == ns.name.as_str()
+                && v["name"].is_string()
+                && v["tenant"] == v["name"]),
+        "{log}"
+    );
 
     let (_, metrics) = http_get(port, "/metrics").await.unwrap();
     assert!(
@@ -318,6 +345,10 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     wait_ready(&ns, "before").await;
     let (_, m) = http_get(port_b, "/metrics").await.unwrap();
     assert_eq!(reconciliations(&m), 0, "the standby must not reconcile");
+    assert!(m.contains("tenantry_leader 0"), "{m}");
+    assert!(m.contains("tenantry_build_info{version="), "{m}");
+    let (_, m) = http_get(port_a, "/metrics").await.unwrap();
+    assert!(m.contains("tenantry_leader 1"), "{m}");
 
     // The leader dies without releasing the lease; the standby takes over within its duration.
     let _ = a.0.kill();
@@ -339,5 +370,47 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     wait_ready(&ns, "after").await;
     let (_, m) = http_get(port_b, "/metrics").await.unwrap();
     assert!(reconciliations(&m) > 0);
+    assert!(m.contains("tenantry_leader 1"), "{m}");
     drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_migration_flag_tenants_get_an_empty_schema() {
+    let env = env();
+    let ns = TestNs::new().await;
+    let kubeconfig = env.kubeconfig.to_string_lossy().into_owned();
+    let health = format!("127.0.0.1:{}", free_port());
+    let _op = spawn_logged(
+        &[
+            "controller",
+            "--namespace",
+            &ns.name,
+            "--health-addr",
+            &health,
+            "--gateway-role",
+            &gateway_role(&ns),
+            "--gateway-secret-namespace",
+            &ns.name,
+            "--signing-key-secret-namespace",
+            &ns.name,
+        ],
+        &[
+            ("DATABASE_URL", &env.database_url),
+            ("KUBECONFIG", &kubeconfig),
+        ],
+        &format!("tenantry-e2e-empty-{}.log", ns.name),
+    );
+    ns.create(tenantry::domain::crd::Tenant::test("blank"))
+        .await;
+    let t = wait_ready(&ns, "blank").await;
+    let status = t.status.unwrap();
+    assert_eq!(status.migration_version, None, "no demo tables by default");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename <> 'tenantry_migrations'",
+    )
+    .bind(status.schema.unwrap())
+    .fetch_one(&pg().await)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0);
 }

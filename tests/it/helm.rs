@@ -39,21 +39,93 @@ fn chart_lints_and_renders_for_default_and_all_options() {
         "Ingress",
         "NetworkPolicy",
         "PodDisruptionBudget",
+        "ConfigMap",
+        "CustomResourceDefinition",
     ] {
         assert!(out.contains(kind), "all-options render lacks {kind}: {out}");
     }
+    // Default values choose no migration set: tenants get an empty schema, not the demo tables.
+    let out = check_py(&["render", "charts/tenantry"]);
+    assert!(
+        !out.contains("- --demo-migrations") && !out.contains("- --migrations-dir"),
+        "{out}"
+    );
     let out = check_py(&["bad", "charts/tenantry"]);
     assert_eq!(out.matches("refused as expected").count(), 6, "{out}");
 }
 
 #[test]
+fn the_chart_readme_describes_every_value() {
+    // `check.py readme` refuses a value without a description (its own comment or its
+    // parent's); the committed README is its current output.
+    let generated = check_py(&["readme", "charts/tenantry"]);
+    let committed = std::fs::read_to_string(repo().join("charts/tenantry/README.md")).unwrap();
+    assert!(
+        generated == committed,
+        "charts/tenantry/README.md is stale: tests/helm/check.py readme charts/tenantry > charts/tenantry/README.md"
+    );
+    assert!(committed.contains("| `watchNamespaces` |"), "{committed}");
+}
+
+#[test]
 fn chart_crds_are_the_generated_ones() {
-    let chart = std::fs::read(repo().join("charts/tenantry/crds/tenant.yaml")).unwrap();
+    let chart = std::fs::read(repo().join("charts/tenantry/files/crds/tenant.yaml")).unwrap();
     let root = std::fs::read(repo().join("crds/tenant.yaml")).unwrap();
     assert!(
         chart == root,
-        "charts/tenantry/crds/tenant.yaml differs from crds/tenant.yaml: copy it"
+        "charts/tenantry/files/crds/tenant.yaml differs from crds/tenant.yaml: copy it"
     );
+    // The chart's template renders it, labelled and kept on uninstall.
+    let out = check_py(&["crd", "charts/tenantry"]);
+    let rendered: Value = serde_yaml::from_str(&out).unwrap();
+    let generated: Value = serde_yaml::from_slice(&root).unwrap();
+    assert_eq!(rendered["spec"], generated["spec"]);
+    assert_eq!(
+        rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    assert_eq!(
+        rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "Helm"
+    );
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_binaries_expose() {
+    let text =
+        std::fs::read_to_string(repo().join("charts/tenantry/dashboards/tenantry.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    // Metric families, as `# TYPE <name> <kind>` lines name them.
+    let exposed: std::collections::BTreeSet<String> = [
+        tenantry::telemetry::Metrics::default().encode(),
+        tenantry::api::ApiMetrics::default().encode(),
+    ]
+    .iter()
+    .flat_map(|t| t.lines())
+    .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+    .map(str::to_string)
+    .collect();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("tenantry_") {
+                    continue;
+                }
+                let family = ["_bucket", "_total", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .unwrap_or(word);
+                assert!(
+                    exposed.contains(family),
+                    "{word} in {expr:?}; exposed: {exposed:?}"
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 10, "{queried}");
 }
 
 /// A kubeconfig that authenticates with `token` (a ServiceAccount's, from TokenRequest).
@@ -125,10 +197,30 @@ fn run_like_deployment(
     Proc(cmd.spawn().unwrap())
 }
 
+/// Waits until `/readyz` on `port` answers 200.
+async fn ready_at(port: u16, what: &str) {
+    eventually(
+        &format!("{what} ready"),
+        Duration::from_secs(30),
+        move || async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://127.0.0.1:{port}/readyz"))
+                .output()
+                .await
+                .ok()?;
+            (out.stdout == b"200").then_some(())
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_rbac_is_sufficient_for_operator_and_api() {
     let env = env();
+    // Two watched namespaces: a Role in each, one watch in each, both served.
     let tenants_ns = TestNs::new().await;
+    let other_ns = TestNs::new().await;
     let release_ns = format!("tenantry-system-{}", random_suffix());
     let release = "tenantry";
     let gateway_role = format!("gw_{}", release_ns.replace('-', "_"));
@@ -144,7 +236,12 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
     ]);
     let values = json!({
         "database": {"existingSecret": "tenantry-db"},
-        "watchNamespaces": [tenants_ns.name],
+        "watchNamespaces": [tenants_ns.name, other_ns.name],
+        // The test reads the demo tables through the API: ask for them (never the default).
+        "migrations": {"demo": true},
+        // The test apiserver (1.20) takes the CRD only by a plain apply, which the test stack
+        // made (README, "Admission rules").
+        "crds": {"install": false},
         "operator": {"gateway": {"role": gateway_role}},
         "api": {"replicas": 1}
     });
@@ -224,8 +321,108 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
             vec!["list", "tenants.tenantry.dev", "-n", &tenants_ns.name],
             "yes",
         ),
+        (
+            vec!["list", "tenants.tenantry.dev", "-n", &other_ns.name],
+            "yes",
+        ),
+        (
+            vec!["list", "tenants.tenantry.dev", "--all-namespaces"],
+            "no",
+        ),
     ] {
         assert_eq!(can_i(&args), want, "API ServiceAccount: can-i {args:?}");
+    }
+
+    // The operator's rights in the release namespace name their objects.
+    let op_can_i = |args: &[&str]| -> String {
+        let out = Command::new("kubectl")
+            .args(["auth", "can-i"])
+            .args(args)
+            .env("KUBECONFIG", &op_kc)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for (args, want) in [
+        (vec!["get", "secret/tenantry-gateway"], "yes"),
+        (vec!["patch", "secret/tenantry-signing-key"], "yes"),
+        (vec!["get", "secret/someone-elses"], "no"),
+        (vec!["list", "secrets"], "no"),
+        (vec!["update", "lease/tenantry-operator"], "yes"),
+        (vec!["update", "lease/someone-elses"], "no"),
+    ] {
+        let mut args = args;
+        args.extend(["-n", &release_ns]);
+        assert_eq!(
+            op_can_i(&args),
+            want,
+            "operator ServiceAccount: can-i {args:?}"
+        );
+    }
+
+    // Namespace users manage their own Tenants: the chart's Tenant rules join the built-in
+    // view/edit/admin roles by label (the test stack runs no controller-manager, whose
+    // aggregation controller would fold them in; the labels are checked, the rules are bound
+    // directly).
+    for (role, labels) in [
+        ("tenantry-tenants-view", &["view", "edit", "admin"][..]),
+        ("tenantry-tenants-edit", &["edit", "admin"][..]),
+    ] {
+        let cr: Value =
+            serde_json::from_str(&kubectl_ok(&["get", "clusterrole", role, "-o", "json"])).unwrap();
+        for to in labels {
+            let label = format!("rbac.authorization.k8s.io/aggregate-to-{to}");
+            assert_eq!(cr["metadata"]["labels"][&label], "true", "{role}: {label}");
+        }
+    }
+    for (user, roles) in [
+        (
+            "jane-edit",
+            &["tenantry-tenants-view", "tenantry-tenants-edit"][..],
+        ),
+        ("joe-view", &["tenantry-tenants-view"][..]),
+    ] {
+        for role in roles {
+            kubectl_ok(&[
+                "create",
+                "rolebinding",
+                &format!("{user}-{role}"),
+                &format!("--clusterrole={role}"),
+                &format!("--user={user}"),
+                "-n",
+                &tenants_ns.name,
+            ]);
+        }
+    }
+    let as_user = |user: &str, verb: &str, resource: &str| -> String {
+        let out = Command::new("kubectl")
+            .args([
+                "auth",
+                "can-i",
+                verb,
+                resource,
+                "-n",
+                &tenants_ns.name,
+                "--as",
+                user,
+            ])
+            .env("KUBECONFIG", &env.kubeconfig)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for (user, verb, resource, want) in [
+        ("jane-edit", "create", "tenants.tenantry.dev", "yes"),
+        ("jane-edit", "delete", "tenants.tenantry.dev", "yes"),
+        ("joe-view", "list", "tenants.tenantry.dev", "yes"),
+        ("joe-view", "create", "tenants.tenantry.dev", "no"),
+        ("joe-view", "list", "secrets", "no"),
+    ] {
+        assert_eq!(
+            as_user(user, verb, resource),
+            want,
+            "{user}: can-i {verb} {resource}"
+        );
     }
 
     let op_port = free_port();
@@ -239,8 +436,15 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
     tenants_ns
         .create(tenantry::domain::crd::Tenant::test("charted").with_hosts(&["charted.example.com"]))
         .await;
-    let t = wait_ready(&tenants_ns, "charted").await;
-    assert!(t.is_ready());
+    other_ns
+        .create(
+            tenantry::domain::crd::Tenant::test("charted-too")
+                .with_hosts(&["charted-too.example.com"]),
+        )
+        .await;
+    assert!(wait_ready(&tenants_ns, "charted").await.is_ready());
+    assert!(wait_ready(&other_ns, "charted-too").await.is_ready());
+    ready_at(op_port, "operator").await;
     let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
         kube::Api::namespaced(tenants_ns.client.clone(), &release_ns);
     let lease = leases
@@ -260,47 +464,56 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
         &api_deploy,
         &api_kc,
         &[("DATABASE_URL", gateway_uri)],
-        &[("--listen", format!("127.0.0.1:{api_port}"))],
+        &[
+            ("--listen", format!("127.0.0.1:{api_port}")),
+            ("--metrics-listen", format!("127.0.0.1:{}", free_port())),
+        ],
         &format!("tenantry-helm-api-{release_ns}.log"),
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_tenantry"))
-        .args(["token", "charted", "-n", &tenants_ns.name])
-        .env("KUBECONFIG", &env.kubeconfig)
-        .output()
-        .unwrap();
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let status = eventually(
-        "API serves the tenant",
-        Duration::from_secs(30),
-        move || {
-            let token = token.clone();
-            async move {
-                let out = tokio::process::Command::new("curl")
-                    .args([
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                        "-H",
-                        "Host: charted.example.com",
-                        "-H",
-                        &format!("Authorization: Bearer {token}"),
-                    ])
-                    .arg(format!("http://127.0.0.1:{api_port}/v1/tables/projects"))
-                    .output()
-                    .await
-                    .ok()?;
-                let code = String::from_utf8_lossy(&out.stdout).to_string();
-                (code == "200").then_some(code)
-            }
-        },
-    )
-    .await;
-    assert_eq!(status, "200");
+    ready_at(api_port, "API").await;
+    for (ns, name) in [(&tenants_ns, "charted"), (&other_ns, "charted-too")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tenantry"))
+            .args(["token", name, "-n", &ns.name])
+            .env("KUBECONFIG", &env.kubeconfig)
+            .output()
+            .unwrap();
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let host = format!("{name}.example.com");
+        let status = eventually(
+            "API serves the tenant",
+            Duration::from_secs(30),
+            move || {
+                let (token, host) = (token.clone(), host.clone());
+                async move {
+                    let out = tokio::process::Command::new("curl")
+                        .args([
+                            "-s",
+                            "-o",
+                            "/dev/null",
+                            "-w",
+                            "%{http_code}",
+                            "-H",
+                            &format!("Host: {host}"),
+                            "-H",
+                            &format!("Authorization: Bearer {token}"),
+                        ])
+                        .arg(format!("http://127.0.0.1:{api_port}/v1/tables/projects"))
+                        .output()
+                        .await
+                        .ok()?;
+                    let code = String::from_utf8_lossy(&out.stdout).to_string();
+                    (code == "200").then_some(code)
+                }
+            },
+        )
+        .await;
+        assert_eq!(status, "200", "{}/{name}", ns.name);
+    }
 
     delete_tenant(&tenants_ns, "charted").await;
+    delete_tenant(&other_ns, "charted-too").await;
     wait_gone(&tenants_ns, "charted").await;
+    wait_gone(&other_ns, "charted-too").await;
     for log in [
         format!("tenantry-helm-operator-{release_ns}.log"),
         format!("tenantry-helm-api-{release_ns}.log"),

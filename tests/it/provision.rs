@@ -166,6 +166,7 @@ async fn tenant_gets_schema_role_tables_and_working_isolated_credentials() {
         "MIGRATION",
         "HOSTS",
         "SECRET",
+        "MESSAGE",
         "AGE",
     ] {
         assert!(header.contains(col), "{header}");
@@ -174,6 +175,7 @@ async fn tenant_gets_schema_role_tables_and_working_isolated_credentials() {
         out.contains("acme.example.com") && out.contains(&schema),
         "{out}"
     );
+    assert!(out.contains("ready with credentials in Secret"), "{out}");
 
     // One Event tells the whole provisioning story.
     let evs = events(&ns, "acme").await;

@@ -47,18 +47,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* Hardened container settings shared by both workloads. */}}
-{{- define "tenantry.securityContext" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-capabilities:
-  drop: ["ALL"]
-seccompProfile:
-  type: RuntimeDefault
-{{- end -}}
-
 {{/* policy/v1 since Kubernetes 1.21; policy/v1beta1 before. */}}
 {{- define "tenantry.pdbApiVersion" -}}
 {{- if or (.Capabilities.APIVersions.Has "policy/v1/PodDisruptionBudget") (semverCompare ">=1.21-0" .Capabilities.KubeVersion.Version) -}}

@@ -194,7 +194,7 @@ impl RunningController {
         let metrics = Metrics::default();
         let (tx, rx) = oneshot::channel::<()>();
         let settings = Settings {
-            namespace: Some(ns.name.clone()),
+            namespaces: vec![ns.name.clone()],
             concurrency: 4,
             health_addr: "127.0.0.1:0".parse().unwrap(),
             gateway_secret: Some((ns.name.clone(), "tenantry-gateway".into())),
