@@ -77,8 +77,20 @@ fn chart_crds_are_the_generated_ones() {
     );
     // The chart's template renders it, labelled and kept on uninstall.
     let out = check_py(&["crd", "charts/tenantry"]);
-    let rendered: Value = serde_yaml::from_str(&out).unwrap();
-    let generated: Value = serde_yaml::from_slice(&root).unwrap();
+    // Helm re-serializes whole floats (`10000.0`, as k8s-openapi writes bounds) as integers.
+    fn whole(v: Value) -> Value {
+        match v {
+            Value::Number(n) => match n.as_f64() {
+                Some(f) if n.is_f64() && f.fract() == 0.0 => Value::Number((f as i64).into()),
+                _ => Value::Number(n),
+            },
+            Value::Array(s) => Value::Array(s.into_iter().map(whole).collect()),
+            Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k, whole(v))).collect()),
+            other => other,
+        }
+    }
+    let rendered: Value = whole(serde_yaml::from_str(&out).unwrap());
+    let generated: Value = whole(serde_yaml::from_slice(&root).unwrap());
     assert_eq!(rendered["spec"], generated["spec"]);
     assert_eq!(
         rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
