@@ -364,7 +364,7 @@ impl Inner {
         wire.sync(&[Step::Parse {
             name: SETTINGS_STATEMENT,
             sql: super::tx::SETTINGS,
-            types: &[Type::TEXT; 5],
+            types: &[Type::TEXT; 6],
         }])
         .await?;
         let life = self.cfg.max_lifetime.as_secs_f64() * (1.0 - rand::random::<f64>() / 4.0);

@@ -128,6 +128,7 @@ impl Catalog {
         Sql {
             text: CATALOG_SQL.to_string(),
             binds: vec![Bind::Text(schema.to_string())],
+            generic_plan: false,
         }
     }
 
@@ -405,6 +406,11 @@ pub enum Bind {
 pub struct Sql {
     pub text: String,
     pub binds: Vec<Bind>,
+    /// Plan once and reuse (`plan_cache_mode = force_generic_plan`): for statements whose
+    /// best plan does not depend on their values — a primary-key lookup is an index lookup
+    /// whatever the key — so that a connection does not plan each tenant's statement five
+    /// times over before PostgreSQL settles on the same plan.
+    pub generic_plan: bool,
 }
 
 impl Sql {
@@ -516,6 +522,7 @@ pub fn select(schema: &str, table: &Table, q: &Query) -> Result<Sql, QueryError>
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
+        generic_plan: false,
     };
     let cols = column_list(table, q.select.as_ref(), "_t");
     let wh = where_clause(&mut sql, table, &q.filters, "_t")?;
@@ -573,6 +580,7 @@ pub fn by_id(
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
+        generic_plan: true,
     };
     let p = sql.param(Bind::Text(id.to_string()));
     sql.text = format!(
@@ -723,6 +731,7 @@ pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, Query
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
+        generic_plan: false,
     };
     let p = sql.param(Bind::JsonText(body.text.clone()));
     let source = if single {
@@ -780,6 +789,7 @@ pub fn update(
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
+        generic_plan: false,
     };
     let p = sql.param(Bind::JsonText(patch.text.clone()));
     let set: Vec<String> = cols
@@ -802,6 +812,7 @@ pub fn delete(schema: &str, table: &Table, filters: &[Filter]) -> Result<Sql, Qu
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
+        generic_plan: false,
     };
     let wh = where_clause(&mut sql, table, filters, "_t")?;
     sql.text = format!(

@@ -46,7 +46,7 @@ pub(super) async fn in_tenant(
     limits: &Limits,
     sql: &Sql,
 ) -> Result<Vec<Row>, ApiError> {
-    let settings = TenantSettings::new(schema, read_only, limits);
+    let settings = TenantSettings::new(schema, read_only, sql.generic_plan, limits);
     let mut lease = pool.get(schema.as_str()).await?;
     match run(&mut lease, &settings, read_only, sql).await {
         // The connection lost the statement (26000: deallocated behind our back) or cannot
@@ -79,26 +79,38 @@ pub(super) struct TenantSettings {
     statement_timeout: String,
     lock_timeout: String,
     read_only: &'static str,
+    plan_cache_mode: &'static str,
 }
 
 impl TenantSettings {
-    pub(super) fn new(schema: &Ident, read_only: bool, limits: &Limits) -> Self {
+    pub(super) fn new(
+        schema: &Ident,
+        read_only: bool,
+        generic_plan: bool,
+        limits: &Limits,
+    ) -> Self {
         Self {
             role: schema.as_str().to_string(),
             search_path: format!("{schema}, pg_temp"),
             statement_timeout: limits.statement_timeout_ms.to_string(),
             lock_timeout: limits.lock_timeout_ms.to_string(),
             read_only: if read_only { "on" } else { "off" },
+            plan_cache_mode: if generic_plan {
+                "force_generic_plan"
+            } else {
+                "auto"
+            },
         }
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 5] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 6] {
         [
             &self.role,
             &self.search_path,
             &self.statement_timeout,
             &self.lock_timeout,
             &self.read_only,
+            &self.plan_cache_mode,
         ]
     }
 }
@@ -110,11 +122,11 @@ impl TenantSettings {
 /// implicitly first). `lock_timeout` bounds how long a request waits on a lock the tenant
 /// holds from a session of its own (55P03, served as 503 `lock-timeout`), so such a lock
 /// cannot pin pool connections for the whole statement timeout. A read's transaction is
-/// made read-only. Every function is named with its schema: the statement runs before the
+/// made read-only, and a statement marked [`Sql::generic_plan`] is planned once. Every function is named with its schema: the statement runs before the
 /// role and search_path are set.
-pub(super) const SETTINGS: &str = "SELECT pg_catalog.set_config('role', $1, true), pg_catalog.set_config('search_path', $2, true), pg_catalog.set_config('statement_timeout', $3, true), pg_catalog.set_config('lock_timeout', $4, true), pg_catalog.set_config('transaction_read_only', $5, true)";
+pub(super) const SETTINGS: &str = "SELECT pg_catalog.set_config('role', $1, true), pg_catalog.set_config('search_path', $2, true), pg_catalog.set_config('statement_timeout', $3, true), pg_catalog.set_config('lock_timeout', $4, true), pg_catalog.set_config('transaction_read_only', $5, true), pg_catalog.set_config('plan_cache_mode', $6, true)";
 
-const SETTINGS_TYPES: [Type; 5] = [Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT];
+const SETTINGS_TYPES: [Type; 6] = [Type::TEXT; 6];
 
 async fn run(
     lease: &mut Lease,
@@ -232,7 +244,7 @@ mod tests {
             lock_timeout_ms: 0,
             ..Limits::default()
         };
-        let s = TenantSettings::new(&schema, true, &limits);
+        let s = TenantSettings::new(&schema, true, false, &limits);
         assert_eq!(s.role, "acme");
         assert_eq!(s.search_path, r#""acme", pg_temp"#);
         assert_eq!(
@@ -241,7 +253,7 @@ mod tests {
         );
         assert_eq!(s.read_only, "on");
         assert_eq!(
-            TenantSettings::new(&schema, false, &limits).read_only,
+            TenantSettings::new(&schema, false, true, &limits).read_only,
             "off"
         );
     }
