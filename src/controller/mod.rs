@@ -13,6 +13,7 @@ mod cleanup;
 mod context;
 mod credentials;
 mod error;
+mod fleet;
 mod gateway;
 mod provision;
 mod reconcile;
