@@ -3,6 +3,7 @@
 //! the raw-SQL baseline for the same DDL and the time the apiserver takes to accept the N
 //! creates with no operator running. Reports the Ready rate at checkpoints (1k, 5k, 10k and
 //! quarters of N), the operator's RSS and CPU time at each, and a no-op resync (restart).
+//! `TENANTRY_BENCH_OPERATOR=<path>` runs another build of the operator under the same harness.
 
 use std::{
     collections::HashSet,
@@ -70,6 +71,13 @@ fn ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// The operator binary: this build's, or another build's named by `TENANTRY_BENCH_OPERATOR`
+/// (to measure an older revision with the same harness, in the same session).
+fn operator_binary() -> String {
+    std::env::var("TENANTRY_BENCH_OPERATOR")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tenantry").to_string())
+}
+
 /// `tenantry controller` watching one namespace, its health server on a free port.
 struct OperatorProcess {
     child: Child,
@@ -84,7 +92,7 @@ impl OperatorProcess {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        let child = Command::new(operator_binary())
             .args([
                 "controller",
                 "--namespace",
@@ -308,13 +316,14 @@ pub(super) async fn provision(stack: &Stack, n: usize, conc: u16) -> Vec<String>
     }
     vec![
         format!(
-            "| provision {n} Tenants → all Ready (operator process, concurrency {conc}, {connections} connections) | {:.2} s ({:.1} tenants/s) | apiserver accepting the {n} creates alone {:.2} s + raw SQL ({connections} connections) {:.2} s = {:.2} s | {:.2}× | {:.2}× raw SQL alone; creates done after {:.2} s; {runs} reconciles, {summed:.1} s reconcile time summed |",
+            "| provision {n} Tenants → all Ready (operator process, concurrency {conc}, {connections} connections) | {:.2} s ({:.1} tenants/s) | apiserver accepting the {n} creates alone {:.2} s + raw SQL ({connections} connections) {:.2} s = {:.2} s | {:.2}× | operator {}; {:.2}× raw SQL alone; creates done after {:.2} s; {runs} reconciles, {summed:.1} s reconcile time summed |",
             secs(took),
             n as f64 / secs(took),
             secs(accept),
             secs(raw),
             secs(goal),
             ratio(took, goal),
+            operator_binary(),
             ratio(took, raw),
             secs(created),
         ),
