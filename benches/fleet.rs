@@ -1,7 +1,9 @@
 //! Fleet benchmarks against a real kube-apiserver and PostgreSQL, each beside its baseline in
 //! the same run (see BENCHMARKS.md):
 //!
-//!   cargo bench --bench fleet -- provision N      N Tenants → all Ready, vs the same DDL without Kubernetes
+//!   cargo bench --bench fleet -- provision N      N Tenants → all Ready (operator as a process: rate at
+//!                                                 checkpoints, RSS, CPU, no-op resync), vs the apiserver
+//!                                                 accepting the creates + the same DDL without Kubernetes
 //!   cargo bench --bench fleet -- migrate N        one additive migration over N tenants, vs the same SQL; no-op resync
 //!   cargo bench --bench fleet -- api N            GET by primary key with JWT over N tenants, uniform and Zipf,
 //!                                                 list-with-filter and POST (wrk), vs plain axum + sqlx with and
@@ -47,6 +49,7 @@ use tokio::sync::oneshot;
 mod stack;
 
 mod api_bench;
+mod provision_bench;
 
 use stack::Stack;
 
@@ -252,48 +255,6 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
 }
 
-async fn provision(stack: &Stack, n: usize, conc: u16) -> String {
-    let client = client(stack).await;
-    let ns = format!("bench-provision-{n}");
-    namespace(&client, &ns).await;
-    let connections = arg("--connections", 8) as usize;
-    let baseline = raw_provision(
-        stack,
-        &format!("rawp{n}"),
-        n,
-        connections,
-        &MigrationSet::embedded(),
-    )
-    .await;
-    let op = Operator::start(stack, &client, &ns, conc, MigrationSet::embedded()).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let started = Instant::now();
-    let waiter = {
-        let (c, ns) = (client.clone(), ns.clone());
-        tokio::spawn(async move { wait_for(&c, &ns, n, |t| t.is_ready()).await })
-    };
-    create_tenants(&client, &ns, n).await;
-    let created = started.elapsed();
-    waiter.await.unwrap();
-    let took = started.elapsed();
-    let text = op.metrics.encode();
-    let reconcile_sum: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("tenantry_reconcile_duration_seconds_sum "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    op.stop().await;
-    format!(
-        "| provision {n} tenants → Ready (concurrency {conc}, {connections} connections) | {:.2} s | raw SQL, {connections} connections: {:.2} s | {:.2}× | creates done after {:.2} s; reconcile time summed {:.1} s ({} reconciles) |",
-        took.as_secs_f64(),
-        baseline.as_secs_f64(),
-        ratio(took, baseline),
-        created.as_secs_f64(),
-        reconcile_sum,
-        op_reconciles(&text),
-    )
-}
-
 fn op_reconciles(text: &str) -> u64 {
     text.lines()
         .filter(|l| l.starts_with("tenantry_reconciliations_total{"))
@@ -365,7 +326,11 @@ fn main() {
             "| benchmark | tenantry | baseline (same run) | ratio | notes |\n|---|---|---|---|---|"
         );
         match what.as_str() {
-            "provision" => println!("{}", provision(&stack, n, conc).await),
+            "provision" => {
+                for l in provision_bench::provision(&stack, n, conc).await {
+                    println!("{l}");
+                }
+            }
             "migrate" => {
                 for l in migrate(&stack, n, conc).await {
                     println!("{l}");

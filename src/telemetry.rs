@@ -137,6 +137,14 @@ struct PhaseLabel {
 /// Phase and migration version of one tenant, as last reconciled.
 type TenantState = (Phase, Option<i64>);
 
+/// Every tenant's state, with how many stand at each migration version: a status write updates
+/// the gauges by difference, at the same cost whatever the fleet size.
+#[derive(Debug, Default)]
+struct Phases {
+    of: HashMap<String, TenantState>,
+    at_version: HashMap<Option<i64>, i64>,
+}
+
 /// The operator's metrics, registered under the `tenantry` prefix.
 #[derive(Clone)]
 pub struct Metrics {
@@ -145,7 +153,7 @@ pub struct Metrics {
     errors: Family<StageLabel, Counter>,
     duration: Histogram,
     tenants: Family<PhaseLabel, Gauge>,
-    phases: Arc<Mutex<HashMap<String, TenantState>>>,
+    phases: Arc<Mutex<Phases>>,
     target_version: Gauge,
     behind: Gauge,
     failed: Gauge,
@@ -246,29 +254,36 @@ impl Metrics {
         }
     }
 
-    /// Records the phase of one tenant (`None` once it is gone) and refreshes the gauges.
     /// Records the phase and migration version of one tenant (`None` once it is gone) and
-    /// refreshes the gauges.
+    /// updates the gauges by the difference.
     pub fn set_phase(&self, key: String, state: Option<TenantState>) {
         let mut phases = self.phases.lock().expect("metrics lock");
-        match state {
-            Some(p) => {
-                phases.insert(key, p);
+        let old = match state {
+            Some(s) => phases.of.insert(key, s),
+            None => phases.of.remove(&key),
+        };
+        if old != state {
+            if let Some((phase, version)) = old {
+                self.tenants
+                    .get_or_create(&PhaseLabel {
+                        phase: phase.as_str(),
+                    })
+                    .dec();
+                *phases.at_version.entry(version).or_default() -= 1;
             }
-            None => {
-                phases.remove(&key);
+            if let Some((phase, version)) = state {
+                self.tenants
+                    .get_or_create(&PhaseLabel {
+                        phase: phase.as_str(),
+                    })
+                    .inc();
+                *phases.at_version.entry(version).or_default() += 1;
             }
-        }
-        for p in Phase::ALL {
-            let n = phases.values().filter(|x| x.0 == p).count();
-            self.tenants
-                .get_or_create(&PhaseLabel { phase: p.as_str() })
-                .set(n as i64);
         }
         let target = self.target_version.get();
         if target > 0 {
-            let behind = phases.values().filter(|x| x.1 != Some(target)).count();
-            self.behind.set(behind as i64);
+            let at_target = phases.at_version.get(&Some(target)).copied().unwrap_or(0);
+            self.behind.set(phases.of.len() as i64 - at_target);
         }
     }
 
@@ -283,7 +298,7 @@ impl Metrics {
         self.target_version.set(target.unwrap_or(0));
         self.behind.set(behind as i64);
         self.failed.set(failed as i64);
-        let total = self.phases.lock().expect("metrics lock").len().max(1) as i64;
+        let total = self.phases.lock().expect("metrics lock").of.len().max(1) as i64;
         let step = (total / 10).max(1);
         if before != behind as i64 && (behind as i64 / step != before / step || behind == 0) {
             tracing::info!(
@@ -391,5 +406,33 @@ mod tests {
         assert!(text.contains("tenantry_leader 0"), "{text}");
         m.set_leader(true);
         assert!(m.encode().contains("tenantry_leader 1"));
+    }
+
+    #[test]
+    fn phase_gauges_follow_changes_by_difference() {
+        let m = Metrics::default();
+        m.set_migration_target(Some(3));
+        m.set_phase("ns/a".into(), Some((Phase::Provisioning, None)));
+        m.set_phase("ns/b".into(), Some((Phase::Ready, Some(3))));
+        m.set_phase("ns/a".into(), Some((Phase::Ready, Some(2))));
+        m.set_phase("ns/a".into(), Some((Phase::Ready, Some(2))));
+        let text = m.encode();
+        for line in [
+            "tenantry_tenants{phase=\"Ready\"} 2",
+            "tenantry_tenants{phase=\"Provisioning\"} 0",
+            "tenantry_tenants_migration_pending 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        m.set_phase("ns/a".into(), None);
+        let text = m.encode();
+        assert!(
+            text.contains("tenantry_tenants{phase=\"Ready\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tenantry_tenants_migration_pending 0"),
+            "{text}"
+        );
     }
 }

@@ -1,9 +1,10 @@
-//! State shared by all reconciles: clients and watch caches, the verified fast-path cache,
-//! the consecutive-failure counters, the rollout's in-process counters, and Event publishing.
+//! State shared by all reconciles: clients, the watched fleet and its indexes, the Secret
+//! watch cache, the verified fast-path cache, the consecutive-failure counters, the rollout's
+//! in-process counters, and Event publishing.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -19,13 +20,13 @@ use kube::{
 use tracing::warn;
 
 use super::{
+    fleet::Fleet,
     reconcile::Note,
     rollout::{Rollout, RolloutPolicy},
 };
 use crate::{
     domain::{
         crd::{condition, Phase, Tenant},
-        routing::{self, Claims, RoutingIndex},
         status::StatusBuilder,
     },
     postgres::{migrations::MigrationSet, Admin},
@@ -53,15 +54,14 @@ pub struct Context {
     pub migrations: Arc<MigrationSet>,
     pub recorder: Recorder,
     pub metrics: Metrics,
-    /// Every Tenant the controller watches (rollout progress, Tenants to retrigger).
-    pub store: reflector::Store<Tenant>,
+    /// Every Tenant the controller watches, with the indexes kept from its watch (routing
+    /// claims, rollout counters), fed by [`Context::apply_watch_event`]: what a reconcile asks
+    /// of the fleet costs the same at any fleet size.
+    pub(super) fleet: Fleet,
     /// The watch cache of tenantry-managed Secrets.
     pub secrets: reflector::Store<Secret>,
     /// The rollout policy and this process's migrations in flight and failed.
     pub(super) rollout: Rollout,
-    /// Names and hosts claimed by every watched Tenant, fed by the Tenant watch
-    /// ([`Context::apply_watch_event`]): the Routable condition costs the same at any fleet size.
-    routing: RwLock<Routing>,
     /// The platform key every tenant's token signing key is derived from.
     platform_key: Arc<[u8]>,
     /// Tenants fully verified recently (uid → what was verified), for cheap no-op reconciles.
@@ -97,13 +97,9 @@ impl Context {
             admin,
             migrations: Arc::new(migrations),
             metrics,
-            store,
+            fleet: Fleet::new(store, base_domain),
             secrets,
             rollout: Rollout::new(rollout),
-            routing: RwLock::new(Routing {
-                live: RoutingIndex::with_base_domain(base_domain),
-                relist: None,
-            }),
             platform_key,
             verified: Mutex::default(),
             retrigger,
@@ -119,47 +115,22 @@ impl Context {
         )
     }
 
-    /// Feeds the routing index from the Tenant watch (before the reconciles see the event).
+    /// Feeds the fleet's indexes from the Tenant watch (before the reconciles see the event).
     pub fn apply_watch_event(&self, event: &watcher::Event<Tenant>) {
-        self.routing.write().expect("routing lock").apply(event);
+        self.fleet.apply(event);
     }
 
     /// Why the API would not route to `tenant`: one message per other live Tenant claiming
     /// its name or one of its hosts (the rule of [`crate::domain::routing`]).
     pub(super) fn routing_clashes(&self, tenant: &Tenant) -> Vec<String> {
-        self.routing
-            .read()
-            .expect("routing lock")
-            .live
-            .clashes(&routing::key(tenant), &Claims::of(tenant))
+        self.fleet.clashes(tenant)
     }
 
     /// Reconciles the other Tenants whose Routable condition no longer matches because of
-    /// `me` (`gone` when `me` is being deleted). Only inconsistent ones are triggered, so two
-    /// clashing Tenants do not keep waking each other.
+    /// `me` (`gone` when `me` is being deleted), found by lookup in the routing index.
     pub(super) fn retrigger_related(&self, me: &Tenant, gone: bool) {
-        let me_ref = format!("{}/{}", me.namespace().unwrap_or_default(), me.name_any());
-        for other in self.store.state() {
-            if other.metadata.namespace == me.metadata.namespace
-                && other.metadata.name == me.metadata.name
-            {
-                continue;
-            }
-            let clash = !gone
-                && self
-                    .routing
-                    .read()
-                    .expect("routing lock")
-                    .live
-                    .clashes(&routing::key(&other), &Claims::of(&other))
-                    .iter()
-                    .any(|m| m.starts_with(&format!("Tenant {me_ref} ")));
-            let cond = other.condition(condition::ROUTABLE);
-            let says_clash = cond.is_some_and(|c| c.status == "False");
-            let blames_me = cond.is_some_and(|c| c.message.contains(&format!("Tenant {me_ref} ")));
-            if (clash && !says_clash) || (!clash && says_clash && blames_me) {
-                let _ = self.retrigger.send(ObjectRef::from_obj(&*other));
-            }
+        for other in self.fleet.stale_neighbours(me, gone) {
+            let _ = self.retrigger.send(other);
         }
     }
 
@@ -242,34 +213,6 @@ impl Context {
     }
 }
 
-/// The routing index, kept the way the reflector keeps its store: a relist is built aside and
-/// swapped in whole once complete, so a restarted watch never shows a half-filled index.
-#[derive(Debug, Default)]
-struct Routing {
-    live: RoutingIndex,
-    relist: Option<RoutingIndex>,
-}
-
-impl Routing {
-    fn apply(&mut self, event: &watcher::Event<Tenant>) {
-        match event {
-            watcher::Event::Apply(t) => self.live.set(routing::key(t), Claims::of(t)),
-            watcher::Event::Delete(t) => self.live.remove(&routing::key(t)),
-            watcher::Event::Init => self.relist = Some(self.live.empty_like()),
-            watcher::Event::InitApply(t) => {
-                let empty = self.live.empty_like();
-                self.relist
-                    .get_or_insert(empty)
-                    .set(routing::key(t), Claims::of(t))
-            }
-            watcher::Event::InitDone => {
-                let empty = self.live.empty_like();
-                self.live = self.relist.take().unwrap_or(empty)
-            }
-        }
-    }
-}
-
 fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
@@ -279,63 +222,4 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use watcher::Event;
-
-    fn clashes(r: &Routing, t: &Tenant) -> Vec<String> {
-        r.live.clashes(&routing::key(t), &Claims::of(t))
-    }
-
-    #[test]
-    fn the_routing_index_follows_the_watch() {
-        let a = Tenant::test("a").in_namespace("ns").with_hosts(&["x.io"]);
-        let b = Tenant::test("b").in_namespace("ns").with_hosts(&["x.io"]);
-        let mut r = Routing::default();
-        r.apply(&Event::Init);
-        r.apply(&Event::InitApply(a.clone()));
-        assert!(
-            clashes(&r, &b).is_empty(),
-            "a relist shows only once complete"
-        );
-        r.apply(&Event::InitDone);
-        assert_eq!(clashes(&r, &b), ["Tenant ns/a also claims host x.io"]);
-        r.apply(&Event::Apply(b.clone()));
-        assert_eq!(clashes(&r, &a), ["Tenant ns/b also claims host x.io"]);
-        r.apply(&Event::Delete(b.clone()));
-        assert!(clashes(&r, &a).is_empty());
-
-        // A restarted watch replaces everything: a Tenant deleted meanwhile is gone.
-        r.apply(&Event::Apply(b.clone()));
-        r.apply(&Event::Init);
-        r.apply(&Event::InitApply(a.clone()));
-        assert_eq!(clashes(&r, &a), ["Tenant ns/b also claims host x.io"]);
-        r.apply(&Event::InitDone);
-        assert!(clashes(&r, &a).is_empty());
-    }
-
-    #[test]
-    fn same_verdict_as_the_domain_rule() {
-        let me = Tenant::test("acme")
-            .in_namespace("team-a")
-            .with_hosts(&["a.io"]);
-        let others = [
-            Tenant::test("acme").in_namespace("team-b"),
-            Tenant::test("x")
-                .in_namespace("team-c")
-                .with_hosts(&["A.io"]),
-            Tenant::test("y")
-                .in_namespace("team-c")
-                .with_hosts(&["b.io"]),
-            me.clone(),
-        ];
-        let mut r = Routing::default();
-        for t in &others {
-            r.apply(&Event::Apply(t.clone()));
-        }
-        assert_eq!(clashes(&r, &me), routing::clashes_among(&me, &others));
-    }
 }

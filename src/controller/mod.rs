@@ -3,8 +3,11 @@
 //! `domain`, `postgres`, `telemetry`, `health` and `leader`; nothing else depends on it.
 //!
 //! - `error`: stages and the reconcile error, with metric labels.
-//! - `context`: state shared by reconciles (watch caches, routing index, fast-path cache,
-//!   failure counters) and Event publishing.
+//! - `context`: state shared by reconciles (watch caches, fast-path cache, failure counters)
+//!   and Event publishing.
+//! - `fleet`: the watched Tenants and the indexes kept from their watch (routing claims,
+//!   rollout counters), so that a reconcile's questions about the fleet cost the same at any
+//!   fleet size.
 //! - `reconcile`: entry point, backoff, and the one report step that writes Events and status;
 //!   `events`: every Event reason.
 //! - `provision`, `cleanup`: the apply and delete pipelines; `credentials`: Secret I/O;
@@ -15,6 +18,7 @@ mod context;
 mod credentials;
 mod error;
 pub mod events;
+mod fleet;
 mod gateway;
 mod provision;
 mod reconcile;

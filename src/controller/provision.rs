@@ -638,10 +638,11 @@ async fn migrate(names: &Names, ctx: &Context) -> Result<Migrated, Error> {
     let permit = if applied.is_empty() {
         None
     } else {
-        match ctx
-            .rollout
-            .admit(&ctx.store, ctx.migrations.latest(), &ctx.metrics)
-        {
+        match ctx.rollout.admit(
+            ctx.fleet.progress(ctx.migrations.latest()),
+            ctx.migrations.latest(),
+            &ctx.metrics,
+        ) {
             Admission::Go(permit) => Some(permit),
             Admission::Hold(hold, message) => {
                 return Ok(Migrated {

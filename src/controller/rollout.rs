@@ -1,20 +1,18 @@
 //! Rollout control for a new migration set across tenants that are already provisioned: a
-//! canary first, and a halt after too many failures. Decided from the Tenants in the watch
-//! cache (so it survives restarts) and from this process's own in-flight and failed
-//! migrations (which the cache may not show yet).
+//! canary first, and a halt after too many failures. Decided from counters the Tenant watch
+//! keeps (so it survives restarts, and costs the same at any fleet size) and from this
+//! process's own in-flight and failed migrations (which the watch may not show yet).
 
 use std::{
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
-use kube::runtime::reflector::Store;
-
-use super::reconcile::{REQUEUE_ROLLOUT_HALTED, REQUEUE_ROLLOUT_PENDING};
-use crate::{
-    domain::crd::{condition, Tenant},
-    telemetry::Metrics,
+use super::{
+    fleet::Progress,
+    reconcile::{REQUEUE_ROLLOUT_HALTED, REQUEUE_ROLLOUT_PENDING},
 };
+use crate::telemetry::Metrics;
 
 /// Rollout control for a new migration set across existing tenants.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -98,28 +96,20 @@ impl Rollout {
         }
     }
 
-    /// Whether a tenant may migrate to `target` now, given every Tenant in `tenants`. Also
-    /// reports the rollout's progress in `metrics`.
+    /// Whether a tenant may migrate to `target` now, given the fleet's `progress` toward it
+    /// (kept from the watch, see [`super::fleet::Fleet::progress`]). Also reports the
+    /// rollout's progress in `metrics`.
     pub fn admit(
         &self,
-        tenants: &Store<Tenant>,
+        progress: Progress,
         target: Option<i64>,
         metrics: &Metrics,
     ) -> Admission<'_> {
-        let mut total = 0usize;
-        let mut done = 0usize;
-        let mut failed_seen = 0usize;
-        for t in tenants.state() {
-            total += 1;
-            if t.status.as_ref().and_then(|s| s.migration_version) == target {
-                done += 1;
-            }
-            if t.condition(condition::MIGRATIONS_APPLIED)
-                .is_some_and(|c| c.reason == "MigrationFailed")
-            {
-                failed_seen += 1;
-            }
-        }
+        let Progress {
+            total,
+            done,
+            failed: failed_seen,
+        } = progress;
         let failed = failed_seen.max(self.failed.load(Ordering::SeqCst));
         metrics.rollout(target, total.saturating_sub(done), failed);
         let version = target.unwrap_or_default();
@@ -221,25 +211,22 @@ mod tests {
     #[test]
     fn a_permit_holds_a_slot_until_dropped() {
         let rollout = Rollout::new(CANARY);
-        let (_writer, store) = {
-            let (reader, writer) = kube::runtime::reflector::store::<Tenant>();
-            (writer, reader)
-        };
+        let nobody_yet = Progress::default();
         let metrics = Metrics::default();
-        let Admission::Go(permit) = rollout.admit(&store, Some(3), &metrics) else {
+        let Admission::Go(permit) = rollout.admit(nobody_yet, Some(3), &metrics) else {
             panic!("the first tenant is the canary");
         };
         assert!(matches!(
-            rollout.admit(&store, Some(3), &metrics),
+            rollout.admit(nobody_yet, Some(3), &metrics),
             Admission::Hold(Hold::Pending, _)
         ));
         drop(permit);
-        let Admission::Go(permit) = rollout.admit(&store, Some(3), &metrics) else {
+        let Admission::Go(permit) = rollout.admit(nobody_yet, Some(3), &metrics) else {
             panic!("the slot was released");
         };
         permit.failed();
         assert!(matches!(
-            rollout.admit(&store, Some(3), &metrics),
+            rollout.admit(nobody_yet, Some(3), &metrics),
             Admission::Hold(Hold::Halted, _)
         ));
     }

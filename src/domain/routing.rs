@@ -111,6 +111,11 @@ impl RoutingIndex {
         }
     }
 
+    /// The claims recorded for `key`.
+    pub fn claims(&self, key: &Key) -> Option<&Claims> {
+        self.claims.get(key)
+    }
+
     pub fn contains(&self, key: &Key) -> bool {
         self.claims.contains_key(key)
     }

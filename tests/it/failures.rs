@@ -273,6 +273,33 @@ async fn converges_after_the_database_comes_back_and_deletion_waits_for_it() {
     assert!(!exists("role", &ns.schema("patient")).await);
 }
 
+/// The partner is found through the routing index by the claims the mover had before: once
+/// the host moves away, the Tenant still blaming it is told at once, not at its next resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_a_shared_host_away_clears_the_partners_condition() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("stays").with_hosts(&["shop.example.com"]))
+        .await;
+    wait_ready(&ns, "stays").await;
+    ns.create(Tenant::test("mover").with_hosts(&["shop.example.com"]))
+        .await;
+    let says = |status: &'static str| {
+        move |t: &Tenant| t.condition("Routable").is_some_and(|c| c.status == status)
+    };
+    wait_tenant(&ns, "stays", "Routable=False while shared", says("False")).await;
+    ns.tenants()
+        .patch(
+            "mover",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"hosts": ["elsewhere.example.com"]}})),
+        )
+        .await
+        .unwrap();
+    wait_tenant(&ns, "mover", "Routable=True after moving", says("True")).await;
+    wait_tenant(&ns, "stays", "Routable=True once alone", says("True")).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_host_marks_both_tenants_unroutable_until_resolved() {
     let ns = TestNs::new().await;
