@@ -78,6 +78,8 @@ pub struct PoolConfig {
 pub enum ConnectError {
     #[error(transparent)]
     Database(#[from] PoolError),
+    #[error("could not read the login role: {0}")]
+    LoginRole(String),
     #[error("refusing to serve as {user:?}: it is a superuser or bypasses row-level security, so PostgreSQL would not enforce tenant isolation; log in as the gateway role (default tenantry_gateway) or pass --allow-privileged-role")]
     PrivilegedRole { user: String },
 }
@@ -93,7 +95,7 @@ pub async fn connect(
     let (user, superuser, bypass) = pool
         .login_role()
         .await
-        .map_err(|e| ConnectError::Database(PoolError::Database(e)))?;
+        .map_err(|e| ConnectError::LoginRole(e.detail))?;
     if (superuser || bypass) && !allow_privileged {
         return Err(ConnectError::PrivilegedRole { user });
     }

@@ -219,6 +219,11 @@ impl From<WireError> for ApiError {
                 )
             }
             WireError::Protocol(_) => ApiError::internal(e),
+            WireError::TooLarge(_) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "response-too-large",
+                format!("{e}: ask for fewer rows (limit) or columns (select)"),
+            ),
         }
     }
 }

@@ -49,6 +49,8 @@ pub enum PoolError {
     Url(tokio_postgres::Error),
     #[error(transparent)]
     Database(#[from] WireError),
+    #[error("the database URL asks for TLS (sslmode=require), which the API's data path does not speak yet; connect over a trusted network or a local TLS-terminating proxy with sslmode=disable or prefer")]
+    TlsRequired,
 }
 
 /// One pool for all tenants. Cheap to clone.
@@ -130,9 +132,14 @@ impl Conn {
         (name, true)
     }
 
-    /// Forgets the statement for `sql` (not prepared after all, or lost on the server).
-    pub(super) fn forget(&mut self, sql: &str) {
-        self.statements.remove(sql);
+    /// Drops the statement for `sql` from the cache and closes it on the server with the
+    /// next request, whether or not its preparation got that far (closing a statement that
+    /// does not exist is no error): after a failed request, nothing it may have prepared is
+    /// left behind.
+    pub(super) fn discard(&mut self, sql: &str) {
+        if let Some(name) = self.statements.remove(sql) {
+            self.evicted.push(name);
+        }
     }
 
     /// Statements to close with the next request; the list is emptied.
@@ -155,6 +162,9 @@ impl Pool {
     /// now so that a bad URL or password shows at start.
     pub async fn open(url: &str, cfg: PoolConfig) -> Result<Self, PoolError> {
         let mut config = tokio_postgres::Config::from_str(url).map_err(PoolError::Url)?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(PoolError::TlsRequired);
+        }
         config
             .application_name("tenantry-api")
             .connect_timeout(cfg.acquire_timeout);
@@ -221,14 +231,10 @@ impl Pool {
     }
 
     /// The login role and whether it is a superuser or bypasses row-level security.
-    pub(super) async fn login_role(&self) -> Result<(String, bool, bool), WireError> {
-        let idle = &self.inner.groups[0].idle;
-        let c = idle.lock().expect("pool lock").pop();
-        let mut c = match c {
-            Some(c) => c,
-            None => self.inner.connect().await?,
-        };
-        let rows = c
+    pub(super) async fn login_role(&self) -> Result<(String, bool, bool), ApiError> {
+        let mut lease = self.get("").await?;
+        let rows = lease
+            .conn()
             .wire
             .sync(&[
                 Step::Parse {
@@ -243,15 +249,16 @@ impl Pool {
                 },
             ])
             .await?;
-        idle.lock().expect("pool lock").push(c);
+        lease.clean = true;
         let row = rows
             .first()
-            .ok_or_else(|| WireError::Protocol("the login role is not in pg_roles".into()))?;
+            .ok_or_else(|| ApiError::internal("the login role is not in pg_roles"))?;
         Ok((row.string(0)?, row.bool(1)?, row.bool(2)?))
     }
 
-    /// What each idle connection's session looks like between transactions, after closing
-    /// the statements evicted from its cache: the current user and search_path (a tenant
+    /// A diagnostic for tests and operators: what each idle connection's session looks like
+    /// between transactions (the connections are taken out of the pool meanwhile), after
+    /// closing the statements evicted from its cache: the current user and search_path (a tenant
     /// transaction must leave neither behind) and the statements prepared on the server (the
     /// settings statement included: what the cache bounds). Runs nothing but a catalog
     /// query, as the gateway.
@@ -357,7 +364,11 @@ impl Inner {
         // settings cannot set it, as they run once the transaction has its snapshot.
         let mut wire = WireConn::connect(
             &self.config,
-            &[("default_transaction_isolation", "read committed")],
+            &[
+                ("default_transaction_isolation", "read committed"),
+                // A statement whose client went away stops within a second (PostgreSQL 14+).
+                ("client_connection_check_interval", "1000"),
+            ],
         )
         .await?;
         self.opened.fetch_add(1, Ordering::Relaxed);
@@ -403,8 +414,26 @@ impl Drop for Lease {
         let (Some(conn), Some(permit)) = (self.conn.take(), self.permit.take()) else {
             return;
         };
-        if !self.clean || conn.is_closed() {
+        if conn.is_closed() && conn.wire.cancel_token().is_none() {
             return; // conn dropped: closed; the permit frees its slot
+        }
+        if !self.clean {
+            // The request failed or was cancelled mid-exchange: its statement may still be
+            // running (the server notices a closed socket only when it next writes). Cancel
+            // it before the permit lets another connection open, so that abandoned requests
+            // never hold more backends than the pool has connections.
+            let cancel = conn.wire.cancel_token();
+            drop(conn);
+            if let Some(token) = cancel {
+                tokio::spawn(async move {
+                    let _ = token.cancel().await;
+                    drop(permit);
+                });
+            }
+            return;
+        }
+        if conn.is_closed() {
+            return;
         }
         let idle = &self.pool.groups[self.group].idle;
         if Instant::now() < conn.retire_at {

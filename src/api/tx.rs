@@ -5,6 +5,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use tokio_postgres::types::{ToSql, Type};
@@ -48,26 +49,23 @@ pub(super) async fn in_tenant(
 ) -> Result<Vec<Row>, ApiError> {
     let settings = TenantSettings::new(schema, read_only, sql.generic_plan, limits);
     let mut lease = pool.get(schema.as_str()).await?;
-    match run(&mut lease, &settings, read_only, sql).await {
+    match run(&mut lease, &settings, read_only, sql, limits).await {
         // The connection lost the statement (26000: deallocated behind our back) or cannot
         // reuse its plan (0A000: result type changed): forget it and run the transaction once
         // more, preparing afresh. Neither ran the statement.
         Err(e) if lease.clean && stale_statement(&e) => {
-            lease.conn().forget(&sql.text);
-            Ok(run(&mut lease, &settings, read_only, sql).await?)
+            lease.conn().discard(&sql.text);
+            Ok(run(&mut lease, &settings, read_only, sql, limits).await?)
         }
         out => Ok(out?),
     }
 }
 
+/// 26000 (no such statement) or 0A000 (here: "cached plan must not change result type";
+/// matched by code, as the message is translated under other `lc_messages`). Both are
+/// raised at Bind, so the statement did not run.
 fn stale_statement(e: &WireError) -> bool {
-    match e {
-        WireError::Db(d) => {
-            d.code == "26000"
-                || (d.code == "0A000" && d.message.starts_with("cached plan must not change"))
-        }
-        _ => false,
-    }
+    matches!(e, WireError::Db(d) if d.code == "26000" || d.code == "0A000")
 }
 
 /// What a tenant transaction sets, as the values bound to [`SETTINGS`].
@@ -128,7 +126,30 @@ pub(super) const SETTINGS: &str = "SELECT pg_catalog.set_config('role', $1, true
 
 const SETTINGS_TYPES: [Type; 6] = [Type::TEXT; 6];
 
+/// How long past the statement timeout an exchange may take before the connection is given
+/// up (a half-open socket, a stalled server): the request fails and the connection is
+/// cancelled and closed.
+const EXCHANGE_MARGIN: Duration = Duration::from_secs(5);
+
 async fn run(
+    lease: &mut Lease,
+    settings: &TenantSettings,
+    read_only: bool,
+    sql: &Sql,
+    limits: &Limits,
+) -> Result<Vec<Row>, WireError> {
+    let deadline = Duration::from_millis(limits.statement_timeout_ms) + EXCHANGE_MARGIN;
+    tokio::time::timeout(deadline, exchange(lease, settings, read_only, sql))
+        .await
+        .unwrap_or_else(|_| {
+            Err(WireError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the database did not answer in time",
+            )))
+        })
+}
+
+async fn exchange(
     lease: &mut Lease,
     settings: &TenantSettings,
     read_only: bool,
@@ -173,12 +194,13 @@ async fn run(
     };
     match &out {
         // The server answered: the transaction ended (committed or rolled back) and the
-        // session is clean. A failed request may have left its statement unprepared, and
-        // the closes after a failure unsent: start afresh for both.
+        // session is clean. A failed request may or may not have prepared its statement
+        // (Parse succeeds before a bad value fails at Bind or Execute), and left the closes
+        // unsent: close the one, send the others again.
         Ok(_) => lease.clean = true,
         Err(WireError::Db(_)) if !conn.wire.is_broken() => {
             if prepare {
-                conn.forget(&sql.text);
+                conn.discard(&sql.text);
             }
             conn.restore_evicted(evicted);
             lease.clean = true;

@@ -45,6 +45,9 @@ pub enum WireError {
     /// encoded or decoded: the connection is not reused.
     #[error("database protocol: {0}")]
     Protocol(String),
+    /// A message longer than [`MAX_MESSAGE_BYTES`]: the connection is not reused.
+    #[error("a result of {0} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes")]
+    TooLarge(usize),
 }
 
 impl WireError {
@@ -138,7 +141,53 @@ pub struct WireConn {
     broken: bool,
     /// A [`WireConn::flush`] left its transaction open for [`WireConn::end`].
     open: bool,
+    /// Where the session's server listens and the key that cancels its running statement.
+    cancel: Option<CancelToken>,
 }
+
+/// What it takes to cancel a session's running statement: a CancelRequest with the
+/// session's process id and secret key, sent on a connection of its own.
+#[derive(Debug, Clone)]
+pub struct CancelToken {
+    host: Host,
+    port: u16,
+    process_id: i32,
+    secret_key: i32,
+}
+
+impl CancelToken {
+    /// Asks the server to cancel whatever the session is running (best effort: the server
+    /// answers nothing).
+    pub async fn cancel(&self) -> io::Result<()> {
+        let mut buf = BytesMut::new();
+        frontend::cancel_request(self.process_id, self.secret_key, &mut buf);
+        let send = async {
+            match &self.host {
+                Host::Tcp(h) => {
+                    let mut s = tokio::net::TcpStream::connect((h.as_str(), self.port)).await?;
+                    s.write_all(&buf).await?;
+                    s.shutdown().await
+                }
+                Host::Unix(dir) => {
+                    let mut s = tokio::net::UnixStream::connect(
+                        dir.join(format!(".s.PGSQL.{}", self.port)),
+                    )
+                    .await?;
+                    s.write_all(&buf).await?;
+                    s.shutdown().await
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), send)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel timed out"))?
+    }
+}
+
+/// The largest message accepted from the server: a result row (a request's whole JSON
+/// answer is one) beyond this fails the request and closes the connection, rather than
+/// buffering whatever length the server announces.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 impl fmt::Debug for WireConn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -165,6 +214,7 @@ impl WireConn {
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(30));
+        let target = host.clone();
         let open = async {
             Ok::<Box<dyn Stream>, io::Error>(match host {
                 Host::Tcp(h) => {
@@ -186,6 +236,7 @@ impl WireConn {
             write: BytesMut::with_capacity(8192),
             broken: false,
             open: false,
+            cancel: None,
         };
         let user = config
             .get_user()
@@ -199,25 +250,57 @@ impl WireConn {
         }
         startup.extend_from_slice(params);
         frontend::startup_message(startup, &mut conn.write)?;
-        conn.send().await?;
-        conn.authenticate(user.as_bytes(), config.get_password().unwrap_or_default())
-            .await?;
-        loop {
-            match conn.next().await? {
-                Message::ReadyForQuery(_) => return Ok(conn),
-                Message::ErrorResponse(body) => return Err(WireError::Db(db_error(&body)?)),
-                _ => {} // BackendKeyData
+        let password = config.get_password().unwrap_or_default();
+        let start = async {
+            conn.send().await?;
+            conn.authenticate(user.as_bytes(), password).await?;
+            loop {
+                match conn.next().await? {
+                    Message::ReadyForQuery(_) => return Ok(()),
+                    Message::ErrorResponse(body) => return Err(WireError::Db(db_error(&body)?)),
+                    Message::BackendKeyData(k) => {
+                        conn.cancel = Some(CancelToken {
+                            host: target.clone(),
+                            port,
+                            process_id: k.process_id(),
+                            secret_key: k.secret_key(),
+                        })
+                    }
+                    _ => {}
+                }
             }
-        }
+        };
+        // The whole start-up (TCP, authentication, first ReadyForQuery) within the timeout.
+        tokio::time::timeout(timeout, start)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "start-up timed out"))??;
+        Ok(conn)
+    }
+
+    /// What cancels this session's running statement, once the server has said.
+    pub fn cancel_token(&self) -> Option<CancelToken> {
+        self.cancel.clone()
     }
 
     async fn authenticate(&mut self, user: &[u8], password: &[u8]) -> Result<(), WireError> {
         let mut scram: Option<ScramSha256> = None;
+        let mut scram_done = false;
         loop {
             match self.next().await? {
+                // A server that began SCRAM must prove it knows the password before it is
+                // trusted (its final message), or anyone on the path could pose as it.
+                Message::AuthenticationOk if scram.is_some() && !scram_done => {
+                    return Err(WireError::Protocol(
+                        "the server skipped SCRAM's final message".into(),
+                    ))
+                }
                 Message::AuthenticationOk => return Ok(()),
+                // Without TLS, a cleartext password would cross the network as is: the
+                // gateway's password can act as every tenant.
                 Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(password, &mut self.write)?;
+                    return Err(WireError::Protocol(
+                        "the server asks for the password in cleartext over a connection without TLS; configure scram-sha-256 (or md5) for the gateway role".into(),
+                    ))
                 }
                 Message::AuthenticationMd5Password(body) => {
                     let hash = md5_hash(user, password, body.salt());
@@ -250,6 +333,7 @@ impl WireConn {
                         .as_mut()
                         .ok_or_else(|| WireError::Protocol("SASL out of order".into()))?
                         .finish(body.data())?;
+                    scram_done = true;
                     continue;
                 }
                 Message::ErrorResponse(body) => return Err(WireError::Db(db_error(&body)?)),
@@ -317,6 +401,7 @@ impl WireConn {
             return Err(WireError::Protocol("no open transaction to end".into()));
         }
         self.open = false;
+        self.broken = true;
         let out = async {
             frontend::sync(&mut self.write);
             self.send().await?;
@@ -351,7 +436,7 @@ impl WireConn {
     /// The session is clean again after an exchange that ended with the server's answer
     /// (success or a server error), not after a socket or protocol failure.
     fn settle<T>(&mut self, out: Result<T, WireError>) -> Result<T, WireError> {
-        self.broken = matches!(out, Err(WireError::Io(_)) | Err(WireError::Protocol(_)));
+        self.broken = !matches!(out, Ok(_) | Err(WireError::Db(_)));
         out
     }
 
@@ -452,6 +537,11 @@ impl WireConn {
     /// The next message that is not a notice, a notification or a parameter report.
     async fn next(&mut self) -> Result<Message, WireError> {
         loop {
+            if let Some(h) = postgres_protocol::message::backend::Header::parse(&self.read)? {
+                if h.len() as usize > MAX_MESSAGE_BYTES {
+                    return Err(WireError::TooLarge(h.len() as usize));
+                }
+            }
             match Message::parse(&mut self.read)? {
                 Some(
                     Message::NoticeResponse(_)
@@ -509,14 +599,9 @@ fn decode_row(body: &postgres_protocol::message::backend::DataRowBody) -> Result
     let mut ranges = body.ranges();
     let mut out = Vec::new();
     while let Some(r) = ranges.next()? {
-        out.push(match r {
-            None => None,
-            Some(r) => Some(
-                std::str::from_utf8(&buf[r])
-                    .map_err(|e| WireError::Protocol(format!("column text: {e}")))?
-                    .to_string(),
-            ),
-        });
+        // Lossy: bytes a SQL_ASCII database let through fail no request and break no
+        // connection.
+        out.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
     }
     Ok(Row(out))
 }

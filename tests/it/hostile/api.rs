@@ -1481,3 +1481,81 @@ async fn a_tenant_running_slow_queries_leaves_the_others_served() {
     );
     s.no_idle_transactions().await;
 }
+
+/// Attack: a stream of requests that fail after their statement was prepared (a value the
+/// column type refuses fails at execution, after Parse) would, if each failure forgot a
+/// statement the server still holds, grow every gateway backend without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_requests_leave_no_prepared_statements_behind() {
+    let s = Stage::new(&["acme"]).await;
+    let acme = token(&s.ns, "acme").await;
+    for i in 0..30 {
+        let a = s
+            .send(
+                Method::GET,
+                &format!("/v1/tables/projects?id=eq.not-a-number-{i}"),
+                &acme,
+                None,
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.text);
+    }
+    let sessions = s.api.data.inspect_idle().await.unwrap();
+    assert!(!sessions.is_empty());
+    for session in &sessions {
+        // The settings statement and, on the connection that read it, the catalog's.
+        assert!(session.prepared <= 2, "{sessions:?}");
+    }
+    s.no_idle_transactions().await;
+}
+
+/// Attack: requests abandoned mid-statement (the client hangs up) would leave their
+/// statements running in PostgreSQL after the API freed their connections: a tenant firing
+/// and aborting slow requests would hold ever more backends. The API cancels them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_requests_are_cancelled_in_postgresql() {
+    let s = Stage::sharing(&["acme"], 3, 1000).await;
+    s.as_owner(
+        "acme",
+        "CREATE VIEW slow AS SELECT 1 AS id, pg_catalog.pg_sleep(4)::text AS slept",
+    )
+    .await;
+    let acme = token(&s.ns, "acme").await;
+    let a = s
+        .send(Method::GET, "/v1/tables/projects", &acme, None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let gateway = gateway_role(&s.ns);
+    let sleeping = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND wait_event = 'PgSleep'",
+        )
+        .bind(&gateway)
+        .fetch_one(&s.pg)
+        .await
+        .unwrap()
+    };
+    // Three slow requests, abandoned once PostgreSQL runs them.
+    let abandoned = futures::future::join_all(
+        (0..3).map(|_| s.send(Method::GET, "/v1/tables/slow", &acme, None)),
+    );
+    let watch = async {
+        while sleeping().await < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        _ = abandoned => panic!("the slow requests answered before they were abandoned"),
+        _ = watch => {}
+    }
+    let dropped = Instant::now();
+    while sleeping().await > 0 {
+        assert!(
+            dropped.elapsed() < Duration::from_millis(1500),
+            "abandoned statements still running in PostgreSQL after {:?}",
+            dropped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.no_idle_transactions().await;
+}
