@@ -410,6 +410,22 @@ mod tests {
     }
 
     #[test]
+    fn suspension_follows_the_spec_before_the_status() {
+        let (r, mut w) = new(None);
+        w.apply(Change::Tenants(watcher::Event::Apply(ready(
+            "acme",
+            "a",
+            &[],
+        ))));
+        assert!(!found(r.by_name("acme")).info.suspended);
+        // Still Ready in status (the operator has not acted yet): suspended all the same.
+        let mut t = ready("acme", "a", &[]);
+        t.spec.suspended = true;
+        w.apply(Change::Tenants(watcher::Event::Apply(t)));
+        assert!(found(r.by_name("acme")).info.suspended);
+    }
+
+    #[test]
     fn indexes_by_name_and_host_and_follows_updates() {
         let (r, mut w) = new(None);
         w.apply(Change::Tenants(watcher::Event::Apply(ready(

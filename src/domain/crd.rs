@@ -425,6 +425,20 @@ mod tests {
     }
 
     #[test]
+    fn suspended_is_an_optional_documented_boolean() {
+        let field = spec_property(&["suspended"]);
+        assert_eq!(field["type"], "boolean");
+        assert!(field["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("423") && d.contains("LOGIN")));
+        let t: TenantSpec = serde_json::from_str(r#"{"suspended": true}"#).unwrap();
+        assert!(t.suspended);
+        // Unset stays unset when written back (GitOps diffs stay quiet).
+        let json = serde_json::to_value(TenantSpec::default()).unwrap();
+        assert!(json.get("suspended").is_none());
+    }
+
+    #[test]
     fn spec_round_trips_with_defaults() {
         let t: TenantSpec = serde_json::from_str("{}").unwrap();
         assert_eq!(t.deletion_policy, DeletionPolicy::Retain);

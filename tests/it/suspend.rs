@@ -144,19 +144,28 @@ async fn suspend_and_resume(ns: TestNs, opts: impl Fn() -> ControllerOpts) {
         "https://tenantry.dev/problems/tenant-suspended"
     );
     let t = wait_tenant(&ns, "acme", "phase Suspended", |t| {
-        t.status.as_ref().is_some_and(|s| s.phase == Phase::Suspended)
+        t.status
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Suspended)
             && t.condition("Suspended").is_some_and(|c| c.status == "True")
     })
     .await;
     assert_eq!(t.condition("Ready").unwrap().status, "False");
     // The open session was ended, new logins fail.
     let ended = session.execute("SELECT 1").await;
-    assert!(ended.is_err(), "the tenant's open session survived: {ended:?}");
+    assert!(
+        ended.is_err(),
+        "the tenant's open session survived: {ended:?}"
+    );
     assert!(!can_log_in(&uri).await, "a new login succeeded");
     let elapsed = started.elapsed();
     assert!(elapsed < WITHIN, "suspension took {elapsed:?}");
     // Neighbours are untouched.
-    as_tenant(&ns, "globex").await.execute("SELECT 1").await.unwrap();
+    as_tenant(&ns, "globex")
+        .await
+        .execute("SELECT 1")
+        .await
+        .unwrap();
 
     // No migration reaches a suspended tenant; its neighbour gets it.
     drop(ctl);
@@ -191,7 +200,9 @@ async fn suspend_and_resume(ns: TestNs, opts: impl Fn() -> ControllerOpts) {
     let started = Instant::now();
     set_suspended(&ns, "acme", serde_json::Value::Null).await;
     let t = wait_tenant(&ns, "acme", "Ready again", |t| {
-        t.is_ready() && t.condition("Suspended").is_some_and(|c| c.status == "False")
+        t.is_ready()
+            && t.condition("Suspended")
+                .is_some_and(|c| c.status == "False")
     })
     .await;
     assert_eq!(t.status.as_ref().unwrap().phase, Phase::Ready);
@@ -219,7 +230,9 @@ async fn suspend_and_resume(ns: TestNs, opts: impl Fn() -> ControllerOpts) {
     // A suspended tenant can be deleted (Delete: schema and role go).
     set_suspended(&ns, "acme", json!(true)).await;
     wait_tenant(&ns, "acme", "suspended again", |t| {
-        t.status.as_ref().is_some_and(|s| s.phase == Phase::Suspended)
+        t.status
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Suspended)
     })
     .await;
     delete_tenant(&ns, "acme").await;
