@@ -202,7 +202,7 @@ async fn raw_provision(
                 let nothing = Observed::default();
                 let password = tenantry::domain::scram::generate_password();
                 admin
-                    .ensure_roles(&names, &owner, &nothing, Some(&password))
+                    .ensure_roles(&names, &owner, &nothing, Some(&password), true)
                     .await
                     .unwrap();
                 admin

@@ -42,6 +42,9 @@ pub struct TenantInfo {
     pub uid: String,
     /// `spec.api.maxConcurrency`: the tenant's own share of the pool, if set.
     pub max_concurrency: Option<u32>,
+    /// `spec.suspended`: refused (423) from the moment the spec says so, before the operator
+    /// has acted on it.
+    pub suspended: bool,
 }
 
 impl TenantInfo {
@@ -63,6 +66,7 @@ impl TenantInfo {
             secret_name: creds::effective_secret_name(t),
             uid: t.metadata.uid.clone().unwrap_or_default(),
             max_concurrency: t.spec.api.max_concurrency.filter(|n| *n > 0),
+            suspended: t.spec.suspended,
         }
     }
 }
@@ -403,6 +407,22 @@ mod tests {
             Lookup::Found(e) => e,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn suspension_follows_the_spec_before_the_status() {
+        let (r, mut w) = new(None);
+        w.apply(Change::Tenants(watcher::Event::Apply(ready(
+            "acme",
+            "a",
+            &[],
+        ))));
+        assert!(!found(r.by_name("acme")).info.suspended);
+        // Still Ready in status (the operator has not acted yet): suspended all the same.
+        let mut t = ready("acme", "a", &[]);
+        t.spec.suspended = true;
+        w.apply(Change::Tenants(watcher::Event::Apply(t)));
+        assert!(found(r.by_name("acme")).info.suspended);
     }
 
     #[test]

@@ -60,6 +60,15 @@ impl ApiError {
         }
     }
 
+    /// The tenant is suspended (`spec.suspended`): 423, type `tenant-suspended`.
+    pub fn suspended(tenant: &str) -> Self {
+        Self::new(
+            StatusCode::LOCKED,
+            "tenant-suspended",
+            format!("tenant {tenant:?} is suspended"),
+        )
+    }
+
     /// The tenant has as many requests in flight as it may (429, `Retry-After`).
     pub fn too_many_requests(detail: impl Into<String>, retry_after: u64) -> Self {
         Self {
@@ -252,6 +261,18 @@ mod tests {
         assert_eq!(v["status"], 401);
         let res = ApiError::unavailable("tenant-not-ready", "x", 5).into_response();
         assert_eq!(res.headers()[header::RETRY_AFTER], "5");
+    }
+
+    #[tokio::test]
+    async fn a_suspended_tenant_is_a_stable_423() {
+        let res = ApiError::suspended("acme").into_response();
+        assert_eq!(res.status(), StatusCode::LOCKED);
+        let body = axum::body::to_bytes(res.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["type"], "https://tenantry.dev/problems/tenant-suspended");
+        assert_eq!(v["status"], 423);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub fn document() -> Value {
         "403": problem("Token for another tenant, or request sources disagree"),
         "404": problem("Unknown tenant, table or row"),
         "421": problem("Tenant name or host claimed by several Tenants"),
+        "423": problem("The tenant is suspended (tenant-suspended)"),
         "429": problem("The tenant has as many requests in flight as it may (too-many-requests, with Retry-After)"),
         "503": problem("Tenant not ready, database pool exhausted, or data locked by another session beyond the lock timeout (with Retry-After)")
     });

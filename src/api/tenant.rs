@@ -1,6 +1,6 @@
 //! The [`TenantRequest`] extractor: resolves a request to one tenant from the registry (Host,
 //! `X-Tenant`, the token's tenant claim, which must all agree), checks that the tenant is
-//! ready, then has [`auth::authorize_cached`] verify the token for that tenant.
+//! not suspended (423, once the token is verified) and ready, then has [`auth::authorize_cached`] verify the token for that tenant.
 
 use axum::{
     extract::FromRequestParts,
@@ -102,6 +102,11 @@ impl FromRequestParts<AppState> for TenantRequest {
         let entry = resolve(state, &parts.headers, token)?;
         tracing::Span::current().record("tenant", entry.info.name.as_str());
         let info = &entry.info;
+        if info.suspended {
+            // Only the tenant's own callers learn that it is suspended.
+            auth::authorize_cached(token, &entry, &state.settings.auth, &state.tokens)?;
+            return Err(ApiError::suspended(&info.name));
+        }
         let schema = match (&info.schema, info.ready) {
             (Some(s), true) => Ident::parse("schema", s).map_err(ApiError::internal)?,
             _ => {

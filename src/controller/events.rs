@@ -13,6 +13,8 @@ pub const NORMAL: &[&str] = &[
     "Retained",
     "Deleted",
     "ReconcilePaused",
+    "Suspended",
+    "Resumed",
 ];
 
 /// Reasons of Warning Events.

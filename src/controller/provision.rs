@@ -33,6 +33,10 @@ use crate::{
     },
 };
 
+/// Look again this soon after a tenant was suspended: ends a session whose login raced the
+/// NOLOGIN.
+const REQUEUE_SUSPENDED: Duration = Duration::from_secs(5);
+
 /// Annotation with which an administrator says a schema of the layout before the owner/app
 /// split was reviewed and may be converted although it differs from its migrations.
 pub const LEGACY_REVIEWED_ANNOTATION: &str = "tenantry.dev/legacy-schema-reviewed";
@@ -75,6 +79,9 @@ enum Done {
         verified: Verified,
         requeue: Duration,
     },
+    /// `spec.suspended`: the app login is NOLOGIN and its sessions were ended; look again
+    /// after this long.
+    Suspended(Duration),
 }
 
 /// The role or the schema, which a Tenant creates or adopts alike.
@@ -134,6 +141,17 @@ impl Run<'_> {
         ])?;
 
         let fresh_password = self.roles(&names, owner, &observed, ctx).await?;
+        let ended = if self.tenant.is_suspended() {
+            // After NOLOGIN is committed, so an ended session cannot log in again.
+            Some(
+                ctx.admin
+                    .terminate(id)
+                    .await
+                    .map_err(|e| Failure::error(condition::ROLE_READY, db(Stage::Role)(e)))?,
+            )
+        } else {
+            None
+        };
         self.schema(&names, owner, &observed, ctx).await?;
         {
             let s = self.b.status_mut();
@@ -142,14 +160,76 @@ impl Run<'_> {
             s.owner_role = Some(names.owner.as_str().to_string());
         }
 
-        let (version, held) = self.migrations(&names, ctx).await?;
+        let (version, held) = if ended.is_some() {
+            self.no_migrations();
+            (None, None)
+        } else {
+            self.migrations(&names, ctx).await?
+        };
 
+        // A suspended tenant's Secret is kept as is (and repaired like any other: its login
+        // cannot log in meanwhile).
         let verifier = observed.role.as_ref().and_then(|r| r.verifier.as_deref());
         let secret_version = self
             .credentials(id, secret_name, verifier, fresh_password.as_deref(), ctx)
             .await?;
 
+        if let Some(ended) = ended {
+            return Ok(self.suspended(id, secret_name, ended));
+        }
         Ok(self.ready(id, secret_name, version, held, secret_version))
+    }
+
+    /// A suspended tenant gets no migration: MigrationsApplied keeps what it said, the schema
+    /// stays at `status.migrationVersion`.
+    fn no_migrations(&mut self) {
+        match self.tenant.condition(condition::MIGRATIONS_APPLIED) {
+            Some(c) => {
+                let (status, reason, message) =
+                    (c.status.clone(), c.reason.clone(), c.message.clone());
+                self.b
+                    .set(condition::MIGRATIONS_APPLIED, &status, &reason, message);
+            }
+            None => self.b.set(
+                condition::MIGRATIONS_APPLIED,
+                "Unknown",
+                "Suspended",
+                "no migrations are applied while the tenant is suspended",
+            ),
+        }
+    }
+
+    /// Suspended: phase, Ready False, Suspended True, and the Normal Event `Suspended` when it
+    /// is news. Looked at again soon after entering (a login racing the NOLOGIN is ended
+    /// then), later at the resync.
+    fn suspended(&mut self, id: &Ident, secret_name: &str, ended: u64) -> Done {
+        self.b.status_mut().secret_name = Some(secret_name.to_string());
+        let message = format!(
+            "spec.suspended is true: role {} cannot log in, the API answers 423 and no \
+             migrations are applied; data and Secret {secret_name} are kept",
+            id.as_str()
+        );
+        self.b.suspend(message.clone());
+        let news = self
+            .tenant
+            .condition(condition::SUSPENDED)
+            .is_none_or(|c| c.status != "True");
+        if news {
+            info!(schema = id.as_str(), ended, "tenant suspended");
+            self.journal.push(Note::normal(
+                "Suspended",
+                "Suspend",
+                format!("{message}; ended {ended} open session(s)"),
+            ));
+            return Done::Suspended(REQUEUE_SUSPENDED);
+        }
+        if ended > 0 {
+            info!(
+                schema = id.as_str(),
+                ended, "ended sessions of a suspended tenant"
+            );
+        }
+        Done::Suspended(RESYNC)
     }
 
     /// Validates the spec (pure). Invalid specs wait for a change; nothing touches the
@@ -272,7 +352,13 @@ impl Run<'_> {
         let id = names.app();
         let password = observed.role.is_none().then(scram::generate_password);
         ctx.admin
-            .ensure_roles(names, owner, observed, password.as_deref())
+            .ensure_roles(
+                names,
+                owner,
+                observed,
+                password.as_deref(),
+                !self.tenant.is_suspended(),
+            )
             .await
             .map_err(|e| Failure::error(condition::ROLE_READY, db(Stage::Role)(e)))?;
         let (reason, verb) = if password.is_some() {
@@ -564,7 +650,17 @@ impl Run<'_> {
             "schema {} ready with credentials in Secret {secret_name}",
             id.as_str()
         ));
-        if self.previous_phase != Some(Phase::Ready) {
+        if self.previous_phase == Some(Phase::Suspended) {
+            info!(schema = id.as_str(), "tenant resumed");
+            self.journal.push(Note::normal(
+                "Resumed",
+                "Resume",
+                format!(
+                    "spec.suspended is false: role {} can log in again and the API serves the tenant",
+                    id.as_str()
+                ),
+            ));
+        } else if self.previous_phase != Some(Phase::Ready) {
             info!(schema = id.as_str(), "tenant provisioned");
             let steps = self
                 .journal
@@ -602,6 +698,12 @@ impl Run<'_> {
         events.extend(self.journal);
         match end {
             Ok(Done::Unchanged(wait)) => Report::events(events, Ok(Action::requeue(wait))),
+            Ok(Done::Suspended(wait)) => Report {
+                events,
+                status: Some(self.b.build()),
+                verdict: Ok(Action::requeue(wait)),
+                verified: None,
+            },
             Ok(Done::Ready { verified, requeue }) => Report {
                 events,
                 status: Some(self.b.build()),

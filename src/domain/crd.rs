@@ -81,6 +81,14 @@ pub struct TenantSpec {
     /// How the tenantry API serves this tenant.
     #[serde(default, skip_serializing_if = "ApiSpec::is_default")]
     pub api: ApiSpec,
+
+    /// Suspends the tenant while `true`: its app login loses LOGIN (new logins with the
+    /// Secret's credentials fail) and its open sessions are ended, the tenantry API answers
+    /// 423 (problem type `tenant-suspended`) for it, and no migration is applied to it. Schema,
+    /// data, roles and the Secret stay as they are. `false` or unset resumes it: LOGIN comes
+    /// back and the API serves it again. Status: phase `Suspended`, condition `Suspended`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
 }
 
 /// How the tenantry API serves one tenant.
@@ -130,7 +138,8 @@ pub struct CredentialsSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TenantStatus {
-    /// Lifecycle phase: Pending, Provisioning, Ready, Invalid, Conflict, Failed or Deleting.
+    /// Lifecycle phase: Pending, Provisioning, Ready, Suspended, Invalid, Conflict, Failed or
+    /// Deleting.
     #[serde(default)]
     pub phase: Phase,
 
@@ -179,6 +188,9 @@ pub enum Phase {
     Provisioning,
     /// Schema, role, migrations and credentials are all in place.
     Ready,
+    /// `spec.suspended` is true: the app login cannot log in and the API refuses the tenant;
+    /// data and credentials are kept.
+    Suspended,
     /// The spec cannot be provisioned as written; fix the spec.
     Invalid,
     /// The schema, role or Secret already exists and belongs to something else.
@@ -190,10 +202,11 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Pending,
         Phase::Provisioning,
         Phase::Ready,
+        Phase::Suspended,
         Phase::Invalid,
         Phase::Conflict,
         Phase::Failed,
@@ -205,6 +218,7 @@ impl Phase {
             Phase::Pending => "Pending",
             Phase::Provisioning => "Provisioning",
             Phase::Ready => "Ready",
+            Phase::Suspended => "Suspended",
             Phase::Invalid => "Invalid",
             Phase::Conflict => "Conflict",
             Phase::Failed => "Failed",
@@ -250,6 +264,9 @@ pub mod condition {
     /// ([`super::PAUSED_ANNOTATION`]): nothing is reconciled, the other conditions stay as
     /// they were.
     pub const PAUSED: &str = "Paused";
+    /// True while `spec.suspended` holds; False once the tenant was resumed (absent on
+    /// tenants never suspended).
+    pub const SUSPENDED: &str = "Suspended";
     pub const STEPS: [&str; 4] = [
         ROLE_READY,
         SCHEMA_READY,
@@ -284,6 +301,12 @@ impl Tenant {
         self
     }
 
+    /// Sets `spec.suspended`.
+    pub fn suspended(mut self, suspended: bool) -> Self {
+        self.spec.suspended = suspended;
+        self
+    }
+
     /// Sets `deletionPolicy: Delete`.
     pub fn deleting(mut self) -> Self {
         self.spec.deletion_policy = DeletionPolicy::Delete;
@@ -313,6 +336,11 @@ impl Tenant {
             .as_ref()
             .and_then(|a| a.get(PAUSED_ANNOTATION))
             .is_some_and(|v| v == "true")
+    }
+
+    /// Whether `spec.suspended` is true.
+    pub fn is_suspended(&self) -> bool {
+        self.spec.suspended
     }
 
     /// True when the Ready condition is True for the current generation.
@@ -394,6 +422,20 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn suspended_is_an_optional_documented_boolean() {
+        let field = spec_property(&["suspended"]);
+        assert_eq!(field["type"], "boolean");
+        assert!(field["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("423") && d.contains("LOGIN")));
+        let t: TenantSpec = serde_json::from_str(r#"{"suspended": true}"#).unwrap();
+        assert!(t.suspended);
+        // Unset stays unset when written back (GitOps diffs stay quiet).
+        let json = serde_json::to_value(TenantSpec::default()).unwrap();
+        assert!(json.get("suspended").is_none());
     }
 
     #[test]

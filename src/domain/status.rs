@@ -141,6 +141,28 @@ impl StatusBuilder {
     pub fn ready(&mut self, message: impl Into<String>) {
         self.set(condition::READY, "True", "Provisioned", message);
         self.status.phase = Phase::Ready;
+        if self
+            .previous
+            .iter()
+            .any(|c| c.type_ == condition::SUSPENDED)
+        {
+            // Once suspended, the condition stays (False) to say when service came back.
+            self.set(
+                condition::SUSPENDED,
+                "False",
+                "Resumed",
+                "spec.suspended is false: the tenant is served again",
+            );
+        }
+    }
+
+    /// Suspended True and Ready False (reason `Suspended`), phase Suspended: `spec.suspended`
+    /// holds. The step conditions say what the pipeline found.
+    pub fn suspend(&mut self, message: impl Into<String>) {
+        let message = message.into();
+        self.set(condition::SUSPENDED, "True", "Suspended", message.clone());
+        self.set(condition::READY, "False", "Suspended", message);
+        self.status.phase = Phase::Suspended;
     }
 
     pub fn build(mut self) -> TenantStatus {
@@ -245,6 +267,38 @@ mod tests {
             .conditions
             .iter()
             .all(|c| c.type_ != condition::SPEC_ACCEPTED));
+    }
+
+    #[test]
+    fn suspension_and_resumption_show_in_phase_ready_and_suspended() {
+        let mut b = StatusBuilder::new(None, Some(1), "t1".into());
+        b.ready("serving");
+        let served = b.build();
+        assert!(served
+            .conditions
+            .iter()
+            .all(|c| c.type_ != condition::SUSPENDED));
+        let mut b = StatusBuilder::new(Some(&served), Some(2), "t2".into());
+        b.suspend("suspended");
+        let s = b.build();
+        assert_eq!(s.phase, Phase::Suspended);
+        let get = |s: &TenantStatus, t: &str| {
+            let c = s.conditions.iter().find(|c| c.type_ == t).unwrap().clone();
+            (c.status, c.reason, c.last_transition_time)
+        };
+        assert_eq!(
+            get(&s, condition::SUSPENDED),
+            ("True".into(), "Suspended".into(), "t2".into())
+        );
+        assert_eq!(get(&s, condition::READY).1, "Suspended");
+        let mut b = StatusBuilder::new(Some(&s), Some(3), "t3".into());
+        b.ready("serving");
+        let r = b.build();
+        assert_eq!(r.phase, Phase::Ready);
+        assert_eq!(
+            get(&r, condition::SUSPENDED),
+            ("False".into(), "Resumed".into(), "t3".into())
+        );
     }
 
     #[test]

@@ -146,15 +146,16 @@ impl Admin {
     }
 
     /// Creates whichever of the two roles is missing and brings existing ones back in line
-    /// (marks, LOGIN for the app role, gateway membership of the app role only), in one
-    /// transaction. `password` is the app role's password when it is created now. Returns
-    /// whether anything changed.
+    /// (marks, LOGIN for the app role — NOLOGIN when `login` is false, for a suspended
+    /// tenant —, gateway membership of the app role only), in one transaction. `password` is
+    /// the app role's password when it is created now. Returns whether anything changed.
     pub async fn ensure_roles(
         &self,
         names: &Names,
         owner_mark: &Owner,
         observed: &Observed,
         password: Option<&str>,
+        login: bool,
     ) -> Result<bool, Error> {
         let comment = mark(owner_mark)?;
         let (app, own) = (names.app(), &names.owner);
@@ -191,8 +192,9 @@ impl Admin {
                 let verifier =
                     quote_literal(&scram::verifier(password)).expect("verifier is base64");
                 let limit = self.connection_limit;
+                let login = if login { "LOGIN" } else { "NOLOGIN" };
                 stmts.push(format!(
-                    "CREATE ROLE {app} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
+                    "CREATE ROLE {app} {login} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
                      NOBYPASSRLS INHERIT CONNECTION LIMIT {limit} PASSWORD {verifier}"
                 ));
                 stmts.push(format!("COMMENT ON ROLE {app} IS {comment}"));
@@ -205,8 +207,9 @@ impl Admin {
                 }
             }
             Some(state) => {
-                if !state.can_login {
-                    stmts.push(format!("ALTER ROLE {app} LOGIN"));
+                if state.can_login != login {
+                    let login = if login { "LOGIN" } else { "NOLOGIN" };
+                    stmts.push(format!("ALTER ROLE {app} {login}"));
                 }
                 if state.connection_limit != self.connection_limit {
                     stmts.push(format!(
@@ -348,18 +351,28 @@ impl Admin {
             sql.push_str(&format!(";\nREVOKE {app} FROM {gw}"));
         }
         sqlx::Executor::execute(&self.pool, sql.as_str()).await?;
-        self.terminate(app).await
+        self.terminate(app).await.map(drop)
     }
 
-    async fn terminate(&self, role: &Ident) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
-             WHERE usename = $1 AND pid <> pg_catalog.pg_backend_pid()",
+    /// Ends every session logged in as `role` (in any database), but never this one; returns
+    /// how many were ended. Call it after the role lost LOGIN, so none comes back.
+    ///
+    /// Whose code runs here: an admin session, evaluating catalog functions only
+    /// (`pg_catalog`-qualified, the role name bound, not spliced). Only the role's own
+    /// sessions are signalled; a CREATEROLE-only admin may do that because it is a member of
+    /// every app role it created (`GRANT .. TO CURRENT_USER` in [`Admin::ensure_roles`]), and
+    /// a session it may not signal is an error reported to the caller, not skipped.
+    pub async fn terminate(&self, role: &Ident) -> Result<u64, sqlx::Error> {
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT pg_catalog.count(*) FILTER (WHERE pg_catalog.pg_terminate_backend(a.pid)) \
+             FROM pg_catalog.pg_stat_activity a \
+             WHERE a.usename OPERATOR(pg_catalog.=) $1::pg_catalog.name \
+               AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()",
         )
         .bind(role.as_str())
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(())
+        Ok(ended.max(0) as u64)
     }
 
     /// `Delete` deletion: ends the app role's sessions, drops the schema with everything in it

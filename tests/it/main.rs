@@ -13,3 +13,4 @@ mod helm;
 mod hostile;
 mod provision;
 mod rollout;
+mod suspend;
