@@ -257,7 +257,7 @@ fn ratio(a: Duration, b: Duration) -> f64 {
 
 fn op_reconciles(text: &str) -> u64 {
     text.lines()
-        .filter(|l| l.starts_with("tenantry_reconciliations_total{"))
+        .filter(|l| l.starts_with("tenantry_reconcile_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }

@@ -170,7 +170,7 @@ impl Drop for OperatorProcess {
 fn reconciles(metrics: &str) -> u64 {
     metrics
         .lines()
-        .filter(|l| l.starts_with("tenantry_reconciliations_total{"))
+        .filter(|l| l.starts_with("tenantry_reconcile_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }

@@ -170,8 +170,8 @@ impl Default for Metrics {
         ]);
         let tenants = Family::<PhaseLabel, Gauge>::default();
         registry.register(
-            "reconciliations",
-            "Tenant reconciliations by result",
+            "reconcile",
+            "Tenant reconciles by result",
             reconciles.clone(),
         );
         registry.register(
@@ -203,12 +203,12 @@ impl Default for Metrics {
             target_version.clone(),
         );
         registry.register(
-            "tenants_migration_pending",
+            "migration_pending_tenants",
             "Tenants not yet at the target migration version",
             behind.clone(),
         );
         registry.register(
-            "tenants_migration_failed",
+            "migration_failed_tenants",
             "Tenants whose migration failed",
             failed.clone(),
         );
@@ -383,7 +383,7 @@ mod tests {
         m.set_phase("ns/b".into(), None);
         let text = m.encode();
         assert!(
-            text.contains("tenantry_reconciliations_total{result=\"ok\"} 1"),
+            text.contains("tenantry_reconcile_total{result=\"ok\"} 1"),
             "{text}"
         );
         assert!(
@@ -420,7 +420,7 @@ mod tests {
         for line in [
             "tenantry_tenants{phase=\"Ready\"} 2",
             "tenantry_tenants{phase=\"Provisioning\"} 0",
-            "tenantry_tenants_migration_pending 1",
+            "tenantry_migration_pending_tenants 1",
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }
@@ -431,7 +431,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("tenantry_tenants_migration_pending 0"),
+            text.contains("tenantry_migration_pending_tenants 0"),
             "{text}"
         );
     }

@@ -36,6 +36,11 @@ struct PoolLabel {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: &'static str,
+}
+
 /// The API's metrics: bounded label sets (route templates, methods, status codes).
 #[derive(Clone)]
 pub struct ApiMetrics {
@@ -76,6 +81,17 @@ impl Default for ApiMetrics {
             "pool_connections",
             "Database pool connections by state",
             pool.clone(),
+        );
+        let build = Family::<BuildLabel, Gauge>::default();
+        build
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the label carries the API's version",
+            build,
         );
         Self {
             registry: Arc::new(registry),

@@ -242,7 +242,7 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("tenantry_reconciliations_total{result=\"ok\"}"),
+        metrics.contains("tenantry_reconcile_total{result=\"ok\"}"),
         "{metrics}"
     );
 
@@ -279,7 +279,7 @@ async fn kubectl_and_the_binary_provision_and_delete_the_examples() {
 fn reconciliations(metrics: &str) -> u64 {
     metrics
         .lines()
-        .filter(|l| l.starts_with("tenantry_reconciliations_total{"))
+        .filter(|l| l.starts_with("tenantry_reconcile_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }

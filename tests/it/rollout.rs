@@ -85,7 +85,7 @@ async fn a_failing_set_stops_after_the_canary_and_stays_stopped() {
         .any(|e| e.0 == "Warning" && e.1 == "RolloutHalted"));
     let m = ctl.metrics.encode();
     assert!(m.contains("tenantry_migration_target_version 3"), "{m}");
-    assert!(m.contains("tenantry_tenants_migration_failed 1"), "{m}");
+    assert!(m.contains("tenantry_migration_failed_tenants 1"), "{m}");
     drop(ctl);
 
     // After a restart the halt holds (the failure is in the canary's status): nothing retried.
@@ -108,7 +108,7 @@ async fn a_failing_set_stops_after_the_canary_and_stays_stopped() {
     );
     let m = ctl.metrics.encode();
     assert!(
-        m.contains("tenantry_tenants_migration_failed 1"),
+        m.contains("tenantry_migration_failed_tenants 1"),
         "the halt is remembered: {m}"
     );
     for n in names {
@@ -155,7 +155,7 @@ async fn a_good_set_rolls_out_everywhere_and_a_changed_migration_is_refused() {
     assert!(ctl
         .metrics
         .encode()
-        .contains("tenantry_tenants_migration_pending 0"));
+        .contains("tenantry_migration_pending_tenants 0"));
     drop(ctl);
 
     // Editing an applied migration is refused per tenant, never re-run.
