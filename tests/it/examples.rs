@@ -151,3 +151,78 @@ fn the_install_bundle_is_the_current_chart_render() {
         "examples/install/tenantry.yaml is stale: tests/helm/check.py render charts/tenantry > examples/install/tenantry.yaml"
     );
 }
+
+/// A JSON value as a Lua table constructor (what Argo CD hands its health scripts as `obj`).
+fn lua_value(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Null => "nil".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Array(a) => format!(
+            "{{{}}}",
+            a.iter().map(lua_value).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Object(o) => format!(
+            "{{{}}}",
+            o.iter()
+                .map(|(k, v)| format!("[{k:?}] = {}", lua_value(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// The Argo CD health check for Tenants, run by a real Lua interpreter on the statuses the
+/// operator writes: Progressing until Ready for the current generation, Healthy once Ready,
+/// Degraded when provisioning stopped or a change was refused, Suspended while paused or
+/// suspended.
+#[test]
+fn the_argocd_health_check_reads_tenant_statuses() {
+    #[derive(Deserialize)]
+    struct Cm {
+        data: std::collections::BTreeMap<String, String>,
+    }
+    let cm: Cm = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("examples/gitops/argocd-health.yaml")).unwrap(),
+    )
+    .unwrap();
+    let script = &cm.data["resource.customizations.health.tenantry.dev_Tenant"];
+    let cond = |t: &str, s: &str| {
+        serde_json::json!({"type": t, "status": s, "reason": "R", "message": format!("{t} {s}")})
+    };
+    let tenant = |generation: i64, observed: i64, phase: &str, conditions: Vec<serde_json::Value>| {
+        serde_json::json!({
+            "metadata": {"name": "acme", "generation": generation},
+            "status": {"phase": phase, "observedGeneration": observed, "conditions": conditions}
+        })
+    };
+    let cases = [
+        (serde_json::json!({"metadata": {"name": "acme", "generation": 1}}), "Progressing"),
+        (tenant(1, 1, "Provisioning", vec![cond("Ready", "False")]), "Progressing"),
+        (tenant(1, 1, "Ready", vec![cond("Ready", "True")]), "Healthy"),
+        (tenant(2, 1, "Ready", vec![cond("Ready", "True")]), "Progressing"),
+        (tenant(1, 1, "Failed", vec![cond("Ready", "False")]), "Degraded"),
+        (tenant(1, 1, "Conflict", vec![cond("Ready", "False")]), "Degraded"),
+        (tenant(2, 2, "Ready", vec![cond("Ready", "True"), cond("SpecAccepted", "False")]), "Degraded"),
+        (tenant(1, 1, "Suspended", vec![cond("Ready", "False"), cond("Suspended", "True")]), "Suspended"),
+        (tenant(1, 1, "Ready", vec![cond("Ready", "True"), cond("Paused", "True")]), "Suspended"),
+    ];
+    for (obj, want) in cases {
+        let program = format!(
+            "local obj = {}\nlocal function health()\n{script}\nend\nlocal hs = health()\nio.write(hs.status)\n",
+            lua_value(&obj)
+        );
+        let out = std::process::Command::new("lua5.4")
+            .args(["-e", &program])
+            .output()
+            .expect("lua5.4 (scripts/setup.sh installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{obj}");
+    }
+}
