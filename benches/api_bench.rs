@@ -495,6 +495,9 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
     if !only_get {
         cases.extend([(Shape::List, Pick::Uniform), (Shape::Post, Pick::Uniform)]);
     }
+    if std::env::args().any(|a| a == "--list-and-post") {
+        cases = vec![(Shape::List, Pick::Uniform), (Shape::Post, Pick::Uniform)];
+    }
     for (shape, pick) in cases {
         if n == 1 && pick == Pick::Zipf {
             continue; // one tenant: no choice to skew

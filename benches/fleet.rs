@@ -8,6 +8,7 @@
 //!   cargo bench --bench fleet -- api N            GET by primary key with JWT over N tenants, uniform and Zipf,
 //!                                                 list-with-filter and POST (wrk), vs plain axum + sqlx with and
 //!                                                 without its per-acquire ping; --get-only skips list and POST,
+//!                                                 --list-and-post runs only those,
 //!                                                 --cold adds the first 15 s after a start and recycling,
 //!                                                 --noisy (N > 50) the noisy-neighbour p99
 //!   cargo bench --bench fleet -- registry N       API registry: sync of N Tenants, RSS, Ready → routable

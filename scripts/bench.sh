@@ -10,5 +10,5 @@ echo "| benchmark | tenantry | baseline (same run) | ratio | notes |"
 echo "|---|---|---|---|---|"
 for b in "provision 100" "provision 1000" "migrate 1000" "api 1 --tenant-max-concurrency 16" "api 100" "api 1000 --cold --noisy" "registry 10000"; do
   # shellcheck disable=SC2086
-  cargo bench --locked --quiet --bench fleet -- $b "$@" | grep -E '^\| [a-zG]' | grep -v '^| benchmark'
+  cargo bench --locked --quiet --bench fleet -- $b "$@" | grep -E '^\| [a-zA-Z]' | grep -v '^| benchmark'
 done

@@ -517,12 +517,15 @@ fn column_list(table: &Table, select: Option<&Vec<String>>, alias: &str) -> Stri
     }
 }
 
-/// `SELECT` rows as one JSON array.
+/// `SELECT` rows as one JSON array. Planned once per connection (a generic plan): with its
+/// limit and offset bound, PostgreSQL's cost comparison otherwise tends to keep planning such
+/// a statement afresh on every execution, which measured at half the throughput of the same
+/// query run with a generic plan.
 pub fn select(schema: &str, table: &Table, q: &Query) -> Result<Sql, QueryError> {
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
-        generic_plan: false,
+        generic_plan: true,
     };
     let cols = column_list(table, q.select.as_ref(), "_t");
     let wh = where_clause(&mut sql, table, &q.filters, "_t")?;
