@@ -189,25 +189,66 @@ fn the_argocd_health_check_reads_tenant_statuses() {
     )
     .unwrap();
     let script = &cm.data["resource.customizations.health.tenantry.dev_Tenant"];
-    let cond = |t: &str, s: &str| {
-        serde_json::json!({"type": t, "status": s, "reason": "R", "message": format!("{t} {s}")})
-    };
-    let tenant = |generation: i64, observed: i64, phase: &str, conditions: Vec<serde_json::Value>| {
-        serde_json::json!({
-            "metadata": {"name": "acme", "generation": generation},
-            "status": {"phase": phase, "observedGeneration": observed, "conditions": conditions}
-        })
-    };
+    let cond = |t: &str, s: &str| serde_json::json!({"type": t, "status": s, "reason": "R", "message": format!("{t} {s}")});
+    let tenant =
+        |generation: i64, observed: i64, phase: &str, conditions: Vec<serde_json::Value>| {
+            serde_json::json!({
+                "metadata": {"name": "acme", "generation": generation},
+                "status": {"phase": phase, "observedGeneration": observed, "conditions": conditions}
+            })
+        };
     let cases = [
-        (serde_json::json!({"metadata": {"name": "acme", "generation": 1}}), "Progressing"),
-        (tenant(1, 1, "Provisioning", vec![cond("Ready", "False")]), "Progressing"),
-        (tenant(1, 1, "Ready", vec![cond("Ready", "True")]), "Healthy"),
-        (tenant(2, 1, "Ready", vec![cond("Ready", "True")]), "Progressing"),
-        (tenant(1, 1, "Failed", vec![cond("Ready", "False")]), "Degraded"),
-        (tenant(1, 1, "Conflict", vec![cond("Ready", "False")]), "Degraded"),
-        (tenant(2, 2, "Ready", vec![cond("Ready", "True"), cond("SpecAccepted", "False")]), "Degraded"),
-        (tenant(1, 1, "Suspended", vec![cond("Ready", "False"), cond("Suspended", "True")]), "Suspended"),
-        (tenant(1, 1, "Ready", vec![cond("Ready", "True"), cond("Paused", "True")]), "Suspended"),
+        (
+            serde_json::json!({"metadata": {"name": "acme", "generation": 1}}),
+            "Progressing",
+        ),
+        (
+            tenant(1, 1, "Provisioning", vec![cond("Ready", "False")]),
+            "Progressing",
+        ),
+        (
+            tenant(1, 1, "Ready", vec![cond("Ready", "True")]),
+            "Healthy",
+        ),
+        (
+            tenant(2, 1, "Ready", vec![cond("Ready", "True")]),
+            "Progressing",
+        ),
+        (
+            tenant(1, 1, "Failed", vec![cond("Ready", "False")]),
+            "Degraded",
+        ),
+        (
+            tenant(1, 1, "Conflict", vec![cond("Ready", "False")]),
+            "Degraded",
+        ),
+        (
+            tenant(
+                2,
+                2,
+                "Ready",
+                vec![cond("Ready", "True"), cond("SpecAccepted", "False")],
+            ),
+            "Degraded",
+        ),
+        (
+            tenant(
+                1,
+                1,
+                "Suspended",
+                vec![cond("Ready", "False"), cond("Suspended", "True")],
+            ),
+            "Suspended",
+        ),
+        (
+            tenant(
+                1,
+                1,
+                "Ready",
+                vec![cond("Ready", "True"), cond("Paused", "True")],
+            ),
+            "Suspended",
+        ),
     ];
     for (obj, want) in cases {
         let program = format!(
