@@ -236,18 +236,9 @@ impl Pool {
         let rows = lease
             .conn()
             .wire
-            .sync(&[
-                Step::Parse {
-                    name: "",
-                    sql: "SELECT rolname::pg_catalog.text, rolsuper, rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user",
-                    types: &[],
-                },
-                Step::Execute {
-                    statement: "",
-                    params: &[],
-                    types: &[],
-                },
-            ])
+            .sync(&Step::unnamed(
+                "SELECT rolname::pg_catalog.text, rolsuper, rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            ))
             .await?;
         lease.clean = true;
         let row = rows
@@ -272,16 +263,7 @@ impl Pool {
             for mut c in idle {
                 let evicted = c.take_evicted();
                 let mut steps: Vec<Step<'_>> = evicted.iter().map(|n| Step::Close(n)).collect();
-                steps.push(Step::Parse {
-                    name: "",
-                    sql: INSPECT,
-                    types: &[],
-                });
-                steps.push(Step::Execute {
-                    statement: "",
-                    params: &[],
-                    types: &[],
-                });
+                steps.extend(Step::unnamed(INSPECT));
                 match c.wire.sync(&steps).await {
                     Ok(rows) => {
                         let row = rows
@@ -414,9 +396,6 @@ impl Drop for Lease {
         let (Some(conn), Some(permit)) = (self.conn.take(), self.permit.take()) else {
             return;
         };
-        if conn.is_closed() && conn.wire.cancel_token().is_none() {
-            return; // conn dropped: closed; the permit frees its slot
-        }
         if !self.clean {
             // The request failed or was cancelled mid-exchange: its statement may still be
             // running (the server notices a closed socket only when it next writes). Cancel
@@ -433,7 +412,7 @@ impl Drop for Lease {
             return;
         }
         if conn.is_closed() {
-            return;
+            return; // conn dropped: closed; the permit frees its slot
         }
         let idle = &self.pool.groups[self.group].idle;
         if Instant::now() < conn.retire_at {

@@ -127,6 +127,24 @@ pub enum Step<'a> {
     },
 }
 
+impl<'a> Step<'a> {
+    /// A statement without parameters, prepared unnamed and run: its `Parse` and `Execute`.
+    pub fn unnamed(sql: &'a str) -> [Step<'a>; 2] {
+        [
+            Step::Parse {
+                name: "",
+                sql,
+                types: &[],
+            },
+            Step::Execute {
+                statement: "",
+                params: &[],
+                types: &[],
+            },
+        ]
+    }
+}
+
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 

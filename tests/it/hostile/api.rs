@@ -858,6 +858,19 @@ impl Stage {
     }
 
     /// Waits until no gateway connection sits idle in a transaction.
+    /// The gateway's sessions waiting on `on`: a wait event type (`Lock`) or a wait event
+    /// (`PgSleep`).
+    async fn gateway_waiting(&self, on: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND (wait_event_type = $2 OR wait_event = $2)",
+        )
+        .bind(gateway_role(&self.ns))
+        .bind(on)
+        .fetch_one(&self.pg)
+        .await
+        .unwrap()
+    }
+
     async fn no_idle_transactions(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -1004,7 +1017,6 @@ async fn cancelled_requests_neither_commit_nor_hold_connections() {
     .await;
     s.as_owner("globex", WHOAMI).await;
     let (acme, globex) = (token(&s.ns, "acme").await, token(&s.ns, "globex").await);
-    let gateway = gateway_role(&s.ns);
 
     let mut locker = s.pg.acquire().await.unwrap();
     locker
@@ -1028,14 +1040,7 @@ async fn cancelled_requests_neither_commit_nor_hold_connections() {
     }));
     let all_waiting = async {
         loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND wait_event_type = 'Lock'",
-            )
-            .bind(&gateway)
-            .fetch_one(&s.pg)
-            .await
-            .unwrap();
-            if waiting == n {
+            if s.gateway_waiting("Lock").await == n {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1273,18 +1278,10 @@ async fn a_tenant_locking_its_own_table_cannot_starve_the_others() {
     let flood = futures::future::join_all(
         (0..12).map(|_| s.send(Method::GET, "/v1/tables/projects", &acme, None)),
     );
-    let gateway = gateway_role(&s.ns);
     let then_globex = async {
         // Once acme's flood is waiting on its lock in PostgreSQL.
         loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND wait_event_type = 'Lock'",
-            )
-            .bind(&gateway)
-            .fetch_one(&s.pg)
-            .await
-            .unwrap();
-            if waiting > 0 {
+            if s.gateway_waiting("Lock").await > 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1436,20 +1433,12 @@ async fn a_tenant_running_slow_queries_leaves_the_others_served() {
         let a = s.send(Method::GET, "/v1/tables/projects", t, None).await;
         assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     }
-    let gateway = gateway_role(&s.ns);
     let flood = futures::future::join_all(
         (0..6).map(|_| s.send(Method::GET, "/v1/tables/slow", &acme, None)),
     );
     let then_globex = async {
         loop {
-            let sleeping: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND wait_event = 'PgSleep'",
-            )
-            .bind(&gateway)
-            .fetch_one(&s.pg)
-            .await
-            .unwrap();
-            if sleeping >= 3 {
+            if s.gateway_waiting("PgSleep").await >= 3 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1525,16 +1514,7 @@ async fn abandoned_requests_are_cancelled_in_postgresql() {
         .send(Method::GET, "/v1/tables/projects", &acme, None)
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
-    let gateway = gateway_role(&s.ns);
-    let sleeping = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND wait_event = 'PgSleep'",
-        )
-        .bind(&gateway)
-        .fetch_one(&s.pg)
-        .await
-        .unwrap()
-    };
+    let sleeping = || s.gateway_waiting("PgSleep");
     // Three slow requests, abandoned once PostgreSQL runs them.
     let abandoned = futures::future::join_all(
         (0..3).map(|_| s.send(Method::GET, "/v1/tables/slow", &acme, None)),
