@@ -115,6 +115,7 @@ impl Operator {
             base_domain: None,
             leader: None,
             rollout: Default::default(),
+            usage_interval: std::time::Duration::from_secs(60),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let metrics = Metrics::default();
@@ -203,7 +204,14 @@ async fn raw_provision(
                 let nothing = Observed::default();
                 let password = tenantry::domain::scram::generate_password();
                 admin
-                    .ensure_roles(&names, &owner, &nothing, Some(&password), true)
+                    .ensure_roles(
+                        &names,
+                        &owner,
+                        &nothing,
+                        Some(&password),
+                        true,
+                        &admin.login_settings(None, None),
+                    )
                     .await
                     .unwrap();
                 admin

@@ -298,6 +298,27 @@ pub(super) async fn provision(stack: &Stack, n: usize, conc: u16) -> Vec<String>
     let resync = op.usage();
     op.stop().await;
 
+    // The fleet's storage measurement (status.usage, quotas, the storage metric), as the
+    // operator runs it every --usage-interval-secs: its cost over the n schemas just made.
+    let schemas: Vec<String> = Api::<Tenant>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|t| t.status.and_then(|s| s.schema))
+        .collect();
+    let admin = tenantry::postgres::Admin::new(&stack.database_url, 1, None, None).unwrap();
+    let mut usage_runs = Vec::new();
+    let mut total_bytes = 0;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let measured = admin.measure_usage(&schemas).await.unwrap();
+        usage_runs.push(t0.elapsed());
+        total_bytes = measured.values().sum::<u64>();
+    }
+    usage_runs.sort();
+
     let goal = accept + raw;
     let secs = |d: Duration| d.as_secs_f64();
     let mut rates = Vec::new();
@@ -339,6 +360,16 @@ pub(super) async fn provision(stack: &Stack, n: usize, conc: u16) -> Vec<String>
             secs(took),
             100.0 * (end.cpu - idle.cpu) / secs(took),
             idle.cpu,
+        ),
+        format!(
+            "| storage usage of {n} tenants, measured once (what the operator does every --usage-interval-secs) | {:.1} ms (median of 5; min {:.1}, max {:.1}) | — | — | {} schemas in {} statements of at most {} schemas, catalog functions only; {} in all |",
+            usage_runs[2].as_secs_f64() * 1000.0,
+            usage_runs[0].as_secs_f64() * 1000.0,
+            usage_runs[4].as_secs_f64() * 1000.0,
+            schemas.len(),
+            schemas.len().div_ceil(tenantry::postgres::tenant::USAGE_CHUNK),
+            tenantry::postgres::tenant::USAGE_CHUNK,
+            tenantry::domain::limits::format_bytes(total_bytes),
         ),
         format!(
             "| no-op resync of {n} Ready tenants (operator restart, nothing to apply) | {:.2} s | — | — | process start → every Tenant reconciled once; CPU {:.1} s, RSS {:.0} MB (peak {:.0} MB) |",

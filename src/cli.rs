@@ -148,6 +148,12 @@ pub struct ControllerArgs {
     #[arg(long, env = "TENANTRY_TENANT_CONNECTION_LIMIT", default_value_t = crate::postgres::DEFAULT_TENANT_CONNECTION_LIMIT, value_parser = clap::value_parser!(i32).range(-1..=10000))]
     pub tenant_connection_limit: i32,
 
+    /// Seconds between two measurements of the whole fleet's storage usage (status.usage,
+    /// storage quotas, the tenantry_tenant_storage_bytes metric): one catalog query per 100
+    /// tenant schemas.
+    #[arg(long, env = "TENANTRY_USAGE_INTERVAL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub usage_interval_secs: u64,
+
     /// Host written into credentials Secrets (default: the host of --database-url). Set it to
     /// the address applications use, e.g. a Service name.
     #[arg(long, env = "TENANTRY_TENANT_DB_HOST")]
@@ -587,6 +593,7 @@ impl Cli {
                             canary: args.rollout_canary,
                             max_failures: args.rollout_max_failures,
                         },
+                        usage_interval: std::time::Duration::from_secs(args.usage_interval_secs),
                     },
                     telemetry::Metrics::default(),
                     shutdown_signal(),

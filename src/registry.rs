@@ -45,6 +45,14 @@ pub struct TenantInfo {
     /// `spec.suspended`: refused (423) from the moment the spec says so, before the operator
     /// has acted on it.
     pub suspended: bool,
+    /// `spec.limits.statementTimeout` in milliseconds, from the moment the spec says so: the
+    /// statement timeout of this tenant's transactions instead of the API's default.
+    pub statement_timeout_ms: Option<u64>,
+    /// `spec.limits.storage` is set: a write refused by PostgreSQL (42501) is the quota's
+    /// doing (the login role has INSERT and UPDATE on every table the API serves otherwise).
+    pub has_quota: bool,
+    /// The QuotaExceeded condition is True: writes are refused before they reach PostgreSQL.
+    pub over_quota: bool,
 }
 
 impl TenantInfo {
@@ -67,6 +75,16 @@ impl TenantInfo {
             uid: t.metadata.uid.clone().unwrap_or_default(),
             max_concurrency: t.spec.api.max_concurrency.filter(|n| *n > 0),
             suspended: t.spec.suspended,
+            // The operator refuses a spec whose limits do not parse; the API then keeps its
+            // own default.
+            statement_timeout_ms: t
+                .spec
+                .limits
+                .statement_timeout
+                .as_deref()
+                .and_then(|d| crate::domain::limits::parse_duration_ms(d).ok()),
+            has_quota: t.spec.limits.storage.is_some(),
+            over_quota: t.is_over_quota(),
         }
     }
 }
@@ -423,6 +441,25 @@ mod tests {
         t.spec.suspended = true;
         w.apply(Change::Tenants(watcher::Event::Apply(t)));
         assert!(found(r.by_name("acme")).info.suspended);
+    }
+
+    #[test]
+    fn limits_follow_the_spec_and_the_quota_follows_the_condition() {
+        let (r, mut w) = new(None);
+        let mut t = ready("acme", "a", &[]);
+        t.spec.limits.statement_timeout = Some("2s".into());
+        t.spec.limits.storage = Some("1Mi".into());
+        w.apply(Change::Tenants(watcher::Event::Apply(t.clone())));
+        let info = found(r.by_name("acme")).info;
+        assert_eq!(info.statement_timeout_ms, Some(2000));
+        assert!(info.has_quota && !info.over_quota);
+        t.status.as_mut().unwrap().conditions.push(Condition {
+            type_: "QuotaExceeded".into(),
+            status: "True".into(),
+            ..Condition::default()
+        });
+        w.apply(Change::Tenants(watcher::Event::Apply(t)));
+        assert!(found(r.by_name("acme")).info.over_quota);
     }
 
     #[test]

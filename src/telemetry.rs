@@ -130,6 +130,11 @@ struct BuildLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabel {
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: &'static str,
 }
@@ -158,6 +163,7 @@ pub struct Metrics {
     behind: Gauge,
     failed: Gauge,
     leader: Gauge,
+    storage: Family<TenantLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -229,11 +235,18 @@ impl Default for Metrics {
             "1 while this replica reconciles (the leader, or the only replica), 0 on standby",
             leader.clone(),
         );
+        let storage = Family::<TenantLabel, Gauge>::default();
+        registry.register(
+            "tenant_storage_bytes",
+            "Storage used by the largest tenants' schemas (tenant=\"<namespace>/<name>\"), and by all others together (tenant=\"other\"), as last measured",
+            storage.clone(),
+        );
         Self {
             target_version,
             behind,
             failed,
             leader,
+            storage,
             registry: Arc::new(registry),
             reconciles,
             errors,
@@ -307,6 +320,22 @@ impl Metrics {
                 failed,
                 "migration rollout progress"
             );
+        }
+    }
+
+    /// The storage gauge from one measurement of the fleet (`namespace/name`, bytes): the
+    /// largest tenants get a series each and the rest one `other` series, so the series count
+    /// is bounded whatever the fleet size (see [`crate::domain::limits::top_with_other`]).
+    pub fn set_storage(&self, usage: impl IntoIterator<Item = (String, u64)>) {
+        let usage: Vec<(String, u64)> = usage.into_iter().collect();
+        let series =
+            crate::domain::limits::top_with_other(usage.iter().map(|(t, b)| (t.as_str(), *b)));
+        // Tenants that left the top lose their series.
+        self.storage.clear();
+        for (tenant, bytes) in series {
+            self.storage
+                .get_or_create(&TenantLabel { tenant })
+                .set(bytes.min(i64::MAX as u64) as i64);
         }
     }
 
@@ -406,6 +435,33 @@ mod tests {
         assert!(text.contains("tenantry_leader 0"), "{text}");
         m.set_leader(true);
         assert!(m.encode().contains("tenantry_leader 1"));
+    }
+
+    #[test]
+    fn storage_series_stay_bounded_whatever_the_fleet_size() {
+        let m = Metrics::default();
+        let series = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .filter(|l| l.starts_with("tenantry_tenant_storage_bytes{"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        m.set_storage((0..1000u64).map(|i| (format!("ns/t{i:04}"), i * 1000)));
+        let lines = series(&m);
+        assert_eq!(lines.len(), 21, "{lines:?}");
+        assert!(lines
+            .contains(&"tenantry_tenant_storage_bytes{tenant=\"ns/t0999\"} 999000".to_string()));
+        let rest: u64 = (0..980u64).map(|i| i * 1000).sum();
+        assert!(lines.contains(&format!(
+            "tenantry_tenant_storage_bytes{{tenant=\"other\"}} {rest}"
+        )));
+        // A tenant that leaves the top loses its series; the count stays bounded.
+        m.set_storage((0..1000u64).map(|i| (format!("ns/t{i:04}"), (1000 - i) * 1000)));
+        let lines = series(&m);
+        assert_eq!(lines.len(), 21);
+        assert!(!lines.iter().any(|l| l.contains("ns/t0999")), "{lines:?}");
+        assert!(lines.iter().any(|l| l.contains("ns/t0000")));
     }
 
     #[test]

@@ -36,6 +36,15 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// These limits for one tenant: its own statement timeout (`spec.limits.statementTimeout`)
+    /// when it has one. The request's deadline follows it (see `tx::run`).
+    pub fn for_tenant(&self, statement_timeout_ms: Option<u64>) -> Self {
+        Self {
+            statement_timeout_ms: statement_timeout_ms.unwrap_or(self.statement_timeout_ms),
+            ..*self
+        }
+    }
+
     /// Concurrent data requests allowed per tenant with a pool of `pool_size` connections:
     /// `tenant_max_concurrency`, or when 0 `max(1, pool_size / 4)`, so that no tenant can
     /// hold more than its share of the pool.

@@ -69,6 +69,20 @@ impl ApiError {
         )
     }
 
+    /// The tenant's storage is above its quota (`spec.limits.storage`): 403, type
+    /// `quota-exceeded`. A 4xx, not 507: the refusal is a policy about this tenant's data that
+    /// holds until the tenant deletes some, not a fault of the server that a retry could
+    /// outlast, and clients and proxies must neither retry it nor count it against the
+    /// service's availability.
+    pub fn quota_exceeded(tenant: &str) -> Self {
+        Self::forbidden(
+            "quota-exceeded",
+            format!(
+                "tenant {tenant:?} is above its storage quota: writes are refused until usage falls below 90 % of it; reads and DELETE work"
+            ),
+        )
+    }
+
     /// The tenant has as many requests in flight as it may (429, `Retry-After`).
     pub fn too_many_requests(detail: impl Into<String>, retry_after: u64) -> Self {
         Self {
@@ -273,6 +287,18 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["type"], "https://tenantry.dev/problems/tenant-suspended");
         assert_eq!(v["status"], 423);
+    }
+
+    #[tokio::test]
+    async fn an_exceeded_quota_is_a_stable_403() {
+        let res = ApiError::quota_exceeded("acme").into_response();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        let body = axum::body::to_bytes(res.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["type"], "https://tenantry.dev/problems/quota-exceeded");
+        assert!(v["detail"].as_str().unwrap().contains("90 %"));
     }
 
     #[test]

@@ -73,6 +73,14 @@ pub(super) async fn list_tables(
     Ok(Json(json!({ "tables": c.tables.values().collect::<Vec<_>>() })).into_response())
 }
 
+/// The limits of the request's tenant: the API's, with the tenant's own statement timeout.
+fn limits_of(state: &AppState, t: &TenantRequest) -> Limits {
+    state
+        .settings
+        .limits
+        .for_tenant(t.entry.info.statement_timeout_ms)
+}
+
 /// One of the tenant's slots (its fair share of the pool, or 429) and its schema's catalog.
 async fn slot_and_catalog(
     state: &AppState,
@@ -88,29 +96,53 @@ async fn slot_and_catalog(
             &state.pool,
             &t.schema,
             t.entry.info.migration_version,
-            &state.settings.limits,
+            &limits_of(state, t),
         )
         .await?;
     Ok((slot, c))
 }
 
+/// What a request does to a table's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// In a read-only transaction.
+    Read,
+    /// INSERT or UPDATE: refused while the tenant is over its storage quota.
+    Write,
+    /// DELETE: allowed over quota (it is how a tenant gets back under it).
+    Delete,
+}
+
 /// Runs the statement `build` makes for `table` (looked up in the tenant's catalog) in the
 /// tenant's transaction, and returns its JSON text. The request holds one of its tenant's
-/// slots (its fair share of the pool) throughout, or is refused with 429.
+/// slots (its fair share of the pool) throughout, or is refused with 429. A write of a tenant
+/// over its storage quota is refused before anything runs, and one that PostgreSQL refuses
+/// for want of INSERT or UPDATE while the tenant has a quota (the operator took them away a
+/// moment before the API learned of it) gets the same answer.
 async fn on_table<F>(
     state: &AppState,
     t: TenantRequest,
     table: String,
-    read_only: bool,
+    access: Access,
     build: F,
 ) -> Result<String, ApiError>
 where
     F: FnOnce(&str, &query::Table, &Limits) -> Result<query::Sql, ApiError>,
 {
-    let limits = &state.settings.limits;
+    let info = &t.entry.info;
+    if access == Access::Write && info.over_quota {
+        return Err(ApiError::quota_exceeded(&info.name));
+    }
+    let limits = limits_of(state, &t);
     let (_slot, c) = slot_and_catalog(state, &t).await?;
-    let sql = build(t.schema.as_str(), c.table(&table)?, limits)?;
-    json_text(in_tenant(&state.pool, &t.schema, read_only, limits, &sql).await?)
+    let sql = build(t.schema.as_str(), c.table(&table)?, &limits)?;
+    let read_only = access == Access::Read;
+    match in_tenant(&state.pool, &t.schema, read_only, &limits, &sql).await {
+        Err(e) if access == Access::Write && info.has_quota && e.kind == "permission-denied" => {
+            Err(ApiError::quota_exceeded(&info.name))
+        }
+        rows => json_text(rows?),
+    }
 }
 
 pub(super) async fn list_rows(
@@ -120,9 +152,13 @@ pub(super) async fn list_rows(
     t: TenantRequest,
 ) -> Result<Response, ApiError> {
     let p = params(raw)?;
-    let body = on_table(&state, t, table, true, move |schema, tbl, limits| {
-        Ok(query::select(schema, tbl, &query::parse(&p, tbl, limits)?)?)
-    })
+    let body = on_table(
+        &state,
+        t,
+        table,
+        Access::Read,
+        move |schema, tbl, limits| Ok(query::select(schema, tbl, &query::parse(&p, tbl, limits)?)?),
+    )
     .await?;
     Ok(json_response(StatusCode::OK, body))
 }
@@ -134,16 +170,22 @@ pub(super) async fn get_row(
     t: TenantRequest,
 ) -> Result<Response, ApiError> {
     let p = params(raw)?;
-    let body = on_table(&state, t, table, true, move |schema, tbl, limits| {
-        let q = query::parse(&p, tbl, limits)?;
-        if !q.filters.is_empty() || !q.order.is_empty() {
-            return Err(ApiError::bad_request(
-                "invalid-parameter",
-                "only select= applies to a single row",
-            ));
-        }
-        Ok(query::by_id(schema, tbl, &id, q.select.as_ref())?)
-    })
+    let body = on_table(
+        &state,
+        t,
+        table,
+        Access::Read,
+        move |schema, tbl, limits| {
+            let q = query::parse(&p, tbl, limits)?;
+            if !q.filters.is_empty() || !q.order.is_empty() {
+                return Err(ApiError::bad_request(
+                    "invalid-parameter",
+                    "only select= applies to a single row",
+                ));
+            }
+            Ok(query::by_id(schema, tbl, &id, q.select.as_ref())?)
+        },
+    )
     .await?;
     if body == "null" {
         return Err(ApiError::not_found(
@@ -163,7 +205,7 @@ pub(super) async fn insert_rows(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body = query::JsonBody::parse(&body)?;
-    let out = on_table(&state, t, table, false, move |schema, tbl, _| {
+    let out = on_table(&state, t, table, Access::Write, move |schema, tbl, _| {
         Ok(query::insert(schema, tbl, &body)?)
     })
     .await?;
@@ -222,11 +264,17 @@ pub(super) async fn update_rows(
             "PATCH takes one JSON object",
         ));
     }
-    let out = on_table(&state, t, table, false, move |schema, tbl, limits| {
-        let q = query::parse(&p, tbl, limits)?;
-        check_mass_change(&headers, &q, &Method::PATCH)?;
-        Ok(query::update(schema, tbl, &q.filters, &patch)?)
-    })
+    let out = on_table(
+        &state,
+        t,
+        table,
+        Access::Write,
+        move |schema, tbl, limits| {
+            let q = query::parse(&p, tbl, limits)?;
+            check_mass_change(&headers, &q, &Method::PATCH)?;
+            Ok(query::update(schema, tbl, &q.filters, &patch)?)
+        },
+    )
     .await?;
     Ok(json_response(StatusCode::OK, out))
 }
@@ -239,11 +287,17 @@ pub(super) async fn delete_rows(
     t: TenantRequest,
 ) -> Result<Response, ApiError> {
     let p = params(raw)?;
-    let out = on_table(&state, t, table, false, move |schema, tbl, limits| {
-        let q = query::parse(&p, tbl, limits)?;
-        check_mass_change(&headers, &q, &Method::DELETE)?;
-        Ok(query::delete(schema, tbl, &q.filters)?)
-    })
+    let out = on_table(
+        &state,
+        t,
+        table,
+        Access::Delete,
+        move |schema, tbl, limits| {
+            let q = query::parse(&p, tbl, limits)?;
+            check_mass_change(&headers, &q, &Method::DELETE)?;
+            Ok(query::delete(schema, tbl, &q.filters)?)
+        },
+    )
     .await?;
     Ok(json_response(StatusCode::OK, out))
 }

@@ -10,6 +10,9 @@ fn rows(description: &str) -> Value {
     json!({"description": description, "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}})
 }
 
+/// The 403 of a write: the tenant's storage is above its quota, besides the common reasons.
+const QUOTA_403: &str = "Token for another tenant, or request sources disagree; or the tenant's storage is above its quota (quota-exceeded: writes are refused until usage falls below 90 % of the quota; reads and DELETE work)";
+
 /// The document.
 pub fn document() -> Value {
     let table = json!({"name": "table", "in": "path", "required": true, "schema": {"type": "string"}, "description": "Table name, exactly as in the tenant schema"});
@@ -24,7 +27,8 @@ pub fn document() -> Value {
         "421": problem("Tenant name or host claimed by several Tenants"),
         "423": problem("The tenant is suspended (tenant-suspended)"),
         "429": problem("The tenant has as many requests in flight as it may (too-many-requests, with Retry-After)"),
-        "503": problem("Tenant not ready, database pool exhausted, or data locked by another session beyond the lock timeout (with Retry-After)")
+        "503": problem("Tenant not ready, database pool exhausted, or data locked by another session beyond the lock timeout (with Retry-After)"),
+        "504": problem("The statement ran longer than the tenant's statement timeout (statement-timeout)")
     });
     let with = |mut extra: Value| {
         let m = extra.as_object_mut().unwrap();
@@ -50,10 +54,10 @@ pub fn document() -> Value {
                         {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
                         "responses": with(json!({"200": rows("Matching rows")}))},
                 "post": {"summary": "Insert one object or an array of objects", "requestBody": {"required": true, "content": {"application/json": {"schema": {}}}},
-                         "responses": with(json!({"201": rows("Created rows (an object when one object was posted)"), "409": problem("Unique or foreign-key violation"), "413": problem("Body too large"), "422": problem("Not-null, check or generated-column violation")}))},
+                         "responses": with(json!({"201": rows("Created rows (an object when one object was posted)"), "403": problem(QUOTA_403), "409": problem("Unique or foreign-key violation"), "413": problem("Body too large"), "422": problem("Not-null, check or generated-column violation")}))},
                 "patch": {"summary": "Update filtered rows", "parameters": [filters, {"name": "x-tenantry-all-rows", "in": "header", "schema": {"type": "string", "enum": ["true"]}, "description": "Required to update without filters"}],
                           "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object"}}}},
-                          "responses": with(json!({"200": rows("Updated rows"), "409": problem("Constraint violation"), "422": problem("Constraint violation")}))},
+                          "responses": with(json!({"200": rows("Updated rows"), "403": problem(QUOTA_403), "409": problem("Constraint violation"), "422": problem("Constraint violation")}))},
                 "delete": {"summary": "Delete filtered rows", "parameters": [filters, {"name": "x-tenantry-all-rows", "in": "header", "schema": {"type": "string", "enum": ["true"]}, "description": "Required to delete without filters"}],
                            "responses": with(json!({"200": rows("Deleted rows"), "409": problem("Still referenced")}))}
             },

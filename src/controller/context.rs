@@ -23,6 +23,7 @@ use super::{
     fleet::Fleet,
     reconcile::Note,
     rollout::{Rollout, RolloutPolicy},
+    usage::UsageBook,
 };
 use crate::{
     domain::{
@@ -71,6 +72,8 @@ pub struct Context {
     retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<Tenant>>,
     /// Consecutive failures per Tenant, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<Tenant>, u32>>,
+    /// The fleet's storage usage as last measured (see [`super::usage`]).
+    pub(super) usage: UsageBook,
 }
 
 impl Context {
@@ -104,7 +107,13 @@ impl Context {
             verified: Mutex::default(),
             retrigger,
             failures: Mutex::default(),
+            usage: UsageBook::default(),
         }
+    }
+
+    /// Asks the controller to reconcile `tenant`.
+    pub(super) fn wake(&self, tenant: ObjectRef<Tenant>) {
+        let _ = self.retrigger.send(tenant);
     }
 
     /// The token signing key of `tenant`, derived from the platform key and its uid.

@@ -15,6 +15,7 @@ pub const NORMAL: &[&str] = &[
     "ReconcilePaused",
     "Suspended",
     "Resumed",
+    "QuotaRestored",
 ];
 
 /// Reasons of Warning Events.
@@ -33,6 +34,7 @@ pub const WARNING: &[&str] = &[
     "DeletionPending",
     "ReviewRequired",
     "OwnershipConverted",
+    "QuotaExceeded",
 ];
 
 #[cfg(test)]

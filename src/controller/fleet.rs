@@ -225,6 +225,12 @@ impl Fleet {
         }
     }
 
+    /// Every watched Tenant: for the periodic fleet-wide usage measurement only, never for a
+    /// reconcile.
+    pub fn every_tenant(&self) -> Vec<std::sync::Arc<Tenant>> {
+        self.store.state()
+    }
+
     fn visit(&self, n: usize) {
         self.visited.fetch_add(n as u64, Ordering::Relaxed);
     }

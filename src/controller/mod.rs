@@ -12,6 +12,7 @@
 //!   `events`: every Event reason.
 //! - `provision`, `cleanup`: the apply and delete pipelines; `credentials`: Secret I/O;
 //!   `rollout`: canary and halt; `gateway`: the API's role; `runtime`: wiring.
+//! - `usage`: the fleet's storage usage, measured periodically, kept for reconciles.
 
 mod cleanup;
 mod context;
@@ -24,6 +25,7 @@ mod provision;
 mod reconcile;
 mod rollout;
 mod runtime;
+mod usage;
 
 pub use context::Context;
 pub use error::{Error, Stage};

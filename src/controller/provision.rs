@@ -20,7 +20,8 @@ use super::{
 };
 use crate::{
     domain::{
-        crd::{condition, Phase, Tenant},
+        crd::{condition, Phase, Tenant, UsageStatus},
+        limits::{format_bytes, over_quota, usage_worth_writing, TenantLimits, RESUME_PERCENT},
         naming::Ident,
         plan::{self, Plan},
         scram,
@@ -109,6 +110,9 @@ impl Object {
 
 impl Run<'_> {
     async fn pipeline(&mut self, ctx: &Context) -> Result<Done, Failure> {
+        // Said again unless the quota stage below says otherwise (a run stopping before it
+        // leaves the quota's state as it was, and so are the tenant's grants).
+        self.b.keep(condition::QUOTA_EXCEEDED);
         let plan = self.validate()?;
         let (id, owner, secret_name) = (&plan.ident, &plan.owner, plan.secret_name.as_str());
         Span::current().record("schema", id.as_str());
@@ -116,8 +120,9 @@ impl Run<'_> {
 
         // Fast path: nothing relevant changed since a recent full verification (our own Secret
         // and status writes come back as watch events; they need no second look).
-        // (Not right after a pause: the Paused condition must go.)
-        if self.tenant.condition(condition::PAUSED).is_none() {
+        // (Not right after a pause: the Paused condition must go; nor when a new usage
+        // measurement is worth showing or moves the tenant across its quota.)
+        if self.tenant.condition(condition::PAUSED).is_none() && !ctx.usage_news(self.tenant) {
             if let Some(wait) = ctx.recently_verified(self.tenant, &self.b, secret_name) {
                 return Ok(Done::Unchanged(wait));
             }
@@ -140,7 +145,9 @@ impl Run<'_> {
             (Object::Schema, id, observed.schema_holder(owner)),
         ])?;
 
-        let fresh_password = self.roles(&names, owner, &observed, ctx).await?;
+        let fresh_password = self
+            .roles(&names, owner, &observed, &plan.limits, ctx)
+            .await?;
         let ended = if self.tenant.is_suspended() {
             // After NOLOGIN is committed, so an ended session cannot log in again.
             Some(
@@ -173,6 +180,9 @@ impl Run<'_> {
         let secret_version = self
             .credentials(id, secret_name, verifier, fresh_password.as_deref(), ctx)
             .await?;
+        // After the migrations: a table they created while over quota got INSERT and UPDATE
+        // from the default privileges, and is revoked again here.
+        self.quota(&names, &plan.limits, ctx).await?;
 
         if let Some(ended) = ended {
             return Ok(self.suspended(id, secret_name, ended));
@@ -341,16 +351,21 @@ impl Run<'_> {
     }
 
     /// The owner role (never logs in) and the app login: created when missing, brought back in
-    /// line otherwise. Returns the app role's password when it was created now.
+    /// line otherwise (with the connection limit and statement timeout of `spec.limits`).
+    /// Returns the app role's password when it was created now.
     async fn roles(
         &mut self,
         names: &Names,
         owner: &Owner,
         observed: &Observed,
+        limits: &TenantLimits,
         ctx: &Context,
     ) -> Result<Option<String>, Failure> {
         let id = names.app();
         let password = observed.role.is_none().then(scram::generate_password);
+        let settings = ctx
+            .admin
+            .login_settings(limits.connections, limits.statement_timeout_ms);
         ctx.admin
             .ensure_roles(
                 names,
@@ -358,6 +373,7 @@ impl Run<'_> {
                 observed,
                 password.as_deref(),
                 !self.tenant.is_suspended(),
+                &settings,
             )
             .await
             .map_err(|e| Failure::error(condition::ROLE_READY, db(Stage::Role)(e)))?;
@@ -601,6 +617,128 @@ impl Run<'_> {
             }
             Err(e) => Err(Failure::error(condition::MIGRATIONS_APPLIED, e)),
         }
+    }
+
+    /// The storage quota: `status.usage` from the last measurement (when worth a write), and
+    /// the login role's INSERT and UPDATE taken away while usage is above the quota, given
+    /// back once it falls below 90 % of it; condition `QuotaExceeded` and an Event on each
+    /// transition. Without a measurement the tenant stays as it was.
+    async fn quota(
+        &mut self,
+        names: &Names,
+        limits: &TenantLimits,
+        ctx: &Context,
+    ) -> Result<(), Failure> {
+        let quota = limits.storage_bytes;
+        let was_over = self.tenant.is_over_quota();
+        let measured = ctx.usage(names.schema.as_str());
+        if let Some(m) = &measured {
+            let shown = self
+                .tenant
+                .status
+                .as_ref()
+                .and_then(|s| s.usage.as_ref())
+                .map(|u| (u.bytes.max(0) as u64, u.measured_at.as_str()));
+            if usage_worth_writing(shown, m.bytes, &m.at, quota) {
+                self.b.status_mut().usage = Some(UsageStatus {
+                    bytes: m.bytes.min(i64::MAX as u64) as i64,
+                    size: format_bytes(m.bytes),
+                    measured_at: m.at.clone(),
+                });
+            }
+        }
+        let over = over_quota(was_over, measured.as_ref().map(|m| m.bytes), quota);
+        // Every login role of the tenant (today the app role).
+        let logins = [names.app()];
+        // The grants are the schema's privileges: a failure here is the schema step's.
+        let fail = |e| Failure::error(condition::SCHEMA_READY, db(Stage::Schema)(e));
+        if over {
+            // Entering, or a table that got write rights since (a migration, a hand grant).
+            if !was_over
+                || ctx
+                    .admin
+                    .writes_granted(names, &logins)
+                    .await
+                    .map_err(fail)?
+            {
+                ctx.admin
+                    .set_writes(names, &logins, false)
+                    .await
+                    .map_err(fail)?;
+            }
+        } else if was_over {
+            ctx.admin
+                .set_writes(names, &logins, true)
+                .await
+                .map_err(fail)?;
+        }
+        let shown = self
+            .b
+            .status_mut()
+            .usage
+            .as_ref()
+            .map_or("not measured yet".to_string(), |u| u.size.clone());
+        let Some(q) = quota else {
+            if self.tenant.condition(condition::QUOTA_EXCEEDED).is_some() {
+                self.b.set(
+                    condition::QUOTA_EXCEEDED,
+                    "False",
+                    "NoQuota",
+                    "spec.limits.storage is not set: no storage quota",
+                );
+            }
+            if was_over {
+                self.notices.push(Note::normal(
+                    "QuotaRestored",
+                    "EnforceQuota",
+                    format!(
+                        "spec.limits.storage was removed: role {} may write again",
+                        names.app().as_str()
+                    ),
+                ));
+            }
+            return Ok(());
+        };
+        let quota_s = format_bytes(q);
+        let resume_s = format_bytes(q / 100 * RESUME_PERCENT);
+        if over {
+            let message = format!(
+                "storage usage {shown} is above the quota {quota_s}: INSERT and UPDATE by role {} \
+                 are refused (API: 403 quota-exceeded) until usage falls below {resume_s} \
+                 ({RESUME_PERCENT} %); reads and DELETE work",
+                names.app().as_str()
+            );
+            if !was_over {
+                info!(schema = names.schema.as_str(), "storage quota exceeded");
+                self.notices.push(Note::warning(
+                    "QuotaExceeded",
+                    "EnforceQuota",
+                    message.clone(),
+                ));
+            }
+            self.b
+                .set(condition::QUOTA_EXCEEDED, "True", "QuotaExceeded", message);
+        } else {
+            if was_over {
+                info!(schema = names.schema.as_str(), "storage quota restored");
+                self.notices.push(Note::normal(
+                    "QuotaRestored",
+                    "EnforceQuota",
+                    format!(
+                        "storage usage {shown} is below {resume_s} ({RESUME_PERCENT} % of the \
+                         quota {quota_s}): role {} may write again",
+                        names.app().as_str()
+                    ),
+                ));
+            }
+            self.b.set(
+                condition::QUOTA_EXCEEDED,
+                "False",
+                "WithinQuota",
+                format!("storage usage {shown} of quota {quota_s}"),
+            );
+        }
+        Ok(())
     }
 
     /// The credentials Secret. Returns its resourceVersion.

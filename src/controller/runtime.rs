@@ -81,6 +81,8 @@ pub struct Settings {
     pub leader: Option<crate::leader::LeaseConfig>,
     /// How a new migration set rolls out over tenants that are already provisioned.
     pub rollout: RolloutPolicy,
+    /// How often the fleet's storage usage is measured (`status.usage`, storage quotas).
+    pub usage_interval: Duration,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -240,6 +242,8 @@ pub async fn run(
         migrations = ctx.migrations.latest(),
         "controller started"
     );
+    // The leader measures the fleet's storage usage; reconciles read it.
+    let usage = tokio::spawn(super::usage::run(ctx.clone(), settings.usage_interval));
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -248,6 +252,7 @@ pub async fn run(
             }
         })
         .await;
+    usage.abort();
     if lost.load(Ordering::SeqCst) {
         return Err(RunError::LeaseLost);
     }

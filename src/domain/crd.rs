@@ -5,7 +5,7 @@
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 
-use super::{naming, plan};
+use super::{limits, naming, plan};
 use serde::{Deserialize, Serialize};
 
 /// API group of every tenantry resource.
@@ -34,6 +34,8 @@ pub const PAUSED_ANNOTATION: &str = "tenantry.dev/paused";
     printcolumn = r#"{"name":"Phase", "type":"string", "jsonPath":".status.phase", "description":"Lifecycle phase"}"#,
     printcolumn = r#"{"name":"Schema", "type":"string", "jsonPath":".status.schema", "description":"PostgreSQL schema of the tenant"}"#,
     printcolumn = r#"{"name":"Migration", "type":"integer", "jsonPath":".status.migrationVersion", "description":"Latest applied migration version"}"#,
+    printcolumn = r#"{"name":"Size", "type":"string", "jsonPath":".status.usage.size", "description":"Storage used by the schema (tables, indexes, TOAST), as last measured"}"#,
+    printcolumn = r#"{"name":"Quota", "type":"string", "jsonPath":".spec.limits.storage", "description":"Storage quota (spec.limits.storage)", "priority":1}"#,
     printcolumn = r#"{"name":"Hosts", "type":"string", "jsonPath":".spec.hosts", "description":"Host names routed to this tenant", "priority":1}"#,
     printcolumn = r#"{"name":"Secret", "type":"string", "jsonPath":".status.secretName", "description":"Credentials Secret", "priority":1}"#,
     printcolumn = r#"{"name":"Message", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].message", "description":"Why the tenant is or is not Ready", "priority":1}"#,
@@ -82,6 +84,11 @@ pub struct TenantSpec {
     #[serde(default, skip_serializing_if = "ApiSpec::is_default")]
     pub api: ApiSpec,
 
+    /// Limits on the tenant's connections, statement time and storage, enforced by PostgreSQL
+    /// for its own logins and by the tenantry API for its requests.
+    #[serde(default, skip_serializing_if = "LimitsSpec::is_default")]
+    pub limits: LimitsSpec,
+
     /// Suspends the tenant while `true`: its app login loses LOGIN (new logins with the
     /// Secret's credentials fail) and its open sessions are ended, the tenantry API answers
     /// 423 (problem type `tenant-suspended`) for it, and no migration is applied to it. Schema,
@@ -104,6 +111,49 @@ pub struct ApiSpec {
 }
 
 impl ApiSpec {
+    fn is_default(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// Per-tenant limits. Each is optional; unset means the operator's or the API's default.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Concurrent direct connections of the tenant's login role (PostgreSQL `CONNECTION
+    /// LIMIT`; a further login fails with SQLSTATE 53300). Overrides the operator's
+    /// `--tenant-connection-limit`. `0` allows no direct connection at all: the tenant is then
+    /// reachable through the tenantry API only (the API's pool logs in as its own role). The
+    /// limit is counted per login role: should a tenant have two login identities at once
+    /// (while its credentials are rotated), each may open this many. 0 to 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub connections: Option<i32>,
+
+    /// Longest a single statement of this tenant may run, e.g. `500ms`, `2s`, `1m` or `1m30s`
+    /// (units ms, s, m, h; at least 1ms, at most 24h); longer statements are cancelled with
+    /// SQLSTATE 57014. Applies to every request the tenantry API runs for the tenant (answered
+    /// 504 `statement-timeout`; overrides the API's `--statement-timeout-ms`), and is the
+    /// default `statement_timeout` of the tenant's login role for direct connections — a
+    /// default that a direct session may itself change, as PostgreSQL lets any session set
+    /// its own `statement_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(limits::DURATION_PATTERN))]
+    pub statement_timeout: Option<String>,
+
+    /// Storage quota of the tenant's schema (its tables with their indexes and TOAST), as a
+    /// quantity: `500Mi`, `2Gi`, `1.5G`, `1048576`. Usage is measured periodically (see
+    /// `status.usage`); once it is above the quota, the tenant's login role loses INSERT and
+    /// UPDATE on the schema's tables — writes with its credentials fail with SQLSTATE 42501
+    /// and the tenantry API refuses POST and PATCH with 403 `quota-exceeded` — while reads and
+    /// DELETE keep working. Writes resume once usage falls below 90 % of the quota (delete
+    /// rows; VACUUM, run by autovacuum, gives the space back). Condition `QuotaExceeded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(limits::QUANTITY_PATTERN))]
+    pub storage: Option<String>,
+}
+
+impl LimitsSpec {
     fn is_default(&self) -> bool {
         self == &Self::default()
     }
@@ -169,13 +219,35 @@ pub struct TenantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_version: Option<i64>,
 
+    /// Storage used by the tenant's schema, as last measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageStatus>,
+
     /// One condition per provisioning step (RoleReady, SchemaReady, MigrationsApplied,
     /// CredentialsReady), Ready, Routable (no other Tenant shares its name or a host), and
     /// SpecAccepted=False while a change to an already provisioned tenant is refused (the
-    /// tenant keeps serving as it was), and Paused=True while the annotation
-    /// `tenantry.dev/paused: "true"` freezes it.
+    /// tenant keeps serving as it was), Paused=True while the annotation
+    /// `tenantry.dev/paused: "true"` freezes it, Suspended while `spec.suspended` holds (False
+    /// once resumed), and QuotaExceeded (present when `spec.limits.storage` is or was set):
+    /// True while writes are refused because usage is above the quota.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// Storage used by a tenant's schema: its tables, materialized views, their indexes and TOAST
+/// (not temporary tables, which belong to sessions, nor large objects, which belong to the
+/// database). Measured for the whole fleet by one periodic catalog query (`--usage-interval-secs`)
+/// and written when it moved by at least 1 %, crossed the quota or its 90 % mark, or at least
+/// every 15 minutes.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageStatus {
+    /// Bytes used.
+    pub bytes: i64,
+    /// The same, for people, as a binary quantity (`96Ki`, `1.4Mi`, `12Gi`).
+    pub size: String,
+    /// When these bytes were measured (RFC 3339).
+    pub measured_at: String,
 }
 
 /// Lifecycle phase of a Tenant.
@@ -267,6 +339,9 @@ pub mod condition {
     /// True while `spec.suspended` holds; False once the tenant was resumed (absent on
     /// tenants never suspended).
     pub const SUSPENDED: &str = "Suspended";
+    /// True while writes are refused because storage usage is above `spec.limits.storage`;
+    /// False when within it (absent on tenants that never had a quota).
+    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
     pub const STEPS: [&str; 4] = [
         ROLE_READY,
         SCHEMA_READY,
@@ -299,6 +374,18 @@ impl Tenant {
     pub fn with_secret_name(mut self, name: &str) -> Self {
         self.spec.credentials.secret_name = Some(name.to_string());
         self
+    }
+
+    /// Sets `spec.limits`.
+    pub fn with_limits(mut self, limits: LimitsSpec) -> Self {
+        self.spec.limits = limits;
+        self
+    }
+
+    /// Whether the QuotaExceeded condition is True: writes are refused.
+    pub fn is_over_quota(&self) -> bool {
+        self.condition(condition::QUOTA_EXCEEDED)
+            .is_some_and(|c| c.status == "True")
     }
 
     /// Sets `spec.suspended`.
@@ -436,6 +523,36 @@ mod tests {
         // Unset stays unset when written back (GitOps diffs stay quiet).
         let json = serde_json::to_value(TenantSpec::default()).unwrap();
         assert!(json.get("suspended").is_none());
+    }
+
+    #[test]
+    fn limits_are_optional_validated_and_documented() {
+        let connections = spec_property(&["limits", "connections"]);
+        assert_eq!(
+            (
+                connections["minimum"].as_f64(),
+                connections["maximum"].as_f64()
+            ),
+            (Some(0.0), Some(10000.0))
+        );
+        let timeout = spec_property(&["limits", "statementTimeout"]);
+        assert_eq!(timeout["pattern"], limits::DURATION_PATTERN);
+        let storage = spec_property(&["limits", "storage"]);
+        assert_eq!(storage["pattern"], limits::QUANTITY_PATTERN);
+        for field in [connections, timeout, storage] {
+            assert!(
+                field["description"].as_str().is_some_and(|d| d.len() > 80),
+                "{field}"
+            );
+        }
+        let json = serde_json::to_value(TenantSpec::default()).unwrap();
+        assert!(json.get("limits").is_none());
+        let t: TenantSpec = serde_json::from_str(
+            r#"{"limits": {"connections": 2, "statementTimeout": "2s", "storage": "1Mi"}}"#,
+        )
+        .unwrap();
+        assert_eq!(t.limits.connections, Some(2));
+        assert_eq!(t.limits.statement_timeout.as_deref(), Some("2s"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod crd;
 pub mod credentials;
+pub mod limits;
 pub mod naming;
 pub mod plan;
 pub mod routing;

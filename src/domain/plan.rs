@@ -5,6 +5,7 @@ use kube::ResourceExt;
 
 use super::{
     crd::Tenant,
+    limits::TenantLimits,
     naming::{tenant_ident, Ident},
     state::Owner,
 };
@@ -16,6 +17,8 @@ pub struct Plan {
     pub ident: Ident,
     pub owner: Owner,
     pub secret_name: String,
+    /// `spec.limits`, parsed.
+    pub limits: TenantLimits,
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -77,7 +80,9 @@ pub fn plan(tenant: &Tenant) -> Result<Plan, String> {
             return Err(format!("spec.hosts[{i}] {host:?} is listed twice"));
         }
     }
+    let limits = TenantLimits::of(&tenant.spec.limits)?;
     Ok(Plan {
+        limits,
         owner: Owner::new(
             &namespace,
             &name,
@@ -123,6 +128,44 @@ mod tests {
         assert!(e.contains("twice"), "{e}");
         let e = plan(&t("acme").with_secret_name("Bad_Name")).unwrap_err();
         assert!(e.contains("secretName"), "{e}");
+    }
+
+    #[test]
+    fn limits_are_parsed_or_explained() {
+        use crate::domain::crd::LimitsSpec;
+        let p = plan(&t("acme").with_limits(LimitsSpec {
+            connections: Some(0),
+            statement_timeout: Some("1m30s".into()),
+            storage: Some("2Mi".into()),
+        }))
+        .unwrap();
+        assert_eq!(
+            p.limits,
+            TenantLimits {
+                connections: Some(0),
+                statement_timeout_ms: Some(90_000),
+                storage_bytes: Some(2 << 20),
+            }
+        );
+        let bad = |l: LimitsSpec| plan(&t("acme").with_limits(l)).unwrap_err();
+        let e = bad(LimitsSpec {
+            statement_timeout: Some("0s".into()),
+            ..LimitsSpec::default()
+        });
+        assert!(
+            e.contains("spec.limits.statementTimeout") && e.contains("zero"),
+            "{e}"
+        );
+        let e = bad(LimitsSpec {
+            storage: Some("lots".into()),
+            ..LimitsSpec::default()
+        });
+        assert!(e.contains("spec.limits.storage"), "{e}");
+        let e = bad(LimitsSpec {
+            connections: Some(-1),
+            ..LimitsSpec::default()
+        });
+        assert!(e.contains("spec.limits.connections"), "{e}");
     }
 
     #[test]

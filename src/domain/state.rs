@@ -62,6 +62,19 @@ pub struct RoleState {
     pub verifier: Option<String>,
     /// `rolconnlimit`: concurrent sessions allowed (-1: unlimited).
     pub connection_limit: i32,
+    /// The role's own default `statement_timeout` (`ALTER ROLE … SET`, in every database), as
+    /// PostgreSQL stores it, if any.
+    pub statement_timeout: Option<String>,
+}
+
+/// What the operator wants of every login role of a tenant (today the app role; with a second
+/// login identity, both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginSettings {
+    /// `CONNECTION LIMIT` (-1: unlimited).
+    pub connection_limit: i32,
+    /// Default `statement_timeout` in milliseconds; `None` leaves the server's default.
+    pub statement_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -23,6 +23,7 @@ impl StatusBuilder {
             owner_role: previous_status.owner_role.clone(),
             secret_name: previous_status.secret_name.clone(),
             migration_version: previous_status.migration_version,
+            usage: previous_status.usage.clone(),
             conditions: Vec::new(),
         };
         Self {
@@ -120,6 +121,14 @@ impl StatusBuilder {
     /// Paused True: nothing is reconciled, so everything else stays as it was.
     pub fn pause(&mut self, message: impl Into<String>) {
         self.keep_all_but(condition::PAUSED, "True", "ReconcilePaused", message);
+    }
+
+    /// Sets `type_` to what the previous status said, if it said anything (a condition that a
+    /// later stage may set anew, kept should the run stop before it).
+    pub fn keep(&mut self, type_: &str) {
+        if let Some(c) = self.previous.iter().find(|c| c.type_ == type_).cloned() {
+            self.set(type_, &c.status, &c.reason, c.message);
+        }
     }
 
     /// Keeps every previous condition but `type_`, which is set.

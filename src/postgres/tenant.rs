@@ -20,7 +20,7 @@ use super::{
 use crate::domain::{
     naming::{quote_literal, Ident},
     scram,
-    state::{Layout, Observed, Owner, RoleState, SchemaState},
+    state::{Layout, LoginSettings, Observed, Owner, RoleState, SchemaState},
 };
 
 /// The identifiers of one tenant.
@@ -101,6 +101,7 @@ impl Admin {
             Option<bool>,
             Option<bool>,
             Option<i32>,
+            Option<String>,
         ) = sqlx::query_as(&format!(
             "SELECT {app}, {verifier_expr}, {own}, \
                     n.oid IS NOT NULL, pg_catalog.pg_get_userbyid(n.nspowner), \
@@ -109,7 +110,11 @@ impl Admin {
                          THEN pg_catalog.has_schema_privilege(r.oid, n.oid, 'CREATE') END, \
                     CASE WHEN n.oid IS NOT NULL AND r.oid IS NOT NULL \
                          THEN pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE') END, \
-                    r.rolconnlimit \
+                    r.rolconnlimit, \
+                    (SELECT pg_catalog.substr(c, 19) \
+                       FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c \
+                      WHERE s.setrole = r.oid AND s.setdatabase = 0 \
+                        AND pg_catalog.starts_with(c, 'statement_timeout=') LIMIT 1) \
              FROM (SELECT $1::name AS app, $2::name AS own) x \
              LEFT JOIN pg_catalog.pg_roles r ON r.rolname = x.app \
              LEFT JOIN pg_catalog.pg_roles o ON o.rolname = x.own \
@@ -124,18 +129,21 @@ impl Admin {
         .await?;
         let app: RoleRow = (row.0, row.1, row.2, row.3, row.4);
         let own: RoleRow = (row.5, row.6, row.7, row.8, None);
-        let role = |(exists, login, gw, comment, verifier): RoleRow, limit: Option<i32>| {
+        let role = |(exists, login, gw, comment, verifier): RoleRow,
+                    limit: Option<i32>,
+                    statement_timeout: Option<String>| {
             exists.then(|| RoleState {
                 can_login: login.unwrap_or(false),
                 gateway_member: gw,
                 owner: Owner::parse(comment.as_deref()),
                 verifier,
                 connection_limit: limit.unwrap_or(-1),
+                statement_timeout,
             })
         };
         Ok(Observed {
-            role: role(app, row.14),
-            owner_role: role(own, None),
+            role: role(app, row.14, row.15.clone()),
+            owner_role: role(own, None, None),
             schema: row.9.then(|| SchemaState {
                 owner_role: row.10.clone().unwrap_or_default(),
                 owner: Owner::parse(row.11.as_deref()),
@@ -145,10 +153,24 @@ impl Admin {
         })
     }
 
+    /// The settings of the tenant's login roles: `connections` (`spec.limits.connections`)
+    /// overrides the operator's `--tenant-connection-limit`.
+    pub fn login_settings(
+        &self,
+        connections: Option<i32>,
+        statement_timeout_ms: Option<u64>,
+    ) -> LoginSettings {
+        LoginSettings {
+            connection_limit: connections.unwrap_or(self.connection_limit),
+            statement_timeout_ms,
+        }
+    }
+
     /// Creates whichever of the two roles is missing and brings existing ones back in line
     /// (marks, LOGIN for the app role — NOLOGIN when `login` is false, for a suspended
-    /// tenant —, gateway membership of the app role only), in one transaction. `password` is
-    /// the app role's password when it is created now. Returns whether anything changed.
+    /// tenant —, gateway membership of the app role only, the login settings), in one
+    /// transaction. `password` is the app role's password when it is created now. Returns
+    /// whether anything changed.
     pub async fn ensure_roles(
         &self,
         names: &Names,
@@ -156,6 +178,7 @@ impl Admin {
         observed: &Observed,
         password: Option<&str>,
         login: bool,
+        settings: &LoginSettings,
     ) -> Result<bool, Error> {
         let comment = mark(owner_mark)?;
         let (app, own) = (names.app(), &names.owner);
@@ -191,7 +214,7 @@ impl Admin {
                 let password = password.expect("a password for a new app role");
                 let verifier =
                     quote_literal(&scram::verifier(password)).expect("verifier is base64");
-                let limit = self.connection_limit;
+                let limit = settings.connection_limit;
                 let login = if login { "LOGIN" } else { "NOLOGIN" };
                 stmts.push(format!(
                     "CREATE ROLE {app} {login} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
@@ -205,18 +228,14 @@ impl Admin {
                 if let Some(gw) = &self.gateway {
                     stmts.push(format!("GRANT {app} TO {gw}"));
                 }
+                stmts.extend(login_settings_sql(&[(app, None)], settings));
             }
             Some(state) => {
                 if state.can_login != login {
                     let login = if login { "LOGIN" } else { "NOLOGIN" };
                     stmts.push(format!("ALTER ROLE {app} {login}"));
                 }
-                if state.connection_limit != self.connection_limit {
-                    stmts.push(format!(
-                        "ALTER ROLE {app} CONNECTION LIMIT {}",
-                        self.connection_limit
-                    ));
-                }
+                stmts.extend(login_settings_sql(&[(app, Some(state))], settings));
                 if state.owner.as_ref() != Some(owner_mark) {
                     stmts.push(format!("COMMENT ON ROLE {app} IS {comment}"));
                 }
@@ -233,6 +252,112 @@ impl Admin {
         sqlx::Executor::execute(&mut *tx, stmts.join(";\n").as_str()).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// Takes INSERT and UPDATE on every table (and view) of the schema from the tenant's login
+    /// roles (`allowed` false: over its storage quota), or gives them back; SELECT and DELETE
+    /// stay, and so do sequences (a `nextval` stores nothing). Giving back keeps the migration
+    /// history the operator's (see [`revoke_history`]). One transaction.
+    pub async fn set_writes(
+        &self,
+        names: &Names,
+        logins: &[&Ident],
+        allowed: bool,
+    ) -> Result<(), sqlx::Error> {
+        let schema = &names.schema;
+        let mut stmts = Vec::new();
+        for login in logins {
+            stmts.push(if allowed {
+                format!("GRANT INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} TO {login}")
+            } else {
+                format!("REVOKE INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} FROM {login}")
+            });
+        }
+        if allowed {
+            stmts.push(revoke_history(names));
+        }
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::Executor::execute(&mut *tx, stmts.join(";\n").as_str()).await?;
+        tx.commit().await
+    }
+
+    /// Whether any of `logins` may INSERT into or UPDATE some table or view of the schema: a
+    /// table a migration created while the tenant was over quota (default privileges granted
+    /// it), or a grant made by hand. Catalog reads only.
+    pub async fn writes_granted(
+        &self,
+        names: &Names,
+        logins: &[&Ident],
+    ) -> Result<bool, sqlx::Error> {
+        let logins: Vec<&str> = logins.iter().map(|l| l.as_str()).collect();
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace, \
+                pg_catalog.unnest($2::pg_catalog.text[]) r(name) \
+              WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'f') \
+                AND (pg_catalog.has_table_privilege(r.name, c.oid, 'INSERT') \
+                     OR pg_catalog.has_table_privilege(r.name, c.oid, 'UPDATE')))",
+        )
+        .bind(names.schema.as_str())
+        .bind(logins)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// Bytes used by each of `schemas` (tables and materialized views with their indexes and
+    /// TOAST), for the whole fleet at once: one statement per [`USAGE_CHUNK`] schemas, each in
+    /// its own short transaction.
+    ///
+    /// Whose code runs here: an admin session evaluating catalog functions only
+    /// (`pg_total_relation_size` reads file sizes; no tenant object is evaluated). That
+    /// function takes an ACCESS SHARE lock on every relation it sizes, held to the end of the
+    /// transaction: chunks keep the lock count of one transaction bounded (a single statement
+    /// over 1,000 tenants would hold some 10,000 locks, beyond the server's lock table), and a
+    /// lock wait is bounded by [`USAGE_LOCK_TIMEOUT_MS`]. A chunk that gives up on a lock (a
+    /// tenant holding ACCESS EXCLUSIVE on its own table) is measured again schema by schema,
+    /// so only that tenant goes unmeasured this time.
+    pub async fn measure_usage(
+        &self,
+        schemas: &[String],
+    ) -> Result<std::collections::BTreeMap<String, u64>, sqlx::Error> {
+        let mut out = std::collections::BTreeMap::new();
+        for chunk in schemas.chunks(USAGE_CHUNK) {
+            match self.usage_of(chunk).await {
+                Ok(rows) => out.extend(rows),
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                    for schema in chunk {
+                        match self.usage_of(std::slice::from_ref(schema)).await {
+                            Ok(rows) => out.extend(rows),
+                            Err(e) => {
+                                tracing::warn!(schema = %schema, error = %e, "storage usage not measured this time")
+                            }
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn usage_of(&self, schemas: &[String]) -> Result<Vec<(String, u64)>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::Executor::execute(
+            &mut *tx,
+            format!("SET LOCAL lock_timeout = {USAGE_LOCK_TIMEOUT_MS}").as_str(),
+        )
+        .await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(USAGE)
+            .bind(schemas)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|(s, b)| (s, b.max(0) as u64))
+            .collect())
     }
 
     /// Functions, triggers, views, materialized views, rules and policies in the schema, as
@@ -412,6 +537,58 @@ impl Admin {
         }
         tx.commit().await
     }
+}
+
+/// Schemas sized by one statement of [`Admin::measure_usage`].
+pub const USAGE_CHUNK: usize = 100;
+/// How long the usage measurement waits for a relation's lock, in milliseconds.
+pub const USAGE_LOCK_TIMEOUT_MS: u64 = 1000;
+
+/// The fleet's storage usage: bytes of the tables and materialized views of each schema named
+/// in `$1`, with their indexes and TOAST (`pg_total_relation_size`); partitions are tables of
+/// their own, so a partitioned parent (size 0) is not counted twice. Schemas without a
+/// relation count 0.
+pub const USAGE: &str = "SELECT n.nspname::pg_catalog.text, \
+        COALESCE(pg_catalog.sum(pg_catalog.pg_total_relation_size(c.oid)), 0)::pg_catalog.int8 \
+   FROM pg_catalog.pg_namespace n \
+   LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relkind IN ('r', 'm') \
+  WHERE n.nspname = ANY ($1::pg_catalog.name[]) \
+  GROUP BY n.nspname";
+
+/// The statements that bring each of a tenant's login roles (with what was observed of it,
+/// `None` for a role created in the same transaction) to `settings`: its `CONNECTION LIMIT`
+/// and its default `statement_timeout`, set or reset. Nothing for a role already there.
+///
+/// PostgreSQL counts connections per role, so with several login roles each gets the whole
+/// limit (a group role's limit does not bind its members' logins). A role's default
+/// `statement_timeout` is only a default: any session may set its own.
+pub fn login_settings_sql(
+    logins: &[(&Ident, Option<&RoleState>)],
+    settings: &LoginSettings,
+) -> Vec<String> {
+    let mut stmts = Vec::new();
+    let timeout = settings.statement_timeout_ms.map(|ms| ms.to_string());
+    for (role, observed) in logins {
+        if let Some(state) = observed {
+            if state.connection_limit != settings.connection_limit {
+                stmts.push(format!(
+                    "ALTER ROLE {role} CONNECTION LIMIT {}",
+                    settings.connection_limit
+                ));
+            }
+        }
+        let current = observed.and_then(|s| s.statement_timeout.as_deref());
+        match (&timeout, current) {
+            (Some(want), Some(have)) if want == have => {}
+            (Some(want), _) => stmts.push(format!(
+                "ALTER ROLE {role} SET statement_timeout = {}",
+                quote_literal(want).expect("digits quote")
+            )),
+            (None, Some(_)) => stmts.push(format!("ALTER ROLE {role} RESET statement_timeout")),
+            (None, None) => {}
+        }
+    }
+    stmts
 }
 
 /// The app role's rights in the owner/app layout: it may use the schema and, through default

@@ -167,6 +167,9 @@ pub struct ControllerOpts {
     pub database_url: String,
     pub migrations: MigrationSet,
     pub rollout: tenantry::controller::RolloutPolicy,
+    /// How often the operator measures storage usage (an hour unless a test needs it: a
+    /// measurement writes every tenant's status.usage).
+    pub usage_interval: Duration,
 }
 
 impl Default for ControllerOpts {
@@ -175,6 +178,7 @@ impl Default for ControllerOpts {
             database_url: env().database_url.clone(),
             migrations: MigrationSet::embedded(),
             rollout: Default::default(),
+            usage_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -202,6 +206,7 @@ impl RunningController {
             base_domain: Some(BASE_DOMAIN.into()),
             leader: None,
             rollout: opts.rollout,
+            usage_interval: opts.usage_interval,
         };
         let client = ns.client.clone();
         let m = metrics.clone();
