@@ -11,6 +11,7 @@ mod examples;
 mod failures;
 mod helm;
 mod hostile;
+mod limits;
 mod provision;
 mod rollout;
 mod suspend;
