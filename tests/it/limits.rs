@@ -557,3 +557,67 @@ async fn an_unusable_limit_is_invalid_with_no_sql() {
         .await;
     assert!(bad.is_err(), "admission let a bad quantity through");
 }
+
+/// The attack on the measurement: a tenant holds ACCESS EXCLUSIVE on its own table (its
+/// credentials may, as the table's writer) so that sizing it waits. Only that tenant goes
+/// unmeasured; its neighbour's usage keeps following its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_locking_its_tables_does_not_stop_the_fleets_measurement() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start_with(
+        &ns,
+        ControllerOpts {
+            usage_interval: INTERVAL,
+            ..ControllerOpts::default()
+        },
+    )
+    .await;
+    ns.create(Tenant::test("acme")).await;
+    ns.create(Tenant::test("globex")).await;
+    for n in ["acme", "globex"] {
+        wait_ready(&ns, n).await;
+        wait_tenant(&ns, n, "status.usage", |t| {
+            t.status.as_ref().is_some_and(|s| s.usage.is_some())
+        })
+        .await;
+    }
+    let mut locker = as_tenant(&ns, "acme").await;
+    locker.execute("BEGIN").await.unwrap();
+    locker
+        .execute("LOCK TABLE projects IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let before = ns.tenants().get("globex").await.unwrap();
+    let before = before.status.unwrap().usage.unwrap().bytes;
+    as_tenant(&ns, "globex")
+        .await
+        .execute(
+            "INSERT INTO projects (name, description)
+             SELECT 'p' || g, repeat(md5(g::text), 30) FROM generate_series(1, 200) g",
+        )
+        .await
+        .unwrap();
+    let t = wait_tenant(&ns, "globex", "globex's usage grew", move |t| {
+        t.status
+            .as_ref()
+            .and_then(|s| s.usage.as_ref())
+            .is_some_and(|u| u.bytes > before + 100_000)
+    })
+    .await;
+    assert!(t.is_ready());
+    // acme stays as last measured, and is measured again once it lets go.
+    let acme_at = ns.tenants().get("acme").await.unwrap();
+    let acme_at = acme_at.status.unwrap().usage.unwrap().measured_at;
+    locker
+        .execute("INSERT INTO projects (name, description) SELECT 'p' || g, repeat(md5(g::text), 30) FROM generate_series(1, 200) g")
+        .await
+        .unwrap();
+    locker.execute("COMMIT").await.unwrap();
+    wait_tenant(&ns, "acme", "acme measured again", move |t| {
+        t.status
+            .as_ref()
+            .and_then(|s| s.usage.as_ref())
+            .is_some_and(|u| u.measured_at != acme_at)
+    })
+    .await;
+}
