@@ -115,6 +115,14 @@ async fn cleanup_database(
     let name = id.as_str();
     match tenant.spec.deletion_policy {
         DeletionPolicy::Retain => {
+            if role_ours && schema_ours && tenant.is_over_quota() {
+                // The quota goes with the Tenant: a Tenant adopting the data later starts with
+                // its writes (and is measured, and refused, again if still over its own).
+                ctx.admin
+                    .set_writes(&names, &[names.app()], true)
+                    .await
+                    .map_err(db(Stage::Cleanup))?;
+            }
             if role_ours {
                 ctx.admin
                     .retain_tenant(&names)

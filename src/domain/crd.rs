@@ -219,8 +219,15 @@ pub struct TenantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_version: Option<i64>,
 
-    /// Storage used by the tenant's schema, as last measured.
+    /// Storage used by the tenant's schema (tables, materialized views, their indexes and
+    /// TOAST), as last measured. The whole fleet is measured by one periodic catalog query
+    /// (the operator's `--usage-interval-secs`); a measurement is written when it moved by at
+    /// least 1 % (and 8 KiB), crossed the quota or its 90 % mark, and otherwise at most every
+    /// 15 minutes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Not nullable in the schema: older apiservers publish nullable objects without their
+    // properties, and `kubectl explain` could not show them.
+    #[schemars(with = "UsageStatus")]
     pub usage: Option<UsageStatus>,
 
     /// One condition per provisioning step (RoleReady, SchemaReady, MigrationsApplied,
@@ -547,6 +554,17 @@ mod tests {
         }
         let json = serde_json::to_value(TenantSpec::default()).unwrap();
         assert!(json.get("limits").is_none());
+        let crd = serde_json::to_value(Tenant::crd()).unwrap();
+        let usage = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["status"]["properties"]["usage"];
+        assert!(usage.get("nullable").is_none(), "{usage}");
+        assert!(usage["description"].as_str().unwrap().contains("1 %"));
+        for field in ["bytes", "size", "measuredAt"] {
+            assert!(
+                usage["properties"][field]["description"].is_string(),
+                "{field}"
+            );
+        }
         let t: TenantSpec = serde_json::from_str(
             r#"{"limits": {"connections": 2, "statementTimeout": "2s", "storage": "1Mi"}}"#,
         )

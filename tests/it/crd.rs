@@ -37,6 +37,18 @@ fn kubectl_explain_reads_the_field_docs() {
     assert!(out.contains("drops the schema with all its data"), "{out}");
     let out = kubectl_ok(&["explain", "tenant.status"]);
     assert!(out.contains("Observed state of a Tenant"), "{out}");
+    let out = kubectl_ok(&["explain", "tenant.spec.limits"]);
+    for text in [
+        "connections",
+        "statementTimeout",
+        "storage",
+        "53300",
+        "quota-exceeded",
+    ] {
+        assert!(out.contains(text), "{text} in {out}");
+    }
+    // (`status` is a nullable object, which apiservers before OpenAPI v3 publish without its
+    // properties: its fields' docs are checked in the CRD's unit tests.)
 }
 
 #[test]
