@@ -222,8 +222,8 @@ pub struct TenantStatus {
     /// Storage used by the tenant's schema (tables, materialized views, their indexes and
     /// TOAST), as last measured. The whole fleet is measured by one periodic catalog query
     /// (the operator's `--usage-interval-secs`); a measurement is written when it moved by at
-    /// least 1 % (and 8 KiB), crossed the quota or its 90 % mark, and otherwise at most every
-    /// 15 minutes.
+    /// least 1 % (and 8 KiB), crossed the quota or its 90 % mark, and otherwise once every 6
+    /// hours (so `measuredAt` is when the value shown was measured, not the last measurement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     // Not nullable in the schema: older apiservers publish nullable objects without their
     // properties, and `kubectl explain` could not show them.
@@ -244,8 +244,8 @@ pub struct TenantStatus {
 /// Storage used by a tenant's schema: its tables, materialized views, their indexes and TOAST
 /// (not temporary tables, which belong to sessions, nor large objects, which belong to the
 /// database). Measured for the whole fleet by one periodic catalog query (`--usage-interval-secs`)
-/// and written when it moved by at least 1 %, crossed the quota or its 90 % mark, or at least
-/// every 15 minutes.
+/// and written when it moved by at least 1 %, crossed the quota or its 90 % mark, or once every
+/// 6 hours.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UsageStatus {

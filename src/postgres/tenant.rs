@@ -311,12 +311,11 @@ impl Admin {
     ///
     /// Whose code runs here: an admin session evaluating catalog functions only
     /// (`pg_total_relation_size` reads file sizes; no tenant object is evaluated). That
-    /// function takes an ACCESS SHARE lock on every relation it sizes, held to the end of the
-    /// transaction: chunks keep the lock count of one transaction bounded (a single statement
-    /// over 1,000 tenants would hold some 10,000 locks, beyond the server's lock table), and a
-    /// lock wait is bounded by [`USAGE_LOCK_TIMEOUT_MS`]. A chunk that gives up on a lock (a
-    /// tenant holding ACCESS EXCLUSIVE on its own table) is measured again schema by schema,
-    /// so only that tenant goes unmeasured this time.
+    /// function takes an ACCESS SHARE lock on each relation it sizes (and lets it go at once),
+    /// so it waits behind a tenant holding ACCESS EXCLUSIVE on its own table; that wait is
+    /// bounded by [`USAGE_LOCK_TIMEOUT_MS`], and a statement that gives up loses only its
+    /// chunk, which is then measured again schema by schema: only that tenant goes
+    /// unmeasured this time.
     pub async fn measure_usage(
         &self,
         schemas: &[String],
