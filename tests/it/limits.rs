@@ -621,3 +621,46 @@ async fn a_tenant_locking_its_tables_does_not_stop_the_fleets_measurement() {
     })
     .await;
 }
+
+/// The moment between the operator's REVOKE and the API learning of it (the status write): a
+/// write PostgreSQL refuses for a tenant with a quota is answered `quota-exceeded`, while the
+/// same refusal for a tenant without one stays `permission-denied`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_by_postgres_for_a_tenant_with_a_quota_is_quota_exceeded() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("acme").with_limits(limits(None, None, Some("1Gi"))))
+        .await;
+    ns.create(Tenant::test("globex")).await;
+    let pg = pg().await;
+    let api = Api::start(&ns, Some(&ns.name)).await;
+    for (name, kind) in [("acme", "quota-exceeded"), ("globex", "permission-denied")] {
+        wait_ready(&ns, name).await;
+        let tok = token(&ns, name).await;
+        wait_routable(&api, name, &tok).await;
+        let schema = ns.schema(name);
+        // What the operator does on entering the quota, done by hand here with the status
+        // still saying the tenant is within it.
+        pg.execute(format!("REVOKE INSERT ON \"{schema}\".projects FROM \"{schema}\"").as_str())
+            .await
+            .unwrap();
+        let (s, v) = api_send(
+            &api,
+            Method::POST,
+            name,
+            &tok,
+            "/v1/tables/projects",
+            Some(json!({"name": "x"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{name}: {v}");
+        assert_eq!(
+            v["type"],
+            format!("https://tenantry.dev/problems/{kind}"),
+            "{name}: {v}"
+        );
+        // Reads are not affected.
+        let (s, _) = api_get(&api, name, &tok, "/v1/tables/projects").await;
+        assert_eq!(s, StatusCode::OK);
+    }
+}
