@@ -11,3 +11,4 @@ pub mod routing;
 pub mod scram;
 pub mod state;
 pub mod status;
+pub mod template;
