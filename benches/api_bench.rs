@@ -108,7 +108,7 @@ impl Shape {
             Shape::Post => (
                 format!("\"{prefix}\""),
                 "POST",
-                "string.format('{\"name\":\"n%d-%d\",\"description\":\"benchmark row\"}', math.random(1, 1000000000), counter)",
+                "string.format('{\"name\":\"n%d-%d-%d\",\"description\":\"benchmark row\"}', thread_id, counter, math.random(1, 1000000000))",
             ),
         }
     }
@@ -146,7 +146,11 @@ fn script(
         }
     }
     lua.push_str(&format!(
-        "init = function(args) math.randomseed(os.time() + math.floor(os.clock() * 1000000)) end\n\
+        "threads_made = 0\n\
+         -- Each thread gets its own id (and seed): wrk's threads start within the same\n\
+         -- second, so a seed from the clock alone repeats, and so would the POSTed names.\n\
+         setup = function(thread) thread:set(\"thread_id\", threads_made); threads_made = threads_made + 1 end\n\
+         init = function(args) math.randomseed(os.time() * 1000 + thread_id) end\n\
          request = function()\n  counter = counter + 1\n  local h = {{ [\"Content-Type\"] = \"application/json\" }}\n  \
          local t = pick()\n  if t then h[\"Authorization\"] = t end\n  \
          return wrk.format(\"{method}\", {path}, h, {body})\nend\n"

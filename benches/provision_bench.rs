@@ -130,11 +130,20 @@ impl OperatorProcess {
 
     /// The Prometheus text from /metrics (empty until the health server listens).
     async fn metrics(&self) -> String {
+        self.get("/metrics").await
+    }
+
+    /// Whether `/readyz` answers 200: the first full list of Tenants is in the store.
+    async fn ready(&self) -> bool {
+        self.get("/readyz").await.starts_with("HTTP/1.1 200")
+    }
+
+    async fn get(&self, path: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
             return String::new();
         };
-        let req = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         if s.write_all(req.as_bytes()).await.is_err() {
             return String::new();
         }
@@ -289,9 +298,23 @@ pub(super) async fn provision(stack: &Stack, n: usize, conc: u16) -> Vec<String>
 
     // No-op resync: a restart with every Tenant Ready and nothing to apply; the clock runs
     // from process start until every Tenant was reconciled once.
+    // Beside the total: when the first full list landed (/readyz), and reconciles done per
+    // 5 s, which say whether the time goes to listing or to reconciling.
     let t0 = Instant::now();
     let op = OperatorProcess::start(stack, &ns, conc, connections);
-    while reconciles(&op.metrics().await) < n as u64 {
+    let (mut listed, mut trace, mut next) = (None, Vec::new(), 5.0);
+    loop {
+        let done = reconciles(&op.metrics().await);
+        if listed.is_none() && op.ready().await {
+            listed = Some(t0.elapsed());
+        }
+        if t0.elapsed().as_secs_f64() >= next {
+            trace.push(format!("{next:.0} s: {done}"));
+            next += 5.0;
+        }
+        if done >= n as u64 {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let noop = t0.elapsed();
@@ -372,8 +395,10 @@ pub(super) async fn provision(stack: &Stack, n: usize, conc: u16) -> Vec<String>
             tenantry::domain::limits::format_bytes(total_bytes),
         ),
         format!(
-            "| no-op resync of {n} Ready tenants (operator restart, nothing to apply) | {:.2} s | — | — | process start → every Tenant reconciled once; CPU {:.1} s, RSS {:.0} MB (peak {:.0} MB) |",
+            "| no-op resync of {n} Ready tenants (operator restart, nothing to apply) | {:.2} s | — | — | process start → every Tenant reconciled once; first full Tenant list in the store (/readyz) at {}; reconciles done by {}; CPU {:.1} s, RSS {:.0} MB (peak {:.0} MB) |",
             secs(noop),
+            listed.map_or("—".into(), |d| format!("{:.2} s", secs(d))),
+            trace.join(", "),
             resync.cpu,
             resync.rss_mb,
             resync.peak_rss_mb,

@@ -164,9 +164,18 @@ pub struct ControllerArgs {
     pub tenant_db_port: Option<u16>,
 
     /// `sslmode` written into the URIs of credentials Secrets and of the gateway Secret
-    /// (default: the sslmode of --database-url, if it has one).
+    /// (default: the sslmode of --database-url, if it has one). Wins over an `sslmode` given by
+    /// --tenant-db-tls-param.
     #[arg(long, env = "TENANTRY_TENANT_DB_SSLMODE", value_parser = crate::domain::state::SSL_MODES)]
     pub tenant_db_sslmode: Option<String>,
+
+    /// A libpq TLS parameter written into the URIs of credentials Secrets and of the gateway
+    /// Secret, as NAME=VALUE (sslmode, sslnegotiation, sslrootcert, sslcert, sslkey, sslcrl,
+    /// sslsni); repeatable or comma-separated. Default: those of --database-url. An empty
+    /// VALUE removes one inherited from --database-url. File paths are where applications
+    /// find the files, not the operator.
+    #[arg(long, env = "TENANTRY_TENANT_DB_TLS_PARAMS", value_delimiter = ',', value_parser = parse_tls_param)]
+    pub tenant_db_tls_param: Vec<(String, String)>,
 
     /// Address of the /healthz, /readyz and /metrics server.
     #[arg(long, env = "TENANTRY_HEALTH_ADDR", default_value = "0.0.0.0:8081")]
@@ -412,6 +421,15 @@ pub async fn kube_client(
     Ok(Client::try_from(config)?)
 }
 
+/// `NAME=VALUE` of `--tenant-db-tls-param`, checked like the credentials check it.
+fn parse_tls_param(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    crate::domain::state::check_tls_param(name, value).map_err(|e| e.to_string())?;
+    Ok((name.to_string(), value.to_string()))
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -556,7 +574,13 @@ impl Cli {
                 )
                 .context("--database-url")?
                 .with_gateway(gateway.clone())
-                .with_tenant_sslmode(args.tenant_db_sslmode.clone())
+                .with_tenant_tls(
+                    args.tenant_db_tls_param
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .chain(args.tenant_db_sslmode.as_deref().map(|m| ("sslmode", m))),
+                )
+                .context("--tenant-db-tls-param")?
                 .with_tenant_connection_limit(args.tenant_connection_limit);
                 let client = args.kube.client().await?;
                 let own_namespace = std::env::var("POD_NAMESPACE")

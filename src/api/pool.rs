@@ -24,6 +24,8 @@ use hashlink::LruCache;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::types::Type;
 
+use crate::domain::state::TLS_PARAMS;
+
 use super::{
     config::PoolConfig,
     error::ApiError,
@@ -49,7 +51,7 @@ pub enum PoolError {
     Url(tokio_postgres::Error),
     #[error(transparent)]
     Database(#[from] WireError),
-    #[error("the database URL asks for TLS (sslmode=require), which the API's data path does not speak yet; connect over a trusted network or a local TLS-terminating proxy with sslmode=disable or prefer")]
+    #[error("the database URL asks for TLS (sslmode=require, verify-ca or verify-full), which the API's data path does not speak yet; connect over a trusted network or a local TLS-terminating proxy with sslmode=disable or prefer")]
     TlsRequired,
 }
 
@@ -157,11 +159,38 @@ impl Conn {
     }
 }
 
+/// `url` without the TLS parameters a data path that speaks no TLS has no use for
+/// (`sslrootcert`, `sslcert`, …, which the operator writes into the gateway Secret's URI when the
+/// admin URL has them), or [`PoolError::TlsRequired`] when it demands TLS. Only the URL form
+/// carries them; a key=value string is returned as it is.
+fn without_tls(url: &str) -> Result<String, PoolError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok(url.to_string());
+    };
+    let mut kept = Vec::new();
+    for kv in query.split('&') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        if k == "sslmode" && matches!(v, "require" | "verify-ca" | "verify-full") {
+            return Err(PoolError::TlsRequired);
+        }
+        if k != "sslmode" && TLS_PARAMS.iter().any(|(n, _)| *n == k) {
+            continue;
+        }
+        kept.push(kv);
+    }
+    Ok(if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    })
+}
+
 impl Pool {
     /// A pool for `url` (a `postgres://` URL or key=value string), opening one connection
     /// now so that a bad URL or password shows at start.
     pub async fn open(url: &str, cfg: PoolConfig) -> Result<Self, PoolError> {
-        let mut config = tokio_postgres::Config::from_str(url).map_err(PoolError::Url)?;
+        let url = without_tls(url)?;
+        let mut config = tokio_postgres::Config::from_str(&url).map_err(PoolError::Url)?;
         if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
             return Err(PoolError::TlsRequired);
         }
@@ -435,6 +464,26 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_file_parameters_are_dropped_and_demanded_tls_refused() {
+        let u = "postgresql://gw:pw@db:5432/app?sslmode=prefer&sslrootcert=%2Fca&sslnegotiation=direct&application_name=x";
+        assert_eq!(
+            without_tls(u).unwrap(),
+            "postgresql://gw:pw@db:5432/app?sslmode=prefer&application_name=x"
+        );
+        assert_eq!(
+            without_tls("postgresql://gw@db/app?sslcert=a").unwrap(),
+            "postgresql://gw@db/app"
+        );
+        for mode in ["require", "verify-ca", "verify-full"] {
+            assert!(matches!(
+                without_tls(&format!("postgresql://gw@db/app?sslmode={mode}")),
+                Err(PoolError::TlsRequired)
+            ));
+        }
+        assert_eq!(without_tls("host=db user=gw").unwrap(), "host=db user=gw");
+    }
 
     #[test]
     fn pools_split_into_groups_of_four_with_the_remainder_spread() {

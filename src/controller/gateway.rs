@@ -127,10 +127,7 @@ fn desired(namespace: &str, name: &str, role: &Ident, ep: &Endpoint, password: S
         ep.host,
         ep.port,
         ep.dbname,
-        ep.sslmode
-            .as_deref()
-            .map(|m| format!("?sslmode={m}"))
-            .unwrap_or_default()
+        contract::uri_tls(ep).replacen('&', "?", 1)
     );
     let data: BTreeMap<String, ByteString> = [
         ("username", role.as_str().to_string()),
@@ -168,7 +165,7 @@ mod tests {
             host: "db.example".into(),
             port: 5432,
             dbname: "app".into(),
-            sslmode: None,
+            tls: Vec::new(),
         };
         let role = Ident::parse_role("tenantry_gateway").unwrap();
         let s = desired("ops", "tenantry-gateway", &role, &ep, "p/w".into());

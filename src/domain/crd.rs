@@ -2,6 +2,8 @@
 //! condition types, plus the pure helpers that read them. Doc comments on fields become the
 //! `kubectl explain` text, so they are written for platform engineers.
 
+use std::collections::BTreeMap;
+
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 
@@ -182,6 +184,18 @@ pub struct CredentialsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253), pattern(plan::DNS_SUBDOMAIN_PATTERN))]
     pub secret_name: Option<String>,
+
+    /// Extra keys of the credentials Secret, rendered from its fields whenever the Secret is
+    /// written (also after a password change): key → text with `{{ .field }}` placeholders,
+    /// where field is one of host, port, dbname, username, password, schema, uri, jdbcUri,
+    /// jwtKey; `{{ .field | urlencode }}` percent-encodes the value. Example:
+    /// `DATABASE_URL: "{{ .uri }}"`. Keys are Secret keys (`[-._a-zA-Z0-9]+`) other than the
+    /// Secret's own; at most 32 keys of at most 4096 bytes each. An unknown placeholder makes
+    /// the Tenant Invalid with the key named (an already serving Tenant keeps its last Secret).
+    /// In Helm templates write the braces as `{{ "{{ .uri }}" }}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub template: BTreeMap<String, String>,
 }
 
 /// Observed state of a Tenant, written only by the operator.

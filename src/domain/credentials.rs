@@ -6,11 +6,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{api::core::v1::Secret, ByteString};
 use kube::{api::ObjectMeta, Resource, ResourceExt};
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use rand::{distr::Alphanumeric, Rng};
 
-use super::{crd::Tenant, naming::Ident, scram, state::Endpoint};
+use super::{
+    crd::Tenant,
+    naming::Ident,
+    scram,
+    state::{Endpoint, TLS_PARAMS},
+};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "tenantry";
@@ -89,6 +94,35 @@ pub fn encode(s: &str) -> String {
     utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
 }
 
+/// Every byte but RFC 3986's unreserved characters: how TLS parameter values are encoded, so
+/// that `sslmode=verify-full` reads as it always did.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `&name=value…` for a libpq URI query: the endpoint's TLS parameters, values percent-encoded.
+pub fn uri_tls(endpoint: &Endpoint) -> String {
+    endpoint
+        .tls
+        .iter()
+        .map(|(n, v)| format!("&{n}={}", utf8_percent_encode(v, QUERY_VALUE)))
+        .collect()
+}
+
+/// `&name=value…` for a pgjdbc URL query: the TLS parameters pgjdbc knows, by its names.
+pub fn jdbc_tls(endpoint: &Endpoint) -> String {
+    endpoint
+        .tls
+        .iter()
+        .filter_map(|(n, v)| {
+            let jdbc = TLS_PARAMS.iter().find(|(p, _)| p == n)?.1?;
+            Some(format!("&{jdbc}={}", utf8_percent_encode(v, QUERY_VALUE)))
+        })
+        .collect()
+}
+
 /// The Secret's `data`, as plain strings.
 pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<String, String> {
     let password = m.password.as_str();
@@ -115,7 +149,7 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
         } else {
             String::new()
         },
-        endpoint.ssl_param()
+        uri_tls(endpoint)
     );
     let jdbc = format!(
         "jdbc:postgresql://{}:{}/{}?currentSchema={}&user={}&password={}{}",
@@ -125,7 +159,7 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
         encode(user),
         encode(user),
         encode(password),
-        endpoint.ssl_param()
+        jdbc_tls(endpoint)
     );
     BTreeMap::from([
         ("host".into(), endpoint.host.clone()),
@@ -142,7 +176,10 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
 
 /// The complete desired Secret for `tenant`, owned by it.
 pub fn desired(tenant: &Tenant, endpoint: &Endpoint, id: &Ident, m: &Material) -> Secret {
-    let data = credentials(endpoint, id, m)
+    let mut data = credentials(endpoint, id, m);
+    let extra = super::template::render(&tenant.spec.credentials.template, &data);
+    data.extend(extra);
+    let data = data
         .into_iter()
         .map(|(k, v)| (k, ByteString(v.into_bytes())))
         .collect();
@@ -279,7 +316,7 @@ mod tests {
             host: "db.example".into(),
             port: 5432,
             dbname: "app".into(),
-            sslmode: None,
+            tls: Vec::new(),
         }
     }
 
@@ -314,22 +351,36 @@ mod tests {
         );
         assert!(c["jdbc-uri"]
             .starts_with("jdbc:postgresql://db.example:5432/app?currentSchema=ns%5Facme"));
-        // TLS settings reach both URIs.
-        let tls = Endpoint {
-            sslmode: Some("verify-full".into()),
-            ..ep()
-        };
+        // TLS settings reach both URIs, encoded; pgjdbc gets only what it knows, by its names.
+        let mut tls = ep();
+        tls.set_tls_param("sslrootcert", "/etc/db ca/ca.crt")
+            .unwrap();
+        tls.set_tls_param("sslmode", "verify-full").unwrap();
+        tls.set_tls_param("sslnegotiation", "direct").unwrap();
+        tls.set_tls_param("sslcrl", "/etc/db/crl.pem").unwrap();
         let c = credentials(&tls, &id(), &m("pw"));
         assert!(
-            c["uri"].ends_with("search%5Fpath%3Dns%5Facme&sslmode=verify-full"),
+            c["uri"].ends_with(
+                "search%5Fpath%3Dns%5Facme&sslmode=verify-full&sslnegotiation=direct\
+                 &sslrootcert=%2Fetc%2Fdb%20ca%2Fca.crt&sslcrl=%2Fetc%2Fdb%2Fcrl.pem"
+            ),
             "{}",
             c["uri"]
         );
         assert!(
-            c["jdbc-uri"].ends_with("&password=pw&sslmode=verify-full"),
+            c["jdbc-uri"].ends_with(
+                "&password=pw&sslmode=verify-full&sslNegotiation=direct\
+                 &sslrootcert=%2Fetc%2Fdb%20ca%2Fca.crt"
+            ),
             "{}",
             c["jdbc-uri"]
         );
+        // An empty value removes a parameter; unknown names and bad values are refused.
+        tls.set_tls_param("sslcrl", "").unwrap();
+        assert_eq!(tls.tls_param("sslcrl"), None);
+        assert!(tls.set_tls_param("sslpassword", "x").is_err());
+        assert!(tls.set_tls_param("sslmode", "on").is_err());
+        assert!(tls.set_tls_param("sslrootcert", "a\nb").is_err());
     }
 
     #[test]
@@ -396,6 +447,35 @@ mod tests {
                 reason: "Secret password does not match the role".into(),
                 jwt_key: "k".repeat(64)
             }
+        );
+    }
+
+    #[test]
+    fn template_keys_are_rendered_and_a_template_change_repairs_with_the_same_password() {
+        let plain = tenant();
+        let s = desired(&plain, &ep(), &id(), &m("pw"));
+        let mut t = tenant();
+        t.spec
+            .credentials
+            .template
+            .insert("DATABASE_URL".into(), "{{ .uri }}".into());
+        let v = scram::verifier("pw");
+        assert_eq!(
+            decide(&t, Some(&s), &ep(), &id(), &key(), Some(&v), None),
+            Decision::Repair(m("pw"))
+        );
+        let with = desired(&t, &ep(), &id(), &m("pw"));
+        let data = with.data.as_ref().unwrap();
+        assert_eq!(data["DATABASE_URL"], data["uri"]);
+        assert_eq!(
+            decide(&t, Some(&with), &ep(), &id(), &key(), Some(&v), None),
+            Decision::Keep
+        );
+        // A new password re-renders the template.
+        let next = desired(&t, &ep(), &id(), &m("pw2"));
+        assert_ne!(
+            next.data.as_ref().unwrap()["DATABASE_URL"],
+            data["DATABASE_URL"]
         );
     }
 

@@ -12,3 +12,4 @@ pub mod routing;
 pub mod scram;
 pub mod state;
 pub mod status;
+pub mod template;

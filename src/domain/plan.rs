@@ -65,6 +65,7 @@ pub fn plan(tenant: &Tenant) -> Result<Plan, String> {
             "spec.credentials.secretName {secret_name:?} is not a valid Secret name (lowercase RFC 1123 subdomain)"
         ));
     }
+    super::template::validate(&tenant.spec.credentials.template)?;
     if let Some(d) = &tenant.spec.display_name {
         if d.chars().count() > 200 {
             return Err("spec.displayName is longer than 200 characters".into());
@@ -128,6 +129,16 @@ mod tests {
         assert!(e.contains("twice"), "{e}");
         let e = plan(&t("acme").with_secret_name("Bad_Name")).unwrap_err();
         assert!(e.contains("secretName"), "{e}");
+        let mut bad = t("acme");
+        bad.spec
+            .credentials
+            .template
+            .insert("DATABASE_URL".into(), "{{ .url }}".into());
+        let e = plan(&bad).unwrap_err();
+        assert!(
+            e.contains("template[DATABASE_URL]") && e.contains(".url"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -161,9 +161,10 @@ pub struct Endpoint {
     pub host: String,
     pub port: u16,
     pub dbname: String,
-    /// libpq's `sslmode` for applications (from the admin URL, or `--tenant-db-sslmode`), put
-    /// into the URIs; `None` leaves the client's default.
-    pub sslmode: Option<String>,
+    /// libpq's TLS parameters for applications (`sslmode`, `sslrootcert`, …; see
+    /// [`TLS_PARAMS`]), in that order: from the admin URL, then `--tenant-db-tls-param` and
+    /// `--tenant-db-sslmode`. Put into the URIs; empty leaves the client's defaults.
+    pub tls: Vec<(String, String)>,
 }
 
 /// The `sslmode` libpq and pgjdbc both understand.
@@ -176,13 +177,79 @@ pub const SSL_MODES: [&str; 6] = [
     "verify-full",
 ];
 
+/// The libpq connection parameters about TLS that credentials carry, in the order they are
+/// written, with the name pgjdbc knows each by (`None`: pgjdbc has no such parameter, and the
+/// `jdbc-uri` leaves it out).
+pub const TLS_PARAMS: [(&str, Option<&str>); 7] = [
+    ("sslmode", Some("sslmode")),
+    ("sslnegotiation", Some("sslNegotiation")),
+    ("sslrootcert", Some("sslrootcert")),
+    ("sslcert", Some("sslcert")),
+    ("sslkey", Some("sslkey")),
+    ("sslcrl", None),
+    ("sslsni", None),
+];
+
+/// Why a TLS parameter cannot go into credentials.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsParamError {
+    #[error("unknown TLS parameter {0:?}; known: sslmode, sslnegotiation, sslrootcert, sslcert, sslkey, sslcrl, sslsni")]
+    Unknown(String),
+    #[error("{name}={value:?} is not valid; expected one of {expected}")]
+    Value {
+        name: String,
+        value: String,
+        expected: String,
+    },
+    #[error("{0} must not contain control characters")]
+    Control(String),
+}
+
+/// Checks one TLS parameter: a known name, and for the enumerated ones a value libpq accepts.
+/// An empty value is valid (it removes an inherited parameter).
+pub fn check_tls_param(name: &str, value: &str) -> Result<(), TlsParamError> {
+    if !TLS_PARAMS.iter().any(|(n, _)| *n == name) {
+        return Err(TlsParamError::Unknown(name.into()));
+    }
+    let allowed: &[&str] = match name {
+        "sslmode" => &SSL_MODES,
+        "sslnegotiation" => &["postgres", "direct"],
+        "sslsni" => &["0", "1"],
+        _ => &[],
+    };
+    if !value.is_empty() && !allowed.is_empty() && !allowed.contains(&value) {
+        return Err(TlsParamError::Value {
+            name: name.into(),
+            value: value.into(),
+            expected: allowed.join(", "),
+        });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(TlsParamError::Control(name.into()));
+    }
+    Ok(())
+}
+
 impl Endpoint {
-    /// `&sslmode=…` to append to a URI query, or nothing.
-    pub fn ssl_param(&self) -> String {
-        self.sslmode
-            .as_deref()
-            .map(|m| format!("&sslmode={m}"))
-            .unwrap_or_default()
+    /// The value of TLS parameter `name`, if set.
+    pub fn tls_param(&self, name: &str) -> Option<&str> {
+        self.tls
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Sets TLS parameter `name` (checked with [`check_tls_param`]); an empty value removes it.
+    /// Keeps [`TLS_PARAMS`] order.
+    pub fn set_tls_param(&mut self, name: &str, value: &str) -> Result<(), TlsParamError> {
+        check_tls_param(name, value)?;
+        self.tls.retain(|(n, _)| n != name);
+        if !value.is_empty() {
+            self.tls.push((name.into(), value.into()));
+        }
+        let rank = |n: &str| TLS_PARAMS.iter().position(|(p, _)| *p == n);
+        self.tls.sort_by_key(|(n, _)| rank(n));
+        Ok(())
     }
 }
 

@@ -17,7 +17,7 @@ use sqlx::{
 use crate::domain::{
     naming::{quote_literal, Ident},
     scram,
-    state::{Endpoint, Owner},
+    state::{Endpoint, Owner, TlsParamError},
 };
 
 /// Whether a database error is worth retrying unchanged (connection trouble, lock timeouts,
@@ -111,15 +111,22 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
         .disable_statement_logging())
 }
 
-/// The `sslmode` query parameter of a connection URL, when it names one libpq knows.
-fn url_sslmode(url: &str) -> Option<String> {
-    let (_, query) = url.split_once('?')?;
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "sslmode")
-        .map(|(_, v)| v.to_string())
-        .filter(|v| crate::domain::state::SSL_MODES.contains(&v.as_str()))
+/// The TLS parameters ([`crate::domain::state::TLS_PARAMS`]) in a connection URL's query, percent-decoded, in that
+/// order; values libpq would refuse are left out (the admin connection fails on them anyway).
+fn url_tls(url: &str) -> Vec<(String, String)> {
+    let mut ep = Endpoint {
+        host: String::new(),
+        port: 0,
+        dbname: String::new(),
+        tls: Vec::new(),
+    };
+    if let Some((_, query)) = url.split_once('?') {
+        for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+            let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+            let _ = ep.set_tls_param(k, &v);
+        }
+    }
+    ep.tls
 }
 
 impl Admin {
@@ -144,7 +151,7 @@ impl Admin {
             host: public_host.unwrap_or_else(|| opts.get_host().to_string()),
             port: public_port.unwrap_or_else(|| opts.get_port()),
             dbname: opts.get_database().unwrap_or("postgres").to_string(),
-            sslmode: url_sslmode(url),
+            tls: url_tls(url),
         };
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
@@ -160,12 +167,16 @@ impl Admin {
         })
     }
 
-    /// The `sslmode` written into credentials (default: the admin URL's, if any).
-    pub fn with_tenant_sslmode(mut self, sslmode: Option<String>) -> Self {
-        if sslmode.is_some() {
-            self.endpoint.sslmode = sslmode;
+    /// TLS parameters written into credentials, over the admin URL's: each `(name, value)`
+    /// sets one (an empty value removes it). Checked with [`crate::domain::state::check_tls_param`].
+    pub fn with_tenant_tls<'a>(
+        mut self,
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, TlsParamError> {
+        for (name, value) in params {
+            self.endpoint.set_tls_param(name, value)?;
         }
-        self
+        Ok(self)
     }
 
     /// Makes every tenant role provisioned from now on a role that `gateway` may switch to.
@@ -310,13 +321,29 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_admin_urls_sslmode_reaches_the_endpoint_unless_overridden() {
-        let admin = Admin::new("postgres://a@db:5432/app?sslmode=require", 1, None, None).unwrap();
-        assert_eq!(admin.endpoint().sslmode.as_deref(), Some("require"));
-        let admin = admin.with_tenant_sslmode(Some("verify-full".into()));
-        assert_eq!(admin.endpoint().sslmode.as_deref(), Some("verify-full"));
+    async fn the_admin_urls_tls_parameters_reach_the_endpoint_unless_overridden() {
+        let url = "postgres://a@db:5432/app?sslmode=require&sslrootcert=%2Fetc%2Fca.crt&application_name=x&sslpassword=s";
+        let admin = Admin::new(url, 1, None, None).unwrap();
+        assert_eq!(
+            admin.endpoint().tls,
+            [
+                ("sslmode".to_string(), "require".to_string()),
+                ("sslrootcert".to_string(), "/etc/ca.crt".to_string())
+            ]
+        );
+        let admin = admin
+            .with_tenant_tls([
+                ("sslmode", "verify-full"),
+                ("sslrootcert", ""),
+                ("sslcert", "/c"),
+            ])
+            .unwrap();
+        assert_eq!(admin.endpoint().tls_param("sslmode"), Some("verify-full"));
+        assert_eq!(admin.endpoint().tls_param("sslrootcert"), None);
+        assert_eq!(admin.endpoint().tls_param("sslcert"), Some("/c"));
+        assert!(admin.clone().with_tenant_tls([("sslkey2", "x")]).is_err());
         let admin = Admin::new("postgres://a@db:5432/app", 1, None, None).unwrap();
-        assert_eq!(admin.endpoint().sslmode, None);
+        assert!(admin.endpoint().tls.is_empty());
     }
 
     #[test]

@@ -25,6 +25,10 @@ def lint(chart, values_files):
         if report.get("errors") or problems:
             sys.exit(f"lint {vf or 'defaults'}: {report}")
         rendered = helm_python.Chart.load(chart).render(values, name="tenantry", namespace="tenantry-system", is_install=True)
+        for name, value in ((values.get("database") or {}).get("tenantTlsParams") or {}).items():
+            flag = f"--tenant-db-tls-param={name}={value}"
+            if flag not in rendered.get("tenantry/templates/operator-deployment.yaml", ""):
+                sys.exit(f"lint {vf}: the operator's args lack {flag}")
         kinds = sorted({line.split(":", 1)[1].strip() for text in rendered.values() for line in text.splitlines() if line.startswith("kind:")})
         print(json.dumps({"values": vf or "defaults", "templates": len(rendered), "kinds": kinds}))
 
@@ -133,6 +137,7 @@ def bad(chart):
         ({"database": {"existingSecret": "db"}, "api": {"poolSize": 0}}, "poolSize"),
         ({"database": {"existingSecret": "db"}, "watchNamespaces": ["Not A Namespace"]}, "watchNamespaces"),
         ({"database": {"existingSecret": "db"}, "typo": True}, "typo"),
+        ({"database": {"existingSecret": "db", "tenantTlsParams": {"sslpassword": "x"}}}, "sslpassword"),
     ]
     for values, needle in cases:
         try:

@@ -51,7 +51,7 @@ fn chart_lints_and_renders_for_default_and_all_options() {
         "{out}"
     );
     let out = check_py(&["bad", "charts/tenantry"]);
-    assert_eq!(out.matches("refused as expected").count(), 6, "{out}");
+    assert_eq!(out.matches("refused as expected").count(), 7, "{out}");
 }
 
 #[test]

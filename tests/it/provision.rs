@@ -341,3 +341,190 @@ async fn deleted_or_tampered_secret_is_repaired_with_a_new_password() {
     let evs = events(&ns, "fixme").await;
     assert!(evs.iter().any(|e| e.1 == "CredentialsRepaired"), "{evs:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_templates_render_and_a_bad_one_changes_nothing() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    let mut t = Tenant::test("tpl");
+    t.spec.credentials.template = [
+        ("DATABASE_URL", "{{ .uri }}"),
+        (
+            "ConnectionStrings__Default",
+            "Host={{ .host }};Port={{ .port }};Database={{ .dbname }};Username={{ .username }};Password={{ .password }};Search Path={{ .schema }}",
+        ),
+        ("pw.encoded", "{{ .password | urlencode }}"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    ns.create(t).await;
+    wait_ready(&ns, "tpl").await;
+    let secret = ns.secrets().get("tpl-db").await.unwrap();
+    let password = secret_value(&secret, "password");
+    assert_eq!(
+        secret_value(&secret, "DATABASE_URL"),
+        secret_value(&secret, "uri")
+    );
+    assert_eq!(
+        secret_value(&secret, "ConnectionStrings__Default"),
+        format!(
+            "Host={};Port={};Database={};Username={};Password={password};Search Path={}",
+            secret_value(&secret, "host"),
+            secret_value(&secret, "port"),
+            secret_value(&secret, "dbname"),
+            secret_value(&secret, "username"),
+            secret_value(&secret, "schema"),
+        )
+    );
+    login(&secret_value(&secret, "DATABASE_URL"))
+        .await
+        .expect("the templated URL logs in");
+
+    // A misspelt placeholder on a serving Tenant: refused with the key named, the Secret as it
+    // was, the tenant still Ready.
+    ns.tenants()
+        .patch(
+            "tpl",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"credentials": {"template": {"BROKEN": "{{ .pasword }}"}}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let t = wait_tenant(&ns, "tpl", "SpecAccepted=False", |t| {
+        t.condition("SpecAccepted")
+            .is_some_and(|c| c.status == "False")
+    })
+    .await;
+    let refused = t.condition("SpecAccepted").unwrap();
+    assert!(
+        refused.message.contains("template[BROKEN]") && refused.message.contains(".pasword"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(t.condition("Ready").unwrap().status, "True");
+    assert!(events(&ns, "tpl")
+        .await
+        .iter()
+        .any(|e| e.0 == "Warning" && e.1 == "ChangeRefused"));
+    let unchanged = ns.secrets().get("tpl-db").await.unwrap();
+    assert_eq!(
+        unchanged.data, secret.data,
+        "a refused template writes nothing"
+    );
+
+    // Fixed: the Secret is re-rendered with the same password.
+    ns.tenants()
+        .patch(
+            "tpl",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"credentials": {"template": {"BROKEN": null, "JDBC": "{{ .jdbcUri }}"}}}})),
+        )
+        .await
+        .unwrap();
+    let mut fixed = None;
+    for _ in 0..100 {
+        let s = ns.secrets().get("tpl-db").await.unwrap();
+        if s.data.as_ref().is_some_and(|d| d.contains_key("JDBC")) {
+            fixed = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fixed = fixed.expect("the Secret gains the new template key");
+    assert_eq!(secret_value(&fixed, "password"), password);
+    assert_eq!(
+        secret_value(&fixed, "JDBC"),
+        secret_value(&fixed, "jdbc-uri")
+    );
+    assert!(!fixed.data.as_ref().unwrap().contains_key("BROKEN"));
+
+    // A new Tenant with a bad template is Invalid and gets no role or schema.
+    let mut bad = Tenant::test("tplbad");
+    bad.spec
+        .credentials
+        .template
+        .insert("URL".into(), "{{ .url }}".into());
+    ns.create(bad).await;
+    let t = wait_tenant(&ns, "tplbad", "Invalid phase", |t| {
+        t.status.as_ref().is_some_and(|s| s.phase == Phase::Invalid)
+    })
+    .await;
+    assert!(
+        t.condition("Ready")
+            .unwrap()
+            .message
+            .contains("template[URL]"),
+        "{:?}",
+        t.condition("Ready")
+    );
+    let schema = ns.schema("tplbad");
+    let n: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM pg_roles WHERE rolname LIKE $1 || '%') + (SELECT count(*) FROM pg_namespace WHERE nspname = $1)",
+    )
+    .bind(&schema)
+    .fetch_one(&pg().await)
+    .await
+    .unwrap();
+    assert_eq!(n, 0, "an invalid template creates nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_urls_tls_parameters_reach_the_secret_and_libpq_takes_them() {
+    let ns = TestNs::new().await;
+    let base = env().database_url.clone();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    // `prefer` against a server without TLS: libpq asks, is refused, and never opens the CA
+    // file; so the URI must log in while carrying every parameter.
+    let url = format!("{base}{sep}sslmode=prefer&sslrootcert=%2Fnonexistent%2Fdb%20ca.crt");
+    let _ctl = RunningController::start_with(
+        &ns,
+        ControllerOpts {
+            database_url: url,
+            ..ControllerOpts::default()
+        },
+    )
+    .await;
+    ns.create(Tenant::test("tls")).await;
+    wait_ready(&ns, "tls").await;
+    let secret = ns.secrets().get("tls-db").await.unwrap();
+    let uri = secret_value(&secret, "uri");
+    assert!(
+        uri.ends_with("&sslmode=prefer&sslrootcert=%2Fnonexistent%2Fdb%20ca.crt"),
+        "{uri}"
+    );
+    assert!(
+        secret_value(&secret, "jdbc-uri")
+            .ends_with("&sslmode=prefer&sslrootcert=%2Fnonexistent%2Fdb%20ca.crt"),
+        "{}",
+        secret_value(&secret, "jdbc-uri")
+    );
+    // libpq itself (psql) parses the URI, decodes the parameters and logs in.
+    let out = std::process::Command::new("psql")
+        .args([uri.as_str(), "-XAtc", "SHOW search_path"])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        ns.schema("tls")
+    );
+    // With sslmode=verify-full the same URI must fail on the CA file libpq was told to use.
+    let strict = uri.replace("sslmode=prefer", "sslmode=verify-full");
+    let out = std::process::Command::new("psql")
+        .args([strict.as_str(), "-XAtc", "SELECT 1"])
+        .output()
+        .expect("psql");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "verify-full without a CA logged in");
+    assert!(
+        err.contains("/nonexistent/db ca.crt") || err.contains("SSL"),
+        "{err}"
+    );
+}

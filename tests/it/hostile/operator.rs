@@ -437,7 +437,7 @@ async fn legacy_tenant(pg: &sqlx::PgPool, ns: &TestNs, name: &str, plant: &str) 
         host,
         port,
         dbname: "tenantry".into(),
-        sslmode: None,
+        tls: Vec::new(),
     };
     // The old Secret: the keys and values the old release wrote.
     let mut secret = tenantry::domain::credentials::desired(
