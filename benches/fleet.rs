@@ -203,7 +203,17 @@ async fn raw_provision(
                 let nothing = Observed::default();
                 let password = tenantry::domain::scram::generate_password();
                 admin
-                    .ensure_roles(&names, &owner, &nothing, Some(&password), true)
+                    .ensure_roles(
+                        &names,
+                        &owner,
+                        &nothing,
+                        Some(&password),
+                        &tenantry::postgres::tenant::Logins {
+                            app: true,
+                            b: false,
+                            retire: None,
+                        },
+                    )
                     .await
                     .unwrap();
                 admin

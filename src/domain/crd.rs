@@ -5,7 +5,7 @@
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 
-use super::{naming, plan};
+use super::{naming, plan, rotation};
 use serde::{Deserialize, Serialize};
 
 /// API group of every tenantry resource.
@@ -68,9 +68,10 @@ pub struct TenantSpec {
     #[schemars(inner(length(max = 253), pattern(plan::DNS_SUBDOMAIN_PATTERN)))]
     pub hosts: Vec<String>,
 
-    /// What happens to the schema, its data and the role when the Tenant is deleted. `Retain`
-    /// (default) keeps schema, data and role and only revokes the role's LOGIN; `Delete` drops
-    /// the schema with all its data and the role.
+    /// What happens to the schema, its data and the roles when the Tenant is deleted. `Retain`
+    /// (default) keeps schema, data, the app role and the owner role and only revokes the app
+    /// role's LOGIN (the second login identity `<schema>_b` of credential rotation is dropped);
+    /// `Delete` drops the schema with all its data and every role of the tenant.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 
@@ -132,6 +133,25 @@ pub struct CredentialsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253), pattern(plan::DNS_SUBDOMAIN_PATTERN))]
     pub secret_name: Option<String>,
+
+    /// Rotate the credentials this long after the last rotation (or the first issue), e.g.
+    /// `720h`: a duration of hours, minutes and seconds (`720h`, `1h30m`, `90s`). Unset: only
+    /// on demand, by setting the annotation `tenantry.dev/rotate` to a new value. A rotation
+    /// moves the Secret to the tenant's other login identity with a fresh password; the
+    /// previous identity keeps working for `gracePeriod`. Must be longer than `gracePeriod`
+    /// (at least 1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(rotation::DURATION_PATTERN))]
+    pub rotation_period: Option<String>,
+
+    /// How long the previous login identity keeps working after a rotation, before it loses
+    /// LOGIN and its sessions are ended, e.g. `10m`. Default `5m`; from `1s` to `720h`.
+    /// Workloads that mount the Secret see the new credentials only after the kubelet
+    /// refreshes the volume (up to about a minute plus its cache TTL), so keep it at 3m or
+    /// more unless every client reads the Secret from the apiserver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(rotation::DURATION_PATTERN))]
+    pub grace_period: Option<String>,
 }
 
 /// Observed state of a Tenant, written only by the operator.
@@ -169,6 +189,11 @@ pub struct TenantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_version: Option<i64>,
 
+    /// Which login identity the credentials Secret holds, since when, and until when the
+    /// previous one still works (credential rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CredentialsStatus>,
+
     /// One condition per provisioning step (RoleReady, SchemaReady, MigrationsApplied,
     /// CredentialsReady), Ready, Routable (no other Tenant shares its name or a host), and
     /// SpecAccepted=False while a change to an already provisioned tenant is refused (the
@@ -176,6 +201,36 @@ pub struct TenantStatus {
     /// `tenantry.dev/paused: "true"` freezes it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// The login identity in the credentials Secret. A tenant has at most two login identities, the
+/// app role and `<schema>_b` (a member of the app role, so both have the same rights); each
+/// rotation moves the Secret to the other one with a fresh password.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsStatus {
+    /// PostgreSQL role the credentials Secret logs in as now (its `username`).
+    pub identity: String,
+
+    /// When the Secret got this identity and its password (RFC 3339): the last rotation, or
+    /// when the credentials were first issued. `spec.credentials.rotationPeriod` counts from
+    /// here.
+    pub rotated_at: String,
+
+    /// The identity the Secret held before the last rotation, while it still logs in; absent
+    /// once it was retired (NOLOGIN, password removed, sessions ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_identity: Option<String>,
+
+    /// When previousIdentity stops working (RFC 3339): the rotation time plus
+    /// `spec.credentials.gracePeriod`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_valid_until: Option<String>,
+
+    /// The last value of the annotation `tenantry.dev/rotate` that was acted on: setting the
+    /// annotation to any other value rotates the credentials once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_request: Option<String>,
 }
 
 /// Lifecycle phase of a Tenant.
@@ -299,6 +354,22 @@ impl Tenant {
     pub fn with_secret_name(mut self, name: &str) -> Self {
         self.spec.credentials.secret_name = Some(name.to_string());
         self
+    }
+
+    /// Sets `spec.credentials.rotationPeriod` and `gracePeriod`.
+    pub fn with_rotation(mut self, period: Option<&str>, grace: Option<&str>) -> Self {
+        self.spec.credentials.rotation_period = period.map(str::to_string);
+        self.spec.credentials.grace_period = grace.map(str::to_string);
+        self
+    }
+
+    /// The value of the on-demand rotation annotation ([`rotation::ROTATE_ANNOTATION`]).
+    pub fn rotate_request(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(rotation::ROTATE_ANNOTATION))
+            .map(String::as_str)
     }
 
     /// Sets `spec.suspended`.
@@ -436,6 +507,36 @@ mod tests {
         // Unset stays unset when written back (GitOps diffs stay quiet).
         let json = serde_json::to_value(TenantSpec::default()).unwrap();
         assert!(json.get("suspended").is_none());
+    }
+
+    #[test]
+    fn rotation_fields_are_validated_and_documented() {
+        for field in ["rotationPeriod", "gracePeriod"] {
+            let f = spec_property(&["credentials", field]);
+            assert_eq!(f["pattern"], rotation::DURATION_PATTERN, "{field}");
+            assert_eq!(f["maxLength"], 32, "{field}");
+            assert!(f["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("720h") || d.contains("5m")));
+        }
+        let crd = serde_json::to_value(Tenant::crd()).unwrap();
+        let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["status"]["properties"]["credentials"];
+        for field in [
+            "identity",
+            "rotatedAt",
+            "previousIdentity",
+            "previousValidUntil",
+            "rotateRequest",
+        ] {
+            assert!(
+                status["properties"][field]["description"].is_string(),
+                "status.credentials.{field} undocumented"
+            );
+        }
+        // Unset stays unset when written back.
+        let json = serde_json::to_value(CredentialsSpec::default()).unwrap();
+        assert_eq!(json, serde_json::json!({}));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod crd;
 pub mod credentials;
 pub mod naming;
 pub mod plan;
+pub mod rotation;
 pub mod routing;
 pub mod scram;
 pub mod state;

@@ -6,6 +6,7 @@ use kube::ResourceExt;
 use super::{
     crd::Tenant,
     naming::{tenant_ident, Ident},
+    rotation,
     state::Owner,
 };
 
@@ -16,6 +17,8 @@ pub struct Plan {
     pub ident: Ident,
     pub owner: Owner,
     pub secret_name: String,
+    /// When to rotate the credentials and how long the previous identity keeps working.
+    pub rotation: rotation::Policy,
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -77,7 +80,9 @@ pub fn plan(tenant: &Tenant) -> Result<Plan, String> {
             return Err(format!("spec.hosts[{i}] {host:?} is listed twice"));
         }
     }
+    let rotation = rotation::policy(tenant)?;
     Ok(Plan {
+        rotation,
         owner: Owner::new(
             &namespace,
             &name,

@@ -49,6 +49,9 @@ pub struct Observed {
     pub role: Option<RoleState>,
     /// The owner role: owns the schema and its objects, never logs in.
     pub owner_role: Option<RoleState>,
+    /// The second login identity (`<schema>_b`), which credential rotation alternates with
+    /// the app role.
+    pub login_b: Option<RoleState>,
     pub schema: Option<SchemaState>,
 }
 
@@ -62,6 +65,9 @@ pub struct RoleState {
     pub verifier: Option<String>,
     /// `rolconnlimit`: concurrent sessions allowed (-1: unlimited).
     pub connection_limit: i32,
+    /// Whether it is a member of the app role (the second login identity must be: it inherits
+    /// the app role's rights that way).
+    pub member_of_app: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +123,14 @@ impl Observed {
         holder(
             self.owner_role.is_some(),
             self.owner_role.as_ref().and_then(|r| r.owner.as_ref()),
+            me,
+        )
+    }
+
+    pub fn login_b_holder(&self, me: &Owner) -> Holder {
+        holder(
+            self.login_b.is_some(),
+            self.login_b.as_ref().and_then(|r| r.owner.as_ref()),
             me,
         )
     }

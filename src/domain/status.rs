@@ -23,6 +23,7 @@ impl StatusBuilder {
             owner_role: previous_status.owner_role.clone(),
             secret_name: previous_status.secret_name.clone(),
             migration_version: previous_status.migration_version,
+            credentials: previous_status.credentials.clone(),
             conditions: Vec::new(),
         };
         Self {
