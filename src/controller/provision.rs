@@ -121,7 +121,7 @@ impl Run<'_> {
         // (Not right after a pause: the Paused condition must go; not when a rotation step is
         // due: a rotation request, the end of a grace period, the rotation period.)
         let now = Timestamp::now();
-        let due = rotation::next_due(self.tenant, &plan.rotation);
+        let due = rotation::next_due(self.tenant, &plan.rotation, now);
         if self.tenant.condition(condition::PAUSED).is_none() && due.is_none_or(|t| t > now) {
             if let Some(wait) = ctx.recently_verified(self.tenant, &self.b, secret_name) {
                 return Ok(Done::Unchanged(until_due(wait, due, now)));
@@ -151,7 +151,7 @@ impl Run<'_> {
         if b_holder != Holder::ThisTenant {
             observed.login_b = None;
         }
-        let ids = self
+        let mut ids = self
             .identities(&names, &observed, &b_holder, &plan, secret_name, now, ctx)
             .await?;
         let fresh_password = self.roles(&names, owner, &observed, &ids, ctx).await?;
@@ -177,15 +177,15 @@ impl Run<'_> {
         }
         // A rotation happens before the schema and migration steps, so that neither a held
         // nor a failing migration holds it up.
-        let rotated = match (&ids.rotate, names.identity(&ids.current)) {
+        let rotated = match (ids.rotate.clone(), names.identity(&ids.current)) {
             (Some(trigger), Some(target)) => Some(
                 self.rotate(
                     &names,
                     owner,
                     &observed,
-                    &ids,
+                    &mut ids,
                     target,
-                    Some(trigger),
+                    Some((&trigger, plan.rotation.grace)),
                     secret_name,
                     ctx,
                 )
@@ -197,7 +197,7 @@ impl Run<'_> {
                     &names,
                     owner,
                     &observed,
-                    &ids,
+                    &mut ids,
                     target,
                     None,
                     secret_name,
@@ -207,6 +207,25 @@ impl Run<'_> {
             ),
             _ => None,
         };
+        if ids.recorded_now {
+            info!(
+                identity = ids.current.as_str(),
+                "recorded an unrecorded rotation"
+            );
+            self.journal.push(Note::normal(
+                "CredentialsRotated",
+                "Rotate",
+                format!(
+                    "recorded the rotation to identity {} that Secret {secret_name} already \
+                     holds (the operator stopped before writing the status){}",
+                    ids.current,
+                    match &ids.previous {
+                        Some((p, until)) => format!("; identity {p} keeps working until {until}"),
+                        None => String::new(),
+                    }
+                ),
+            ));
+        }
         if rotated.is_some() || ids.recorded_now || ids.retire.is_some() {
             // Recorded now, so that a later step's failure does not hide it.
             self.b.status_mut().credentials = Some(ids.record.clone());
@@ -411,17 +430,20 @@ impl Run<'_> {
     }
 
     /// Rotates the credentials to `target`: a fresh password and LOGIN on it (created when
-    /// missing), then the Secret. `trigger` is `None` when the current identity, dropped by
-    /// hand, is made again. Returns the Secret's resourceVersion.
+    /// missing), then the Secret; the grace period of the previous identity counts from the
+    /// moment the Secret was written (clients cannot see the new credentials earlier; on a busy
+    /// machine that can be seconds after the reconcile began). `trigger` (with the grace period)
+    /// is `None` when the current identity, dropped by hand, is made again. Returns the
+    /// Secret's resourceVersion.
     #[allow(clippy::too_many_arguments)]
     async fn rotate(
         &mut self,
         names: &Names,
         owner: &Owner,
         observed: &Observed,
-        ids: &rotation::Decision,
+        ids: &mut rotation::Decision,
         target: &Ident,
-        trigger: Option<&rotation::Trigger>,
+        trigger: Option<(&rotation::Trigger, Duration)>,
         secret_name: &str,
         ctx: &Context,
     ) -> Result<Option<String>, Failure> {
@@ -452,6 +474,10 @@ impl Run<'_> {
                 ))
             }
         };
+        if let Some((_, grace)) = trigger {
+            ids.rotated_at(Timestamp::now(), grace);
+        }
+        let trigger = trigger.map(|(t, _)| t);
         let note = match (trigger, &ids.previous) {
             (Some(trigger), Some((previous, until))) => {
                 let why = match trigger {

@@ -183,6 +183,18 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Counts a rotation done now from `at`, when the Secret was written: the previous
+    /// identity works until `at` (rounded up to the second) plus `grace`.
+    pub fn rotated_at(&mut self, at: Timestamp, grace: Duration) {
+        let at = whole_second(at);
+        self.record.rotated_at = at.to_string();
+        if let Some((_, until)) = &mut self.previous {
+            *until = plus(at, grace);
+            self.record.previous_valid_until = Some(until.to_string());
+            self.next = Some(*until);
+        }
+    }
+
     /// Whether `identity` may log in: the current one and the previous one during its grace
     /// period, unless the tenant is suspended.
     pub fn may_log_in(&self, identity: &str, suspended: bool) -> bool {
@@ -250,9 +262,10 @@ pub fn decide(i: &Inputs) -> Decision {
     let mut recorded_now = false;
     if let (None, Some(u)) = (&previous, &i.unrecorded) {
         // The Secret already holds the other identity: the rotation happened, its status was
-        // not written. Record it as it happened (or as if now, which only lengthens the grace).
+        // not written. Record it as it happened; the grace period counts from now, which is
+        // surely after the Secret was written (clients may have seen it only just now).
         let at = u.rotated_at.filter(|t| *t <= now).unwrap_or(now);
-        previous = Some((current.clone(), plus(at, i.policy.grace)));
+        previous = Some((current.clone(), plus(whole_second(now), i.policy.grace)));
         current = other(&current);
         rotated_at = at;
         if u.request.is_some() {
@@ -310,11 +323,8 @@ pub fn decide(i: &Inputs) -> Decision {
 /// When a Ready tenant needs a full reconcile for its credentials, from its status alone: now
 /// when a rotation request is pending, else the end of the grace period or the next periodic
 /// rotation. Used by the fast path, which must not sleep through these moments.
-pub fn next_due(tenant: &Tenant, policy: &Policy) -> Option<Timestamp> {
-    let Some(record) = tenant.status.as_ref().and_then(|s| s.credentials.as_ref()) else {
-        return None;
-    };
-    let now = Timestamp::now();
+pub fn next_due(tenant: &Tenant, policy: &Policy, now: Timestamp) -> Option<Timestamp> {
+    let record = tenant.status.as_ref()?.credentials.as_ref()?;
     if tenant
         .rotate_request()
         .is_some_and(|r| record.rotate_request.as_deref() != Some(r))
@@ -432,6 +442,15 @@ mod tests {
         assert_eq!(d.record.previous_valid_until, Some(t(15).to_string()));
         assert_eq!(d.record.rotate_request.as_deref(), Some("1"));
         assert_eq!(d.next, Some(t(15)));
+        // Counted from when the Secret was written.
+        let mut later = d.clone();
+        later.rotated_at(
+            Timestamp::from_second(1_800_000_007).unwrap(),
+            Duration::from_secs(10),
+        );
+        assert_eq!(later.previous, Some(("acme".into(), t(17))));
+        assert_eq!(later.record.previous_valid_until, Some(t(17).to_string()));
+        assert_eq!(later.next, Some(t(17)));
         assert!(d.may_log_in("acme", false) && d.may_log_in("acme_b", false));
         assert!(!d.may_log_in("acme", true) && !d.may_log_in("acme_b", true));
         // The same request again does nothing.
@@ -500,7 +519,8 @@ mod tests {
         assert!(d.recorded_now);
         assert_eq!(d.rotate, None, "the rotation is not done twice");
         assert_eq!(d.current, "acme_b");
-        assert_eq!(d.previous, Some(("acme".into(), t(14))));
+        assert_eq!(d.previous, Some(("acme".into(), t(15))));
+        assert_eq!(d.record.rotated_at, t(4).to_string());
         assert_eq!(d.record.rotate_request.as_deref(), Some("1"));
         // Evidence is ignored while a previous identity is in its grace period.
         let mut r = rec("acme_b", 0);
@@ -510,6 +530,40 @@ mod tests {
         i.unrecorded = Some(Unrecorded::default());
         let d = decide(&i);
         assert_eq!((d.current.as_str(), d.recorded_now), ("acme_b", false));
+    }
+
+    #[test]
+    fn the_fast_path_is_told_when_to_look() {
+        let policy = Policy {
+            period: Some(Duration::from_secs(100)),
+            grace: Duration::from_secs(10),
+        };
+        let mut tenant = Tenant::test("acme");
+        assert_eq!(
+            next_due(&tenant, &policy, t(1)),
+            None,
+            "nothing recorded yet"
+        );
+        let mut r = rec("acme", 0);
+        tenant.status = Some(crate::domain::crd::TenantStatus {
+            credentials: Some(r.clone()),
+            ..Default::default()
+        });
+        assert_eq!(next_due(&tenant, &policy, t(1)), Some(t(100)));
+        r.previous_identity = Some("acme_b".into());
+        r.previous_valid_until = Some(t(10).to_string());
+        tenant.status.as_mut().unwrap().credentials = Some(r);
+        assert_eq!(next_due(&tenant, &policy, t(1)), Some(t(10)));
+        tenant
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(ROTATE_ANNOTATION.into(), "new".into());
+        assert_eq!(
+            next_due(&tenant, &policy, t(1)),
+            Some(t(1)),
+            "a request is due now"
+        );
     }
 
     #[test]

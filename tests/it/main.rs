@@ -13,4 +13,5 @@ mod helm;
 mod hostile;
 mod provision;
 mod rollout;
+mod rotation;
 mod suspend;

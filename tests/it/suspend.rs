@@ -36,7 +36,7 @@ fn set_with_v3() -> MigrationSet {
 }
 
 /// An admin with CREATEROLE and CREATE on the database only, as on managed services.
-async fn createrole_admin(ns: &TestNs) -> String {
+pub async fn createrole_admin(ns: &TestNs) -> String {
     let pg = pg().await;
     let admin = format!("adm_{}", ns.name.replace('-', "_"));
     let password = random_suffix() + &random_suffix();
