@@ -190,8 +190,25 @@ async fn on_demand(ns: TestNs, opts: ControllerOpts) {
             .await
             .unwrap();
     assert_eq!((user.as_str(), n), (b.as_str(), 1));
-    let denied = session_b.execute("CREATE TABLE planted (id int)").await;
-    assert!(denied.is_err(), "the second login may create tables");
+    // The tenant, logged in as the second login, tries what its membership might allow.
+    let owner = format!("{schema}_owner");
+    let gw = gateway_role(&ns);
+    for attack in [
+        "CREATE TABLE planted (id int)".to_string(),
+        format!("ALTER ROLE \"{b}\" CONNECTION LIMIT -1"),
+        format!("ALTER ROLE \"{b}\" CREATEROLE"),
+        format!("ALTER ROLE \"{schema}\" LOGIN"),
+        format!("GRANT \"{schema}\" TO \"{gw}\""),
+        format!("GRANT \"{b}\" TO \"{gw}\""),
+        format!("SET ROLE \"{owner}\""),
+        format!("SET ROLE \"{gw}\""),
+        format!("DROP ROLE \"{schema}\""),
+        "CREATE ROLE stray LOGIN".to_string(),
+        "SELECT count(*) FROM tenantry_migrations".to_string(),
+    ] {
+        let r = session_b.execute(attack.as_str()).await;
+        assert!(r.is_err(), "the second login may: {attack}");
+    }
     // The JDBC URI names the new login too.
     assert!(secret_value(&s1, "jdbc-uri").contains(&format!("&user={}&", b.replace('_', "%5F"))));
     // The previous login still works during the grace period; two logins at most.
