@@ -192,19 +192,25 @@ impl Run<'_> {
                 .await?,
             ),
             // The current identity was dropped by hand: made again, with a new password.
-            (None, Some(target)) if target == &names.login_b && observed.login_b.is_none() => Some(
-                self.rotate(
-                    &names,
-                    owner,
-                    &observed,
-                    &mut ids,
-                    target,
-                    None,
-                    secret_name,
-                    ctx,
+            (None, Some(target))
+                if target == &names.login_b
+                    && observed.login_b.is_none()
+                    && !self.tenant.is_suspended() =>
+            {
+                Some(
+                    self.rotate(
+                        &names,
+                        owner,
+                        &observed,
+                        &mut ids,
+                        target,
+                        None,
+                        secret_name,
+                        ctx,
+                    )
+                    .await?,
                 )
-                .await?,
-            ),
+            }
             _ => None,
         };
         if ids.recorded_now {
