@@ -171,8 +171,9 @@ pub struct TenantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
 
-    /// PostgreSQL role that logs in with the credentials (the Secret's username): it may read
-    /// and write the tenant's tables and create nothing.
+    /// The tenant's app role: it may read and write the tenant's tables and create nothing;
+    /// the API switches to it. The Secret logs in as it or as its second login identity
+    /// `<schema>_b` (a member of it), as `credentials.identity` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
 
