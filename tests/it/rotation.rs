@@ -966,3 +966,69 @@ async fn a_rotation_interrupted_before_its_status_is_recorded_not_repeated() {
         "{notes:?}"
     );
 }
+
+// --- 6. A second login someone else holds ---------------------------------------------------
+
+/// A rotation into `<schema>_b` held by a role tenantry did not make stops with a Conflict and
+/// changes nothing: the Secret keeps working, the foreign role is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_login_name_held_by_someone_else_is_a_conflict_and_changes_nothing() {
+    let ns = TestNs::new().await;
+    let pg = pg().await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("acme").with_rotation(None, Some("1s")))
+        .await;
+    wait_ready(&ns, "acme").await;
+    let schema = ns.schema("acme");
+    let b = format!("{schema}_b");
+    pg.execute(format!("CREATE ROLE \"{b}\" NOLOGIN").as_str())
+        .await
+        .unwrap();
+    let before = ns.secrets().get("acme-db").await.unwrap();
+    annotate_rotate(&ns, "acme", "1").await;
+    let t = wait_tenant(&ns, "acme", "Conflict", |t| {
+        t.condition("CredentialsReady")
+            .is_some_and(|c| c.status == "False" && c.reason == "Conflict")
+    })
+    .await;
+    assert_eq!(t.status.as_ref().unwrap().phase, Phase::Conflict);
+    let message = &t.condition("CredentialsReady").unwrap().message;
+    assert!(
+        message.contains(&b) && message.contains("not managed by tenantry"),
+        "{message}"
+    );
+    assert_eq!(record(&t).unwrap().identity, schema);
+    let after = ns.secrets().get("acme-db").await.unwrap();
+    assert_eq!(after.data, before.data, "the Secret changed");
+    assert_eq!(login_error(&secret_value(&after, "uri")).await, None);
+    let (login, comment, members): (bool, Option<String>, i64) = sqlx::query_as(
+        "SELECT r.rolcanlogin, shobj_description(r.oid, 'pg_authid'),
+                (SELECT count(*) FROM pg_auth_members m WHERE m.member = r.oid)
+           FROM pg_roles r WHERE r.rolname = $1",
+    )
+    .bind(&b)
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(
+        (login, comment, members),
+        (false, None, 0),
+        "the role was touched"
+    );
+    let warnings: Vec<String> = events(&ns, "acme")
+        .await
+        .into_iter()
+        .filter(|e| e.0 == "Warning")
+        .map(|e| e.1)
+        .collect();
+    assert!(warnings.iter().any(|r| r == "Conflict"), "{warnings:?}");
+
+    // Once the name is free, the rotation goes through.
+    pg.execute(format!("DROP ROLE \"{b}\"").as_str())
+        .await
+        .unwrap();
+    // (A Conflict is looked at again every 5 minutes; a new request looks now.)
+    annotate_rotate(&ns, "acme", "2").await;
+    wait_record(&ns, "acme", "rotated", move |r| r.identity == b).await;
+    wait_ready(&ns, "acme").await;
+}
