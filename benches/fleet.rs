@@ -209,7 +209,11 @@ async fn raw_provision(
                         &owner,
                         &nothing,
                         Some(&password),
-                        true,
+                        &tenantry::postgres::tenant::Logins {
+                            app: true,
+                            b: false,
+                            retire: None,
+                        },
                         &admin.login_settings(None, None),
                     )
                     .await

@@ -18,7 +18,7 @@ use crate::domain::{
     state::{Holder, Owner},
     status::StatusBuilder,
 };
-use crate::postgres::tenant::Names;
+use crate::postgres::tenant::{Names, RolesToDrop};
 
 /// Cleans up after `tenant`; returns what the reconcile should report.
 pub(super) async fn cleanup(tenant: &Tenant, ctx: &Context) -> Report {
@@ -112,7 +112,17 @@ async fn cleanup_database(
     let role_ours = observed.role_holder(&owner) == Holder::ThisTenant;
     let owner_ours = observed.owner_role_holder(&owner) == Holder::ThisTenant;
     let schema_ours = observed.schema_holder(&owner) == Holder::ThisTenant;
+    // The second login identity of credential rotation goes under either policy.
+    let b_ours = observed.login_b_holder(&owner) == Holder::ThisTenant;
     let name = id.as_str();
+    let b_note = if b_ours {
+        format!(
+            " and its second login identity {} was dropped",
+            names.login_b.as_str()
+        )
+    } else {
+        String::new()
+    };
     match tenant.spec.deletion_policy {
         DeletionPolicy::Retain => {
             if role_ours && schema_ours && tenant.is_over_quota() {
@@ -125,28 +135,55 @@ async fn cleanup_database(
             }
             if role_ours {
                 ctx.admin
-                    .retain_tenant(&names)
+                    .retain_tenant(&names, b_ours)
                     .await
                     .map_err(db(Stage::Cleanup))?;
                 events.push(Note::normal(
                     "Retained",
                     "Delete",
-                    format!("kept schema {name} and its data; role {name} can no longer log in"),
+                    format!(
+                        "kept schema {name} and its data; role {name} can no longer log in{b_note}"
+                    ),
                 ));
+            } else if b_ours {
+                ctx.admin
+                    .drop_tenant_roles(
+                        &names,
+                        false,
+                        RolesToDrop {
+                            login_b: true,
+                            ..RolesToDrop::default()
+                        },
+                    )
+                    .await
+                    .map_err(db(Stage::Cleanup))?;
             }
         }
         DeletionPolicy::Delete => {
-            if role_ours || owner_ours || schema_ours {
+            if role_ours || owner_ours || schema_ours || b_ours {
                 ctx.admin
-                    .drop_tenant_roles(&names, schema_ours, role_ours, owner_ours)
+                    .drop_tenant_roles(
+                        &names,
+                        schema_ours,
+                        RolesToDrop {
+                            app: role_ours,
+                            owner: owner_ours,
+                            login_b: b_ours,
+                        },
+                    )
                     .await
                     .map_err(db(Stage::Cleanup))?;
                 events.push(Note::normal(
                     "Deleted",
                     "Delete",
                     format!(
-                        "dropped schema {name} with its data, role {name} and owner role {}",
-                        names.owner.as_str()
+                        "dropped schema {name} with its data, role {name} and owner role {}{}",
+                        names.owner.as_str(),
+                        if b_ours {
+                            format!(" and second login identity {}", names.login_b.as_str())
+                        } else {
+                            String::new()
+                        }
                     ),
                 ));
             }

@@ -17,8 +17,7 @@ use super::{
 };
 use crate::domain::{
     crd::Tenant,
-    credentials::{self as contract, Decision, Material},
-    naming::Ident,
+    credentials::{self as contract, Decision, Login, Material},
     scram,
 };
 
@@ -35,12 +34,12 @@ pub(super) enum Issued {
     Conflict(String),
 }
 
-/// Makes sure `tenant`'s Secret holds working credentials for role `id`. `verifier` is the
-/// role's stored SCRAM verifier when readable; `fresh_password` is set when the role was
-/// created in this reconcile.
+/// Makes sure `tenant`'s Secret holds working credentials for `login`. `verifier` is the
+/// identity's stored SCRAM verifier when readable; `fresh_password` is set when the identity
+/// got it in this reconcile (created, or rotated to).
 pub(super) async fn ensure(
     tenant: &Tenant,
-    id: &Ident,
+    login: &Login<'_>,
     secret_name: &str,
     verifier: Option<&str>,
     fresh_password: Option<&str>,
@@ -61,7 +60,7 @@ pub(super) async fn ensure(
             tenant,
             existing,
             endpoint,
-            id,
+            login,
             &jwt_key,
             verifier,
             fresh_password,
@@ -99,7 +98,7 @@ pub(super) async fn ensure(
         Decision::Rotate { reason, jwt_key } => {
             let password = scram::generate_password();
             ctx.admin
-                .set_password(id, &password)
+                .set_password(login.user, &password)
                 .await
                 .map_err(db(Stage::Credentials))?;
             (
@@ -108,7 +107,7 @@ pub(super) async fn ensure(
             )
         }
     };
-    let desired = contract::desired(tenant, endpoint, id, &material);
+    let desired = contract::desired(tenant, endpoint, login, &material);
     let written = apply_secret(&secrets, &desired)
         .await
         .map_err(kube_err(Stage::Credentials))?;
@@ -131,4 +130,26 @@ pub(super) async fn apply_secret(
             &Patch::Apply(desired),
         )
         .await
+}
+
+/// The credentials Secret `secret_name` of `tenant`, from the watch cache; `live` reads it
+/// from the apiserver instead (the cache may lag our own writes).
+pub(super) async fn read(
+    tenant: &Tenant,
+    secret_name: &str,
+    live: bool,
+    ctx: &Context,
+) -> Result<Option<Secret>, Error> {
+    let ns = tenant.namespace().unwrap_or_default();
+    if !live {
+        return Ok(ctx
+            .secrets
+            .get(&ObjectRef::new(secret_name).within(&ns))
+            .map(|s| (*s).clone()));
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    secrets
+        .get_opt(secret_name)
+        .await
+        .map_err(kube_err(Stage::Credentials))
 }

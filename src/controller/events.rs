@@ -10,6 +10,8 @@ pub const NORMAL: &[&str] = &[
     "MigrationsApplied",
     "CredentialsIssued",
     "CredentialsRepaired",
+    "CredentialsRotated",
+    "PreviousCredentialsRetired",
     "Retained",
     "Deleted",
     "ReconcilePaused",

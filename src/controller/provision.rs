@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
 use kube::{runtime::controller::Action, ResourceExt};
 use tracing::{info, Span};
 
@@ -20,17 +21,18 @@ use super::{
 };
 use crate::{
     domain::{
-        crd::{condition, Phase, Tenant, UsageStatus},
+        crd::{condition, CredentialsStatus, Phase, Tenant, UsageStatus},
+        credentials::Login,
         limits::{format_bytes, over_quota, usage_worth_writing, TenantLimits, RESUME_PERCENT},
         naming::Ident,
         plan::{self, Plan},
-        scram,
+        rotation, scram,
         state::{Holder, Observed, Owner},
         status::StatusBuilder,
     },
     postgres::{
         migrations::MigrateError,
-        tenant::{Names, Review, SchemaChange},
+        tenant::{Logins, Names, Review, SchemaChange},
     },
 };
 
@@ -121,10 +123,17 @@ impl Run<'_> {
         // Fast path: nothing relevant changed since a recent full verification (our own Secret
         // and status writes come back as watch events; they need no second look).
         // (Not right after a pause: the Paused condition must go; nor when a new usage
-        // measurement is worth showing or moves the tenant across its quota.)
-        if self.tenant.condition(condition::PAUSED).is_none() && !ctx.usage_news(self.tenant) {
+        // measurement is worth showing or moves the tenant across its quota; nor when a
+        // rotation step is due: a rotation request, the end of a grace period, the rotation
+        // period.)
+        let now = Timestamp::now();
+        let due = rotation::next_due(self.tenant, &plan.rotation, now);
+        if self.tenant.condition(condition::PAUSED).is_none()
+            && !ctx.usage_news(self.tenant)
+            && due.is_none_or(|t| t > now)
+        {
             if let Some(wait) = ctx.recently_verified(self.tenant, &self.b, secret_name) {
-                return Ok(Done::Unchanged(wait));
+                return Ok(Done::Unchanged(until_due(wait, due, now)));
             }
         }
 
@@ -145,20 +154,99 @@ impl Run<'_> {
             (Object::Schema, id, observed.schema_holder(owner)),
         ])?;
 
+        // The second login identity is only ever touched when it is this Tenant's.
+        let b_holder = observed.login_b_holder(owner);
+        let mut observed = observed;
+        if b_holder != Holder::ThisTenant {
+            observed.login_b = None;
+        }
+        let mut ids = self
+            .identities(&names, &observed, &b_holder, &plan, secret_name, now, ctx)
+            .await?;
         let fresh_password = self
-            .roles(&names, owner, &observed, &plan.limits, ctx)
+            .roles(&names, owner, &observed, &ids, &plan.limits, ctx)
             .await?;
         let ended = if self.tenant.is_suspended() {
             // After NOLOGIN is committed, so an ended session cannot log in again.
-            Some(
-                ctx.admin
-                    .terminate(id)
+            let mut ended = 0;
+            for identity in [Some(id), observed.login_b.as_ref().map(|_| &names.login_b)]
+                .into_iter()
+                .flatten()
+            {
+                ended += ctx
+                    .admin
+                    .terminate(identity)
                     .await
-                    .map_err(|e| Failure::error(condition::ROLE_READY, db(Stage::Role)(e)))?,
-            )
+                    .map_err(|e| Failure::error(condition::ROLE_READY, db(Stage::Role)(e)))?;
+            }
+            Some(ended)
         } else {
             None
         };
+        if let Some(retired) = ids.retire.as_deref().and_then(|r| names.identity(r)) {
+            self.retired(retired, ctx).await?;
+        }
+        // A rotation happens before the schema and migration steps, so that neither a held
+        // nor a failing migration holds it up.
+        let rotated = match (ids.rotate.clone(), names.identity(&ids.current)) {
+            (Some(trigger), Some(target)) => Some(
+                self.rotate(
+                    &names,
+                    owner,
+                    &observed,
+                    &mut ids,
+                    target,
+                    Some((&trigger, plan.rotation.grace)),
+                    secret_name,
+                    ctx,
+                )
+                .await?,
+            ),
+            // The current identity was dropped by hand: made again, with a new password.
+            (None, Some(target))
+                if target == &names.login_b
+                    && observed.login_b.is_none()
+                    && !self.tenant.is_suspended() =>
+            {
+                Some(
+                    self.rotate(
+                        &names,
+                        owner,
+                        &observed,
+                        &mut ids,
+                        target,
+                        None,
+                        secret_name,
+                        ctx,
+                    )
+                    .await?,
+                )
+            }
+            _ => None,
+        };
+        if ids.recorded_now {
+            info!(
+                identity = ids.current.as_str(),
+                "recorded an unrecorded rotation"
+            );
+            self.journal.push(Note::normal(
+                "CredentialsRotated",
+                "Rotate",
+                format!(
+                    "recorded the rotation to identity {} that Secret {secret_name} already \
+                     holds (the operator stopped before writing the status){}",
+                    ids.current,
+                    match &ids.previous {
+                        Some((p, until)) => format!("; identity {p} keeps working until {until}"),
+                        None => String::new(),
+                    }
+                ),
+            ));
+        }
+        if rotated.is_some() || ids.recorded_now || ids.retire.is_some() {
+            // Recorded now, so that a later step's failure does not hide it.
+            self.b.status_mut().credentials = Some(ids.record.clone());
+        }
         self.schema(&names, owner, &observed, ctx).await?;
         {
             let s = self.b.status_mut();
@@ -176,18 +264,282 @@ impl Run<'_> {
 
         // A suspended tenant's Secret is kept as is (and repaired like any other: its login
         // cannot log in meanwhile).
-        let verifier = observed.role.as_ref().and_then(|r| r.verifier.as_deref());
-        let secret_version = self
-            .credentials(id, secret_name, verifier, fresh_password.as_deref(), ctx)
-            .await?;
+        let current = names.identity(&ids.current).unwrap_or(id);
+        let login = Login {
+            schema: id,
+            user: current,
+            rotated_at: Some(&ids.record.rotated_at),
+            request: ids.record.rotate_request.as_deref(),
+        };
+        let secret_version = match rotated {
+            Some(version) => {
+                self.b.ok(
+                    condition::CREDENTIALS_READY,
+                    "Issued",
+                    format!("credentials in Secret {secret_name}"),
+                );
+                version
+            }
+            None => {
+                let state = if current == &names.login_b {
+                    observed.login_b.as_ref()
+                } else {
+                    observed.role.as_ref()
+                };
+                let verifier = state.and_then(|r| r.verifier.as_deref());
+                let fresh = fresh_password.as_deref().filter(|_| current == id);
+                self.credentials(&login, secret_name, verifier, fresh, ctx)
+                    .await?
+            }
+        };
+        self.b.status_mut().credentials = Some(ids.record.clone());
         // After the migrations: a table they created while over quota got INSERT and UPDATE
         // from the default privileges, and is revoked again here.
         self.quota(&names, &plan.limits, ctx).await?;
 
+        let next = ids.next;
         if let Some(ended) = ended {
-            return Ok(self.suspended(id, secret_name, ended));
+            return Ok(self.suspended(id, secret_name, ended, next));
         }
-        Ok(self.ready(id, secret_name, version, held, secret_version))
+        Ok(self.ready(id, secret_name, version, held, secret_version, next))
+    }
+
+    /// Which login identity is current, and whether to rotate or retire one now (see
+    /// [`rotation::decide`]). A rotation into a second identity someone else holds stops here,
+    /// with nothing changed.
+    #[allow(clippy::too_many_arguments)]
+    async fn identities(
+        &mut self,
+        names: &Names,
+        observed: &Observed,
+        b_holder: &Holder,
+        plan: &Plan,
+        secret_name: &str,
+        now: Timestamp,
+        ctx: &Context,
+    ) -> Result<rotation::Decision, Failure> {
+        let record = self
+            .tenant
+            .status
+            .as_ref()
+            .and_then(|s| s.credentials.as_ref());
+        let unrecorded = match record {
+            Some(r) if r.previous_identity.is_none() => {
+                self.unrecorded(names, observed, r, secret_name, ctx)
+                    .await?
+            }
+            _ => None,
+        };
+        let d = rotation::decide(&rotation::Inputs {
+            a: names.app().as_str(),
+            b: names.login_b.as_str(),
+            record,
+            request: self.tenant.rotate_request(),
+            policy: plan.rotation,
+            suspended: self.tenant.is_suspended(),
+            unrecorded,
+            now,
+        });
+        if d.current == names.login_b.as_str() {
+            let message = match b_holder {
+                Holder::Unmanaged => Some(format!(
+                    "cannot rotate the credentials: role {} (the tenant's second login identity) \
+                     already exists and is not managed by tenantry; nothing was changed",
+                    names.login_b.as_str()
+                )),
+                Holder::OtherTenant(o) => Some(format!(
+                    "cannot rotate the credentials: role {} (the tenant's second login identity) \
+                     belongs to Tenant {}/{}; nothing was changed",
+                    names.login_b.as_str(),
+                    o.namespace,
+                    o.name
+                )),
+                Holder::Nobody | Holder::ThisTenant => None,
+            };
+            if let Some(message) = message {
+                return Err(Failure::conflict(
+                    condition::CREDENTIALS_READY,
+                    "Rotate",
+                    message,
+                    self.previous_phase,
+                ));
+            }
+        }
+        Ok(d)
+    }
+
+    /// Evidence of a rotation the status does not record: the operator stopped after writing
+    /// the Secret and before writing the status. Then the Secret names the identity that is
+    /// not recorded as current, that identity can log in (nothing else gives it LOGIN outside
+    /// a grace period), and its password checks out where the verifier is readable. Costs
+    /// nothing in the common case (the other identity cannot log in).
+    async fn unrecorded(
+        &self,
+        names: &Names,
+        observed: &Observed,
+        record: &CredentialsStatus,
+        secret_name: &str,
+        ctx: &Context,
+    ) -> Result<Option<rotation::Unrecorded>, Failure> {
+        let (other, state) = if record.identity == names.login_b.as_str() {
+            (names.app(), observed.role.as_ref())
+        } else {
+            (&names.login_b, observed.login_b.as_ref())
+        };
+        let Some(state) = state.filter(|s| s.can_login) else {
+            return Ok(None);
+        };
+        let value = |s: &Secret, key: &str| {
+            s.data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .and_then(|b| std::str::from_utf8(&b.0).ok().map(str::to_string))
+        };
+        let names_other = |s: &Secret| value(s, "username").as_deref() == Some(other.as_str());
+        let fail = |e| Failure::error(condition::CREDENTIALS_READY, e);
+        let cached = credentials::read(self.tenant, secret_name, false, ctx)
+            .await
+            .map_err(fail)?;
+        if !cached.as_ref().is_some_and(names_other) {
+            return Ok(None);
+        }
+        let Some(secret) = credentials::read(self.tenant, secret_name, true, ctx)
+            .await
+            .map_err(fail)?
+            .filter(names_other)
+        else {
+            return Ok(None);
+        };
+        let password_ok = match (&state.verifier, value(&secret, "password")) {
+            (Some(v), Some(p)) => scram::verify(&p, v),
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        if !password_ok {
+            return Ok(None);
+        }
+        let annotation = |k: &str| secret.annotations().get(k).cloned();
+        Ok(Some(rotation::Unrecorded {
+            rotated_at: annotation(rotation::SECRET_ROTATED_AT_ANNOTATION)
+                .and_then(|t| t.parse().ok()),
+            request: annotation(rotation::SECRET_REQUEST_ANNOTATION),
+        }))
+    }
+
+    /// The previous identity's grace period is over: it lost LOGIN and its password in the
+    /// role step; its sessions end now.
+    async fn retired(&mut self, retired: &Ident, ctx: &Context) -> Result<(), Failure> {
+        let ended =
+            ctx.admin.terminate(retired).await.map_err(|e| {
+                Failure::error(condition::CREDENTIALS_READY, db(Stage::Credentials)(e))
+            })?;
+        info!(
+            identity = retired.as_str(),
+            ended, "previous credentials retired"
+        );
+        self.journal.push(Note::normal(
+            "PreviousCredentialsRetired",
+            "Rotate",
+            format!(
+                "the grace period is over: identity {} can no longer log in (its password was \
+                 removed); ended {ended} open session(s)",
+                retired.as_str()
+            ),
+        ));
+        Ok(())
+    }
+
+    /// Rotates the credentials to `target`: a fresh password and LOGIN on it (created when
+    /// missing), then the Secret; the grace period of the previous identity counts from the
+    /// moment the Secret was written (clients cannot see the new credentials earlier; on a busy
+    /// machine that can be seconds after the reconcile began). `trigger` (with the grace period)
+    /// is `None` when the current identity, dropped by hand, is made again. Returns the
+    /// Secret's resourceVersion.
+    #[allow(clippy::too_many_arguments)]
+    async fn rotate(
+        &mut self,
+        names: &Names,
+        owner: &Owner,
+        observed: &Observed,
+        ids: &mut rotation::Decision,
+        target: &Ident,
+        trigger: Option<(&rotation::Trigger, Duration)>,
+        secret_name: &str,
+        ctx: &Context,
+    ) -> Result<Option<String>, Failure> {
+        let fail = |e| Failure::error(condition::CREDENTIALS_READY, e);
+        let password = scram::generate_password();
+        // The tenant's limits apply to a second identity made now (plan() validated them).
+        let limits = TenantLimits::of(&self.tenant.spec.limits).unwrap_or_default();
+        let settings = ctx
+            .admin
+            .login_settings(limits.connections, limits.statement_timeout_ms);
+        ctx.admin
+            .rotate_to(names, owner, observed, target, &password, &settings)
+            .await
+            .map_err(|e| fail(db(Stage::Credentials)(e)))?;
+        let login = Login {
+            schema: &names.schema,
+            user: target,
+            rotated_at: Some(&ids.record.rotated_at),
+            request: ids.record.rotate_request.as_deref(),
+        };
+        let issued =
+            credentials::ensure(self.tenant, &login, secret_name, None, Some(&password), ctx)
+                .await
+                .map_err(fail)?;
+        let version = match issued {
+            Issued::Ready { version, .. } => version,
+            Issued::Conflict(message) => {
+                return Err(Failure::conflict(
+                    condition::CREDENTIALS_READY,
+                    "Rotate",
+                    message,
+                    self.previous_phase,
+                ))
+            }
+        };
+        if let Some((_, grace)) = trigger {
+            ids.rotated_at(Timestamp::now(), grace);
+        }
+        let trigger = trigger.map(|(t, _)| t);
+        let note = match (trigger, &ids.previous) {
+            (Some(trigger), Some((previous, until))) => {
+                let why = match trigger {
+                    rotation::Trigger::Period => {
+                        "spec.credentials.rotationPeriod elapsed".to_string()
+                    }
+                    rotation::Trigger::Request(v) => {
+                        format!("requested by {}={v:?}", rotation::ROTATE_ANNOTATION)
+                    }
+                };
+                info!(
+                    identity = target.as_str(),
+                    previous = previous.as_str(),
+                    "credentials rotated"
+                );
+                Note::normal(
+                    "CredentialsRotated",
+                    "Rotate",
+                    format!(
+                        "{why}: Secret {secret_name} now holds identity {} with a new password; \
+                         identity {previous} keeps working until {until}",
+                        target.as_str()
+                    ),
+                )
+            }
+            _ => Note::normal(
+                "CredentialsRepaired",
+                "Provision",
+                format!(
+                    "identity {} was missing: made it again with a new password and wrote Secret \
+                     {secret_name}",
+                    target.as_str()
+                ),
+            ),
+        };
+        self.journal.push(note);
+        Ok(version)
     }
 
     /// A suspended tenant gets no migration: MigrationsApplied keeps what it said, the schema
@@ -212,7 +564,20 @@ impl Run<'_> {
     /// Suspended: phase, Ready False, Suspended True, and the Normal Event `Suspended` when it
     /// is news. Looked at again soon after entering (a login racing the NOLOGIN is ended
     /// then), later at the resync.
-    fn suspended(&mut self, id: &Ident, secret_name: &str, ended: u64) -> Done {
+    fn suspended(
+        &mut self,
+        id: &Ident,
+        secret_name: &str,
+        ended: u64,
+        next: Option<Timestamp>,
+    ) -> Done {
+        match self.suspended_wait(id, secret_name, ended) {
+            Done::Suspended(wait) => Done::Suspended(until_due(wait, next, Timestamp::now())),
+            other => other,
+        }
+    }
+
+    fn suspended_wait(&mut self, id: &Ident, secret_name: &str, ended: u64) -> Done {
         self.b.status_mut().secret_name = Some(secret_name.to_string());
         let message = format!(
             "spec.suspended is true: role {} cannot log in, the API answers 423 and no \
@@ -358,11 +723,29 @@ impl Run<'_> {
         names: &Names,
         owner: &Owner,
         observed: &Observed,
+        ids: &rotation::Decision,
         limits: &TenantLimits,
         ctx: &Context,
     ) -> Result<Option<String>, Failure> {
         let id = names.app();
         let password = observed.role.is_none().then(scram::generate_password);
+        let suspended = self.tenant.is_suspended();
+        let retire = ids
+            .retire
+            .as_deref()
+            .and_then(|r| names.identity(r))
+            .filter(|r| {
+                if *r == id {
+                    observed.role.is_some()
+                } else {
+                    observed.login_b.is_some()
+                }
+            });
+        let logins = Logins {
+            app: ids.may_log_in(id.as_str(), suspended),
+            b: ids.may_log_in(names.login_b.as_str(), suspended),
+            retire,
+        };
         let settings = ctx
             .admin
             .login_settings(limits.connections, limits.statement_timeout_ms);
@@ -372,7 +755,7 @@ impl Run<'_> {
                 owner,
                 observed,
                 password.as_deref(),
-                !self.tenant.is_suspended(),
+                &logins,
                 &settings,
             )
             .await
@@ -648,7 +1031,8 @@ impl Run<'_> {
             }
         }
         let over = over_quota(was_over, measured.as_ref().map(|m| m.bytes), quota);
-        // Every login role of the tenant (today the app role).
+        // The app role: it holds the grants, and the second login identity has none of its
+        // own (it inherits the app role's), so revoking from the app role covers both.
         let logins = [names.app()];
         // The grants are the schema's privileges: a failure here is the schema step's.
         let fail = |e| Failure::error(condition::SCHEMA_READY, db(Stage::Schema)(e));
@@ -744,16 +1128,22 @@ impl Run<'_> {
     /// The credentials Secret. Returns its resourceVersion.
     async fn credentials(
         &mut self,
-        id: &Ident,
+        login: &Login<'_>,
         secret_name: &str,
         verifier: Option<&str>,
         fresh_password: Option<&str>,
         ctx: &Context,
     ) -> Result<Option<String>, Failure> {
-        let issued =
-            credentials::ensure(self.tenant, id, secret_name, verifier, fresh_password, ctx)
-                .await
-                .map_err(|e| Failure::error(condition::CREDENTIALS_READY, e))?;
+        let issued = credentials::ensure(
+            self.tenant,
+            login,
+            secret_name,
+            verifier,
+            fresh_password,
+            ctx,
+        )
+        .await
+        .map_err(|e| Failure::error(condition::CREDENTIALS_READY, e))?;
         match issued {
             Issued::Ready { version, wrote } => {
                 self.journal.extend(wrote);
@@ -782,6 +1172,7 @@ impl Run<'_> {
         version: Option<i64>,
         held: Option<Hold>,
         secret_version: Option<String>,
+        next: Option<Timestamp>,
     ) -> Done {
         self.b.status_mut().secret_name = Some(secret_name.to_string());
         self.b.ready(format!(
@@ -825,7 +1216,7 @@ impl Run<'_> {
                 migration_version: version,
                 at: Instant::now(),
             },
-            requeue: held.map_or(RESYNC, Hold::requeue),
+            requeue: until_due(held.map_or(RESYNC, Hold::requeue), next, Timestamp::now()),
         }
     }
 
@@ -850,6 +1241,15 @@ impl Run<'_> {
             },
             Err(failure) => failure.report(self.b, events),
         }
+    }
+}
+
+/// `wait`, or less when a credentials step is due earlier (a little after it, so that the
+/// look finds it due).
+fn until_due(wait: Duration, due: Option<Timestamp>, now: Timestamp) -> Duration {
+    match due {
+        Some(t) => wait.min(rotation::until(t, now) + Duration::from_millis(100)),
+        None => wait,
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 
-use super::{limits, naming, plan};
+use super::{limits, naming, plan, rotation};
 use serde::{Deserialize, Serialize};
 
 /// API group of every tenantry resource.
@@ -72,9 +72,10 @@ pub struct TenantSpec {
     #[schemars(inner(length(max = 253), pattern(plan::DNS_SUBDOMAIN_PATTERN)))]
     pub hosts: Vec<String>,
 
-    /// What happens to the schema, its data and the role when the Tenant is deleted. `Retain`
-    /// (default) keeps schema, data and role and only revokes the role's LOGIN; `Delete` drops
-    /// the schema with all its data and the role.
+    /// What happens to the schema, its data and the roles when the Tenant is deleted. `Retain`
+    /// (default) keeps schema, data, the app role and the owner role and only revokes the app
+    /// role's LOGIN (the second login identity `<schema>_b` of credential rotation is dropped);
+    /// `Delete` drops the schema with all its data and every role of the tenant.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 
@@ -196,6 +197,24 @@ pub struct CredentialsSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub template: BTreeMap<String, String>,
+    /// Rotate the credentials this long after the last rotation (or the first issue), e.g.
+    /// `720h`: a duration of hours, minutes and seconds (`720h`, `1h30m`, `90s`). Unset: only
+    /// on demand, by setting the annotation `tenantry.dev/rotate` to a new value. A rotation
+    /// moves the Secret to the tenant's other login identity with a fresh password; the
+    /// previous identity keeps working for `gracePeriod`. Must be longer than `gracePeriod`
+    /// (at least 1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(rotation::DURATION_PATTERN))]
+    pub rotation_period: Option<String>,
+
+    /// How long the previous login identity keeps working after a rotation, before it loses
+    /// LOGIN and its sessions are ended, e.g. `10m`. Default `5m`; from `1s` to `720h`.
+    /// Workloads that mount the Secret see the new credentials only after the kubelet
+    /// refreshes the volume (up to about a minute plus its cache TTL), so keep it at 3m or
+    /// more unless every client reads the Secret from the apiserver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(rotation::DURATION_PATTERN))]
+    pub grace_period: Option<String>,
 }
 
 /// Observed state of a Tenant, written only by the operator.
@@ -215,8 +234,9 @@ pub struct TenantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
 
-    /// PostgreSQL role that logs in with the credentials (the Secret's username): it may read
-    /// and write the tenant's tables and create nothing.
+    /// The tenant's app role: it may read and write the tenant's tables and create nothing;
+    /// the API switches to it. The Secret logs in as it or as its second login identity
+    /// `<schema>_b` (a member of it), as `credentials.identity` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
 
@@ -244,6 +264,11 @@ pub struct TenantStatus {
     #[schemars(with = "UsageStatus")]
     pub usage: Option<UsageStatus>,
 
+    /// Which login identity the credentials Secret holds, since when, and until when the
+    /// previous one still works (credential rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CredentialsStatus>,
+
     /// One condition per provisioning step (RoleReady, SchemaReady, MigrationsApplied,
     /// CredentialsReady), Ready, Routable (no other Tenant shares its name or a host), and
     /// SpecAccepted=False while a change to an already provisioned tenant is refused (the
@@ -269,6 +294,36 @@ pub struct UsageStatus {
     pub size: String,
     /// When these bytes were measured (RFC 3339).
     pub measured_at: String,
+}
+
+/// The login identity in the credentials Secret. A tenant has at most two login identities, the
+/// app role and `<schema>_b` (a member of the app role, so both have the same rights); each
+/// rotation moves the Secret to the other one with a fresh password.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsStatus {
+    /// PostgreSQL role the credentials Secret logs in as now (its `username`).
+    pub identity: String,
+
+    /// When the Secret got this identity and its password (RFC 3339): the last rotation, or
+    /// when the credentials were first issued. `spec.credentials.rotationPeriod` counts from
+    /// here.
+    pub rotated_at: String,
+
+    /// The identity the Secret held before the last rotation, while it still logs in; absent
+    /// once it was retired (NOLOGIN, password removed, sessions ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_identity: Option<String>,
+
+    /// When previousIdentity stops working (RFC 3339): the rotation time plus
+    /// `spec.credentials.gracePeriod`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_valid_until: Option<String>,
+
+    /// The last value of the annotation `tenantry.dev/rotate` that was acted on: setting the
+    /// annotation to any other value rotates the credentials once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_request: Option<String>,
 }
 
 /// Lifecycle phase of a Tenant.
@@ -407,6 +462,22 @@ impl Tenant {
     pub fn is_over_quota(&self) -> bool {
         self.condition(condition::QUOTA_EXCEEDED)
             .is_some_and(|c| c.status == "True")
+    }
+
+    /// Sets `spec.credentials.rotationPeriod` and `gracePeriod`.
+    pub fn with_rotation(mut self, period: Option<&str>, grace: Option<&str>) -> Self {
+        self.spec.credentials.rotation_period = period.map(str::to_string);
+        self.spec.credentials.grace_period = grace.map(str::to_string);
+        self
+    }
+
+    /// The value of the on-demand rotation annotation ([`rotation::ROTATE_ANNOTATION`]).
+    pub fn rotate_request(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(rotation::ROTATE_ANNOTATION))
+            .map(String::as_str)
     }
 
     /// Sets `spec.suspended`.
@@ -585,6 +656,36 @@ mod tests {
         .unwrap();
         assert_eq!(t.limits.connections, Some(2));
         assert_eq!(t.limits.statement_timeout.as_deref(), Some("2s"));
+    }
+
+    #[test]
+    fn rotation_fields_are_validated_and_documented() {
+        for field in ["rotationPeriod", "gracePeriod"] {
+            let f = spec_property(&["credentials", field]);
+            assert_eq!(f["pattern"], rotation::DURATION_PATTERN, "{field}");
+            assert_eq!(f["maxLength"], 32, "{field}");
+            assert!(f["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("720h") || d.contains("5m")));
+        }
+        let crd = serde_json::to_value(Tenant::crd()).unwrap();
+        let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["status"]["properties"]["credentials"];
+        for field in [
+            "identity",
+            "rotatedAt",
+            "previousIdentity",
+            "previousValidUntil",
+            "rotateRequest",
+        ] {
+            assert!(
+                status["properties"][field]["description"].is_string(),
+                "status.credentials.{field} undocumented"
+            );
+        }
+        // Unset stays unset when written back.
+        let json = serde_json::to_value(CredentialsSpec::default()).unwrap();
+        assert_eq!(json, serde_json::json!({}));
     }
 
     #[test]

@@ -89,6 +89,31 @@ pub struct Material {
     pub jwt_key: String,
 }
 
+/// Who a credentials Secret logs in as, into which schema, and the rotation it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Login<'a> {
+    /// The tenant's schema (its `search_path`).
+    pub schema: &'a Ident,
+    /// The login identity: the app role or the second identity of credential rotation.
+    pub user: &'a Ident,
+    /// When the Secret got this identity (RFC 3339), written as an annotation.
+    pub rotated_at: Option<&'a str>,
+    /// The rotate request this identity answered, written as an annotation.
+    pub request: Option<&'a str>,
+}
+
+impl<'a> Login<'a> {
+    /// The app role logging into its own schema, with no rotation record.
+    pub fn app(schema: &'a Ident) -> Self {
+        Self {
+            schema,
+            user: schema,
+            rotated_at: None,
+            request: None,
+        }
+    }
+}
+
 /// Percent-encodes a value for a connection URI: every byte but ASCII letters and digits.
 pub fn encode(s: &str) -> String {
     utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
@@ -124,9 +149,10 @@ pub fn jdbc_tls(endpoint: &Endpoint) -> String {
 }
 
 /// The Secret's `data`, as plain strings.
-pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<String, String> {
+pub fn credentials(endpoint: &Endpoint, login: &Login, m: &Material) -> BTreeMap<String, String> {
     let password = m.password.as_str();
-    let user = id.as_str();
+    let user = login.user.as_str();
+    let schema = login.schema.as_str();
     // A host that is a socket directory must be passed as a query parameter in URIs.
     let (authority, host_param) = if endpoint.host.starts_with('/') {
         (String::new(), format!("&host={}", encode(&endpoint.host)))
@@ -142,7 +168,7 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
         encode(password),
         authority,
         encode(&endpoint.dbname),
-        encode(&format!("-c search_path={user}")),
+        encode(&format!("-c search_path={schema}")),
         host_param,
         if endpoint.host.starts_with('/') {
             format!("&port={}", endpoint.port)
@@ -156,7 +182,7 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
         endpoint.host,
         endpoint.port,
         encode(&endpoint.dbname),
-        encode(user),
+        encode(schema),
         encode(user),
         encode(password),
         jdbc_tls(endpoint)
@@ -167,7 +193,7 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
         ("dbname".into(), endpoint.dbname.clone()),
         ("username".into(), user.to_string()),
         ("password".into(), password.to_string()),
-        ("schema".into(), id.as_str().to_string()),
+        ("schema".into(), schema.to_string()),
         ("uri".into(), uri),
         ("jdbc-uri".into(), jdbc),
         (JWT_KEY.into(), m.jwt_key.clone()),
@@ -175,8 +201,16 @@ pub fn credentials(endpoint: &Endpoint, id: &Ident, m: &Material) -> BTreeMap<St
 }
 
 /// The complete desired Secret for `tenant`, owned by it.
-pub fn desired(tenant: &Tenant, endpoint: &Endpoint, id: &Ident, m: &Material) -> Secret {
-    let mut data = credentials(endpoint, id, m);
+pub fn desired(tenant: &Tenant, endpoint: &Endpoint, login: &Login, m: &Material) -> Secret {
+    use crate::domain::rotation::{SECRET_REQUEST_ANNOTATION, SECRET_ROTATED_AT_ANNOTATION};
+    let annotations: BTreeMap<String, String> = [
+        (SECRET_ROTATED_AT_ANNOTATION, login.rotated_at),
+        (SECRET_REQUEST_ANNOTATION, login.request),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_string(), v?.to_string())))
+    .collect();
+    let mut data = credentials(endpoint, login, m);
     let extra = super::template::render(&tenant.spec.credentials.template, &data);
     data.extend(extra);
     let data = data
@@ -188,6 +222,7 @@ pub fn desired(tenant: &Tenant, endpoint: &Endpoint, id: &Ident, m: &Material) -
             name: Some(tenant.secret_name()),
             namespace: tenant.namespace(),
             labels: Some(labels(tenant)),
+            annotations: (!annotations.is_empty()).then_some(annotations),
             owner_references: tenant.controller_owner_ref(&()).map(|o| vec![o]),
             ..ObjectMeta::default()
         },
@@ -216,14 +251,17 @@ pub enum Decision {
     Conflict { message: String },
 }
 
-/// Decides about an existing Secret. `jwt_key` is the tenant's signing key (see
-/// [`derive_jwt_key`]); `verifier` is the role's stored SCRAM verifier when readable;
-/// `fresh_password` is set when the role was created in this reconcile.
+/// Decides about an existing Secret for `login` (the current identity). `jwt_key` is the
+/// tenant's signing key (see [`derive_jwt_key`]); `verifier` is the identity's stored SCRAM
+/// verifier when readable; `fresh_password` is set when the identity got it in this
+/// reconcile (created, or rotated to). A Secret naming another identity is repaired to this
+/// one, with its password when it checks out against this identity: tamper repair follows
+/// the current identity and never goes back to a previous one.
 pub fn decide(
     tenant: &Tenant,
     existing: Option<&Secret>,
     endpoint: &Endpoint,
-    id: &Ident,
+    login: &Login,
     jwt_key: &str,
     verifier: Option<&str>,
     fresh_password: Option<&str>,
@@ -283,7 +321,7 @@ pub fn decide(
         }
     }
     let material = Material { password, jwt_key };
-    let want = desired(tenant, endpoint, id, &material);
+    let want = desired(tenant, endpoint, login, &material);
     let same_data = secret.data == want.data;
     let same_owner = secret.metadata.owner_references == want.metadata.owner_references;
     let labels_ok = want
@@ -337,7 +375,7 @@ mod tests {
 
     #[test]
     fn credentials_have_every_key_and_usable_uris() {
-        let c = credentials(&ep(), &id(), &m("pw"));
+        let c = credentials(&ep(), &Login::app(&id()), &m("pw"));
         assert_eq!(
             c.keys().map(String::as_str).collect::<Vec<_>>().len(),
             KEYS.len()
@@ -358,7 +396,7 @@ mod tests {
         tls.set_tls_param("sslmode", "verify-full").unwrap();
         tls.set_tls_param("sslnegotiation", "direct").unwrap();
         tls.set_tls_param("sslcrl", "/etc/db/crl.pem").unwrap();
-        let c = credentials(&tls, &id(), &m("pw"));
+        let c = credentials(&tls, &Login::app(&id()), &m("pw"));
         assert!(
             c["uri"].ends_with(
                 "search%5Fpath%3Dns%5Facme&sslmode=verify-full&sslnegotiation=direct\
@@ -406,10 +444,10 @@ mod tests {
     fn missing_secret_rotates_unless_password_is_fresh() {
         let t = tenant();
         assert!(matches!(
-            decide(&t, None, &ep(), &id(), &key(), None, None),
+            decide(&t, None, &ep(), &Login::app(&id()), &key(), None, None),
             Decision::Rotate { .. }
         ));
-        match decide(&t, None, &ep(), &id(), &key(), None, Some("p")) {
+        match decide(&t, None, &ep(), &Login::app(&id()), &key(), None, Some("p")) {
             Decision::Repair(m) => {
                 assert_eq!(m.password, "p");
                 assert!(m.jwt_key.len() >= MIN_JWT_KEY_BYTES);
@@ -421,10 +459,18 @@ mod tests {
     #[test]
     fn unchanged_secret_is_kept_and_drift_is_repaired() {
         let t = tenant();
-        let s = desired(&t, &ep(), &id(), &m("pw"));
+        let s = desired(&t, &ep(), &Login::app(&id()), &m("pw"));
         let v = scram::verifier("pw");
         assert_eq!(
-            decide(&t, Some(&s), &ep(), &id(), &key(), Some(&v), None),
+            decide(
+                &t,
+                Some(&s),
+                &ep(),
+                &Login::app(&id()),
+                &key(),
+                Some(&v),
+                None
+            ),
             Decision::Keep
         );
 
@@ -435,14 +481,30 @@ mod tests {
             .unwrap()
             .insert("host".into(), ByteString(b"evil".to_vec()));
         assert_eq!(
-            decide(&t, Some(&tampered), &ep(), &id(), &key(), Some(&v), None),
+            decide(
+                &t,
+                Some(&tampered),
+                &ep(),
+                &Login::app(&id()),
+                &key(),
+                Some(&v),
+                None
+            ),
             Decision::Repair(m("pw"))
         );
 
         let other_v = scram::verifier("other");
         // A new password keeps the signing key.
         assert_eq!(
-            decide(&t, Some(&s), &ep(), &id(), &key(), Some(&other_v), None),
+            decide(
+                &t,
+                Some(&s),
+                &ep(),
+                &Login::app(&id()),
+                &key(),
+                Some(&other_v),
+                None
+            ),
             Decision::Rotate {
                 reason: "Secret password does not match the role".into(),
                 jwt_key: "k".repeat(64)
@@ -453,7 +515,7 @@ mod tests {
     #[test]
     fn template_keys_are_rendered_and_a_template_change_repairs_with_the_same_password() {
         let plain = tenant();
-        let s = desired(&plain, &ep(), &id(), &m("pw"));
+        let s = desired(&plain, &ep(), &Login::app(&id()), &m("pw"));
         let mut t = tenant();
         t.spec
             .credentials
@@ -461,22 +523,86 @@ mod tests {
             .insert("DATABASE_URL".into(), "{{ .uri }}".into());
         let v = scram::verifier("pw");
         assert_eq!(
-            decide(&t, Some(&s), &ep(), &id(), &key(), Some(&v), None),
+            decide(
+                &t,
+                Some(&s),
+                &ep(),
+                &Login::app(&id()),
+                &key(),
+                Some(&v),
+                None
+            ),
             Decision::Repair(m("pw"))
         );
-        let with = desired(&t, &ep(), &id(), &m("pw"));
+        let with = desired(&t, &ep(), &Login::app(&id()), &m("pw"));
         let data = with.data.as_ref().unwrap();
         assert_eq!(data["DATABASE_URL"], data["uri"]);
         assert_eq!(
-            decide(&t, Some(&with), &ep(), &id(), &key(), Some(&v), None),
+            decide(
+                &t,
+                Some(&with),
+                &ep(),
+                &Login::app(&id()),
+                &key(),
+                Some(&v),
+                None
+            ),
             Decision::Keep
         );
         // A new password re-renders the template.
-        let next = desired(&t, &ep(), &id(), &m("pw2"));
+        let next = desired(&t, &ep(), &Login::app(&id()), &m("pw2"));
         assert_ne!(
             next.data.as_ref().unwrap()["DATABASE_URL"],
             data["DATABASE_URL"]
         );
+    }
+
+    #[test]
+    fn a_second_identity_logs_into_the_tenant_schema_and_repair_follows_it() {
+        let t = tenant();
+        let (schema, b) = (id(), Ident::parse("role", "ns_acme_b").unwrap());
+        let login_b = Login {
+            schema: &schema,
+            user: &b,
+            rotated_at: Some("2026-01-01T00:00:00Z"),
+            request: Some("1"),
+        };
+        let s = desired(&t, &ep(), &login_b, &m("pwb"));
+        let c = credentials(&ep(), &login_b, &m("pwb"));
+        assert_eq!(c["username"], "ns_acme_b");
+        assert_eq!(c["schema"], "ns_acme");
+        assert!(
+            c["uri"].contains("search%5Fpath%3Dns%5Facme&")
+                || c["uri"].ends_with("search%5Fpath%3Dns%5Facme"),
+            "{}",
+            c["uri"]
+        );
+        assert!(c["jdbc-uri"].contains("currentSchema=ns%5Facme&user=ns%5Facme%5Fb&"));
+        let ann = s.metadata.annotations.clone().unwrap();
+        assert_eq!(ann["tenantry.dev/rotated-at"], "2026-01-01T00:00:00Z");
+        assert_eq!(ann["tenantry.dev/rotate-request"], "1");
+        let v = scram::verifier("pwb");
+        assert_eq!(
+            decide(&t, Some(&s), &ep(), &login_b, &key(), Some(&v), None),
+            Decision::Keep
+        );
+        // Someone puts the previous identity back into the Secret, with the current
+        // identity's password: repaired to the current identity, with that password.
+        let mut back = s.clone();
+        back.data
+            .as_mut()
+            .unwrap()
+            .insert("username".into(), ByteString(b"ns_acme".to_vec()));
+        assert_eq!(
+            decide(&t, Some(&back), &ep(), &login_b, &key(), Some(&v), None),
+            Decision::Repair(m("pwb"))
+        );
+        // The previous identity's whole Secret: its password is not the current one's.
+        let old = desired(&t, &ep(), &Login::app(&schema), &m("pwa"));
+        assert!(matches!(
+            decide(&t, Some(&old), &ep(), &login_b, &key(), Some(&v), None),
+            Decision::Rotate { .. }
+        ));
     }
 
     #[test]
@@ -490,7 +616,15 @@ mod tests {
             ..Secret::default()
         };
         assert!(matches!(
-            decide(&t, Some(&foreign), &ep(), &id(), &key(), None, None),
+            decide(
+                &t,
+                Some(&foreign),
+                &ep(),
+                &Login::app(&id()),
+                &key(),
+                None,
+                None
+            ),
             Decision::Conflict { .. }
         ));
     }

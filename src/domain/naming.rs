@@ -175,9 +175,43 @@ pub fn owner_role(schema: &Ident) -> Ident {
     Ident(format!("{}_{hex}{OWNER_SUFFIX}", &name[..46]))
 }
 
+/// Suffix of a tenant's second login identity.
+pub const LOGIN_B_SUFFIX: &str = "_b";
+
+/// The tenant's second login identity (credential rotation alternates between the app role
+/// and this one): `<schema>_b`, or — when that would pass the 63-byte limit — the first 52
+/// bytes of the schema name, 8 hex digits of its SHA-256 and `_b`, like [`owner_role`].
+pub fn login_b(schema: &Ident) -> Ident {
+    let name = schema.as_str();
+    if name.len() + LOGIN_B_SUFFIX.len() <= MAX_IDENTIFIER_BYTES {
+        return Ident(format!("{name}{LOGIN_B_SUFFIX}"));
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(name.as_bytes());
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    Ident(format!("{}_{hex}{LOGIN_B_SUFFIX}", &name[..52]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn second_identities_fit_and_stay_distinct() {
+        let short = Ident::parse("schema", "team_a_acme").unwrap();
+        assert_eq!(login_b(&short).as_str(), "team_a_acme_b");
+        let a = Ident::parse("schema", &"a".repeat(63)).unwrap();
+        let b = Ident::parse("schema", &format!("{}b", "a".repeat(62))).unwrap();
+        let (la, lb) = (login_b(&a), login_b(&b));
+        assert_eq!(la.as_str().len(), MAX_IDENTIFIER_BYTES, "{la:?}");
+        assert!(la.as_str().ends_with("_b"));
+        assert_ne!(la, lb);
+        assert_ne!(la, owner_role(&a));
+        assert!(Ident::parse("role", la.as_str()).is_ok());
+        // Exactly at the limit: suffixed as is.
+        let edge = Ident::parse("schema", &"c".repeat(61)).unwrap();
+        assert_eq!(login_b(&edge).as_str().len(), 63);
+    }
 
     #[test]
     fn owner_roles_fit_and_stay_distinct() {

@@ -7,6 +7,7 @@ use super::{
     crd::Tenant,
     limits::TenantLimits,
     naming::{tenant_ident, Ident},
+    rotation,
     state::Owner,
 };
 
@@ -19,6 +20,8 @@ pub struct Plan {
     pub secret_name: String,
     /// `spec.limits`, parsed.
     pub limits: TenantLimits,
+    /// When to rotate the credentials and how long the previous identity keeps working.
+    pub rotation: rotation::Policy,
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -82,8 +85,10 @@ pub fn plan(tenant: &Tenant) -> Result<Plan, String> {
         }
     }
     let limits = TenantLimits::of(&tenant.spec.limits)?;
+    let rotation = rotation::policy(tenant)?;
     Ok(Plan {
         limits,
+        rotation,
         owner: Owner::new(
             &namespace,
             &name,

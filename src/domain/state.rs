@@ -49,6 +49,9 @@ pub struct Observed {
     pub role: Option<RoleState>,
     /// The owner role: owns the schema and its objects, never logs in.
     pub owner_role: Option<RoleState>,
+    /// The second login identity (`<schema>_b`), which credential rotation alternates with
+    /// the app role.
+    pub login_b: Option<RoleState>,
     pub schema: Option<SchemaState>,
 }
 
@@ -65,10 +68,13 @@ pub struct RoleState {
     /// The role's own default `statement_timeout` (`ALTER ROLE … SET`, in every database), as
     /// PostgreSQL stores it, if any.
     pub statement_timeout: Option<String>,
+    /// Whether it is a member of the app role (the second login identity must be: it inherits
+    /// the app role's rights that way).
+    pub member_of_app: bool,
 }
 
-/// What the operator wants of every login role of a tenant (today the app role; with a second
-/// login identity, both).
+/// What the operator wants of every login role of a tenant (the app role and, once a rotation
+/// made it, the second login identity).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoginSettings {
     /// `CONNECTION LIMIT` (-1: unlimited).
@@ -130,6 +136,14 @@ impl Observed {
         holder(
             self.owner_role.is_some(),
             self.owner_role.as_ref().and_then(|r| r.owner.as_ref()),
+            me,
+        )
+    }
+
+    pub fn login_b_holder(&self, me: &Owner) -> Holder {
+        holder(
+            self.login_b.is_some(),
+            self.login_b.as_ref().and_then(|r| r.owner.as_ref()),
             me,
         )
     }

@@ -24,6 +24,7 @@ impl StatusBuilder {
             secret_name: previous_status.secret_name.clone(),
             migration_version: previous_status.migration_version,
             usage: previous_status.usage.clone(),
+            credentials: previous_status.credentials.clone(),
             conditions: Vec::new(),
         };
         Self {

@@ -30,12 +30,27 @@ pub struct Names {
     /// keep working).
     pub schema: Ident,
     pub owner: Ident,
+    /// The second login identity, which credential rotation alternates with the app role: a
+    /// member of the app role (so it has exactly its rights), with nothing of its own.
+    pub login_b: Ident,
 }
 
 impl Names {
     pub fn new(schema: Ident) -> Self {
         let owner = crate::domain::naming::owner_role(&schema);
-        Self { schema, owner }
+        let login_b = crate::domain::naming::login_b(&schema);
+        Self {
+            schema,
+            owner,
+            login_b,
+        }
+    }
+
+    /// The login identity named `name`, if it is one of this tenant's two.
+    pub fn identity(&self, name: &str) -> Option<&Ident> {
+        [self.app(), &self.login_b]
+            .into_iter()
+            .find(|i| i.as_str() == name)
     }
 
     /// The app role: the login in the credentials Secret.
@@ -43,9 +58,6 @@ impl Names {
         &self.schema
     }
 }
-
-/// (exists, rolcanlogin, gateway member, comment, verifier) of one role.
-type RoleRow = (bool, Option<bool>, bool, Option<String>, Option<String>);
 
 /// What was done to bring the schema into the owner/app layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,14 +78,30 @@ pub enum SchemaChange {
     Unchanged,
 }
 
+/// Which login identities may log in after [`Admin::ensure_roles`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Logins<'a> {
+    /// LOGIN for the app role (identity A); NOLOGIN when false.
+    pub app: bool,
+    /// LOGIN for the second identity, when it exists.
+    pub b: bool,
+    /// The identity retired now: NOLOGIN, and its password removed.
+    pub retire: Option<&'a Ident>,
+}
+
 impl Admin {
-    /// Reads the state of the tenant's two roles and its schema, in one round trip of catalog
-    /// reads (no tenant object is evaluated).
+    /// Reads the state of the tenant's roles (owner, app, second login identity) and its
+    /// schema, in one round trip of catalog reads (no tenant object is evaluated).
     pub async fn observe_tenant(&self, names: &Names) -> Result<Observed, sqlx::Error> {
-        let verifier_expr = if self.superuser {
-            "(SELECT a.rolpassword FROM pg_catalog.pg_authid a WHERE a.oid = r.oid)"
-        } else {
-            "NULL::text"
+        use sqlx::Row;
+        let verifier = |alias: &str| {
+            if self.superuser {
+                format!(
+                    "(SELECT a.rolpassword FROM pg_catalog.pg_authid a WHERE a.oid = {alias}.oid)"
+                )
+            } else {
+                "NULL::text".to_string()
+            }
         };
         let role_cols = |alias: &str| {
             format!(
@@ -81,75 +109,85 @@ impl Admin {
                  EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m \
                          JOIN pg_catalog.pg_roles g ON g.oid = m.member \
                          WHERE m.roleid = {alias}.oid AND g.rolname = $3), \
-                 pg_catalog.shobj_description({alias}.oid, 'pg_authid')"
+                 pg_catalog.shobj_description({alias}.oid, 'pg_authid'), {}, {alias}.rolconnlimit, \
+                 EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m \
+                         WHERE m.roleid = r.oid AND m.member = {alias}.oid), \
+                 (SELECT pg_catalog.substr(c, 19) \
+                    FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c \
+                   WHERE s.setrole = {alias}.oid AND s.setdatabase = 0 \
+                     AND pg_catalog.starts_with(c, 'statement_timeout=') LIMIT 1)",
+                verifier(alias)
             )
         };
-        #[allow(clippy::type_complexity)]
-        let row: (
-            bool,
-            Option<bool>,
-            bool,
-            Option<String>,
-            Option<String>,
-            bool,
-            Option<bool>,
-            bool,
-            Option<String>,
-            bool,
-            Option<String>,
-            Option<String>,
-            Option<bool>,
-            Option<bool>,
-            Option<i32>,
-            Option<String>,
-        ) = sqlx::query_as(&format!(
-            "SELECT {app}, {verifier_expr}, {own}, \
+        let row = sqlx::query(&format!(
+            "SELECT {app}, {own}, {b}, \
                     n.oid IS NOT NULL, pg_catalog.pg_get_userbyid(n.nspowner), \
                     pg_catalog.obj_description(n.oid, 'pg_namespace'), \
                     CASE WHEN n.oid IS NOT NULL AND r.oid IS NOT NULL \
                          THEN pg_catalog.has_schema_privilege(r.oid, n.oid, 'CREATE') END, \
                     CASE WHEN n.oid IS NOT NULL AND r.oid IS NOT NULL \
-                         THEN pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE') END, \
-                    r.rolconnlimit, \
-                    (SELECT pg_catalog.substr(c, 19) \
-                       FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c \
-                      WHERE s.setrole = r.oid AND s.setdatabase = 0 \
-                        AND pg_catalog.starts_with(c, 'statement_timeout=') LIMIT 1) \
-             FROM (SELECT $1::name AS app, $2::name AS own) x \
+                         THEN pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE') END \
+             FROM (SELECT $1::name AS app, $2::name AS own, $4::name AS b) x \
              LEFT JOIN pg_catalog.pg_roles r ON r.rolname = x.app \
              LEFT JOIN pg_catalog.pg_roles o ON o.rolname = x.own \
+             LEFT JOIN pg_catalog.pg_roles l ON l.rolname = x.b \
              LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = x.app",
             app = role_cols("r"),
             own = role_cols("o"),
+            b = role_cols("l"),
         ))
         .bind(names.app().as_str())
         .bind(names.owner.as_str())
         .bind(self.gateway.as_ref().map(|g| g.as_str().to_string()))
+        .bind(names.login_b.as_str())
         .fetch_one(&self.pool)
         .await?;
-        let app: RoleRow = (row.0, row.1, row.2, row.3, row.4);
-        let own: RoleRow = (row.5, row.6, row.7, row.8, None);
-        let role = |(exists, login, gw, comment, verifier): RoleRow,
-                    limit: Option<i32>,
-                    statement_timeout: Option<String>| {
-            exists.then(|| RoleState {
-                can_login: login.unwrap_or(false),
-                gateway_member: gw,
+        // Eight columns per role, then the schema's.
+        let role = |at: usize| -> Result<Option<RoleState>, sqlx::Error> {
+            let exists: bool = row.try_get(at)?;
+            let comment: Option<String> = row.try_get(at + 3)?;
+            Ok(exists.then(|| RoleState {
+                can_login: row
+                    .try_get::<Option<bool>, _>(at + 1)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(false),
+                gateway_member: row.try_get(at + 2).unwrap_or(false),
                 owner: Owner::parse(comment.as_deref()),
-                verifier,
-                connection_limit: limit.unwrap_or(-1),
-                statement_timeout,
+                verifier: row.try_get(at + 4).ok().flatten(),
+                connection_limit: row
+                    .try_get::<Option<i32>, _>(at + 5)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(-1),
+                member_of_app: row.try_get(at + 6).unwrap_or(false),
+                statement_timeout: row.try_get(at + 7).ok().flatten(),
+            }))
+        };
+        let mut owner_role = role(8)?;
+        if let Some(o) = &mut owner_role {
+            o.verifier = None;
+        }
+        let schema_exists: bool = row.try_get(24)?;
+        let schema = if schema_exists {
+            let owner_role_name: Option<String> = row.try_get(25)?;
+            let comment: Option<String> = row.try_get(26)?;
+            let create: Option<bool> = row.try_get(27)?;
+            let usage: Option<bool> = row.try_get(28)?;
+            Some(SchemaState {
+                owner_role: owner_role_name.unwrap_or_default(),
+                owner: Owner::parse(comment.as_deref()),
+                app_can_create: create.unwrap_or(false),
+                app_usage: usage.unwrap_or(false),
             })
+        } else {
+            None
         };
         Ok(Observed {
-            role: role(app, row.14, row.15.clone()),
-            owner_role: role(own, None, None),
-            schema: row.9.then(|| SchemaState {
-                owner_role: row.10.clone().unwrap_or_default(),
-                owner: Owner::parse(row.11.as_deref()),
-                app_can_create: row.12.unwrap_or(false),
-                app_usage: row.13.unwrap_or(false),
-            }),
+            role: role(0)?,
+            owner_role,
+            login_b: role(16)?,
+            schema,
         })
     }
 
@@ -166,20 +204,21 @@ impl Admin {
         }
     }
 
-    /// Creates whichever of the two roles is missing and brings existing ones back in line
-    /// (marks, LOGIN for the app role — NOLOGIN when `login` is false, for a suspended
-    /// tenant —, gateway membership of the app role only, the login settings), in one
-    /// transaction. `password` is the app role's password when it is created now. Returns
-    /// whether anything changed.
+    /// Creates whichever of the owner and app roles is missing and brings the existing roles
+    /// back in line (marks, LOGIN as `logins` says, connection limits, gateway membership of
+    /// the app role only, the second identity a member of the app role), in one transaction.
+    /// `password` is the app role's password when it is created now. Returns whether
+    /// anything changed.
     pub async fn ensure_roles(
         &self,
         names: &Names,
         owner_mark: &Owner,
         observed: &Observed,
         password: Option<&str>,
-        login: bool,
+        logins: &Logins<'_>,
         settings: &LoginSettings,
     ) -> Result<bool, Error> {
+        let login = logins.app;
         let comment = mark(owner_mark)?;
         let (app, own) = (names.app(), &names.owner);
         let mut stmts = Vec::new();
@@ -222,13 +261,13 @@ impl Admin {
                 ));
                 stmts.push(format!("COMMENT ON ROLE {app} IS {comment}"));
                 stmts.push(format!("ALTER ROLE {app} SET search_path TO {app}"));
+                stmts.extend(login_settings_sql(&[(app, None)], settings));
                 if !self.superuser {
                     stmts.push(format!("GRANT {app} TO CURRENT_USER"));
                 }
                 if let Some(gw) = &self.gateway {
                     stmts.push(format!("GRANT {app} TO {gw}"));
                 }
-                stmts.extend(login_settings_sql(&[(app, None)], settings));
             }
             Some(state) => {
                 if state.can_login != login {
@@ -244,6 +283,28 @@ impl Admin {
                 }
             }
         }
+        if let Some(state) = &observed.login_b {
+            let b = &names.login_b;
+            if state.can_login != logins.b {
+                let login = if logins.b { "LOGIN" } else { "NOLOGIN" };
+                stmts.push(format!("ALTER ROLE {b} {login}"));
+            }
+            stmts.extend(login_settings_sql(&[(b, Some(state))], settings));
+            if state.owner.as_ref() != Some(owner_mark) {
+                stmts.push(format!("COMMENT ON ROLE {b} IS {comment}"));
+            }
+            if let (Some(gw), true) = (&self.gateway, state.gateway_member) {
+                // The gateway acts as app roles only, never as a login identity.
+                stmts.push(format!("REVOKE {b} FROM {gw}"));
+            }
+            if !state.member_of_app && observed.role.is_some() {
+                stmts.push(format!("GRANT {app} TO {b}"));
+            }
+        }
+        if let Some(retired) = logins.retire {
+            // Its password goes too: nothing but a rotation makes it a login again.
+            stmts.push(format!("ALTER ROLE {retired} NOLOGIN PASSWORD NULL"));
+        }
         if stmts.is_empty() {
             return Ok(false);
         }
@@ -252,6 +313,48 @@ impl Admin {
         sqlx::Executor::execute(&mut *tx, stmts.join(";\n").as_str()).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// Makes `target` (the app role or the second identity) a login with `password`: the
+    /// rotation's first step, before the Secret is written. The second identity is created when
+    /// missing: LOGIN, INHERIT, a member of the app role and nothing else, the app role's
+    /// connection limit and `search_path`, this Tenant's mark; never a role the gateway may
+    /// switch to. One transaction.
+    pub async fn rotate_to(
+        &self,
+        names: &Names,
+        owner_mark: &Owner,
+        observed: &Observed,
+        target: &Ident,
+        password: &str,
+        settings: &LoginSettings,
+    ) -> Result<(), Error> {
+        let comment = mark(owner_mark)?;
+        let verifier = quote_literal(&scram::verifier(password)).expect("verifier is base64");
+        let (app, schema) = (names.app(), &names.schema);
+        let mut stmts = Vec::new();
+        if target == &names.login_b && observed.login_b.is_none() {
+            let limit = settings.connection_limit;
+            stmts.push(format!(
+                "CREATE ROLE {target} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
+                 NOBYPASSRLS INHERIT CONNECTION LIMIT {limit} PASSWORD {verifier}"
+            ));
+            stmts.push(format!("COMMENT ON ROLE {target} IS {comment}"));
+            stmts.push(format!("ALTER ROLE {target} SET search_path TO {schema}"));
+            stmts.extend(login_settings_sql(&[(target, None)], settings));
+            stmts.push(format!("GRANT {app} TO {target}"));
+            if !self.superuser {
+                // To end its sessions and drop it later (see `terminate`).
+                stmts.push(format!("GRANT {target} TO CURRENT_USER"));
+            }
+        } else {
+            stmts.push(format!("ALTER ROLE {target} LOGIN PASSWORD {verifier}"));
+        }
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::Executor::execute(&mut *tx, stmts.join(";\n").as_str()).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Takes INSERT and UPDATE on every table (and view) of the schema from the tenant's login
@@ -468,14 +571,38 @@ impl Admin {
 
     /// `Retain` deletion: schema, data and roles stay; the app role can no longer log in, the
     /// gateway can no longer act as it, and its open sessions end.
-    pub async fn retain_tenant(&self, names: &Names) -> Result<(), sqlx::Error> {
+    /// The second login identity (when `drop_b`: it carries this Tenant's mark) is dropped;
+    /// anything it owns goes to the app role.
+    pub async fn retain_tenant(&self, names: &Names, drop_b: bool) -> Result<(), sqlx::Error> {
         let app = names.app();
         let mut sql = format!("ALTER ROLE {app} NOLOGIN");
         if let Some(gw) = &self.gateway {
             sql.push_str(&format!(";\nREVOKE {app} FROM {gw}"));
         }
         sqlx::Executor::execute(&self.pool, sql.as_str()).await?;
-        self.terminate(app).await.map(drop)
+        self.terminate(app).await?;
+        if drop_b {
+            let b = &names.login_b;
+            self.end_identity(b).await?;
+            let mut conn = self.pool.acquire().await?;
+            let mut tx = conn.begin().await?;
+            sqlx::Executor::execute(
+                &mut *tx,
+                format!(
+                    "REASSIGN OWNED BY {b} TO {app}; DROP OWNED BY {b}; DROP ROLE IF EXISTS {b}"
+                )
+                .as_str(),
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// NOLOGIN for a login identity about to be dropped, then its sessions ended.
+    async fn end_identity(&self, id: &Ident) -> Result<(), sqlx::Error> {
+        sqlx::Executor::execute(&self.pool, format!("ALTER ROLE {id} NOLOGIN").as_str()).await?;
+        self.terminate(id).await.map(drop)
     }
 
     /// Ends every session logged in as `role` (in any database), but never this one; returns
@@ -499,21 +626,21 @@ impl Admin {
         Ok(ended.max(0) as u64)
     }
 
-    /// `Delete` deletion: ends the app role's sessions, drops the schema with everything in it
-    /// (only when `drop_schema`: it carries this Tenant's mark) and the roles marked as this
-    /// Tenant's (`drop_app`, `drop_owner`).
+    /// `Delete` deletion: ends the login identities' sessions, drops the schema with
+    /// everything in it (only when `drop_schema`: it carries this Tenant's mark) and the roles
+    /// marked as this Tenant's (`drop.app`, `drop.owner`, `drop.login_b`).
     pub async fn drop_tenant_roles(
         &self,
         names: &Names,
         drop_schema: bool,
-        drop_app: bool,
-        drop_owner: bool,
+        drop: RolesToDrop,
     ) -> Result<(), sqlx::Error> {
-        let (schema, app, own) = (&names.schema, names.app(), &names.owner);
-        if drop_app {
-            sqlx::Executor::execute(&self.pool, format!("ALTER ROLE {app} NOLOGIN").as_str())
-                .await?;
-            self.terminate(app).await?;
+        let (schema, app, own, b) = (&names.schema, names.app(), &names.owner, &names.login_b);
+        if drop.app {
+            self.end_identity(app).await?;
+        }
+        if drop.login_b {
+            self.end_identity(b).await?;
         }
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
@@ -523,11 +650,15 @@ impl Admin {
         }
         // DROP OWNED also removes the role's grants in this database; objects elsewhere make
         // DROP ROLE fail, which is reported rather than forced.
-        if drop_app {
+        if drop.login_b {
+            stmts.push(format!("DROP OWNED BY {b} CASCADE"));
+            stmts.push(format!("DROP ROLE IF EXISTS {b}"));
+        }
+        if drop.app {
             stmts.push(format!("DROP OWNED BY {app} CASCADE"));
             stmts.push(format!("DROP ROLE IF EXISTS {app}"));
         }
-        if drop_owner {
+        if drop.owner {
             stmts.push(format!("DROP OWNED BY {own} CASCADE"));
             stmts.push(format!("DROP ROLE IF EXISTS {own}"));
         }
@@ -536,6 +667,15 @@ impl Admin {
         }
         tx.commit().await
     }
+}
+
+/// Which of a tenant's roles [`Admin::drop_tenant_roles`] drops: those marked as the
+/// Tenant's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RolesToDrop {
+    pub app: bool,
+    pub owner: bool,
+    pub login_b: bool,
 }
 
 /// Schemas sized by one statement of [`Admin::measure_usage`].
@@ -745,6 +885,7 @@ impl Admin {
         let legacy = Names {
             schema: names.schema.clone(),
             owner: names.schema.clone(),
+            login_b: names.login_b.clone(),
         };
         let applied = match super::migrations::applied(&mut conn, &legacy).await {
             Ok(a) => a,

@@ -14,4 +14,5 @@ mod hostile;
 mod limits;
 mod provision;
 mod rollout;
+mod rotation;
 mod suspend;

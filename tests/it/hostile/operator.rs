@@ -443,7 +443,9 @@ async fn legacy_tenant(pg: &sqlx::PgPool, ns: &TestNs, name: &str, plant: &str) 
     let mut secret = tenantry::domain::credentials::desired(
         &tenant,
         &endpoint,
-        &tenantry::domain::naming::Ident::parse("schema", &schema).unwrap(),
+        &tenantry::domain::credentials::Login::app(
+            &tenantry::domain::naming::Ident::parse("schema", &schema).unwrap(),
+        ),
         &tenantry::domain::credentials::Material {
             password: password.clone(),
             jwt_key: "k".repeat(64),
