@@ -356,7 +356,7 @@ const SECRET_REFRESH: Duration = Duration::from_millis(500);
 /// Requests per second each client aims at, spread over WORKERS concurrent workers (more
 /// workers only add load on a machine that is CPU-bound already).
 const RATE: u64 = 50;
-const WORKERS: u64 = 1;
+const WORKERS: u64 = 3;
 
 #[derive(Default)]
 struct Count {
