@@ -1279,11 +1279,13 @@ async fn a_tenant_locking_its_own_table_cannot_starve_the_others() {
         (0..12).map(|_| s.send(Method::GET, "/v1/tables/projects", &acme, None)),
     );
     let then_globex = async {
-        // Once acme's flood is waiting on its lock in PostgreSQL.
-        loop {
-            if s.gateway_waiting("Lock").await > 0 {
-                break;
-            }
+        // Once acme's flood is waiting on its lock in PostgreSQL (bounded, like every wait).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.gateway_waiting("Lock").await == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "acme's flood never waited on its lock"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let asked = Instant::now();
@@ -1437,10 +1439,13 @@ async fn a_tenant_running_slow_queries_leaves_the_others_served() {
         (0..6).map(|_| s.send(Method::GET, "/v1/tables/slow", &acme, None)),
     );
     let then_globex = async {
-        loop {
-            if s.gateway_waiting("PgSleep").await >= 3 {
-                break;
-            }
+        // Bounded: a test that waits forever hides what went wrong.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.gateway_waiting("PgSleep").await < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "acme's three slow requests never ran at once"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let asked = Instant::now();
