@@ -115,7 +115,15 @@ impl Run<'_> {
         // Said again unless the quota stage below says otherwise (a run stopping before it
         // leaves the quota's state as it was, and so are the tenant's grants).
         self.b.keep(condition::QUOTA_EXCEEDED);
-        let plan = self.validate()?;
+        let plan = match self.validate() {
+            Ok(plan) => plan,
+            // A refused change leaves the tenant as provisioned, but never keeps a previous
+            // login alive past its grace period.
+            Err(refused) if refused.mark == Mark::Refused => {
+                return Err(self.retire_despite_refusal(refused, ctx).await)
+            }
+            Err(invalid) => return Err(invalid),
+        };
         let (id, owner, secret_name) = (&plan.ident, &plan.owner, plan.secret_name.as_str());
         Span::current().record("schema", id.as_str());
         self.routing(ctx);
@@ -424,6 +432,72 @@ impl Run<'_> {
                 .and_then(|t| t.parse().ok()),
             request: annotation(rotation::SECRET_REQUEST_ANNOTATION),
         }))
+    }
+
+    /// While a spec change is refused (the tenant keeps serving as provisioned), the previous
+    /// login recorded in the status is still retired when its grace period ends: from the
+    /// status alone (the refused spec is not read), only a role that is one of this tenant's
+    /// two logins, carries this Tenant's mark and is not the Secret's current login. Before
+    /// the end of the grace, the refusal is looked at again then.
+    async fn retire_despite_refusal(&mut self, mut refused: Failure, ctx: &Context) -> Failure {
+        let Some(status) = self.tenant.status.as_ref() else {
+            return refused;
+        };
+        let (Some(schema), Some(record)) = (status.schema.as_deref(), status.credentials.clone())
+        else {
+            return refused;
+        };
+        let (Some(previous), Some(until)) = (
+            record.previous_identity.as_deref(),
+            record.previous_valid_until.as_deref(),
+        ) else {
+            return refused;
+        };
+        let Ok(schema) = Ident::parse("schema", schema) else {
+            return refused;
+        };
+        let names = Names::new(schema);
+        let (Some(retired), Ok(until)) = (names.identity(previous), until.parse::<Timestamp>())
+        else {
+            return refused;
+        };
+        if retired.as_str() == record.identity {
+            return refused;
+        }
+        let now = Timestamp::now();
+        if until > now {
+            let wait = Duration::try_from(until.duration_since(now)).unwrap_or_default();
+            refused.then = Then::Requeue(wait + Duration::from_secs(1));
+            return refused;
+        }
+        let owner = Owner::new(
+            &self.tenant.namespace().unwrap_or_default(),
+            &self.tenant.name_any(),
+            self.tenant.metadata.uid.as_deref().unwrap_or_default(),
+        );
+        let fail = |e| Failure::error(condition::CREDENTIALS_READY, db(Stage::Credentials)(e));
+        let observed = match ctx.admin.observe_tenant(&names).await {
+            Ok(o) => o,
+            Err(e) => return fail(e),
+        };
+        let ours = if retired == names.app() {
+            observed.role_holder(&owner) == Holder::ThisTenant
+        } else {
+            observed.login_b_holder(&owner) == Holder::ThisTenant
+        };
+        if ours {
+            if let Err(e) = ctx.admin.retire_login(retired).await {
+                return fail(e);
+            }
+            if let Err(f) = self.retired(retired, ctx).await {
+                return f;
+            }
+        }
+        let mut record = record;
+        record.previous_identity = None;
+        record.previous_valid_until = None;
+        self.b.status_mut().credentials = Some(record);
+        refused
     }
 
     /// The previous identity's grace period is over: it lost LOGIN and its password in the

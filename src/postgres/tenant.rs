@@ -462,6 +462,18 @@ impl Admin {
             .collect())
     }
 
+    /// A previous login whose grace period is over, while the Tenant's spec is refused:
+    /// NOLOGIN and no password (what the role step does otherwise). DDL on a validated,
+    /// quoted identifier; end its sessions with [`Admin::terminate`] afterwards.
+    pub async fn retire_login(&self, login: &Ident) -> Result<(), sqlx::Error> {
+        sqlx::Executor::execute(
+            &self.pool,
+            format!("ALTER ROLE {login} NOLOGIN PASSWORD NULL").as_str(),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Functions, triggers, views, materialized views, rules and policies in the schema, as
     /// "kind name" strings: what a tenant credential could have planted before the owner/app
     /// split. Catalog reads only.

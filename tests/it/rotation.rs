@@ -1055,3 +1055,58 @@ async fn a_second_login_name_held_by_someone_else_is_a_conflict_and_changes_noth
     wait_record(&ns, "acme", "rotated", move |r| r.identity == b).await;
     wait_ready(&ns, "acme").await;
 }
+
+/// A spec change the operator refuses while the previous login is in its grace period: the
+/// tenant keeps serving as provisioned, and the previous login is still retired on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_change_does_not_keep_the_previous_login_alive() {
+    let ns = TestNs::new().await;
+    let _ctl = RunningController::start(&ns).await;
+    ns.create(Tenant::test("acme").with_rotation(None, Some("6s")))
+        .await;
+    wait_ready(&ns, "acme").await;
+    let schema = ns.schema("acme");
+    let b = format!("{schema}_b");
+    let uri_a = secret_value(&ns.secrets().get("acme-db").await.unwrap(), "uri");
+    annotate_rotate(&ns, "acme", "1").await;
+    let r = wait_record(&ns, "acme", "rotated to _b", {
+        let b = b.clone();
+        move |r| r.identity == b
+    })
+    .await;
+    assert_eq!(r.previous_identity.as_deref(), Some(schema.as_str()));
+    let mut session_a = PgConnection::connect(&uri_a).await.unwrap();
+    // Now a change the operator must refuse (the 1.20 test apiserver admits it).
+    ns.tenants()
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"credentials": {"template": {"URL": "{{ .nope }}"}}}})),
+        )
+        .await
+        .unwrap();
+    wait_tenant(&ns, "acme", "SpecAccepted=False", |t| {
+        t.condition("SpecAccepted")
+            .is_some_and(|c| c.status == "False")
+    })
+    .await;
+    // Past the grace: the previous login is retired all the same.
+    let r = wait_record(&ns, "acme", "previous login retired", |r| {
+        r.previous_identity.is_none()
+    })
+    .await;
+    assert_eq!(r.identity, b);
+    let err = login_error(&uri_a).await.expect("the old password fails");
+    assert!(err.contains("password") || err.contains("login"), "{err}");
+    assert!(
+        session_a.execute("SELECT 1").await.is_err(),
+        "its open session was ended"
+    );
+    let t = ns.tenants().get("acme").await.unwrap();
+    assert_eq!(t.condition("SpecAccepted").unwrap().status, "False");
+    assert_eq!(t.condition("Ready").unwrap().status, "True");
+    assert!(events(&ns, "acme")
+        .await
+        .iter()
+        .any(|e| e.1 == "PreviousCredentialsRetired"));
+}
