@@ -303,7 +303,7 @@ impl Admin {
         }
         if let Some(retired) = logins.retire {
             // Its password goes too: nothing but a rotation makes it a login again.
-            stmts.push(format!("ALTER ROLE {retired} NOLOGIN PASSWORD NULL"));
+            stmts.push(retire_sql(retired));
         }
         if stmts.is_empty() {
             return Ok(false);
@@ -466,12 +466,9 @@ impl Admin {
     /// NOLOGIN and no password (what the role step does otherwise). DDL on a validated,
     /// quoted identifier; end its sessions with [`Admin::terminate`] afterwards.
     pub async fn retire_login(&self, login: &Ident) -> Result<(), sqlx::Error> {
-        sqlx::Executor::execute(
-            &self.pool,
-            format!("ALTER ROLE {login} NOLOGIN PASSWORD NULL").as_str(),
-        )
-        .await
-        .map(drop)
+        sqlx::Executor::execute(&self.pool, retire_sql(login).as_str())
+            .await
+            .map(drop)
     }
 
     /// Functions, triggers, views, materialized views, rules and policies in the schema, as
@@ -740,6 +737,12 @@ pub fn login_settings_sql(
         }
     }
     stmts
+}
+
+/// Retires a login whose grace period is over: no LOGIN and no password, so that nothing but
+/// a rotation makes it a login again.
+fn retire_sql(login: &Ident) -> String {
+    format!("ALTER ROLE {login} NOLOGIN PASSWORD NULL")
 }
 
 /// The app role's rights in the owner/app layout: it may use the schema and, through default

@@ -871,6 +871,16 @@ impl Stage {
         .unwrap()
     }
 
+    /// Waits (30 s at most, then fails with `what`) until at least `n` gateway sessions wait
+    /// on `on`.
+    async fn wait_gateway_waiting(&self, on: &str, n: i64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.gateway_waiting(on).await < n {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn no_idle_transactions(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -1279,15 +1289,9 @@ async fn a_tenant_locking_its_own_table_cannot_starve_the_others() {
         (0..12).map(|_| s.send(Method::GET, "/v1/tables/projects", &acme, None)),
     );
     let then_globex = async {
-        // Once acme's flood is waiting on its lock in PostgreSQL (bounded, like every wait).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while s.gateway_waiting("Lock").await == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "acme's flood never waited on its lock"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // Once acme's flood is waiting on its lock in PostgreSQL.
+        s.wait_gateway_waiting("Lock", 1, "acme's flood never waited on its lock")
+            .await;
         let asked = Instant::now();
         let a = s
             .send(Method::GET, "/v1/tables/projects", &globex, None)
@@ -1439,15 +1443,8 @@ async fn a_tenant_running_slow_queries_leaves_the_others_served() {
         (0..6).map(|_| s.send(Method::GET, "/v1/tables/slow", &acme, None)),
     );
     let then_globex = async {
-        // Bounded: a test that waits forever hides what went wrong.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while s.gateway_waiting("PgSleep").await < 3 {
-            assert!(
-                Instant::now() < deadline,
-                "acme's three slow requests never ran at once"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        s.wait_gateway_waiting("PgSleep", 3, "acme's three slow requests never ran at once")
+            .await;
         let asked = Instant::now();
         let a = s
             .send(Method::GET, "/v1/tables/projects", &globex, None)
