@@ -50,6 +50,45 @@ pub enum Command {
     /// Mint a JWT for a tenant's users, signed with the tenant's key from its credentials
     /// Secret (for development and for platforms that issue tenant tokens).
     Token(TokenArgs),
+    /// Check a tenant migration set: lint it, or plan it against the live fleet.
+    #[command(subcommand)]
+    Migrations(MigrationsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrationsCommand {
+    /// Print the lint findings of a migration set; exits non-zero when there is any.
+    Lint(SetArgs),
+    /// Print, per tenant of the database, which migrations the set would run (or why it would
+    /// refuse the tenant), a summary and the lint findings. Writes nothing: every read runs in
+    /// a READ ONLY transaction.
+    Plan(PlanArgs),
+}
+
+/// The migration set, chosen as the controller chooses it.
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// Directory of tenant migrations (`<version>_<name>.sql`), as the controller's flag.
+    #[arg(long, env = "TENANTRY_MIGRATIONS_DIR")]
+    pub migrations_dir: Option<PathBuf>,
+
+    /// Include the demo migration set first, as the controller's flag.
+    #[arg(long, env = "TENANTRY_DEMO_MIGRATIONS")]
+    pub demo_migrations: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub set: SetArgs,
+
+    /// Admin connection to the tenants' database, as the controller's flag.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    pub output: crate::postgres::plan::Output,
 }
 
 /// Where the platform signing key lives: the operator creates it, the API reads it (that one
@@ -224,6 +263,12 @@ pub struct ControllerArgs {
     /// Stop migrating tenants once this many failed the new set (0: never stop).
     #[arg(long, env = "TENANTRY_ROLLOUT_MAX_FAILURES", default_value_t = 0)]
     pub rollout_max_failures: usize,
+
+    /// Milliseconds a migration statement (or the wait for a schema's migration lock) waits for
+    /// a lock before the tenant's migration gives up and is retried later
+    /// (`MigrationsApplied=False reason=LockTimeout`).
+    #[arg(long, env = "TENANTRY_MIGRATION_LOCK_TIMEOUT_MS", default_value_t = crate::postgres::migrations::DEFAULT_LOCK_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub migration_lock_timeout_ms: u64,
 
     /// Seconds a leader that stops renewing keeps the lease; a standby takes over after it.
     #[arg(long, env = "TENANTRY_LEASE_DURATION_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
@@ -457,8 +502,33 @@ pub async fn shutdown_signal() {
 }
 
 /// The tenant migration set the flags ask for: the demo set, a directory's, both (demo first)
-/// or none.
+/// or none. A set with lint findings is refused, every finding listed.
 pub fn migration_set(demo: bool, dir: Option<&std::path::Path>) -> anyhow::Result<MigrationSet> {
+    let set = unchecked_migration_set(demo, dir)?;
+    let findings = crate::postgres::lint::lint(&set);
+    if !findings.is_empty() {
+        anyhow::bail!("{}", lint_refusal(&findings));
+    }
+    Ok(set)
+}
+
+/// The error text of a set refused by the lint.
+pub fn lint_refusal(findings: &[crate::postgres::lint::Finding]) -> String {
+    let list: Vec<String> = findings.iter().map(|f| format!("  {f}")).collect();
+    format!(
+        "the migration set has {} lint finding(s); nothing was run (fix them, or opt a statement \
+         out with a `-- {} <rule-id> <reason>` comment; see README, Migration lint):\n{}",
+        findings.len(),
+        crate::postgres::lint::ALLOW_MARKER,
+        list.join("\n")
+    )
+}
+
+/// The set the flags ask for, not linted.
+fn unchecked_migration_set(
+    demo: bool,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<MigrationSet> {
     let base = if demo {
         MigrationSet::embedded()
     } else {
@@ -554,6 +624,32 @@ impl Cli {
                 Ok(())
             }
             Command::Token(args) => run_token(args).await,
+            Command::Migrations(MigrationsCommand::Lint(args)) => {
+                let set =
+                    unchecked_migration_set(args.demo_migrations, args.migrations_dir.as_deref())?;
+                let findings = crate::postgres::lint::lint(&set);
+                for f in &findings {
+                    println!("{f}");
+                }
+                if findings.is_empty() {
+                    println!(
+                        "{} migration(s), no lint findings",
+                        set.migrations().len()
+                    );
+                    Ok(())
+                } else {
+                    anyhow::bail!("{} lint finding(s)", findings.len())
+                }
+            }
+            Command::Migrations(MigrationsCommand::Plan(args)) => {
+                let set = unchecked_migration_set(
+                    args.set.demo_migrations,
+                    args.set.migrations_dir.as_deref(),
+                )?;
+                let plan = crate::postgres::plan::plan(&args.database_url, &set).await?;
+                print!("{}", plan.render(args.output));
+                Ok(())
+            }
             Command::Api(args) => {
                 telemetry::init_logging(&self.log_level, self.log_format)?;
                 run_api(*args).await
@@ -581,7 +677,8 @@ impl Cli {
                         .chain(args.tenant_db_sslmode.as_deref().map(|m| ("sslmode", m))),
                 )
                 .context("--tenant-db-tls-param")?
-                .with_tenant_connection_limit(args.tenant_connection_limit);
+                .with_tenant_connection_limit(args.tenant_connection_limit)
+                .with_migration_lock_timeout(args.migration_lock_timeout_ms);
                 let client = args.kube.client().await?;
                 let own_namespace = std::env::var("POD_NAMESPACE")
                     .unwrap_or_else(|_| client.default_namespace().to_string());
@@ -729,5 +826,58 @@ mod tests {
         std::fs::write(dir.path().join("2_clash.sql"), "SELECT 1").unwrap();
         let err = migration_set(true, Some(dir.path())).unwrap_err();
         assert!(format!("{err:#}").contains("version 2"), "{err:#}");
+    }
+
+    #[test]
+    fn a_set_with_lint_findings_is_refused_listing_every_finding() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("3_lookup.sql"),
+            "CREATE INDEX tasks_title_idx ON tasks (title);\n\
+             ALTER TABLE tasks ALTER COLUMN title TYPE varchar(500);",
+        )
+        .unwrap();
+        let err = migration_set(true, Some(dir.path())).unwrap_err().to_string();
+        assert!(err.contains("2 lint finding(s)"), "{err}");
+        assert!(
+            err.contains("3_lookup.sql:1: [create-index-non-concurrent]")
+                && err.contains("3_lookup.sql:2: [alter-column-type]"),
+            "{err}"
+        );
+        // The same statement with a marked opt-out passes.
+        std::fs::write(
+            dir.path().join("3_lookup.sql"),
+            "-- tenantry:lint-allow create-index-non-concurrent tasks stay small\n\
+             CREATE INDEX tasks_title_idx ON tasks (title);",
+        )
+        .unwrap();
+        assert_eq!(migration_set(true, Some(dir.path())).unwrap().latest(), Some(3));
+    }
+
+    #[test]
+    fn migrations_subcommands_parse() {
+        let cli = Cli::try_parse_from([
+            "tenantry",
+            "migrations",
+            "plan",
+            "--demo-migrations",
+            "--database-url=postgres://x",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Migrations(MigrationsCommand::Plan(PlanArgs {
+                output: crate::postgres::plan::Output::Json,
+                ..
+            }))
+        ));
+        let cli = Cli::try_parse_from(["tenantry", "controller", "--database-url=postgres://x"])
+            .unwrap();
+        let Command::Controller(args) = cli.command else {
+            panic!("controller")
+        };
+        assert_eq!(args.migration_lock_timeout_ms, 5_000);
     }
 }

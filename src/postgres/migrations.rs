@@ -60,6 +60,17 @@ pub enum MigrateError {
     UnknownApplied { version: i64 },
     #[error("{message}")]
     UntrustedHistory { message: String },
+    /// A lock the migration needs (on a table, or the schema's migration lock) was not granted
+    /// within the migration `lock_timeout`: typically the tenant's own transaction holds it.
+    /// Nothing of the failed transaction is applied; retrying later helps.
+    #[error("{}", lock_timeout_message(*.version, description, message))]
+    LockTimeout {
+        /// The migration that waited; `None` for the schema's migration lock.
+        version: Option<i64>,
+        description: String,
+        /// The server's message (it names the relation when there is one).
+        message: String,
+    },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -70,9 +81,22 @@ impl MigrateError {
         match self {
             MigrateError::Database(e) => super::is_transient(e),
             MigrateError::Failed { source, .. } => super::is_transient(source),
+            MigrateError::LockTimeout { .. } => true,
             _ => false,
         }
     }
+}
+
+fn lock_timeout_message(version: Option<i64>, description: &str, message: &str) -> String {
+    let what = match version {
+        Some(v) => format!("migration {v} ({description})"),
+        None => format!("waiting for {description}"),
+    };
+    format!(
+        "{what} gave up after the migration lock_timeout: {message}; a transaction of the \
+         tenant's own (or another session) holds a lock it needs; nothing was applied by it and \
+         it will be retried"
+    )
 }
 
 include!(concat!(env!("OUT_DIR"), "/default_migrations.rs"));
@@ -305,29 +329,127 @@ pub async fn applied(conn: &mut PgConnection, names: &Names) -> Result<Vec<Appli
     .await?)
 }
 
-/// Brings one tenant schema up to date with `set`, in one transaction: either every pending
-/// migration is applied and recorded, or none is. Runs as the tenant's owner role (`SET LOCAL
-/// ROLE`) with the schema as the only `search_path` entry, so everything the migrations create
-/// lands in the schema and belongs to the owner. Returns the versions applied.
+/// Time limits of a migration run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `statement_timeout` of each migration statement.
+    pub statement_timeout_ms: u64,
+    /// `lock_timeout` of each statement of the run, the schema's advisory lock included: a
+    /// tenant's own transaction holding a lock the migration needs makes the migration give up
+    /// after this long ([`MigrateError::LockTimeout`]) instead of queueing the tenant's users
+    /// behind it.
+    pub lock_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            statement_timeout_ms: 600_000,
+            lock_timeout_ms: DEFAULT_LOCK_TIMEOUT_MS,
+        }
+    }
+}
+
+/// Default `lock_timeout` of migrations (`--migration-lock-timeout-ms`).
+pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 5_000;
+
+impl Migration {
+    /// Whether the migration runs inside a transaction: every file but one made only of
+    /// `CREATE/DROP INDEX CONCURRENTLY` and `REINDEX … CONCURRENTLY` statements, which
+    /// PostgreSQL refuses inside a transaction block.
+    pub fn transactional(&self) -> bool {
+        !super::lint::runs_outside_transaction(&self.sql)
+    }
+
+    fn failed(&self, source: sqlx::Error) -> MigrateError {
+        match lock_not_available(&source) {
+            Some(message) => MigrateError::LockTimeout {
+                version: Some(self.version),
+                description: self.description.clone(),
+                message,
+            },
+            None => MigrateError::Failed {
+                version: self.version,
+                description: self.description.clone(),
+                source,
+            },
+        }
+    }
+}
+
+/// The server's message when `e` is a lock timeout (SQLSTATE 55P03, lock_not_available).
+fn lock_not_available(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03") => {
+            Some(db.message().to_string())
+        }
+        _ => None,
+    }
+}
+
+/// Takes the schema's migration lock (bounded by the `lock_timeout` in force): one lock per
+/// tenant schema, so concurrent operators never migrate the same schema twice and different
+/// tenants never wait for each other. A tenant can take the same advisory lock from its own
+/// session; the lock timeout bounds the wait, so that costs only this tenant a retry.
+async fn advisory_lock(
+    conn: &mut PgConnection,
+    names: &Names,
+    function: &str,
+) -> Result<(), MigrateError> {
+    sqlx::query(&format!(
+        "SELECT pg_catalog.{function}(pg_catalog.hashtextextended($1, 0))"
+    ))
+    .bind(lock_key(names))
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| match lock_not_available(&e) {
+        Some(message) => MigrateError::LockTimeout {
+            version: None,
+            description: "the schema's migration lock".into(),
+            message,
+        },
+        None => e.into(),
+    })?;
+    Ok(())
+}
+
+fn lock_key(names: &Names) -> String {
+    format!("tenantry.migrate:{}", names.schema.as_str())
+}
+
+/// Brings one tenant schema up to date with `set`. Runs as the tenant's owner role with the
+/// schema as the only `search_path` entry, so everything the migrations create lands in the
+/// schema and belongs to the owner. Returns the versions applied.
+///
+/// Consecutive transactional migrations run in one transaction: either every one of them is
+/// applied and recorded, or none is. When every pending migration is transactional (the usual
+/// case) that is the whole run, under a transaction-level advisory lock. A migration that must
+/// run outside a transaction (see [`Migration::transactional`]) splits the run: the schema's
+/// advisory lock is then taken for the session, the transactional runs before it commit first,
+/// its statements run one by one, and its history row is written only once all succeeded. An
+/// index a failed earlier attempt left INVALID (same name, found in `pg_catalog`) is dropped
+/// concurrently before it is built again.
+///
+/// On an error the session may hold a role, settings or the advisory lock: the caller must
+/// close the connection rather than reuse it ([`Admin::migrate`](super::Admin::migrate)
+/// does). A run outside a transaction marks `conn` to be closed when dropped, so a cancelled
+/// run cannot return it to the pool either.
 ///
 /// Migrations are code the platform trusts: they run in the operator's session.
 pub async fn migrate(
-    conn: &mut PgConnection,
+    conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
     names: &Names,
     set: &MigrationSet,
-    statement_timeout_ms: u64,
+    limits: Limits,
 ) -> Result<Vec<i64>, MigrateError> {
     let schema = &names.schema;
-    let owner = &names.owner;
-    let mut tx = conn.begin().await?;
-    // One lock per tenant schema: concurrent operators never migrate the same schema twice, and
-    // different tenants never wait for each other. A tenant can take the same advisory lock
-    // from its own session; the admin connection's lock_timeout bounds the wait, so that costs
-    // only this tenant a retry.
-    sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended($1, 0))")
-        .bind(format!("tenantry.migrate:{}", schema.as_str()))
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = Connection::begin(&mut **conn).await?;
+    sqlx::Executor::execute(
+        &mut *tx,
+        format!("SET LOCAL lock_timeout = {}", limits.lock_timeout_ms).as_str(),
+    )
+    .await?;
+    advisory_lock(&mut tx, names, "pg_advisory_xact_lock").await?;
     // Read (and check) the history before acting as the owner role.
     let applied_before = applied(&mut tx, names).await?;
     let pending = set.pending(&applied_before)?;
@@ -335,44 +457,216 @@ pub async fn migrate(
         tx.commit().await?;
         return Ok(Vec::new());
     }
-    sqlx::Executor::execute(
-        &mut *tx,
-        format!(
-            "SET LOCAL ROLE {owner}; SET LOCAL search_path TO {schema}; \
-             SET LOCAL statement_timeout = {statement_timeout_ms}"
-        )
-        .as_str(),
-    )
-    .await?;
+    if pending.iter().any(|m| !m.transactional()) {
+        tx.rollback().await?;
+        conn.close_on_drop();
+        return migrate_in_runs(&mut **conn, names, set, limits).await;
+    }
+    enter_owner_local(&mut tx, names, limits).await?;
     if applied_before.is_empty() {
-        sqlx::query(&history_ddl(schema)).execute(&mut *tx).await?;
-        sqlx::Executor::execute(&mut *tx, super::tenant::revoke_history(names).as_str()).await?;
+        create_history(&mut tx, names).await?;
     }
     let mut done = Vec::new();
     for m in pending {
-        let started = std::time::Instant::now();
-        // No bound arguments: the simple query protocol, so a file may hold many statements.
-        sqlx::Executor::execute(&mut *tx, m.sql.as_str())
-            .await
-            .map_err(|source| MigrateError::Failed {
-                version: m.version,
-                description: m.description.clone(),
-                source,
-            })?;
-        sqlx::query(&format!(
-            "INSERT INTO {schema}.{HISTORY_TABLE} (version, description, checksum, applied_at, execution_ms) \
-             VALUES ($1, $2, $3, pg_catalog.now(), $4)"
-        ))
-        .bind(m.version)
-        .bind(&m.description)
-        .bind(&m.checksum)
-        .bind(started.elapsed().as_millis() as i64)
-        .execute(&mut *tx)
-        .await?;
+        apply_recorded(&mut tx, schema, m).await?;
         done.push(m.version);
     }
     tx.commit().await?;
     Ok(done)
+}
+
+/// `SET LOCAL` the owner role, the schema as `search_path` and the migration time limits.
+async fn enter_owner_local(
+    tx: &mut PgConnection,
+    names: &Names,
+    limits: Limits,
+) -> Result<(), MigrateError> {
+    let (owner, schema) = (&names.owner, &names.schema);
+    sqlx::Executor::execute(
+        &mut *tx,
+        format!(
+            "SET LOCAL ROLE {owner}; SET LOCAL search_path TO {schema}; \
+             SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+            limits.statement_timeout_ms, limits.lock_timeout_ms
+        )
+        .as_str(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Creates the history table (as the owner role, inside its transaction).
+async fn create_history(tx: &mut PgConnection, names: &Names) -> Result<(), MigrateError> {
+    sqlx::query(&history_ddl(&names.schema))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::Executor::execute(&mut *tx, super::tenant::revoke_history(names).as_str()).await?;
+    Ok(())
+}
+
+/// Writes the history row of `m` (as the owner role).
+async fn record(
+    conn: &mut PgConnection,
+    schema: &crate::domain::naming::Ident,
+    m: &Migration,
+    started: std::time::Instant,
+) -> Result<(), MigrateError> {
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.{HISTORY_TABLE} (version, description, checksum, applied_at, execution_ms) \
+         VALUES ($1, $2, $3, pg_catalog.now(), $4)"
+    ))
+    .bind(m.version)
+    .bind(&m.description)
+    .bind(&m.checksum)
+    .bind(started.elapsed().as_millis() as i64)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| m.failed(e))?;
+    Ok(())
+}
+
+/// Runs a transactional migration and records it, inside the caller's transaction.
+async fn apply_recorded(
+    tx: &mut PgConnection,
+    schema: &crate::domain::naming::Ident,
+    m: &Migration,
+) -> Result<(), MigrateError> {
+    let started = std::time::Instant::now();
+    // No bound arguments: the simple query protocol, so a file may hold many statements.
+    sqlx::Executor::execute(&mut *tx, m.sql.as_str())
+        .await
+        .map_err(|e| m.failed(e))?;
+    record(tx, schema, m, started).await
+}
+
+/// The run when a pending migration must run outside a transaction, under the schema's
+/// advisory lock taken for the session.
+async fn migrate_in_runs(
+    conn: &mut PgConnection,
+    names: &Names,
+    set: &MigrationSet,
+    limits: Limits,
+) -> Result<Vec<i64>, MigrateError> {
+    let schema = &names.schema;
+    let search_path: String = sqlx::query_scalar("SELECT pg_catalog.current_setting('search_path')")
+        .fetch_one(&mut *conn)
+        .await?;
+    sqlx::Executor::execute(
+        &mut *conn,
+        format!("SET lock_timeout = {}", limits.lock_timeout_ms).as_str(),
+    )
+    .await?;
+    advisory_lock(conn, names, "pg_advisory_lock").await?;
+    let applied_before = applied(conn, names).await?;
+    let pending = set.pending(&applied_before)?;
+    let mut history = !applied_before.is_empty();
+    let mut done = Vec::new();
+    let mut i = 0;
+    while i < pending.len() {
+        let transactional = pending[i..]
+            .iter()
+            .take_while(|m| m.transactional())
+            .count();
+        if transactional > 0 || !history {
+            let mut tx = conn.begin().await?;
+            enter_owner_local(&mut tx, names, limits).await?;
+            if !history {
+                create_history(&mut tx, names).await?;
+                history = true;
+            }
+            for m in &pending[i..i + transactional] {
+                apply_recorded(&mut tx, schema, m).await?;
+            }
+            tx.commit().await?;
+            done.extend(pending[i..i + transactional].iter().map(|m| m.version));
+            i += transactional;
+            continue;
+        }
+        let m = pending[i];
+        apply_outside_transaction(conn, names, m, limits).await?;
+        done.push(m.version);
+        i += 1;
+    }
+    advisory_lock(conn, names, "pg_advisory_unlock").await?;
+    sqlx::Executor::execute(&mut *conn, "RESET lock_timeout").await?;
+    // The connection goes back only as it came: the session user, the admin search_path.
+    let clean: bool = sqlx::query_scalar(
+        "SELECT current_user = session_user AND pg_catalog.current_setting('search_path') = $1",
+    )
+    .bind(&search_path)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !clean {
+        return Err(MigrateError::Database(sqlx::Error::Protocol(
+            "the migration session did not return to the operator's role and search_path".into(),
+        )));
+    }
+    Ok(done)
+}
+
+/// Runs the statements of a migration outside a transaction, one by one (each CONCURRENTLY
+/// statement is its own transaction), as the owner role in the schema; records it after all
+/// succeeded. The session settings are reset on success; on failure the caller closes the
+/// connection.
+async fn apply_outside_transaction(
+    conn: &mut PgConnection,
+    names: &Names,
+    m: &Migration,
+    limits: Limits,
+) -> Result<(), MigrateError> {
+    let (owner, schema) = (&names.owner, &names.schema);
+    let statements = super::lint::split(&m.sql);
+    let started = std::time::Instant::now();
+    sqlx::Executor::execute(
+        &mut *conn,
+        format!(
+            "SET ROLE {owner}; SET search_path TO {schema}; SET statement_timeout = {}",
+            limits.statement_timeout_ms
+        )
+        .as_str(),
+    )
+    .await?;
+    for s in &statements {
+        if let Some(index) = s.concurrent_index_name() {
+            // A build interrupted earlier (a lock timeout, a cancel, a unique violation) leaves
+            // an INVALID index of that name behind: drop it so the build starts afresh.
+            let invalid: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                   JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2 AND NOT i.indisvalid)",
+            )
+            .bind(schema.as_str())
+            .bind(&index)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| m.failed(e))?;
+            if invalid {
+                tracing::warn!(schema = schema.as_str(), index, version = m.version,
+                    "dropping the INVALID index an interrupted concurrent build left, before building it again");
+                sqlx::Executor::execute(
+                    &mut *conn,
+                    format!(
+                        "DROP INDEX CONCURRENTLY IF EXISTS {schema}.{}",
+                        crate::domain::naming::quote_ident(&index)
+                    )
+                    .as_str(),
+                )
+                .await
+                .map_err(|e| m.failed(e))?;
+            }
+        }
+        sqlx::Executor::execute(&mut *conn, &m.sql[s.start..s.end])
+            .await
+            .map_err(|e| m.failed(e))?;
+    }
+    record(conn, schema, m, started).await?;
+    sqlx::Executor::execute(
+        &mut *conn,
+        "RESET ROLE; RESET search_path; RESET statement_timeout",
+    )
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! migrations and tearing tenants down. Identifiers arrive validated ([`Ident`]) and reach SQL
 //! quoted; values are bound parameters.
 
+pub mod lint;
 pub mod migrations;
+pub mod plan;
 pub mod tenant;
 
 use std::{str::FromStr, time::Duration};
@@ -78,6 +80,9 @@ pub struct Timeouts {
     pub statement_ms: u64,
     /// `statement_timeout` inside a migration transaction.
     pub migration_ms: u64,
+    /// `lock_timeout` of every migration statement and of the wait for a schema's migration
+    /// lock (`--migration-lock-timeout-ms`).
+    pub migration_lock_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -86,6 +91,7 @@ impl Default for Timeouts {
             lock_ms: 5_000,
             statement_ms: 30_000,
             migration_ms: 600_000,
+            migration_lock_ms: migrations::DEFAULT_LOCK_TIMEOUT_MS,
         }
     }
 }
@@ -190,6 +196,22 @@ impl Admin {
     pub fn with_tenant_connection_limit(mut self, limit: i32) -> Self {
         self.connection_limit = limit;
         self
+    }
+
+    /// Sets the `lock_timeout` of migrations (milliseconds, at least 1): how long a migration
+    /// waits for a lock a tenant's own transaction holds before it gives up with
+    /// [`migrations::MigrateError::LockTimeout`] (retryable).
+    pub fn with_migration_lock_timeout(mut self, ms: u64) -> Self {
+        self.timeouts.migration_lock_ms = ms.max(1);
+        self
+    }
+
+    /// The time limits of migration runs.
+    pub fn migration_limits(&self) -> migrations::Limits {
+        migrations::Limits {
+            statement_timeout_ms: self.timeouts.migration_ms,
+            lock_timeout_ms: self.timeouts.migration_lock_ms,
+        }
     }
 
     pub fn gateway(&self) -> Option<&Ident> {
@@ -302,7 +324,11 @@ impl Admin {
         .boxed()
     }
 
-    /// Runs pending migrations in the schema as the tenant's owner role.
+    /// Runs pending migrations in the schema as the tenant's owner role (see
+    /// [`migrations::migrate`]), each statement bounded by the migration `lock_timeout`
+    /// ([`Admin::with_migration_lock_timeout`]). After an error the connection is closed, never
+    /// returned to the pool: it may still hold the owner role, the schema's `search_path` or
+    /// the schema's advisory lock.
     pub fn migrate<'a>(
         &'a self,
         names: &'a tenant::Names,
@@ -310,7 +336,11 @@ impl Admin {
     ) -> BoxFuture<'a, Result<Vec<i64>, migrations::MigrateError>> {
         async move {
             let mut conn = self.pool.acquire().await?;
-            migrations::migrate(&mut conn, names, set, self.timeouts.migration_ms).await
+            let result = migrations::migrate(&mut conn, names, set, self.migration_limits()).await;
+            if result.is_err() {
+                conn.close_on_drop();
+            }
+            result
         }
         .boxed()
     }

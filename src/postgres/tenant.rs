@@ -941,7 +941,10 @@ impl Admin {
             if pending.iter().any(|p| p.version == m.version) {
                 continue;
             }
-            sqlx::Executor::execute(&mut *tx, m.sql.as_str()).await?;
+            // A file of CONCURRENTLY statements runs here without the keyword: the reference
+            // schema's tables are new and nobody else's, inside this transaction.
+            let sql = super::lint::sql_in_transaction(&m.sql);
+            sqlx::Executor::execute(&mut *tx, sql.as_ref()).await?;
         }
         sqlx::Executor::execute(&mut *tx, "SET LOCAL search_path TO pg_catalog").await?;
         let ours = fingerprint(&mut tx, reference_id.as_str()).await?;
