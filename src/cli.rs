@@ -632,10 +632,7 @@ impl Cli {
                     println!("{f}");
                 }
                 if findings.is_empty() {
-                    println!(
-                        "{} migration(s), no lint findings",
-                        set.migrations().len()
-                    );
+                    println!("{} migration(s), no lint findings", set.migrations().len());
                     Ok(())
                 } else {
                     anyhow::bail!("{} lint finding(s)", findings.len())
@@ -837,7 +834,9 @@ mod tests {
              ALTER TABLE tasks ALTER COLUMN title TYPE varchar(500);",
         )
         .unwrap();
-        let err = migration_set(true, Some(dir.path())).unwrap_err().to_string();
+        let err = migration_set(true, Some(dir.path()))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("2 lint finding(s)"), "{err}");
         assert!(
             err.contains("3_lookup.sql:1: [create-index-non-concurrent]")
@@ -851,7 +850,10 @@ mod tests {
              CREATE INDEX tasks_title_idx ON tasks (title);",
         )
         .unwrap();
-        assert_eq!(migration_set(true, Some(dir.path())).unwrap().latest(), Some(3));
+        assert_eq!(
+            migration_set(true, Some(dir.path())).unwrap().latest(),
+            Some(3)
+        );
     }
 
     #[test]
@@ -873,8 +875,8 @@ mod tests {
                 ..
             }))
         ));
-        let cli = Cli::try_parse_from(["tenantry", "controller", "--database-url=postgres://x"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["tenantry", "controller", "--database-url=postgres://x"]).unwrap();
         let Command::Controller(args) = cli.command else {
             panic!("controller")
         };

@@ -696,7 +696,10 @@ impl Statement {
                             "CREATE INDEX CONCURRENTLY without a name".to_string(),
                         ));
                     }
-                    let on = self.tokens.iter().position(|t| t.tok == Tok::Word("ON".into()));
+                    let on = self
+                        .tokens
+                        .iter()
+                        .position(|t| t.tok == Tok::Word("ON".into()));
                     if let Some(on) = on {
                         let j = self.skip(on + 1, &["ONLY"]);
                         if let Some((table, _)) = self.name_at(j) {
@@ -732,7 +735,12 @@ impl Statement {
             "CLUSTER" => {
                 let mut i = 1;
                 if self.tokens.get(1).map(|t| &t.tok) == Some(&Tok::LParen) {
-                    i = self.tokens.iter().position(|t| t.tok == Tok::RParen).unwrap_or(0) + 1;
+                    i = self
+                        .tokens
+                        .iter()
+                        .position(|t| t.tok == Tok::RParen)
+                        .unwrap_or(0)
+                        + 1;
                 }
                 i = self.skip(i, &["VERBOSE"]);
                 match self.name_at(i) {
@@ -781,11 +789,7 @@ impl Statement {
         out
     }
 
-    fn check_action(
-        &self,
-        table: &str,
-        r: std::ops::Range<usize>,
-    ) -> Vec<(&'static str, String)> {
+    fn check_action(&self, table: &str, r: std::ops::Range<usize>) -> Vec<(&'static str, String)> {
         let mut hits = Vec::new();
         let toks: Vec<&Tok> = self.tokens[r.clone()].iter().map(|t| &t.tok).collect();
         let w = |k: usize| match toks.get(k) {
@@ -823,7 +827,9 @@ impl Statement {
                         CONSTRAINT_NOT_VALID,
                         format!("constraint added to existing table {table:?} without NOT VALID"),
                     )),
-                    Some("UNIQUE" | "PRIMARY" | "EXCLUDE") if !top_has("USING") || top_has("EXCLUDE") => {
+                    Some("UNIQUE" | "PRIMARY" | "EXCLUDE")
+                        if !top_has("USING") || top_has("EXCLUDE") =>
+                    {
                         hits.push((
                             CONSTRAINT_INDEX,
                             format!("constraint added to existing table {table:?} builds an index"),
@@ -843,15 +849,24 @@ impl Statement {
                             | "SMALLSERIAL"),
                         ) = w(k + 1)
                         {
-                            hits.push((VOLATILE_DEFAULT, format!("{what} as {}", ty.to_ascii_lowercase())));
+                            hits.push((
+                                VOLATILE_DEFAULT,
+                                format!("{what} as {}", ty.to_ascii_lowercase()),
+                            ));
                         } else if top_has("GENERATED") && top_has("IDENTITY") {
                             hits.push((VOLATILE_DEFAULT, format!("{what} as an identity column")));
                         } else if top_has("GENERATED") && !top_has("VIRTUAL") {
-                            hits.push((VOLATILE_DEFAULT, format!("{what} as a stored generated column")));
+                            hits.push((
+                                VOLATILE_DEFAULT,
+                                format!("{what} as a stored generated column"),
+                            ));
                         } else if let Some(f) = volatile_default(&toks) {
                             hits.push((
                                 VOLATILE_DEFAULT,
-                                format!("{what} with the volatile default {}()", f.to_ascii_lowercase()),
+                                format!(
+                                    "{what} with the volatile default {}()",
+                                    f.to_ascii_lowercase()
+                                ),
                             ));
                         }
                         if top_has("UNIQUE") || top_has("PRIMARY") {
@@ -874,10 +889,14 @@ impl Statement {
                 let column = toks.get(k).and_then(|t| name_of(t)).unwrap_or_default();
                 let rest = (w(k + 1), w(k + 2), w(k + 3));
                 match rest {
-                    (Some("TYPE"), _, _) | (Some("SET"), Some("DATA"), Some("TYPE")) => hits.push((
-                        ALTER_TYPE,
-                        format!("type of column {column:?} of existing table {table:?} changed"),
-                    )),
+                    (Some("TYPE"), _, _) | (Some("SET"), Some("DATA"), Some("TYPE")) => {
+                        hits.push((
+                            ALTER_TYPE,
+                            format!(
+                                "type of column {column:?} of existing table {table:?} changed"
+                            ),
+                        ))
+                    }
                     (Some("SET"), Some("NOT"), Some("NULL")) => hits.push((
                         SET_NOT_NULL,
                         format!("column {column:?} of existing table {table:?} set NOT NULL"),
@@ -975,7 +994,9 @@ const NON_VOLATILE: &[&str] = &[
 /// known to be non-volatile (unknown functions count as volatile: their volatility is unknown
 /// here).
 fn volatile_default(toks: &[&Tok]) -> Option<String> {
-    let at = toks.iter().position(|t| **t == Tok::Word("DEFAULT".into()))?;
+    let at = toks
+        .iter()
+        .position(|t| **t == Tok::Word("DEFAULT".into()))?;
     let mut depth = 0;
     for k in at + 1..toks.len() {
         match toks[k] {
@@ -986,8 +1007,15 @@ fn volatile_default(toks: &[&Tok]) -> Option<String> {
                     && k > at + 1
                     && matches!(
                         w.as_str(),
-                        "NOT" | "NULL" | "CONSTRAINT" | "CHECK" | "UNIQUE" | "PRIMARY"
-                            | "REFERENCES" | "GENERATED" | "COLLATE"
+                        "NOT"
+                            | "NULL"
+                            | "CONSTRAINT"
+                            | "CHECK"
+                            | "UNIQUE"
+                            | "PRIMARY"
+                            | "REFERENCES"
+                            | "GENERATED"
+                            | "COLLATE"
                     ) =>
             {
                 return None
@@ -1032,7 +1060,10 @@ mod tests {
     use super::*;
 
     fn ids(sql: &str) -> Vec<&'static str> {
-        lint_sql("3_x.sql", sql).into_iter().map(|f| f.rule).collect()
+        lint_sql("3_x.sql", sql)
+            .into_iter()
+            .map(|f| f.rule)
+            .collect()
     }
 
     fn texts(sql: &str) -> Vec<(usize, String)> {
@@ -1105,7 +1136,14 @@ mod tests {
 
     #[test]
     fn unterminated_constructs_do_not_panic() {
-        for sql in ["SELECT 'abc", "SELECT \"x", "SELECT $$ x", "/* x", "SELECT E'\\", "$a"] {
+        for sql in [
+            "SELECT 'abc",
+            "SELECT \"x",
+            "SELECT $$ x",
+            "/* x",
+            "SELECT E'\\",
+            "$a",
+        ] {
             let _ = split(sql);
             let _ = lint_sql("1_x.sql", sql);
         }
@@ -1116,28 +1154,50 @@ mod tests {
     #[test]
     fn create_index_needs_concurrently_on_existing_tables_only() {
         assert_eq!(ids("CREATE INDEX i ON t (x)"), [CREATE_INDEX]);
-        assert_eq!(ids("create unique index if not exists i on only public.t (x)"), [CREATE_INDEX]);
+        assert_eq!(
+            ids("create unique index if not exists i on only public.t (x)"),
+            [CREATE_INDEX]
+        );
         assert_eq!(ids("CREATE INDEX ON \"T\" (x)"), [CREATE_INDEX]);
         assert!(ids("CREATE TABLE t (x int); CREATE INDEX i ON t (x)").is_empty());
         assert!(ids("CREATE TABLE IF NOT EXISTS s.t (x int); CREATE INDEX i ON T (x)").is_empty());
         // Quoted names keep their case: "T" is not t.
-        assert_eq!(ids("CREATE TABLE t (x int); CREATE INDEX i ON \"T\" (x)"), [CREATE_INDEX]);
+        assert_eq!(
+            ids("CREATE TABLE t (x int); CREATE INDEX i ON \"T\" (x)"),
+            [CREATE_INDEX]
+        );
         // A table created by the same file, then renamed, is still new.
-        assert!(ids("CREATE TABLE t (x int); ALTER TABLE t RENAME TO u; CREATE INDEX i ON u (x)")
-            .is_empty());
+        assert!(
+            ids("CREATE TABLE t (x int); ALTER TABLE t RENAME TO u; CREATE INDEX i ON u (x)")
+                .is_empty()
+        );
         assert!(ids("CREATE INDEX CONCURRENTLY i ON t (x)").is_empty());
-        assert!(ids("CREATE MATERIALIZED VIEW v AS SELECT 1 AS x; CREATE UNIQUE INDEX i ON v (x)")
-            .is_empty());
+        assert!(
+            ids("CREATE MATERIALIZED VIEW v AS SELECT 1 AS x; CREATE UNIQUE INDEX i ON v (x)")
+                .is_empty()
+        );
     }
 
     #[test]
     fn a_finding_names_rule_file_line_and_fix() {
         let f = &lint_sql("3_add_index.sql", "SELECT 1;\n\nCREATE INDEX i\n ON t (x);")[0];
-        assert_eq!((f.rule, f.line, f.file.as_str()), (CREATE_INDEX, 3, "3_add_index.sql"));
+        assert_eq!(
+            (f.rule, f.line, f.file.as_str()),
+            (CREATE_INDEX, 3, "3_add_index.sql")
+        );
         let text = f.to_string();
-        assert!(text.starts_with("3_add_index.sql:3: [create-index-non-concurrent]"), "{text}");
-        assert!(text.contains("CONCURRENTLY") && text.contains("\"t\""), "{text}");
-        assert!(text.contains("tenantry:lint-allow create-index-non-concurrent"), "{text}");
+        assert!(
+            text.starts_with("3_add_index.sql:3: [create-index-non-concurrent]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("CONCURRENTLY") && text.contains("\"t\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("tenantry:lint-allow create-index-non-concurrent"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1170,36 +1230,63 @@ mod tests {
         ] {
             assert_eq!(ids(bad), [VOLATILE_DEFAULT], "{bad}");
         }
-        assert!(lint_sql("3_x.sql", "ALTER TABLE t ADD COLUMN c uuid DEFAULT gen_random_uuid()")[0]
-            .message
-            .contains("gen_random_uuid()"));
+        assert!(lint_sql(
+            "3_x.sql",
+            "ALTER TABLE t ADD COLUMN c uuid DEFAULT gen_random_uuid()"
+        )[0]
+        .message
+        .contains("gen_random_uuid()"));
     }
 
     #[test]
     fn type_changes_not_null_and_constraints() {
-        assert_eq!(ids("ALTER TABLE t ALTER COLUMN c TYPE bigint"), [ALTER_TYPE]);
-        assert_eq!(ids("ALTER TABLE t ALTER c SET DATA TYPE text USING c::text"), [ALTER_TYPE]);
-        assert_eq!(ids("ALTER TABLE t ALTER COLUMN c SET NOT NULL"), [SET_NOT_NULL]);
+        assert_eq!(
+            ids("ALTER TABLE t ALTER COLUMN c TYPE bigint"),
+            [ALTER_TYPE]
+        );
+        assert_eq!(
+            ids("ALTER TABLE t ALTER c SET DATA TYPE text USING c::text"),
+            [ALTER_TYPE]
+        );
+        assert_eq!(
+            ids("ALTER TABLE t ALTER COLUMN c SET NOT NULL"),
+            [SET_NOT_NULL]
+        );
         assert!(ids("ALTER TABLE t ALTER COLUMN c DROP NOT NULL").is_empty());
         assert!(ids("ALTER TABLE t ALTER COLUMN c SET DEFAULT 1").is_empty());
         assert_eq!(
             ids("ALTER TABLE t ADD CONSTRAINT f FOREIGN KEY (a) REFERENCES u (id)"),
             [CONSTRAINT_NOT_VALID]
         );
-        assert_eq!(ids("ALTER TABLE t ADD CHECK (a > 0)"), [CONSTRAINT_NOT_VALID]);
+        assert_eq!(
+            ids("ALTER TABLE t ADD CHECK (a > 0)"),
+            [CONSTRAINT_NOT_VALID]
+        );
         assert!(ids("ALTER TABLE t ADD CONSTRAINT c CHECK (a > 0) NOT VALID").is_empty());
-        assert!(ids("ALTER TABLE t ADD CONSTRAINT f FOREIGN KEY (a) REFERENCES u NOT VALID")
-            .is_empty());
+        assert!(
+            ids("ALTER TABLE t ADD CONSTRAINT f FOREIGN KEY (a) REFERENCES u NOT VALID").is_empty()
+        );
         assert!(ids("ALTER TABLE t VALIDATE CONSTRAINT f").is_empty());
-        assert_eq!(ids("ALTER TABLE t ADD CONSTRAINT u UNIQUE (a)"), [CONSTRAINT_INDEX]);
+        assert_eq!(
+            ids("ALTER TABLE t ADD CONSTRAINT u UNIQUE (a)"),
+            [CONSTRAINT_INDEX]
+        );
         assert_eq!(ids("ALTER TABLE t ADD PRIMARY KEY (a)"), [CONSTRAINT_INDEX]);
         assert!(ids("ALTER TABLE t ADD CONSTRAINT u UNIQUE USING INDEX u_idx").is_empty());
-        assert_eq!(ids("ALTER TABLE t ADD COLUMN c int UNIQUE"), [CONSTRAINT_INDEX]);
-        assert_eq!(ids("ALTER TABLE t ADD COLUMN c int CHECK (c > 0)"), [CONSTRAINT_NOT_VALID]);
+        assert_eq!(
+            ids("ALTER TABLE t ADD COLUMN c int UNIQUE"),
+            [CONSTRAINT_INDEX]
+        );
+        assert_eq!(
+            ids("ALTER TABLE t ADD COLUMN c int CHECK (c > 0)"),
+            [CONSTRAINT_NOT_VALID]
+        );
         // New tables are free.
-        assert!(ids("CREATE TABLE t (c int); ALTER TABLE t ALTER c TYPE bigint, \
-                     ALTER c SET NOT NULL, ADD CHECK (c > 0), ADD UNIQUE (c)")
-            .is_empty());
+        assert!(ids(
+            "CREATE TABLE t (c int); ALTER TABLE t ALTER c TYPE bigint, \
+                     ALTER c SET NOT NULL, ADD CHECK (c > 0), ADD UNIQUE (c)"
+        )
+        .is_empty());
         // Several actions, each checked.
         assert_eq!(
             ids("ALTER TABLE IF EXISTS ONLY s.t ALTER c TYPE bigint, ALTER d SET NOT NULL"),
@@ -1226,12 +1313,17 @@ mod tests {
 
     #[test]
     fn concurrent_files_stand_alone_and_name_their_indexes() {
-        assert!(ids("CREATE INDEX CONCURRENTLY i ON t (x);\nDROP INDEX CONCURRENTLY j;").is_empty());
+        assert!(
+            ids("CREATE INDEX CONCURRENTLY i ON t (x);\nDROP INDEX CONCURRENTLY j;").is_empty()
+        );
         assert_eq!(
             ids("CREATE TABLE u (x int);\nCREATE INDEX CONCURRENTLY i ON t (x);"),
             [CONCURRENT_MIXED]
         );
-        assert_eq!(ids("CREATE INDEX CONCURRENTLY ON t (x)"), [CONCURRENT_UNNAMED]);
+        assert_eq!(
+            ids("CREATE INDEX CONCURRENTLY ON t (x)"),
+            [CONCURRENT_UNNAMED]
+        );
         // The mix cannot be allowed: PostgreSQL would refuse it anyway.
         assert_eq!(
             ids("SELECT 1;\n-- tenantry:lint-allow concurrently-mixed because\nCREATE INDEX CONCURRENTLY i ON t (x);"),
@@ -1248,12 +1340,16 @@ mod tests {
             sql_in_transaction("CREATE INDEX CONCURRENTLY i ON t (x);\nDROP INDEX CONCURRENTLY j;"),
             "CREATE INDEX  i ON t (x);\nDROP INDEX  j"
         );
-        assert_eq!(sql_in_transaction("CREATE INDEX i ON t (x);"), "CREATE INDEX i ON t (x);");
+        assert_eq!(
+            sql_in_transaction("CREATE INDEX i ON t (x);"),
+            "CREATE INDEX i ON t (x);"
+        );
     }
 
     #[test]
     fn a_marked_comment_allows_named_rules_for_one_statement() {
-        let sql = "-- tenantry:lint-allow create-index-non-concurrent,set-not-null tiny lookup table\n\
+        let sql =
+            "-- tenantry:lint-allow create-index-non-concurrent,set-not-null tiny lookup table\n\
                    CREATE INDEX i ON t (x);\n\
                    CREATE INDEX j ON t (y);";
         let f = lint_sql("3_x.sql", sql);
@@ -1317,11 +1413,33 @@ mod tests {
         // The exemption is narrow: version 2 itself breaks a rule, and a changed demo file is
         // linted like any other.
         let own: Vec<_> = demo.migrations().iter().flat_map(lint_migration).collect();
-        assert!(own.iter().all(|f| f.rule == CREATE_INDEX && f.file.starts_with("2_")), "{own:?}");
+        assert!(
+            own.iter()
+                .all(|f| f.rule == CREATE_INDEX && f.file.starts_with("2_")),
+            "{own:?}"
+        );
         assert!(!own.is_empty());
         let mut files = demo.to_files();
         files[1].1.push_str("\n-- changed\n");
         assert!(!lint(&MigrationSet::from_files(files).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn the_readme_rule_table_is_the_rules() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("\n### Migration lint")
+            .nth(1)
+            .expect("README has a Migration lint section");
+        let documented: Vec<&str> = section
+            .lines()
+            .skip_while(|l| !l.starts_with("| rule id"))
+            .skip(2)
+            .take_while(|l| l.starts_with("| `"))
+            .map(|l| l.split('`').nth(1).unwrap())
+            .collect();
+        let code: Vec<&str> = RULES.iter().map(|r| r.id).collect();
+        assert_eq!(documented, code);
     }
 
     #[test]

@@ -460,7 +460,7 @@ pub async fn migrate(
     if pending.iter().any(|m| !m.transactional()) {
         tx.rollback().await?;
         conn.close_on_drop();
-        return migrate_in_runs(&mut **conn, names, set, limits).await;
+        return migrate_in_runs(conn, names, set, limits).await;
     }
     enter_owner_local(&mut tx, names, limits).await?;
     if applied_before.is_empty() {
@@ -548,9 +548,10 @@ async fn migrate_in_runs(
     limits: Limits,
 ) -> Result<Vec<i64>, MigrateError> {
     let schema = &names.schema;
-    let search_path: String = sqlx::query_scalar("SELECT pg_catalog.current_setting('search_path')")
-        .fetch_one(&mut *conn)
-        .await?;
+    let search_path: String =
+        sqlx::query_scalar("SELECT pg_catalog.current_setting('search_path')")
+            .fetch_one(&mut *conn)
+            .await?;
     sqlx::Executor::execute(
         &mut *conn,
         format!("SET lock_timeout = {}", limits.lock_timeout_ms).as_str(),

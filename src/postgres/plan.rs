@@ -170,9 +170,7 @@ pub fn summarize(set: &MigrationSet, tenants: Vec<TenantPlan>) -> FleetPlan {
 impl FleetPlan {
     pub fn render(&self, output: Output) -> String {
         match output {
-            Output::Json => {
-                serde_json::to_string_pretty(self).expect("the plan serializes") + "\n"
-            }
+            Output::Json => serde_json::to_string_pretty(self).expect("the plan serializes") + "\n",
             Output::Text => self.text(),
         }
     }
@@ -198,9 +196,7 @@ impl FleetPlan {
                 ),
                 Outcome::Refused { reason } => format!("REFUSED: {reason}"),
             };
-            let current = t
-                .current_version
-                .map_or("-".to_string(), |v| v.to_string());
+            let current = t.current_version.map_or("-".to_string(), |v| v.to_string());
             let _ = writeln!(
                 s,
                 "{}/{} (schema {}, at {current}): {what}",
@@ -268,7 +264,13 @@ mod tests {
             vec![
                 t("a", Some(2), Outcome::UpToDate),
                 t("b", Some(1), Outcome::Migrate { versions: vec![2] }),
-                t("c", None, Outcome::Migrate { versions: vec![1, 2] }),
+                t(
+                    "c",
+                    None,
+                    Outcome::Migrate {
+                        versions: vec![1, 2],
+                    },
+                ),
                 t(
                     "d",
                     Some(1),
@@ -278,15 +280,24 @@ mod tests {
                 ),
             ],
         );
-        assert_eq!((plan.would_migrate, plan.up_to_date, plan.refused), (2, 1, 1));
+        assert_eq!(
+            (plan.would_migrate, plan.up_to_date, plan.refused),
+            (2, 1, 1)
+        );
         assert_eq!(
             plan.tenants_per_version,
             BTreeMap::from([("1".into(), 2), ("2".into(), 1), ("none".into(), 1)])
         );
         let text = plan.render(Output::Text);
-        assert!(text.contains("ns/b (schema ns_b, at 1): would run 2"), "{text}");
+        assert!(
+            text.contains("ns/b (schema ns_b, at 1): would run 2"),
+            "{text}"
+        );
         assert!(text.contains("ns/d (schema ns_d, at 1): REFUSED: migration 1 was changed"));
-        assert!(text.contains("2_b.sql:1: [create-index-non-concurrent]"), "{text}");
+        assert!(
+            text.contains("2_b.sql:1: [create-index-non-concurrent]"),
+            "{text}"
+        );
         let json: serde_json::Value = serde_json::from_str(&plan.render(Output::Json)).unwrap();
         assert_eq!(json["tenants"][1]["outcome"]["state"], "migrate");
         assert_eq!(json["tenants"][1]["outcome"]["versions"][0], 2);

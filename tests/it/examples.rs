@@ -130,6 +130,7 @@ fn the_example_migration_configmap_is_a_valid_migration_set() {
     let cm: k8s_openapi::api::core::v1::ConfigMap = serde_yaml::from_str(&text).unwrap();
     let set = MigrationSet::from_files(cm.data.unwrap()).unwrap();
     assert_eq!(set.latest(), Some(2));
+    assert_eq!(tenantry::postgres::lint::lint(&set), []);
 }
 
 #[test]

@@ -90,9 +90,12 @@ async fn a_tenants_lock_makes_a_migration_give_up_fast_and_it_succeeds_once_rele
 
     // The tenant's own transaction holds the table.
     let mut tenant = tenant_session(&ns, "lk").await;
-    sqlx::Executor::execute(&mut tenant, "BEGIN; LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    sqlx::Executor::execute(
+        &mut tenant,
+        "BEGIN; LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE",
+    )
+    .await
+    .unwrap();
     let started = Instant::now();
     let err = admin.migrate(&names, &set).await.unwrap_err();
     let waited = started.elapsed();
@@ -103,7 +106,9 @@ async fn a_tenants_lock_makes_a_migration_give_up_fast_and_it_succeeds_once_rele
     assert!(err.is_transient());
     let text = err.to_string();
     assert!(
-        text.contains("migration 3 (note)") && text.contains("tenant's own") && text.contains("retried"),
+        text.contains("migration 3 (note)")
+            && text.contains("tenant's own")
+            && text.contains("retried"),
         "{text}"
     );
     assert!(
@@ -113,7 +118,9 @@ async fn a_tenants_lock_makes_a_migration_give_up_fast_and_it_succeeds_once_rele
     assert_eq!(history(&schema).await, [1, 2], "nothing applied");
     assert_pool_clean(&admin).await;
 
-    sqlx::Executor::execute(&mut tenant, "ROLLBACK").await.unwrap();
+    sqlx::Executor::execute(&mut tenant, "ROLLBACK")
+        .await
+        .unwrap();
     // The schema's migration lock, taken from the tenant's session, is bounded the same way.
     sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
         .bind(format!("tenantry.migrate:{schema}"))
@@ -154,14 +161,20 @@ async fn a_concurrent_index_file_runs_outside_a_transaction_and_recovers_from_a_
     .await
     .unwrap();
     let set = set_with(&[
-        ("3_before.sql", "ALTER TABLE tasks ADD COLUMN before_idx text;"),
+        (
+            "3_before.sql",
+            "ALTER TABLE tasks ADD COLUMN before_idx text;",
+        ),
         (
             "4_title_key.sql",
             "-- Built without blocking the tenant's writes.\n\
              CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS tasks_title_key ON tasks (title);\n\
              DROP INDEX CONCURRENTLY IF EXISTS tasks_no_such_idx;",
         ),
-        ("5_after.sql", "ALTER TABLE tasks ADD COLUMN after_idx text;"),
+        (
+            "5_after.sql",
+            "ALTER TABLE tasks ADD COLUMN after_idx text;",
+        ),
     ]);
     assert!(tenantry::postgres::lint::lint(&set).is_empty());
     assert!(!set.migrations()[3].transactional());
@@ -185,7 +198,11 @@ async fn a_concurrent_index_file_runs_outside_a_transaction_and_recovers_from_a_
         .await
         .unwrap()
     };
-    assert_eq!(valid(pg().await, schema.clone()).await, Some(false), "an INVALID index is left");
+    assert_eq!(
+        valid(pg().await, schema.clone()).await,
+        Some(false),
+        "an INVALID index is left"
+    );
     assert_pool_clean(&admin).await;
 
     // The tenant fixes its data but holds the table meanwhile: the retry gives up fast.
@@ -199,17 +216,29 @@ async fn a_concurrent_index_file_runs_outside_a_transaction_and_recovers_from_a_
     let started = Instant::now();
     let err = admin.migrate(&names, &set).await.unwrap_err();
     assert!(
-        matches!(err, MigrateError::LockTimeout { version: Some(4), .. }),
+        matches!(
+            err,
+            MigrateError::LockTimeout {
+                version: Some(4),
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(history(&schema).await, [1, 2, 3]);
     assert_pool_clean(&admin).await;
 
-    sqlx::Executor::execute(&mut tenant, "COMMIT").await.unwrap();
+    sqlx::Executor::execute(&mut tenant, "COMMIT")
+        .await
+        .unwrap();
     assert_eq!(admin.migrate(&names, &set).await.unwrap(), [4, 5]);
     assert_eq!(history(&schema).await, [1, 2, 3, 4, 5]);
-    assert_eq!(valid(pg().await, schema.clone()).await, Some(true), "rebuilt, valid");
+    assert_eq!(
+        valid(pg().await, schema.clone()).await,
+        Some(true),
+        "rebuilt, valid"
+    );
     assert_pool_clean(&admin).await;
     // The index belongs to the owner role, like everything migrations create.
     let owner: String = sqlx::query_scalar(
@@ -224,9 +253,12 @@ async fn a_concurrent_index_file_runs_outside_a_transaction_and_recovers_from_a_
     assert_eq!(owner, names.owner.as_str());
     // Nothing left to do, and the tenant's writes go on.
     assert!(admin.migrate(&names, &set).await.unwrap().is_empty());
-    sqlx::Executor::execute(&mut tenant, "INSERT INTO tasks (project_id, title) SELECT id, 'new' FROM projects")
-        .await
-        .unwrap();
+    sqlx::Executor::execute(
+        &mut tenant,
+        "INSERT INTO tasks (project_id, title) SELECT id, 'new' FROM projects",
+    )
+    .await
+    .unwrap();
 }
 
 /// What `plan` must not change: every history row and every object of the schemas.
@@ -280,26 +312,48 @@ async fn plan_names_what_would_run_and_writes_nothing() {
 
     let set = set_with(&[
         ("3_more.sql", "CREATE TABLE labels (id int PRIMARY KEY);"),
-        ("4_lookup.sql", "CREATE INDEX tasks_title_idx ON tasks (title);"),
+        (
+            "4_lookup.sql",
+            "CREATE INDEX tasks_title_idx ON tasks (title);",
+        ),
     ]);
     let plan = plan::plan(&env().database_url, &set).await.unwrap();
     let find = |s: &str| plan.tenants.iter().find(|t| t.schema == s).unwrap();
     let pa = find(&a);
-    assert_eq!((pa.namespace.as_str(), pa.name.as_str()), (ns.name.as_str(), "pa"));
+    assert_eq!(
+        (pa.namespace.as_str(), pa.name.as_str()),
+        (ns.name.as_str(), "pa")
+    );
     assert_eq!(pa.current_version, Some(2));
-    assert_eq!(pa.outcome, Outcome::Migrate { versions: vec![3, 4] });
+    assert_eq!(
+        pa.outcome,
+        Outcome::Migrate {
+            versions: vec![3, 4]
+        }
+    );
     assert!(
         matches!(&find(&b).outcome, Outcome::Refused { reason } if reason.contains("migration 2 was changed")),
         "{:?}",
         find(&b)
     );
     assert_eq!(plan.lint.len(), 1);
-    assert_eq!((plan.lint[0].file.as_str(), plan.lint[0].line), ("4_lookup.sql", 1));
+    assert_eq!(
+        (plan.lint[0].file.as_str(), plan.lint[0].line),
+        ("4_lookup.sql", 1)
+    );
     let text = plan.render(plan::Output::Text);
-    assert!(text.contains(&format!("{}/pa (schema {a}, at 2): would run 3, 4", ns.name)), "{text}");
-    assert!(text.contains("4_lookup.sql:1: [create-index-non-concurrent]"), "{text}");
-    let json: serde_json::Value =
-        serde_json::from_str(&plan.render(plan::Output::Json)).unwrap();
+    assert!(
+        text.contains(&format!(
+            "{}/pa (schema {a}, at 2): would run 3, 4",
+            ns.name
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("4_lookup.sql:1: [create-index-non-concurrent]"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&plan.render(plan::Output::Json)).unwrap();
     assert!(json["wouldMigrate"].as_u64().unwrap() >= 1);
 
     assert_eq!(snapshot(&schemas).await, before, "plan changed a schema");
