@@ -52,6 +52,7 @@ impl Error {
     pub fn is_lock_timeout(&self) -> bool {
         use crate::postgres::migrations::MigrateError;
         let source = match self {
+            Error::Migration(MigrateError::LockTimeout { .. }) => return true,
             Error::Database {
                 source: crate::postgres::Error::Database(source),
                 ..

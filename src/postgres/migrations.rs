@@ -540,7 +540,7 @@ async fn apply_recorded(
 }
 
 /// The run when a pending migration must run outside a transaction, under the schema's
-/// advisory lock taken for the session.
+/// advisory lock taken for the session (its wait bounded by the migration lock_timeout).
 async fn migrate_in_runs(
     conn: &mut PgConnection,
     names: &Names,
@@ -618,10 +618,16 @@ async fn apply_outside_transaction(
     let (owner, schema) = (&names.owner, &names.schema);
     let statements = super::lint::split(&m.sql);
     let started = std::time::Instant::now();
+    // CONCURRENTLY statements take only SHARE UPDATE EXCLUSIVE, which blocks none of the
+    // tenant's reads and writes, and must wait for every older transaction of the database
+    // to end: under the migration lock_timeout they would fail whenever any session of any
+    // tenant has a transaction open that long. Their waits are bounded by the statement
+    // timeout instead.
     sqlx::Executor::execute(
         &mut *conn,
         format!(
-            "SET ROLE {owner}; SET search_path TO {schema}; SET statement_timeout = {}",
+            "SET ROLE {owner}; SET search_path TO {schema}; SET statement_timeout = {0}; \
+             SET lock_timeout = {0}",
             limits.statement_timeout_ms
         )
         .as_str(),
@@ -664,7 +670,11 @@ async fn apply_outside_transaction(
     record(conn, schema, m, started).await?;
     sqlx::Executor::execute(
         &mut *conn,
-        "RESET ROLE; RESET search_path; RESET statement_timeout",
+        format!(
+            "RESET ROLE; RESET search_path; RESET statement_timeout; SET lock_timeout = {}",
+            limits.lock_timeout_ms
+        )
+        .as_str(),
     )
     .await?;
     Ok(())

@@ -205,34 +205,47 @@ async fn a_concurrent_index_file_runs_outside_a_transaction_and_recovers_from_a_
     );
     assert_pool_clean(&admin).await;
 
-    // The tenant fixes its data but holds the table meanwhile: the retry gives up fast.
-    sqlx::Executor::execute(
-        &mut tenant,
-        "BEGIN; UPDATE tasks SET title = 'other' WHERE id = (SELECT min(id) FROM tasks);
-         LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE",
-    )
-    .await
-    .unwrap();
+    // While the tenant holds the schema's migration lock, the retry gives up fast.
+    let mut holder = tenant_session(&ns, "ci").await;
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+        .bind(format!("tenantry.migrate:{schema}"))
+        .execute(&mut holder)
+        .await
+        .unwrap();
     let started = Instant::now();
     let err = admin.migrate(&names, &set).await.unwrap_err();
     assert!(
-        matches!(
-            err,
-            MigrateError::LockTimeout {
-                version: Some(4),
-                ..
-            }
-        ),
+        matches!(err, MigrateError::LockTimeout { version: None, .. }),
         "{err:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(4));
+    holder.close().await.unwrap();
     assert_eq!(history(&schema).await, [1, 2, 3]);
     assert_pool_clean(&admin).await;
 
+    // The tenant fixes its data, in a transaction still open when the retry starts: the
+    // concurrent build waits for it (it blocks none of the tenant's writes) instead of failing.
+    sqlx::Executor::execute(
+        &mut tenant,
+        "BEGIN; UPDATE tasks SET title = 'other' WHERE id = (SELECT min(id) FROM tasks)",
+    )
+    .await
+    .unwrap();
+    let retry = tokio::spawn({
+        let admin = admin.clone();
+        let names = names.clone();
+        let set = set.clone();
+        async move { admin.migrate(&names, &set).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !retry.is_finished(),
+        "the build waits for the tenant's transaction"
+    );
     sqlx::Executor::execute(&mut tenant, "COMMIT")
         .await
         .unwrap();
-    assert_eq!(admin.migrate(&names, &set).await.unwrap(), [4, 5]);
+    assert_eq!(retry.await.unwrap().unwrap(), [4, 5]);
     assert_eq!(history(&schema).await, [1, 2, 3, 4, 5]);
     assert_eq!(
         valid(pg().await, schema.clone()).await,
