@@ -731,6 +731,56 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_timeout_is_retryable_and_says_whose_lock_it_is() {
+        let e = MigrateError::LockTimeout {
+            version: Some(3),
+            description: "add note".into(),
+            message: "canceling statement due to lock timeout".into(),
+        };
+        assert!(e.is_transient());
+        let text = e.to_string();
+        assert!(text.starts_with("migration 3 (add note) gave up after the migration lock_timeout: canceling statement due to lock timeout"), "{text}");
+        assert!(
+            text.contains("tenant's own") && text.contains("will be retried"),
+            "{text}"
+        );
+        let e = MigrateError::LockTimeout {
+            version: None,
+            description: "the schema's migration lock".into(),
+            message: "canceling statement due to lock timeout".into(),
+        };
+        assert!(e.is_transient());
+        assert!(e
+            .to_string()
+            .starts_with("waiting for the schema's migration lock gave up"));
+        // The refusals stay permanent.
+        assert!(!MigrateError::ChecksumMismatch { version: 1 }.is_transient());
+        assert!(!MigrateError::UnknownApplied { version: 1 }.is_transient());
+    }
+
+    #[test]
+    fn only_files_of_concurrent_statements_run_outside_a_transaction() {
+        let s = set(&[
+            ("1_t.sql", "CREATE TABLE t (x int);"),
+            (
+                "2_i.sql",
+                "-- lookups\nCREATE INDEX CONCURRENTLY t_x ON t (x);",
+            ),
+            (
+                "3_mixed.sql",
+                "CREATE TABLE u (x int); CREATE INDEX CONCURRENTLY u_x ON u (x);",
+            ),
+        ])
+        .unwrap();
+        let tx: Vec<bool> = s
+            .migrations()
+            .iter()
+            .map(Migration::transactional)
+            .collect();
+        assert_eq!(tx, [true, false, true]);
+    }
+
+    #[test]
     fn embedded_set_is_valid() {
         let s = MigrationSet::embedded();
         assert!(s.latest().unwrap() >= 1);

@@ -388,3 +388,47 @@ async fn plan_names_what_would_run_and_writes_nothing() {
         .unwrap();
     assert_eq!(labels, None);
 }
+
+#[test]
+fn the_lint_command_lists_findings_and_fails_on_them() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("3_lookup.sql"),
+        "-- Look tasks up by title.\nCREATE INDEX tasks_title_idx ON tasks (title);\n",
+    )
+    .unwrap();
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+            .args([
+                "migrations",
+                "lint",
+                "--demo-migrations",
+                "--migrations-dir",
+            ])
+            .arg(dir.path())
+            .env_remove("TENANTRY_MIGRATIONS_DIR")
+            .env_remove("TENANTRY_DEMO_MIGRATIONS")
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("3_lookup.sql:2: [create-index-non-concurrent]"),
+        "{stdout}"
+    );
+    // The advice, followed: a file of its own, outside a transaction.
+    std::fs::write(
+        dir.path().join("3_lookup.sql"),
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS tasks_title_idx ON tasks (title);\n",
+    )
+    .unwrap();
+    let out = run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("3 migration(s), no lint findings"),
+        "{stdout}"
+    );
+}
