@@ -89,6 +89,15 @@ pub struct PlanArgs {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value = "text")]
     pub output: crate::postgres::plan::Output,
+
+    /// Also list the Tenants (all namespaces) through the Kubernetes API: match each schema
+    /// with its Tenant and its status, and report Tenants not provisioned yet. Without it the
+    /// plan reads the database alone (tenants are named by their schemas' ownership marks).
+    #[arg(long)]
+    pub kubernetes: bool,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 /// Where the platform signing key lives: the operator creates it, the API reads it (that one
@@ -643,7 +652,18 @@ impl Cli {
                     args.set.demo_migrations,
                     args.set.migrations_dir.as_deref(),
                 )?;
-                let plan = crate::postgres::plan::plan(&args.database_url, &set).await?;
+                let known = if args.kubernetes {
+                    let client = args.kube.client().await?;
+                    let tenants = kube::Api::<Tenant>::all(client)
+                        .list(&Default::default())
+                        .await
+                        .context("listing Tenants")?;
+                    Some(crate::postgres::plan::known_tenants(&tenants.items))
+                } else {
+                    None
+                };
+                let plan =
+                    crate::postgres::plan::plan(&args.database_url, &set, known.as_deref()).await?;
                 print!("{}", plan.render(args.output));
                 Ok(())
             }

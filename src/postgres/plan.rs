@@ -33,6 +33,9 @@ pub enum Outcome {
     Refused {
         reason: String,
     },
+    /// A Tenant (from Kubernetes) without an operator-made schema yet: provisioning would
+    /// apply the whole set.
+    NotProvisioned,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -45,6 +48,43 @@ pub struct TenantPlan {
     /// Highest applied version (None: nothing applied, or unreadable history).
     pub current_version: Option<i64>,
     pub outcome: Outcome,
+    /// Whether a Tenant of that namespace and name exists (only when Kubernetes was asked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_found: Option<bool>,
+    /// The Tenant's `status.migrationVersion` (only when Kubernetes was asked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_version: Option<i64>,
+}
+
+/// A Tenant of the cluster, for a plan that consults Kubernetes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownTenant {
+    pub namespace: String,
+    pub name: String,
+    pub schema: String,
+    pub status_version: Option<i64>,
+}
+
+/// The Tenants as the plan needs them (schema as the controller derives it; a Tenant whose
+/// schema name is invalid is left out: the operator refuses it anyway).
+pub fn known_tenants(tenants: &[crate::domain::crd::Tenant]) -> Vec<KnownTenant> {
+    use kube::ResourceExt;
+    tenants
+        .iter()
+        .filter_map(|t| {
+            let namespace = t.namespace().unwrap_or_default();
+            let name = t.name_any();
+            let schema =
+                crate::domain::naming::tenant_ident(&namespace, &name, t.spec.schema.as_deref())
+                    .ok()?;
+            Some(KnownTenant {
+                namespace,
+                name,
+                schema: schema.as_str().to_string(),
+                status_version: t.status.as_ref().and_then(|s| s.migration_version),
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -59,12 +99,20 @@ pub struct FleetPlan {
     pub would_migrate: usize,
     pub up_to_date: usize,
     pub refused: usize,
+    /// Tenants without a schema yet (only when Kubernetes was asked).
+    pub not_provisioned: usize,
     pub lint: Vec<Finding>,
 }
 
 /// Plans `set` against every operator-made tenant schema of the database at `url` (a schema
-/// carrying the operator's ownership mark, owned by its owner role).
-pub async fn plan(url: &str, set: &MigrationSet) -> Result<FleetPlan, sqlx::Error> {
+/// carrying the operator's ownership mark, owned by its owner role). With `tenants` (listed
+/// from Kubernetes), each schema is matched with its Tenant, and Tenants without a schema yet
+/// are reported as not provisioned.
+pub async fn plan(
+    url: &str,
+    set: &MigrationSet,
+    tenants: Option<&[KnownTenant]>,
+) -> Result<FleetPlan, sqlx::Error> {
     // Whose code runs in this session: the admin's, for every tenant. search_path is
     // pg_catalog alone; every read is catalog-qualified or the guarded history read; the
     // session is read-only by default and the reads run in a READ ONLY transaction.
@@ -81,8 +129,30 @@ pub async fn plan(url: &str, set: &MigrationSet) -> Result<FleetPlan, sqlx::Erro
     let result = read(&mut conn, set).await;
     let _ = sqlx::Executor::execute(&mut conn, "ROLLBACK").await;
     let _ = conn.close().await;
-    let tenants = result?;
-    Ok(summarize(set, tenants))
+    let mut planned = result?;
+    if let Some(known) = tenants {
+        for p in planned.iter_mut() {
+            let tenant = known
+                .iter()
+                .find(|k| k.namespace == p.namespace && k.name == p.name && k.schema == p.schema);
+            p.tenant_found = Some(tenant.is_some());
+            p.status_version = tenant.and_then(|k| k.status_version);
+        }
+        for k in known {
+            if !planned.iter().any(|p| p.schema == k.schema) {
+                planned.push(TenantPlan {
+                    schema: k.schema.clone(),
+                    namespace: k.namespace.clone(),
+                    name: k.name.clone(),
+                    current_version: None,
+                    outcome: Outcome::NotProvisioned,
+                    tenant_found: Some(true),
+                    status_version: k.status_version,
+                });
+            }
+        }
+    }
+    Ok(summarize(set, planned))
 }
 
 async fn read(
@@ -139,6 +209,8 @@ async fn read(
             name: mark.name,
             current_version,
             outcome,
+            tenant_found: None,
+            status_version: None,
         });
     }
     Ok(out)
@@ -149,6 +221,7 @@ pub fn summarize(set: &MigrationSet, tenants: Vec<TenantPlan>) -> FleetPlan {
     let mut per_version = BTreeMap::new();
     for t in &tenants {
         let key = match (&t.outcome, t.current_version) {
+            (Outcome::NotProvisioned, _) => "not provisioned".to_string(),
             (Outcome::Refused { .. }, None) => "unknown".to_string(),
             (_, None) => "none".to_string(),
             (_, Some(v)) => v.to_string(),
@@ -162,6 +235,7 @@ pub fn summarize(set: &MigrationSet, tenants: Vec<TenantPlan>) -> FleetPlan {
         would_migrate: count(|o| matches!(o, Outcome::Migrate { .. })),
         up_to_date: count(|o| matches!(o, Outcome::UpToDate)),
         refused: count(|o| matches!(o, Outcome::Refused { .. })),
+        not_provisioned: count(|o| matches!(o, Outcome::NotProvisioned)),
         lint: lint::lint(set),
         tenants,
     }
@@ -195,11 +269,28 @@ impl FleetPlan {
                         .join(", ")
                 ),
                 Outcome::Refused { reason } => format!("REFUSED: {reason}"),
+                Outcome::NotProvisioned => {
+                    "not provisioned yet: would get the whole set".to_string()
+                }
             };
+            let mut notes = String::new();
+            if t.tenant_found == Some(false) {
+                notes.push_str(" [no such Tenant in Kubernetes]");
+            }
+            if t.tenant_found == Some(true)
+                && t.outcome != Outcome::NotProvisioned
+                && t.status_version != t.current_version
+            {
+                let _ = write!(
+                    notes,
+                    " [its status says version {}]",
+                    t.status_version.map_or("-".to_string(), |v| v.to_string())
+                );
+            }
             let current = t.current_version.map_or("-".to_string(), |v| v.to_string());
             let _ = writeln!(
                 s,
-                "{}/{} (schema {}, at {current}): {what}",
+                "{}/{} (schema {}, at {current}): {what}{notes}",
                 t.namespace, t.name, t.schema
             );
         }
@@ -214,11 +305,16 @@ impl FleetPlan {
             .collect();
         let _ = writeln!(
             s,
-            "Summary: {} tenant(s); {} would migrate, {} up to date, {} refused; per current version: {}",
+            "Summary: {} tenant(s); {} would migrate, {} up to date, {} refused{}; per current version: {}",
             self.tenants.len(),
             self.would_migrate,
             self.up_to_date,
             self.refused,
+            if self.not_provisioned > 0 {
+                format!(", {} not provisioned", self.not_provisioned)
+            } else {
+                String::new()
+            },
             if per_version.is_empty() {
                 "-".to_string()
             } else {
@@ -258,6 +354,8 @@ mod tests {
             name: name.into(),
             current_version: current,
             outcome,
+            tenant_found: None,
+            status_version: None,
         };
         let plan = summarize(
             &set,

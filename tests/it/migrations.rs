@@ -311,6 +311,8 @@ async fn plan_names_what_would_run_and_writes_nothing() {
     .execute(&pg().await)
     .await
     .unwrap();
+    // A Tenant created while no operator runs has no schema yet.
+    ns.create(Tenant::test("pc")).await;
     let schemas = [a.clone(), b.clone()];
     let before = snapshot(&schemas).await;
     let tenants_before: Vec<_> = ns
@@ -330,7 +332,7 @@ async fn plan_names_what_would_run_and_writes_nothing() {
             "CREATE INDEX tasks_title_idx ON tasks (title);",
         ),
     ]);
-    let plan = plan::plan(&env().database_url, &set).await.unwrap();
+    let plan = plan::plan(&env().database_url, &set, None).await.unwrap();
     let find = |s: &str| plan.tenants.iter().find(|t| t.schema == s).unwrap();
     let pa = find(&a);
     assert_eq!(
@@ -368,6 +370,25 @@ async fn plan_names_what_would_run_and_writes_nothing() {
     );
     let json: serde_json::Value = serde_json::from_str(&plan.render(plan::Output::Json)).unwrap();
     assert!(json["wouldMigrate"].as_u64().unwrap() >= 1);
+
+    assert!(
+        plan.tenants.iter().all(|t| t.name != "pc"),
+        "without Kubernetes only schemas are known"
+    );
+
+    // With the Tenants listed from Kubernetes: matched, and the new one reported.
+    let listed = ns.tenants().list(&Default::default()).await.unwrap().items;
+    let known = plan::known_tenants(&listed);
+    let plan = plan::plan(&env().database_url, &set, Some(&known))
+        .await
+        .unwrap();
+    let find = |s: &str| plan.tenants.iter().find(|t| t.schema == s).unwrap();
+    assert_eq!(find(&a).tenant_found, Some(true));
+    assert_eq!(find(&a).status_version, Some(2));
+    let pc = find(&ns.schema("pc"));
+    assert_eq!(pc.outcome, Outcome::NotProvisioned);
+    assert_eq!(pc.name, "pc");
+    assert!(plan.not_provisioned >= 1);
 
     assert_eq!(snapshot(&schemas).await, before, "plan changed a schema");
     let tenants_after: Vec<_> = ns
