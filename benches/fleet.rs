@@ -116,6 +116,8 @@ impl Operator {
             leader: None,
             rollout: Default::default(),
             usage_interval: std::time::Duration::from_secs(60),
+            migration_source: None,
+            rollout_object: None,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let metrics = Metrics::default();
