@@ -622,7 +622,7 @@ pub(super) async fn run(
                         return;
                     };
                     let judged = match candidate {
-                        Candidate::Refused { reason, message } => Err((String::new(), Refusal { reason, message })),
+                        Candidate::Refused { reason, message } => Err((None, Refusal { reason, message })),
                         Candidate::Set(new) => {
                             let d = digest(&new);
                             if d == last_candidate {
@@ -638,7 +638,7 @@ pub(super) async fn run(
                             let applied_up_to = ctx.fleet.highest_version().max(ctx.rollout.highest_reached());
                             match judge(&set, &new, applied_up_to, &lint(&new)) {
                                 Ok(()) => Ok(new),
-                                Err(r) => Err((d, r)),
+                                Err(r) => Err((Some(d), r)),
                             }
                         }
                     };
