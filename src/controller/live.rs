@@ -30,7 +30,7 @@ use kube::{
     runtime::{
         events::{Event, EventType},
         reflector::ObjectRef,
-        watcher,
+        watcher, WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
 };
@@ -692,7 +692,7 @@ async fn watch_source(
         SourceKind::ConfigMap { namespace, name } => {
             let api: Api<ConfigMap> = Api::namespaced(client, namespace);
             let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-            let mut stream = Box::pin(watcher(api, config));
+            let mut stream = Box::pin(watcher(api, config).default_backoff());
             while let Some(event) = stream.next().await {
                 let candidate = match event {
                     Ok(watcher::Event::Apply(cm)) | Ok(watcher::Event::InitApply(cm)) => {
