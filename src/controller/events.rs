@@ -28,6 +28,7 @@ pub const WARNING: &[&str] = &[
     "MigrationFailed",
     "UntrustedHistory",
     "RolloutHalted",
+    "MigrationLocked",
     "AmbiguousRouting",
     "LockTimeout",
     "DatabaseUnavailable",

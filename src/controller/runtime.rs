@@ -83,6 +83,12 @@ pub struct Settings {
     pub rollout: RolloutPolicy,
     /// How often the fleet's storage usage is measured (`status.usage`, storage quotas).
     pub usage_interval: Duration,
+    /// Where the migration set comes from, watched for changes (`None`: the set given at
+    /// start is the only one).
+    pub migration_source: Option<super::live::MigrationSource>,
+    /// The TenantRollout (namespace, name) the rollout is reported on (`None`: logs and
+    /// metrics only).
+    pub rollout_object: Option<(String, String)>,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -239,11 +245,17 @@ pub async fn run(
             [] => "<all>".to_string(),
             many => many.join(","),
         },
-        migrations = ctx.migrations.latest(),
+        migrations = ctx.migrations().latest(),
         "controller started"
     );
     // The leader measures the fleet's storage usage; reconciles read it.
     let usage = tokio::spawn(super::usage::run(ctx.clone(), settings.usage_interval));
+    // The leader watches the migration source and rolls every accepted set out.
+    let live = tokio::spawn(super::live::run(
+        ctx.clone(),
+        settings.migration_source.clone(),
+        settings.rollout_object.clone(),
+    ));
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -253,6 +265,7 @@ pub async fn run(
         })
         .await;
     usage.abort();
+    live.abort();
     if lost.load(Ordering::SeqCst) {
         return Err(RunError::LeaseLost);
     }

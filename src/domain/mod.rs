@@ -8,6 +8,7 @@ pub mod credentials;
 pub mod limits;
 pub mod naming;
 pub mod plan;
+pub mod rollout;
 pub mod rotation;
 pub mod routing;
 pub mod scram;

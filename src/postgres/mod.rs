@@ -324,6 +324,11 @@ impl Admin {
         .boxed()
     }
 
+    /// Size of the admin connection pool.
+    pub fn pool_size(&self) -> u32 {
+        self.pool.options().get_max_connections()
+    }
+
     /// Runs pending migrations in the schema as the tenant's owner role (see
     /// [`migrations::migrate`]), each statement bounded by the migration `lock_timeout`
     /// ([`Admin::with_migration_lock_timeout`]). After an error the connection is closed, never

@@ -69,13 +69,15 @@ fn the_chart_readme_describes_every_value() {
 
 #[test]
 fn chart_crds_are_the_generated_ones() {
-    let chart = std::fs::read(repo().join("charts/tenantry/files/crds/tenant.yaml")).unwrap();
-    let root = std::fs::read(repo().join("crds/tenant.yaml")).unwrap();
-    assert!(
-        chart == root,
-        "charts/tenantry/files/crds/tenant.yaml differs from crds/tenant.yaml: copy it"
-    );
-    // The chart's template renders it, labelled and kept on uninstall.
+    for file in ["tenant.yaml", "tenantrollout.yaml"] {
+        let chart = std::fs::read(repo().join("charts/tenantry/files/crds").join(file)).unwrap();
+        let root = std::fs::read(repo().join("crds").join(file)).unwrap();
+        assert!(
+            chart == root,
+            "charts/tenantry/files/crds/{file} differs from crds/{file}: copy it"
+        );
+    }
+    // The chart's template renders them, labelled and kept on uninstall.
     let out = check_py(&["crd", "charts/tenantry"]);
     // Helm re-serializes whole floats (`10000.0`, as k8s-openapi writes bounds) as integers.
     fn whole(v: Value) -> Value {
@@ -89,17 +91,24 @@ fn chart_crds_are_the_generated_ones() {
             other => other,
         }
     }
-    let rendered: Value = whole(serde_yaml::from_str(&out).unwrap());
-    let generated: Value = whole(serde_yaml::from_slice(&root).unwrap());
-    assert_eq!(rendered["spec"], generated["spec"]);
-    assert_eq!(
-        rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
-        "keep"
-    );
-    assert_eq!(
-        rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"],
-        "Helm"
-    );
+    let rendered: Vec<Value> = serde_yaml::Deserializer::from_str(&out)
+        .map(|d| whole(<Value as serde::Deserialize>::deserialize(d).unwrap()))
+        .filter(|v| !v.is_null())
+        .collect();
+    assert_eq!(rendered.len(), 2, "{out}");
+    for (file, rendered) in ["tenant.yaml", "tenantrollout.yaml"].iter().zip(&rendered) {
+        let root = std::fs::read(repo().join("crds").join(file)).unwrap();
+        let generated: Value = whole(serde_yaml::from_slice(&root).unwrap());
+        assert_eq!(rendered["spec"], generated["spec"], "{file}");
+        assert_eq!(
+            rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
+            "keep"
+        );
+        assert_eq!(
+            rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "Helm"
+        );
+    }
 }
 
 #[test]
@@ -246,11 +255,19 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
         &release_ns,
         &format!("--from-literal=url={}", env.database_url),
     ]);
+    // The application's migrations, after the demo set: none yet.
+    kubectl_ok(&[
+        "create",
+        "configmap",
+        "tenant-migrations",
+        "-n",
+        &release_ns,
+    ]);
     let values = json!({
         "database": {"existingSecret": "tenantry-db"},
         "watchNamespaces": [tenants_ns.name, other_ns.name],
         // The test reads the demo tables through the API: ask for them (never the default).
-        "migrations": {"demo": true},
+        "migrations": {"demo": true, "configMap": "tenant-migrations"},
         // The test apiserver (1.20) takes the CRD only by a plain apply, which the test stack
         // made (README, "Admission rules").
         "crds": {"install": false},
@@ -362,6 +379,14 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
         (vec!["list", "secrets"], "no"),
         (vec!["update", "lease/tenantry-operator"], "yes"),
         (vec!["update", "lease/someone-elses"], "no"),
+        (vec!["watch", "configmap/tenant-migrations"], "yes"),
+        (vec!["get", "configmap/someone-elses"], "no"),
+        (vec!["list", "configmaps"], "no"),
+        (vec!["patch", "tenantrollouts.tenantry.dev/tenantry"], "yes"),
+        (
+            vec!["patch", "tenantrollouts.tenantry.dev/someone-elses"],
+            "no",
+        ),
     ] {
         let mut args = args;
         args.extend(["-n", &release_ns]);
@@ -466,6 +491,50 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
     assert_eq!(
         lease.spec.unwrap().holder_identity.as_deref(),
         Some("tenantry-under-test")
+    );
+
+    // A new migration in the ConfigMap rolls out under the chart's RBAC, without a restart,
+    // reported on the release's TenantRollout.
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(tenants_ns.client.clone(), &release_ns);
+    cms.patch(
+        "tenant-migrations",
+        &kube::api::PatchParams::apply("helm-test"),
+        &kube::api::Patch::Apply(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "tenant-migrations"},
+            "data": {"3_notes.sql": "CREATE TABLE notes (id bigint PRIMARY KEY, body text);"},
+        })),
+    )
+    .await
+    .unwrap();
+    let rollouts: kube::Api<tenantry::domain::rollout::TenantRollout> =
+        kube::Api::namespaced(tenants_ns.client.clone(), &release_ns);
+    let rolled = eventually(
+        "the TenantRollout at version 3",
+        Duration::from_secs(60),
+        move || {
+            let rollouts = rollouts.clone();
+            async move {
+                rollouts
+                    .get_opt("tenantry")
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|r| r.status)
+                    .filter(|s| s.completed_version == Some(3))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        (rolled.tenants.done, rolled.tenants.failed),
+        (2, 0),
+        "{rolled:?}"
+    );
+    assert_eq!(
+        rolled.source,
+        format!("ConfigMap {release_ns}/tenant-migrations + demo set")
     );
 
     let gateway: kube::Api<k8s_openapi::api::core::v1::Secret> =

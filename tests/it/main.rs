@@ -12,6 +12,7 @@ mod failures;
 mod helm;
 mod hostile;
 mod limits;
+mod live;
 mod migrations;
 mod provision;
 mod rollout;
