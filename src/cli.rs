@@ -76,6 +76,15 @@ pub struct SetArgs {
     #[arg(long, env = "TENANTRY_MIGRATIONS_DIR")]
     pub migrations_dir: Option<PathBuf>,
 
+    /// Read the set from this ConfigMap instead, as the controller's flag (`NAME` in the
+    /// kubeconfig's namespace, or `NAMESPACE/NAME`).
+    #[arg(
+        long,
+        env = "TENANTRY_MIGRATIONS_CONFIGMAP",
+        conflicts_with = "migrations_dir"
+    )]
+    pub migrations_configmap: Option<String>,
+
     /// Include the demo migration set first, as the controller's flag.
     #[arg(long, env = "TENANTRY_DEMO_MIGRATIONS")]
     pub demo_migrations: bool,
@@ -569,6 +578,31 @@ fn migration_source(
     }))
 }
 
+/// The set `tenantry migrations lint|plan` are given: a directory's or a ConfigMap's (read
+/// through the Kubernetes API), after the demo set when asked for. Not linted here.
+async fn load_set(args: &SetArgs, kube: Option<&KubeArgs>) -> anyhow::Result<MigrationSet> {
+    let Some(cm) = &args.migrations_configmap else {
+        return unchecked_migration_set(args.demo_migrations, args.migrations_dir.as_deref());
+    };
+    let client = match kube {
+        Some(k) => k.client().await?,
+        None => kube_client(None, None).await?,
+    };
+    let (namespace, name) = match cm.split_once('/') {
+        Some((ns, name)) => (ns.to_string(), name.to_string()),
+        None => (client.default_namespace().to_string(), cm.clone()),
+    };
+    let source = controller::MigrationSource {
+        kind: controller::SourceKind::ConfigMap { namespace, name },
+        demo: args.demo_migrations,
+        poll: std::time::Duration::from_secs(10),
+    };
+    source
+        .load(&client)
+        .await
+        .with_context(|| source.describe())
+}
+
 /// Refuses a set that must not run (the lint's findings).
 pub fn check_set(set: &MigrationSet) -> anyhow::Result<()> {
     let findings = crate::postgres::lint::lint(set);
@@ -709,8 +743,7 @@ impl Cli {
             }
             Command::Token(args) => run_token(args).await,
             Command::Migrations(MigrationsCommand::Lint(args)) => {
-                let set =
-                    unchecked_migration_set(args.demo_migrations, args.migrations_dir.as_deref())?;
+                let set = load_set(&args, None).await?;
                 let findings = crate::postgres::lint::lint(&set);
                 for f in &findings {
                     println!("{f}");
@@ -723,10 +756,7 @@ impl Cli {
                 }
             }
             Command::Migrations(MigrationsCommand::Plan(args)) => {
-                let set = unchecked_migration_set(
-                    args.set.demo_migrations,
-                    args.set.migrations_dir.as_deref(),
-                )?;
+                let set = load_set(&args.set, Some(&args.kube)).await?;
                 let known = if args.kubernetes {
                     let client = args.kube.client().await?;
                     let tenants = kube::Api::<Tenant>::all(client)

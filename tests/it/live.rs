@@ -249,6 +249,41 @@ async fn a_configmap_change_rolls_out_without_a_restart_and_an_applied_change_is
     for n in names {
         assert_eq!(history(&ns.schema(n)).await, [1, 2, 3, 4], "{n}");
     }
+
+    // An index built under a long exclusive lock on a populated table: the lint refuses the
+    // set for the whole fleet, naming the rule and the file:line; nothing runs.
+    put_migrations(
+        &ns,
+        &[
+            PRIORITY,
+            (
+                "4_labels.sql",
+                "CREATE TABLE labels (id bigint PRIMARY KEY);",
+            ),
+            (
+                "5_title.sql",
+                "-- find tasks by title\nCREATE INDEX tasks_title_idx ON tasks (title);",
+            ),
+        ],
+    )
+    .await;
+    let linted = wait_rollout(&ns, "the lint refusal", |s| {
+        s.refused.as_ref().is_some_and(|r| r.reason == "LintFailed")
+    })
+    .await;
+    let message = &linted.refused.as_ref().unwrap().message;
+    assert!(
+        message.contains("5_title.sql:2: [create-index-non-concurrent]"),
+        "names the file, line and rule: {message}"
+    );
+    assert_eq!(linted.target_version, Some(4));
+    for n in names {
+        assert_eq!(
+            history(&ns.schema(n)).await,
+            [1, 2, 3, 4],
+            "{n}: nothing ran"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
