@@ -116,6 +116,7 @@ impl Operator {
             leader: None,
             rollout: Default::default(),
             usage_interval: std::time::Duration::from_secs(60),
+            drift_interval: Duration::ZERO,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let metrics = Metrics::default();

@@ -83,6 +83,8 @@ pub struct Settings {
     pub rollout: RolloutPolicy,
     /// How often the fleet's storage usage is measured (`status.usage`, storage quotas).
     pub usage_interval: Duration,
+    /// How often the fleet is scanned for schema drift (`SchemaDrift`); zero: never.
+    pub drift_interval: Duration,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -244,6 +246,9 @@ pub async fn run(
     );
     // The leader measures the fleet's storage usage; reconciles read it.
     let usage = tokio::spawn(super::usage::run(ctx.clone(), settings.usage_interval));
+    // And scans it for schema drift.
+    let drift = (!settings.drift_interval.is_zero())
+        .then(|| tokio::spawn(super::drift::run(ctx.clone(), settings.drift_interval)));
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -253,6 +258,9 @@ pub async fn run(
         })
         .await;
     usage.abort();
+    if let Some(drift) = drift {
+        drift.abort();
+    }
     if lost.load(Ordering::SeqCst) {
         return Err(RunError::LeaseLost);
     }

@@ -418,6 +418,10 @@ pub mod condition {
     /// True while writes are refused because storage usage is above `spec.limits.storage`;
     /// False when within it (absent on tenants that never had a quota).
     pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+    /// True while the schema differs from the reference of its migration version (tables,
+    /// columns, constraints, indexes), naming what differs; False when it matches (absent
+    /// until the first drift scan). A report only: it does not touch `Ready`.
+    pub const SCHEMA_DRIFT: &str = "SchemaDrift";
     pub const STEPS: [&str; 4] = [
         ROLE_READY,
         SCHEMA_READY,

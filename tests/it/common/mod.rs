@@ -170,6 +170,9 @@ pub struct ControllerOpts {
     /// How often the operator measures storage usage (an hour unless a test needs it: a
     /// measurement writes every tenant's status.usage).
     pub usage_interval: Duration,
+    /// How often the operator scans for schema drift (never unless a test needs it: the first
+    /// scan writes every tenant's SchemaDrift condition).
+    pub drift_interval: Duration,
 }
 
 impl Default for ControllerOpts {
@@ -179,6 +182,7 @@ impl Default for ControllerOpts {
             migrations: MigrationSet::embedded(),
             rollout: Default::default(),
             usage_interval: Duration::from_secs(3600),
+            drift_interval: Duration::ZERO,
         }
     }
 }
@@ -207,6 +211,7 @@ impl RunningController {
             leader: None,
             rollout: opts.rollout,
             usage_interval: opts.usage_interval,
+            drift_interval: opts.drift_interval,
         };
         let client = ns.client.clone();
         let m = metrics.clone();
