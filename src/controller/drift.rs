@@ -198,15 +198,9 @@ async fn scan_once(ctx: &Context) {
         let Some(hash) = hashes.of.get(&schema) else {
             continue;
         };
-        let matches = |v: &Option<i64>| refs.get(v).is_some_and(|r| &r.hash == hash);
-        if matches(&expected) {
-            found.push((schema, clean(expected)));
-        } else if let Some(v) = refs.keys().find(|v| matches(v)) {
-            // The schema is at another version of the set: a rollout whose status writes
-            // have not caught up (or a status that is ahead). Not drift.
-            found.push((schema, clean(*v)));
-        } else {
-            suspects.push((schema, expected));
+        match matching_version(hash, expected, &refs) {
+            Some(v) => found.push((schema, clean(v))),
+            None => suspects.push((schema, expected)),
         }
     }
     let mut read_again = 0;
@@ -268,6 +262,17 @@ async fn scan_once(ctx: &Context) {
     }
 }
 
+/// The version whose reference `hash` is: `expected` (the tenant's status) when it is, else
+/// any other version of the set — the schema is at another version of the set, a rollout
+/// whose status writes have not caught up: not drift. `None`: no version matches.
+fn matching_version(hash: &str, expected: Option<i64>, refs: &References) -> Option<Option<i64>> {
+    let matches = |v: &Option<i64>| refs.get(v).is_some_and(|r| r.hash == hash);
+    if matches(&expected) {
+        return Some(expected);
+    }
+    refs.keys().find(|v| matches(v)).copied()
+}
+
 fn clean(version: Option<i64>) -> Finding {
     Finding {
         version,
@@ -324,6 +329,25 @@ mod tests {
             "a Tenant gone takes its finding along"
         );
         assert_eq!(book.get("b"), None);
+    }
+
+    #[test]
+    fn a_schema_at_another_version_of_the_set_is_not_drift() {
+        use crate::postgres::fingerprint::Reference;
+        let r = |h: &str| Reference {
+            hash: h.into(),
+            descriptors: Vec::new(),
+        };
+        let refs: References = [(None, r("e")), (Some(1), r("a")), (Some(2), r("b"))].into();
+        assert_eq!(matching_version("b", Some(2), &refs), Some(Some(2)));
+        // Status lag: the status says 1, the schema is at 2 already.
+        assert_eq!(matching_version("b", Some(1), &refs), Some(Some(2)));
+        assert_eq!(matching_version("e", Some(1), &refs), Some(None));
+        assert_eq!(matching_version("x", Some(2), &refs), None);
+        // The same hash for two versions (a migration that changes nothing compared): the
+        // status's version wins.
+        let refs: References = [(Some(1), r("a")), (Some(2), r("a"))].into();
+        assert_eq!(matching_version("a", Some(2), &refs), Some(Some(2)));
     }
 
     #[test]

@@ -5,11 +5,15 @@
 use std::time::Duration;
 
 use sqlx::{Executor, PgPool};
-use tenantry::domain::crd::{condition, Tenant};
+use tenantry::{
+    domain::crd::{condition, Tenant},
+    postgres::migrations::MigrationSet,
+};
 
 use crate::{
     common::*,
     hostile::{as_tenant, sqlstate},
+    suspend::createrole_admin,
 };
 
 const INTERVAL: Duration = Duration::from_secs(2);
@@ -252,4 +256,80 @@ async fn a_tenant_locking_its_tables_does_not_stop_the_drift_scan() {
         "a locked tenant is skipped, not drifted"
     );
     locker.execute("COMMIT").await.unwrap();
+}
+
+/// Normalisation: schemas made by the same migrations fingerprint alike whatever their name —
+/// one that needs quoting, a keyword — with sequences, an enum of the schema's own, a
+/// foreign key, a check and a partial expression index, and a partitioned table; with an admin
+/// that has CREATEROLE only (the references are built and dropped with the same rights).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_made_by_the_same_migrations_match_whatever_their_name() {
+    let ns = TestNs::new().await;
+    let set = MigrationSet::from_files([
+        (
+            "1_kinds.sql".to_string(),
+            "CREATE TYPE mood AS ENUM ('ok', 'meh');
+             CREATE TABLE notes (
+                 id serial PRIMARY KEY,
+                 body text NOT NULL DEFAULT 'notes.body',
+                 mood mood NOT NULL DEFAULT 'ok',
+                 parent integer REFERENCES notes (id),
+                 CHECK (mood <> 'meh' OR body <> '')
+             );
+             CREATE INDEX notes_body_idx ON notes (lower(body)) WHERE mood = 'ok';"
+                .to_string(),
+        ),
+        (
+            "2_events.sql".to_string(),
+            "CREATE TABLE events (at timestamptz NOT NULL, kind text) PARTITION BY RANGE (at);
+             CREATE TABLE events_2026 PARTITION OF events
+                 FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+             CREATE INDEX events_kind_idx ON events (kind);"
+                .to_string(),
+        ),
+    ])
+    .unwrap();
+    let _ctl = RunningController::start_with(
+        &ns,
+        ControllerOpts {
+            database_url: createrole_admin(&ns).await,
+            migrations: set,
+            ..drift_opts()
+        },
+    )
+    .await;
+    let keyword = format!("select_{}", random_suffix());
+    ns.create(Tenant::test("acme")).await;
+    ns.create(Tenant::test("globex").with_schema(&keyword))
+        .await;
+    for n in ["acme", "globex"] {
+        wait_ready(&ns, n).await;
+        let t = wait_drift(&ns, n, "SchemaDrift", |_, _| true).await;
+        assert_eq!(
+            drift_of(&t).unwrap(),
+            (
+                "False".to_string(),
+                "MatchesVersion".to_string(),
+                "the schema matches migration version 2".to_string()
+            )
+        );
+    }
+    // A change to a partition is found too.
+    let pg = pg().await;
+    pg.execute(
+        format!(
+            "BEGIN; SET LOCAL ROLE \"{keyword}_owner\"; \
+             ALTER TABLE \"{keyword}\".events_2026 ADD CONSTRAINT kind_set CHECK (kind IS NOT NULL); \
+             COMMIT"
+        )
+        .as_str(),
+    )
+    .await
+    .unwrap();
+    let t = wait_drift(&ns, "globex", "globex drifted", |s, _| s == "True").await;
+    assert_eq!(
+        drift_of(&t).unwrap().2,
+        "the schema differs from migration version 2: \
+         constraint events_2026.kind_set: not in migration version 2"
+    );
 }
