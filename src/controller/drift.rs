@@ -243,7 +243,8 @@ async fn scan_once(ctx: &Context) {
     ctx.metrics.set_schema_drift(drifted, took);
     let mut woken = 0;
     for t in &tenants {
-        if ctx.drift_news(t) {
+        // A paused Tenant's status stays as it was until the pause is lifted.
+        if !t.is_paused() && ctx.drift_news(t) {
             woken += 1;
             ctx.wake(ObjectRef::from_obj(&**t));
         }

@@ -61,7 +61,8 @@ s AS (
          pg_catalog.quote_ident(n.nspname) || '.' AS q,
          n.oid IN (SELECT relnamespace FROM locked) AS busy
     FROM pg_catalog.pg_namespace n
-   WHERE n.nspname = ANY ($1::pg_catalog.name[])
+    JOIN (SELECT DISTINCT w FROM pg_catalog.unnest($1::pg_catalog.name[]) w) want
+      ON want.w = n.nspname
 ),
 t AS (
   SELECT s.nsp, s.q, c.oid, c.relname::pg_catalog.text AS rel, c.relkind
