@@ -120,6 +120,8 @@ impl Operator {
             rollout: Default::default(),
             usage_interval: std::time::Duration::from_secs(60),
             drift_interval: Duration::ZERO,
+            migration_source: None,
+            rollout_object: None,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let metrics = Metrics::default();

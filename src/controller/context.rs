@@ -53,7 +53,9 @@ const VERIFIED_FOR: Duration = Duration::from_secs(300);
 pub struct Context {
     pub client: Client,
     pub admin: Admin,
-    pub migrations: Arc<MigrationSet>,
+    /// The migration set in force: replaced whole when the source's set changes and is
+    /// accepted (see [`super::live`]). Read it once per step with [`Context::migrations`].
+    migrations: std::sync::RwLock<Arc<MigrationSet>>,
     pub recorder: Recorder,
     pub metrics: Metrics,
     /// Every Tenant the controller watches, with the indexes kept from its watch (routing
@@ -101,11 +103,11 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             admin,
-            migrations: Arc::new(migrations),
+            rollout: Rollout::new(rollout, migrations.latest()),
+            migrations: std::sync::RwLock::new(Arc::new(migrations)),
             metrics,
             fleet: Fleet::new(store, base_domain),
             secrets,
-            rollout: Rollout::new(rollout),
             platform_key,
             verified: Mutex::default(),
             retrigger,
@@ -113,6 +115,19 @@ impl Context {
             usage: UsageBook::default(),
             drift: DriftBook::default(),
         }
+    }
+
+    /// The migration set in force.
+    pub fn migrations(&self) -> Arc<MigrationSet> {
+        self.migrations.read().expect("migrations lock").clone()
+    }
+
+    /// Puts an accepted set in force and restarts the rollout's counters for it.
+    pub(super) fn replace_migrations(&self, set: MigrationSet) {
+        let target = set.latest();
+        *self.migrations.write().expect("migrations lock") = Arc::new(set);
+        self.rollout.restart(target);
+        self.metrics.set_migration_target(target);
     }
 
     /// Asks the controller to reconcile `tenant`.
@@ -216,11 +231,12 @@ impl Context {
         let secret = self
             .secrets
             .get(&ObjectRef::new(secret_name).within(tenant.metadata.namespace.as_deref()?))?;
+        let latest = self.migrations().latest();
         let fresh = verified.generation == tenant.metadata.generation
             && verified.secret_version.is_some()
             && verified.secret_version == secret.metadata.resource_version
-            && verified.migration_version == self.migrations.latest()
-            && status.migration_version == self.migrations.latest();
+            && verified.migration_version == latest
+            && status.migration_version == latest;
         let age = verified.at.elapsed();
         (fresh && age < VERIFIED_FOR).then(|| VERIFIED_FOR - age)
     }

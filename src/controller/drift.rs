@@ -161,7 +161,7 @@ pub(super) async fn run(ctx: Arc<Context>, interval: Duration) {
 /// One scan of every watched, provisioned Tenant that is not being deleted.
 async fn scan_once(ctx: &Context) {
     // The set as it is at the start of this scan (the references follow it).
-    let set = ctx.migrations.clone();
+    let set = ctx.migrations();
     let tenants: Vec<Arc<Tenant>> = ctx
         .fleet
         .every_tenant()

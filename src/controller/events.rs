@@ -29,6 +29,7 @@ pub const WARNING: &[&str] = &[
     "MigrationFailed",
     "UntrustedHistory",
     "RolloutHalted",
+    "MigrationLocked",
     "AmbiguousRouting",
     "LockTimeout",
     "DatabaseUnavailable",

@@ -225,8 +225,26 @@ impl Fleet {
         }
     }
 
-    /// Every watched Tenant: for the periodic fleet-wide usage measurement only, never for a
-    /// reconcile.
+    /// The highest migration version any watched Tenant reports.
+    pub fn highest_version(&self) -> Option<i64> {
+        let v = self.views.read().expect("fleet lock");
+        v.live.at_version.keys().copied().max().flatten()
+    }
+
+    /// Resolves once the watch's first full list has landed. Polled with a timeout: the
+    /// store's readiness wakes only its last waiter, and the controller waits on it too.
+    pub async fn ready(&self) {
+        while tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            self.store.wait_until_ready(),
+        )
+        .await
+        .is_err()
+        {}
+    }
+
+    /// Every watched Tenant: for the periodic fleet-wide measurements and the rollout only,
+    /// never for a reconcile.
     pub fn every_tenant(&self) -> Vec<std::sync::Arc<Tenant>> {
         self.store.state()
     }

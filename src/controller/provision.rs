@@ -875,7 +875,7 @@ impl Run<'_> {
                 names,
                 owner,
                 observed,
-                &ctx.migrations,
+                &ctx.migrations(),
                 self.tenant
                     .annotations()
                     .contains_key(LEGACY_REVIEWED_ANNOTATION),
@@ -979,6 +979,26 @@ impl Run<'_> {
         match migrate(names, ctx).await {
             Ok(Migrated {
                 version,
+                failed: Some(message),
+                ..
+            }) => {
+                self.b.status_mut().migration_version = version;
+                Err(Failure {
+                    mark: Mark::Step(condition::MIGRATIONS_APPLIED),
+                    reason: "MigrationFailed",
+                    phase: Phase::Failed,
+                    event: before
+                        .is_none_or(|c| c.message != message)
+                        .then_some(Warning {
+                            reason: "MigrationFailed",
+                            action: "Migrate",
+                        }),
+                    message,
+                    then: Then::Requeue(REQUEUE_MIGRATION_FAILED),
+                })
+            }
+            Ok(Migrated {
+                version,
                 held: Some(_),
                 ..
             }) if own_failure.is_some() => {
@@ -1017,6 +1037,7 @@ impl Run<'_> {
                 version,
                 applied,
                 held: None,
+                failed: None,
             }) => {
                 self.b.status_mut().migration_version = version;
                 let v = version.map_or("none".to_string(), |v| v.to_string());
@@ -1059,6 +1080,36 @@ impl Run<'_> {
                 message,
                 then: Then::Requeue(REQUEUE_MIGRATION_FAILED),
             }),
+            Err(e @ Error::Migration(_))
+                if e.is_lock_timeout() && self.previous_phase == Some(Phase::Ready) =>
+            {
+                // The tenant's own long transaction (typically) holds a lock a migration
+                // needs: it keeps serving at its version, and the migration is retried.
+                let version = self
+                    .tenant
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.migration_version);
+                self.b.status_mut().migration_version = version;
+                let message = format!(
+                    "a migration gave up waiting for a lock another session (the tenant's own long transaction?) holds on this tenant's tables; it is retried with backoff and the tenant keeps serving at version {}: {e}",
+                    version.map_or("none".to_string(), |v| v.to_string())
+                );
+                if before.is_none_or(|c| c.reason != Hold::Locked.reason()) {
+                    self.notices.push(Note::warning(
+                        Hold::Locked.reason(),
+                        "Migrate",
+                        message.clone(),
+                    ));
+                }
+                self.b.set(
+                    condition::MIGRATIONS_APPLIED,
+                    "False",
+                    Hold::Locked.reason(),
+                    message,
+                );
+                Ok((version, Some(Hold::Locked)))
+            }
             Err(Error::Migration(e)) if !e.is_transient() => {
                 let message = e.to_string();
                 Err(Failure {
@@ -1367,45 +1418,58 @@ struct Migrated {
     applied: Vec<i64>,
     /// Pending migrations held back by the rollout, and the condition message.
     held: Option<(Hold, String)>,
+    /// The rollout's own attempt at this schema failed, and why (reported once; the next
+    /// reconcile tries again).
+    failed: Option<String>,
 }
 
 /// Applies pending migrations; returns the schema's version and the versions applied now.
 /// A schema already up to date costs one read and no transaction.
 async fn migrate(names: &Names, ctx: &Context) -> Result<Migrated, Error> {
+    let set = ctx.migrations();
     let applied = ctx.admin.applied_migrations(names).await?;
-    let pending = ctx.migrations.pending(&applied)?;
+    let pending = set.pending(&applied)?;
     let current = applied.iter().map(|(v, _)| *v).max();
     if pending.is_empty() {
         return Ok(Migrated {
             version: current,
             applied: Vec::new(),
             held: None,
+            failed: None,
+        });
+    }
+    if let Some(message) = ctx.rollout.take_failure(names.schema.as_str()) {
+        return Ok(Migrated {
+            version: current,
+            applied: Vec::new(),
+            held: None,
+            failed: Some(message),
         });
     }
     // New tenants get the whole set at once; tenants already migrated once follow the rollout.
     let permit = if applied.is_empty() {
         None
     } else {
-        match ctx.rollout.admit(
-            ctx.fleet.progress(ctx.migrations.latest()),
-            ctx.migrations.latest(),
-            &ctx.metrics,
-        ) {
+        match ctx
+            .rollout
+            .admit(ctx.fleet.progress(set.latest()), set.latest(), &ctx.metrics)
+        {
             Admission::Go(permit) => Some(permit),
             Admission::Hold(hold, message) => {
                 return Ok(Migrated {
                     version: current,
                     applied: Vec::new(),
                     held: Some((hold, message)),
+                    failed: None,
                 })
             }
         }
     };
-    let result = ctx.admin.migrate(names, &ctx.migrations).await;
-    if let (Some(permit), Err(e)) = (permit, &result) {
-        if !e.is_transient() {
-            permit.failed();
-        }
+    let result = ctx.admin.migrate(names, &set).await;
+    match (permit, &result) {
+        (Some(permit), Ok(_)) => permit.succeeded(),
+        (Some(permit), Err(e)) if !e.is_transient() => permit.failed(),
+        _ => {}
     }
     let applied_now = result?;
     let version = current.into_iter().chain(applied_now.iter().copied()).max();
@@ -1413,5 +1477,6 @@ async fn migrate(names: &Names, ctx: &Context) -> Result<Migrated, Error> {
         version,
         applied: applied_now,
         held: None,
+        failed: None,
     })
 }

@@ -39,10 +39,12 @@ pub const FIELD_MANAGER: &str = "tenantry";
 /// A role, schema or Secret held by someone else: look again now and then, someone may drop
 /// the conflicting object by hand.
 pub(super) const REQUEUE_CONFLICT: Duration = Duration::from_secs(300);
-/// A migration that failed: fixing it means a new migration set, which restarts the operator.
+/// A migration that failed: fixing it means a new migration set, whose rollout retries it.
 pub(super) const REQUEUE_MIGRATION_FAILED: Duration = Duration::from_secs(600);
 /// Pending migrations held back while the canary runs.
 pub(super) const REQUEUE_ROLLOUT_PENDING: Duration = Duration::from_secs(5);
+/// A migration that gave up waiting for a lock on the tenant's tables.
+pub(super) const REQUEUE_MIGRATION_LOCKED: Duration = Duration::from_secs(15);
 /// Pending migrations held back by a halted rollout.
 pub(super) const REQUEUE_ROLLOUT_HALTED: Duration = Duration::from_secs(60);
 /// A Ready tenant: the periodic resync catches drift nobody told us about (a role altered by

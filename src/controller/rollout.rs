@@ -4,13 +4,13 @@
 //! process's own in-flight and failed migrations (which the watch may not show yet).
 
 use std::{
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
     time::Duration,
 };
 
 use super::{
     fleet::Progress,
-    reconcile::{REQUEUE_ROLLOUT_HALTED, REQUEUE_ROLLOUT_PENDING},
+    reconcile::{REQUEUE_MIGRATION_LOCKED, REQUEUE_ROLLOUT_HALTED, REQUEUE_ROLLOUT_PENDING},
 };
 use crate::telemetry::Metrics;
 
@@ -32,6 +32,10 @@ pub(super) enum Hold {
     Pending,
     /// Too many tenants failed the new set.
     Halted,
+    /// The tenant's migration gave up waiting for a lock on its tables (its own long
+    /// transaction, typically); retried soon. Not an admission decision: the outcome of an
+    /// attempt.
+    Locked,
 }
 
 impl Hold {
@@ -40,6 +44,7 @@ impl Hold {
         match self {
             Hold::Pending => "RolloutPending",
             Hold::Halted => "RolloutHalted",
+            Hold::Locked => "MigrationLocked",
         }
     }
 
@@ -48,6 +53,7 @@ impl Hold {
         match self {
             Hold::Pending => REQUEUE_ROLLOUT_PENDING,
             Hold::Halted => REQUEUE_ROLLOUT_HALTED,
+            Hold::Locked => REQUEUE_MIGRATION_LOCKED,
         }
     }
 }
@@ -66,8 +72,23 @@ pub(super) struct Rollout {
     policy: RolloutPolicy,
     /// Tenants being migrated right now (for the canary).
     in_flight: AtomicUsize,
-    /// Tenants whose migration failed since this process started.
+    /// Tenants whose migration failed since this process started (or since the current set
+    /// was accepted).
     failed: AtomicUsize,
+    /// Tenants this process brought to the target version since then.
+    done: AtomicUsize,
+    /// Set once a live set change restarted the counters: from then on this process's own
+    /// counts are the whole truth, and Tenants still reporting an earlier set's failure no
+    /// longer count against the new one. Until then (a restart), they do: a halt survives a
+    /// restart of the operator.
+    fresh: AtomicBool,
+    /// The highest version this process brought a tenant to (`i64::MIN`: none).
+    reached: AtomicI64,
+    /// The target of the current set (`i64::MIN`: none).
+    target: AtomicI64,
+    /// Why the rollout's migration of a schema failed, until that Tenant's reconcile reports
+    /// it (schema → message).
+    failures: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// An in-flight slot of the rollout, released when dropped.
@@ -80,6 +101,13 @@ impl Permit<'_> {
     pub fn failed(self) {
         self.rollout.failed.fetch_add(1, Ordering::SeqCst);
     }
+
+    /// The tenant reached the target version.
+    pub fn succeeded(self) {
+        self.rollout.done.fetch_add(1, Ordering::SeqCst);
+        let target = self.rollout.target.load(Ordering::SeqCst);
+        self.rollout.reached.fetch_max(target, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Permit<'_> {
@@ -89,11 +117,45 @@ impl Drop for Permit<'_> {
 }
 
 impl Rollout {
-    pub fn new(policy: RolloutPolicy) -> Self {
+    pub fn new(policy: RolloutPolicy, target: Option<i64>) -> Self {
         Self {
             policy,
+            reached: AtomicI64::new(i64::MIN),
+            target: AtomicI64::new(target.unwrap_or(i64::MIN)),
             ..Self::default()
         }
+    }
+
+    pub fn policy(&self) -> RolloutPolicy {
+        self.policy
+    }
+
+    /// A new set was accepted: its rollout starts from this process's own counts.
+    pub fn restart(&self, target: Option<i64>) {
+        self.failed.store(0, Ordering::SeqCst);
+        self.done.store(0, Ordering::SeqCst);
+        self.fresh.store(true, Ordering::SeqCst);
+        self.failures.lock().expect("rollout lock").clear();
+        self.target
+            .store(target.unwrap_or(i64::MIN), Ordering::SeqCst);
+    }
+
+    /// Records why the migration of `schema` failed, for its Tenant's next reconcile.
+    pub fn record_failure(&self, schema: &str, message: String) {
+        self.failures
+            .lock()
+            .expect("rollout lock")
+            .insert(schema.to_string(), message);
+    }
+
+    /// Why the rollout's migration of `schema` failed, if it did and nobody reported it yet.
+    pub fn take_failure(&self, schema: &str) -> Option<String> {
+        self.failures.lock().expect("rollout lock").remove(schema)
+    }
+
+    /// The highest version this process brought a tenant to (statuses may not show it yet).
+    pub fn highest_reached(&self) -> Option<i64> {
+        Some(self.reached.load(Ordering::SeqCst)).filter(|v| *v != i64::MIN)
     }
 
     /// Whether a tenant may migrate to `target` now, given the fleet's `progress` toward it
@@ -110,7 +172,13 @@ impl Rollout {
             done,
             failed: failed_seen,
         } = progress;
-        let failed = failed_seen.max(self.failed.load(Ordering::SeqCst));
+        let own_failed = self.failed.load(Ordering::SeqCst);
+        let failed = if self.fresh.load(Ordering::SeqCst) {
+            own_failed
+        } else {
+            failed_seen.max(own_failed)
+        };
+        let done = done.max(self.done.load(Ordering::SeqCst));
         metrics.rollout(target, total.saturating_sub(done), failed);
         let version = target.unwrap_or_default();
         loop {
@@ -142,7 +210,7 @@ fn held(
         return Some((
             Hold::Halted,
             format!(
-                "rollout of migration version {version} halted: {failed} tenants failed it (limit {}); fix the migration set and restart the operator",
+                "rollout of migration version {version} halted: {failed} tenants failed it (limit {}); fix the migration set: a new set starts a new rollout",
                 p.max_failures
             ),
         ));
@@ -210,7 +278,7 @@ mod tests {
 
     #[test]
     fn a_permit_holds_a_slot_until_dropped() {
-        let rollout = Rollout::new(CANARY);
+        let rollout = Rollout::new(CANARY, Some(3));
         let nobody_yet = Progress::default();
         let metrics = Metrics::default();
         let Admission::Go(permit) = rollout.admit(nobody_yet, Some(3), &metrics) else {

@@ -85,6 +85,12 @@ pub struct Settings {
     pub usage_interval: Duration,
     /// How often the fleet is scanned for schema drift (`SchemaDrift`); zero: never.
     pub drift_interval: Duration,
+    /// Where the migration set comes from, watched for changes (`None`: the set given at
+    /// start is the only one).
+    pub migration_source: Option<super::live::MigrationSource>,
+    /// The TenantRollout (namespace, name) the rollout is reported on (`None`: logs and
+    /// metrics only).
+    pub rollout_object: Option<(String, String)>,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -241,7 +247,7 @@ pub async fn run(
             [] => "<all>".to_string(),
             many => many.join(","),
         },
-        migrations = ctx.migrations.latest(),
+        migrations = ctx.migrations().latest(),
         "controller started"
     );
     // The leader measures the fleet's storage usage; reconciles read it.
@@ -249,6 +255,12 @@ pub async fn run(
     // And scans it for schema drift.
     let drift = (!settings.drift_interval.is_zero())
         .then(|| tokio::spawn(super::drift::run(ctx.clone(), settings.drift_interval)));
+    // The leader watches the migration source and rolls every accepted set out.
+    let live = tokio::spawn(super::live::run(
+        ctx.clone(),
+        settings.migration_source.clone(),
+        settings.rollout_object.clone(),
+    ));
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -261,6 +273,7 @@ pub async fn run(
     if let Some(drift) = drift {
         drift.abort();
     }
+    live.abort();
     if lost.load(Ordering::SeqCst) {
         return Err(RunError::LeaseLost);
     }

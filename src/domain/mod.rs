@@ -9,6 +9,7 @@ pub mod drift;
 pub mod limits;
 pub mod naming;
 pub mod plan;
+pub mod rollout;
 pub mod rotation;
 pub mod routing;
 pub mod scram;

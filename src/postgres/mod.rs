@@ -303,6 +303,11 @@ impl Admin {
         .boxed()
     }
 
+    /// Size of the admin connection pool.
+    pub fn pool_size(&self) -> u32 {
+        self.pool.options().get_max_connections()
+    }
+
     /// Runs pending migrations in the schema as the tenant's owner role.
     pub fn migrate<'a>(
         &'a self,

@@ -10,6 +10,11 @@ fn committed_crd_matches_the_generated_one() {
         committed == tenantry::cli::crd_yaml(),
         "crds/tenant.yaml is stale: run `cargo run -- crd > crds/tenant.yaml`"
     );
+    let committed = std::fs::read_to_string(repo().join("crds/tenantrollout.yaml")).unwrap();
+    assert!(
+        committed == tenantry::cli::rollout_crd_yaml(),
+        "crds/tenantrollout.yaml is stale: run `cargo run -- crd tenantrollout > crds/tenantrollout.yaml`"
+    );
 }
 
 #[test]

@@ -69,13 +69,15 @@ fn the_chart_readme_describes_every_value() {
 
 #[test]
 fn chart_crds_are_the_generated_ones() {
-    let chart = std::fs::read(repo().join("charts/tenantry/files/crds/tenant.yaml")).unwrap();
-    let root = std::fs::read(repo().join("crds/tenant.yaml")).unwrap();
-    assert!(
-        chart == root,
-        "charts/tenantry/files/crds/tenant.yaml differs from crds/tenant.yaml: copy it"
-    );
-    // The chart's template renders it, labelled and kept on uninstall.
+    for file in ["tenant.yaml", "tenantrollout.yaml"] {
+        let chart = std::fs::read(repo().join("charts/tenantry/files/crds").join(file)).unwrap();
+        let root = std::fs::read(repo().join("crds").join(file)).unwrap();
+        assert!(
+            chart == root,
+            "charts/tenantry/files/crds/{file} differs from crds/{file}: copy it"
+        );
+    }
+    // The chart's template renders them, labelled and kept on uninstall.
     let out = check_py(&["crd", "charts/tenantry"]);
     // Helm re-serializes whole floats (`10000.0`, as k8s-openapi writes bounds) as integers.
     fn whole(v: Value) -> Value {
@@ -89,17 +91,24 @@ fn chart_crds_are_the_generated_ones() {
             other => other,
         }
     }
-    let rendered: Value = whole(serde_yaml::from_str(&out).unwrap());
-    let generated: Value = whole(serde_yaml::from_slice(&root).unwrap());
-    assert_eq!(rendered["spec"], generated["spec"]);
-    assert_eq!(
-        rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
-        "keep"
-    );
-    assert_eq!(
-        rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"],
-        "Helm"
-    );
+    let rendered: Vec<Value> = serde_yaml::Deserializer::from_str(&out)
+        .map(|d| whole(<Value as serde::Deserialize>::deserialize(d).unwrap()))
+        .filter(|v| !v.is_null())
+        .collect();
+    assert_eq!(rendered.len(), 2, "{out}");
+    for (file, rendered) in ["tenant.yaml", "tenantrollout.yaml"].iter().zip(&rendered) {
+        let root = std::fs::read(repo().join("crds").join(file)).unwrap();
+        let generated: Value = whole(serde_yaml::from_slice(&root).unwrap());
+        assert_eq!(rendered["spec"], generated["spec"], "{file}");
+        assert_eq!(
+            rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
+            "keep"
+        );
+        assert_eq!(
+            rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "Helm"
+        );
+    }
 }
 
 #[test]

@@ -13,6 +13,7 @@ mod failures;
 mod helm;
 mod hostile;
 mod limits;
+mod live;
 mod provision;
 mod rollout;
 mod rotation;

@@ -73,6 +73,8 @@ pub fn install_crd(kubeconfig: &Path) {
             "--validate=false",
             "-f",
             "crds/tenant.yaml",
+            "-f",
+            "crds/tenantrollout.yaml",
         ],
     );
     assert!(
@@ -86,6 +88,7 @@ pub fn install_crd(kubeconfig: &Path) {
             "wait",
             "--for=condition=Established",
             "crd/tenants.tenantry.dev",
+            "crd/tenantrollouts.tenantry.dev",
             "--timeout=60s",
         ],
     );

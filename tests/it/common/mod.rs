@@ -37,6 +37,13 @@ pub use stack::repo;
 pub fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
+        // TENANTRY_TEST_LOG=<filter> shows the operator's logs of the tests run.
+        if let Ok(filter) = std::env::var("TENANTRY_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let env = match (
             std::env::var("TENANTRY_TEST_DATABASE_URL"),
             std::env::var("TENANTRY_TEST_KUBECONFIG"),
@@ -156,6 +163,9 @@ pub const SIGNING_KEY_SECRET: &str = "tenantry-signing-key";
 /// The API base domain of the tests: `<tenant>.tenants.test` routes to a tenant.
 pub const BASE_DOMAIN: &str = "tenants.test";
 
+/// The TenantRollout of the test operator, in the test's namespace.
+pub const ROLLOUT: &str = "tenantry";
+
 /// An operator running inside the test, watching one namespace.
 pub struct RunningController {
     stop: Option<oneshot::Sender<()>>,
@@ -173,6 +183,8 @@ pub struct ControllerOpts {
     /// How often the operator scans for schema drift (never unless a test needs it: the first
     /// scan writes every tenant's SchemaDrift condition).
     pub drift_interval: Duration,
+    /// A migration source watched for changes (`migrations` must be what it holds at start).
+    pub source: Option<tenantry::controller::MigrationSource>,
 }
 
 impl Default for ControllerOpts {
@@ -183,6 +195,7 @@ impl Default for ControllerOpts {
             rollout: Default::default(),
             usage_interval: Duration::from_secs(3600),
             drift_interval: Duration::ZERO,
+            source: None,
         }
     }
 }
@@ -212,6 +225,9 @@ impl RunningController {
             rollout: opts.rollout,
             usage_interval: opts.usage_interval,
             drift_interval: opts.drift_interval,
+            migration_source: opts.source,
+            // The rollout is reported on the TenantRollout `tenantry` of the test's namespace.
+            rollout_object: Some((ns.name.clone(), ROLLOUT.into())),
         };
         let client = ns.client.clone();
         let m = metrics.clone();
