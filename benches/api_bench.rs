@@ -226,14 +226,14 @@ async fn plain_server(stack: &Stack, schema: &str, pool_size: u32, ping: bool) -
 
 /// tenantry's API, in-process, on a fresh gateway pool and registry (nothing cached), with a
 /// count of answered requests.
-struct Ours {
-    port: u16,
+pub struct Ours {
+    pub port: u16,
     answered: Arc<AtomicI64>,
     pool: tenantry::api::Pool,
     started: Instant,
 }
 
-async fn start_ours(
+pub async fn start_ours(
     client: &Client,
     ns: &str,
     gateway_uri: &str,
@@ -557,12 +557,12 @@ pub(super) async fn api_bench(stack: &Stack, n: usize, conc: u16) -> String {
 }
 
 /// One keep-alive HTTP/1.1 connection sending GETs with a bearer token; returns the status.
-struct Http {
+pub struct Http {
     stream: tokio::io::BufStream<tokio::net::TcpStream>,
 }
 
 impl Http {
-    async fn connect(port: u16) -> Self {
+    pub async fn connect(port: u16) -> Self {
         let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .unwrap();
@@ -572,7 +572,7 @@ impl Http {
         }
     }
 
-    async fn get(&mut self, path: &str, token: &str) -> u16 {
+    pub async fn get(&mut self, path: &str, token: &str) -> u16 {
         use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
@@ -676,7 +676,7 @@ async fn open_loop(
     (all, bad)
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -30,7 +30,7 @@ use kube::{
     runtime::{
         events::{Event, EventType},
         reflector::ObjectRef,
-        watcher,
+        watcher, WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
 };
@@ -622,7 +622,7 @@ pub(super) async fn run(
                         return;
                     };
                     let judged = match candidate {
-                        Candidate::Refused { reason, message } => Err((String::new(), Refusal { reason, message })),
+                        Candidate::Refused { reason, message } => Err((None, Refusal { reason, message })),
                         Candidate::Set(new) => {
                             let d = digest(&new);
                             if d == last_candidate {
@@ -638,7 +638,7 @@ pub(super) async fn run(
                             let applied_up_to = ctx.fleet.highest_version().max(ctx.rollout.highest_reached());
                             match judge(&set, &new, applied_up_to, &lint(&new)) {
                                 Ok(()) => Ok(new),
-                                Err(r) => Err((d, r)),
+                                Err(r) => Err((Some(d), r)),
                             }
                         }
                     };
@@ -692,7 +692,7 @@ async fn watch_source(
         SourceKind::ConfigMap { namespace, name } => {
             let api: Api<ConfigMap> = Api::namespaced(client, namespace);
             let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-            let mut stream = Box::pin(watcher(api, config));
+            let mut stream = Box::pin(watcher(api, config).default_backoff());
             while let Some(event) = stream.next().await {
                 let candidate = match event {
                     Ok(watcher::Event::Apply(cm)) | Ok(watcher::Event::InitApply(cm)) => {

@@ -141,8 +141,9 @@ pub struct RolloutFailure {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RefusedSet {
-    /// Digest of the refused set (empty when it could not be read at all).
-    pub set_digest: String,
+    /// Digest of the refused set (absent when it could not be read at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_digest: Option<String>,
     /// InvalidSet, LintFailed, ChecksumChanged, MigrationRemoved or SourceMissing.
     pub reason: String,
     pub message: String,

@@ -255,11 +255,19 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
         &release_ns,
         &format!("--from-literal=url={}", env.database_url),
     ]);
+    // The application's migrations, after the demo set: none yet.
+    kubectl_ok(&[
+        "create",
+        "configmap",
+        "tenant-migrations",
+        "-n",
+        &release_ns,
+    ]);
     let values = json!({
         "database": {"existingSecret": "tenantry-db"},
         "watchNamespaces": [tenants_ns.name, other_ns.name],
         // The test reads the demo tables through the API: ask for them (never the default).
-        "migrations": {"demo": true},
+        "migrations": {"demo": true, "configMap": "tenant-migrations"},
         // The test apiserver (1.20) takes the CRD only by a plain apply, which the test stack
         // made (README, "Admission rules").
         "crds": {"install": false},
@@ -371,6 +379,14 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
         (vec!["list", "secrets"], "no"),
         (vec!["update", "lease/tenantry-operator"], "yes"),
         (vec!["update", "lease/someone-elses"], "no"),
+        (vec!["watch", "configmap/tenant-migrations"], "yes"),
+        (vec!["get", "configmap/someone-elses"], "no"),
+        (vec!["list", "configmaps"], "no"),
+        (vec!["patch", "tenantrollouts.tenantry.dev/tenantry"], "yes"),
+        (
+            vec!["patch", "tenantrollouts.tenantry.dev/someone-elses"],
+            "no",
+        ),
     ] {
         let mut args = args;
         args.extend(["-n", &release_ns]);
@@ -475,6 +491,50 @@ async fn chart_rbac_is_sufficient_for_operator_and_api() {
     assert_eq!(
         lease.spec.unwrap().holder_identity.as_deref(),
         Some("tenantry-under-test")
+    );
+
+    // A new migration in the ConfigMap rolls out under the chart's RBAC, without a restart,
+    // reported on the release's TenantRollout.
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(tenants_ns.client.clone(), &release_ns);
+    cms.patch(
+        "tenant-migrations",
+        &kube::api::PatchParams::apply("helm-test"),
+        &kube::api::Patch::Apply(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "tenant-migrations"},
+            "data": {"3_notes.sql": "CREATE TABLE notes (id bigint PRIMARY KEY, body text);"},
+        })),
+    )
+    .await
+    .unwrap();
+    let rollouts: kube::Api<tenantry::domain::rollout::TenantRollout> =
+        kube::Api::namespaced(tenants_ns.client.clone(), &release_ns);
+    let rolled = eventually(
+        "the TenantRollout at version 3",
+        Duration::from_secs(60),
+        move || {
+            let rollouts = rollouts.clone();
+            async move {
+                rollouts
+                    .get_opt("tenantry")
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|r| r.status)
+                    .filter(|s| s.completed_version == Some(3))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        (rolled.tenants.done, rolled.tenants.failed),
+        (2, 0),
+        "{rolled:?}"
+    );
+    assert_eq!(
+        rolled.source,
+        format!("ConfigMap {release_ns}/tenant-migrations + demo set")
     );
 
     let gateway: kube::Api<k8s_openapi::api::core::v1::Secret> =

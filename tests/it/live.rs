@@ -374,3 +374,49 @@ async fn a_halted_rollout_is_repaired_by_fixing_the_migration_in_place() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_is_polled_and_an_unreadable_set_is_refused() {
+    let ns = TestNs::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _ctl = RunningController::start_with(
+        &ns,
+        ControllerOpts {
+            migrations: MigrationSet::embedded(),
+            source: Some(MigrationSource {
+                kind: SourceKind::Dir(dir.path().to_path_buf()),
+                demo: true,
+                poll: Duration::from_secs(1),
+            }),
+            ..ControllerOpts::default()
+        },
+    )
+    .await;
+    provision(&ns, &["d1", "d2"]).await;
+    wait_rollout(&ns, "the demo set complete", |s| {
+        s.completed_version == Some(2) && s.tenants.total == 2
+    })
+    .await;
+
+    // A file that is not a migration's name: the set cannot be read, nothing changes.
+    std::fs::write(dir.path().join("three.sql"), "SELECT 1;").unwrap();
+    let refused = wait_rollout(&ns, "the unreadable set refused", |s| {
+        s.refused.as_ref().is_some_and(|r| r.reason == "InvalidSet")
+    })
+    .await;
+    assert!(
+        refused.refused.unwrap().message.contains("three.sql"),
+        "the refusal names the file"
+    );
+    std::fs::remove_file(dir.path().join("three.sql")).unwrap();
+    std::fs::write(dir.path().join(PRIORITY.0), PRIORITY.1).unwrap();
+    let done = wait_rollout(&ns, "version 3 complete", |s| {
+        s.completed_version == Some(3)
+    })
+    .await;
+    assert!(done.refused.is_none(), "{done:?}");
+    assert!(done.source.starts_with("directory "), "{}", done.source);
+    for n in ["d1", "d2"] {
+        assert_eq!(history(&ns.schema(n)).await, [1, 2, 3], "{n}");
+    }
+}
