@@ -12,6 +12,9 @@
 //!                                                 --cold adds the first 15 s after a start and recycling,
 //!                                                 --noisy (N > 50) the noisy-neighbour p99
 //!   cargo bench --bench fleet -- registry N       API registry: sync of N Tenants, RSS, Ready → routable
+//!   cargo bench --bench fleet -- drift N          schema drift scan of N tenant schemas (raw provisioning, 1 %
+//!                                                 changed by hand): the one fingerprint query, the descriptors of
+//!                                                 the drifted ones, vs one query per schema; the references' build
 //!
 //! Options: --concurrency C (reconciles in flight, default 16), --connections K (database
 //! connections of the operator and of the raw-SQL baseline, default 8), --pool P (API pool,
@@ -139,6 +142,7 @@ impl Operator {
             leader: None,
             rollout: Default::default(),
             usage_interval: std::time::Duration::from_secs(60),
+            drift_interval: Duration::ZERO,
             rollout_object: source
                 .as_ref()
                 .map(|_| (ns.to_string(), "tenantry".to_string())),
@@ -472,6 +476,98 @@ async fn migrate(stack: &Stack, n: usize, conc: u16) -> Vec<String> {
     ]
 }
 
+/// The schema drift scan over `n` tenant schemas provisioned without Kubernetes, 1 % of them
+/// changed by hand: the one fleet query (median of 3), the descriptors of the drifted ones and
+/// their naming, beside the same query run once per schema; and the reference build.
+async fn drift(stack: &Stack, n: usize) -> Vec<String> {
+    let connections = arg("--connections", 8) as usize;
+    let prefix = format!("drift{n}");
+    let set = MigrationSet::embedded();
+    raw_provision(stack, &prefix, n, connections, &set).await;
+    let pg = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&stack.database_url)
+        .await
+        .unwrap();
+    let schemas: Vec<String> = (0..n).map(|i| format!("{prefix}_{i:05}")).collect();
+    let drifted = (n / 100).max(1);
+    for s in &schemas[..drifted] {
+        sqlx::Executor::execute(
+            &pg,
+            format!("ALTER TABLE \"{s}\".tasks ADD COLUMN priority integer").as_str(),
+        )
+        .await
+        .unwrap();
+    }
+    let admin = Admin::new(&stack.database_url, connections as u32, None, None).unwrap();
+    let started = Instant::now();
+    let refs = admin.build_references(&set).await.unwrap();
+    let reference = started.elapsed();
+    let latest = refs.get(&set.latest()).unwrap().clone();
+    let mut scans = Vec::new();
+    let mut suspects = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let scan = admin.fingerprint_hashes(&schemas).await.unwrap();
+        scans.push(started.elapsed());
+        assert_eq!(scan.of.len(), n, "every schema scanned");
+        suspects = scan
+            .of
+            .into_iter()
+            .filter(|(_, h)| *h != latest.hash)
+            .map(|(s, _)| s)
+            .collect();
+    }
+    scans.sort();
+    let scan = scans[1];
+    assert_eq!(
+        suspects.len(),
+        drifted,
+        "exactly the schemas changed by hand"
+    );
+    let started = Instant::now();
+    let read = admin.fingerprint_descriptors(&suspects).await.unwrap();
+    let named: usize = read
+        .of
+        .values()
+        .map(|d| {
+            tenantry::domain::drift::differences(d, &latest.descriptors, "migration version 2")
+                .len()
+        })
+        .sum();
+    let read_took = started.elapsed();
+    assert_eq!(named, drifted, "one named difference each");
+    let started = Instant::now();
+    futures::stream::iter(schemas.iter())
+        .map(|s| {
+            let admin = admin.clone();
+            async move {
+                admin
+                    .fingerprint_hashes(std::slice::from_ref(s))
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(connections)
+        .collect::<Vec<_>>()
+        .await;
+    let per_schema = started.elapsed();
+    vec![
+        format!(
+            "| schema drift scan of {n} tenant schemas (one catalog query: a fingerprint hash per schema; median of 3) | {:.2} s | the same query once per schema, {connections} connections: {:.2} s | {:.2}× | then the descriptors of the {drifted} drifted schemas read and named in {:.3} s (one query) |",
+            scan.as_secs_f64(),
+            per_schema.as_secs_f64(),
+            ratio(scan, per_schema),
+            read_took.as_secs_f64(),
+        ),
+        format!(
+            "| schema drift references of the migration set ({} versions and the empty schema; scratch tenant provisioned, migrated version by version, fingerprinted, dropped) | {:.2} s | | | once per migration set |",
+            set.migrations().len(),
+            reference.as_secs_f64(),
+        ),
+    ]
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -502,6 +598,11 @@ fn main() {
             }
             "api" => println!("{}", api_bench::api_bench(&stack, n, conc).await),
             "registry" => println!("{}", api_bench::registry_bench(&stack, n).await),
+            "drift" => {
+                for l in drift(&stack, n).await {
+                    println!("{l}");
+                }
+            }
             other => panic!("unknown benchmark {other}"),
         }
     });

@@ -243,6 +243,12 @@ pub struct ControllerArgs {
     #[arg(long, env = "TENANTRY_USAGE_INTERVAL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub usage_interval_secs: u64,
 
+    /// Seconds between two schema drift scans of the whole fleet (the SchemaDrift condition,
+    /// the tenantry_schema_drift_tenants metric): one catalog query for every tenant
+    /// schema's fingerprint; 0 turns drift detection off.
+    #[arg(long, env = "TENANTRY_DRIFT_INTERVAL_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub drift_interval_secs: u64,
+
     /// Host written into credentials Secrets (default: the host of --database-url). Set it to
     /// the address applications use, e.g. a Service name.
     #[arg(long, env = "TENANTRY_TENANT_DB_HOST")]
@@ -852,6 +858,7 @@ impl Cli {
                             max_failures: args.rollout_max_failures,
                         },
                         usage_interval: std::time::Duration::from_secs(args.usage_interval_secs),
+                        drift_interval: std::time::Duration::from_secs(args.drift_interval_secs),
                         migration_source: source,
                         rollout_object,
                     },

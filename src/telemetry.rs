@@ -164,6 +164,9 @@ pub struct Metrics {
     failed: Gauge,
     leader: Gauge,
     storage: Family<TenantLabel, Gauge>,
+    drift_tenants: Gauge,
+    drift_scan: Gauge<f64, std::sync::atomic::AtomicU64>,
+    drift_reference: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -241,7 +244,28 @@ impl Default for Metrics {
             "Storage used by the largest tenants' schemas (tenant=\"<namespace>/<name>\"), and by all others together (tenant=\"other\"), as last measured",
             storage.clone(),
         );
+        let drift_tenants = Gauge::default();
+        registry.register(
+            "schema_drift_tenants",
+            "Tenants whose schema differs from the reference of their migration version, as last scanned",
+            drift_tenants.clone(),
+        );
+        let drift_scan = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "schema_drift_scan_seconds",
+            "Duration of the last schema drift scan of the fleet",
+            drift_scan.clone(),
+        );
+        let drift_reference = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "schema_drift_reference_seconds",
+            "Duration of the last build of the migration set's reference fingerprints",
+            drift_reference.clone(),
+        );
         Self {
+            drift_tenants,
+            drift_scan,
+            drift_reference,
             target_version,
             behind,
             failed,
@@ -337,6 +361,17 @@ impl Metrics {
                 .get_or_create(&TenantLabel { tenant })
                 .set(bytes.min(i64::MAX as u64) as i64);
         }
+    }
+
+    /// The result of one schema drift scan: how many tenants drifted, and how long it took.
+    pub fn set_schema_drift(&self, drifted: usize, took: std::time::Duration) {
+        self.drift_tenants.set(drifted as i64);
+        self.drift_scan.set(took.as_secs_f64());
+    }
+
+    /// How long building the reference fingerprints of a migration set took.
+    pub fn set_drift_reference(&self, took: std::time::Duration) {
+        self.drift_reference.set(took.as_secs_f64());
     }
 
     /// Whether this replica reconciles (leader or only replica) or stands by.

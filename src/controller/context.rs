@@ -20,6 +20,7 @@ use kube::{
 use tracing::warn;
 
 use super::{
+    drift::DriftBook,
     fleet::Fleet,
     reconcile::Note,
     rollout::{Rollout, RolloutPolicy},
@@ -76,6 +77,8 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<Tenant>, u32>>,
     /// The fleet's storage usage as last measured (see [`super::usage`]).
     pub(super) usage: UsageBook,
+    /// The fleet's schema drift as last scanned (see [`super::drift`]).
+    pub(super) drift: DriftBook,
 }
 
 impl Context {
@@ -110,6 +113,7 @@ impl Context {
             retrigger,
             failures: Mutex::default(),
             usage: UsageBook::default(),
+            drift: DriftBook::default(),
         }
     }
 

@@ -18,6 +18,7 @@ pub const NORMAL: &[&str] = &[
     "Suspended",
     "Resumed",
     "QuotaRestored",
+    "SchemaDriftResolved",
 ];
 
 /// Reasons of Warning Events.
@@ -38,6 +39,7 @@ pub const WARNING: &[&str] = &[
     "ReviewRequired",
     "OwnershipConverted",
     "QuotaExceeded",
+    "SchemaDriftDetected",
 ];
 
 #[cfg(test)]

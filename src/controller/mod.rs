@@ -12,11 +12,13 @@
 //!   `events`: every Event reason.
 //! - `provision`, `cleanup`: the apply and delete pipelines; `credentials`: Secret I/O;
 //!   `rollout`: canary and halt; `gateway`: the API's role; `runtime`: wiring.
-//! - `usage`: the fleet's storage usage, measured periodically, kept for reconciles.
+//! - `usage`: the fleet's storage usage, measured periodically, kept for reconciles;
+//!   `drift`: the fleet's schema drift, scanned periodically, kept for reconciles.
 
 mod cleanup;
 mod context;
 mod credentials;
+mod drift;
 mod error;
 pub mod events;
 mod fleet;

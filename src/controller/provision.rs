@@ -115,6 +115,7 @@ impl Run<'_> {
         // Said again unless the quota stage below says otherwise (a run stopping before it
         // leaves the quota's state as it was, and so are the tenant's grants).
         self.b.keep(condition::QUOTA_EXCEEDED);
+        self.b.keep(condition::SCHEMA_DRIFT);
         let plan = match self.validate() {
             Ok(plan) => plan,
             // A refused change leaves the tenant as provisioned, but never keeps a previous
@@ -138,6 +139,7 @@ impl Run<'_> {
         let due = rotation::next_due(self.tenant, &plan.rotation, now);
         if self.tenant.condition(condition::PAUSED).is_none()
             && !ctx.usage_news(self.tenant)
+            && !ctx.drift_news(self.tenant)
             && due.is_none_or(|t| t > now)
         {
             if let Some(wait) = ctx.recently_verified(self.tenant, &self.b, secret_name) {
@@ -304,6 +306,7 @@ impl Run<'_> {
         // After the migrations: a table they created while over quota got INSERT and UPDATE
         // from the default privileges, and is revoked again here.
         self.quota(&names, &plan.limits, ctx).await?;
+        self.drift(id, ctx);
 
         let next = ids.next;
         if let Some(ended) = ended {
@@ -1248,6 +1251,37 @@ impl Run<'_> {
             );
         }
         Ok(())
+    }
+
+    /// The `SchemaDrift` condition from the last drift scan (see [`super::drift`]): Warning
+    /// Event `SchemaDriftDetected` when it turns True, Normal `SchemaDriftResolved` when it
+    /// clears. Without a scan the condition stays as it was. A report only: nothing in the
+    /// schema is changed, and `Ready` does not depend on it.
+    fn drift(&mut self, schema: &Ident, ctx: &Context) {
+        let Some(found) = ctx.drift(schema.as_str()) else {
+            return;
+        };
+        let (status, reason, message) = found.condition();
+        let was_drifted = self
+            .tenant
+            .condition(condition::SCHEMA_DRIFT)
+            .is_some_and(|c| c.status == "True");
+        if status == "True" && !was_drifted {
+            info!(schema = schema.as_str(), "schema drift detected");
+            self.notices.push(Note::warning(
+                "SchemaDriftDetected",
+                "DetectDrift",
+                message.clone(),
+            ));
+        } else if status == "False" && was_drifted {
+            info!(schema = schema.as_str(), "schema drift resolved");
+            self.notices.push(Note::normal(
+                "SchemaDriftResolved",
+                "DetectDrift",
+                message.clone(),
+            ));
+        }
+        self.b.set(condition::SCHEMA_DRIFT, status, reason, message);
     }
 
     /// The credentials Secret. Returns its resourceVersion.

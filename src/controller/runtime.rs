@@ -83,6 +83,8 @@ pub struct Settings {
     pub rollout: RolloutPolicy,
     /// How often the fleet's storage usage is measured (`status.usage`, storage quotas).
     pub usage_interval: Duration,
+    /// How often the fleet is scanned for schema drift (`SchemaDrift`); zero: never.
+    pub drift_interval: Duration,
     /// Where the migration set comes from, watched for changes (`None`: the set given at
     /// start is the only one).
     pub migration_source: Option<super::live::MigrationSource>,
@@ -250,6 +252,9 @@ pub async fn run(
     );
     // The leader measures the fleet's storage usage; reconciles read it.
     let usage = tokio::spawn(super::usage::run(ctx.clone(), settings.usage_interval));
+    // And scans it for schema drift.
+    let drift = (!settings.drift_interval.is_zero())
+        .then(|| tokio::spawn(super::drift::run(ctx.clone(), settings.drift_interval)));
     // The leader watches the migration source and rolls every accepted set out.
     let live = tokio::spawn(super::live::run(
         ctx.clone(),
@@ -265,6 +270,9 @@ pub async fn run(
         })
         .await;
     usage.abort();
+    if let Some(drift) = drift {
+        drift.abort();
+    }
     live.abort();
     if lost.load(Ordering::SeqCst) {
         return Err(RunError::LeaseLost);

@@ -274,8 +274,11 @@ pub struct TenantStatus {
     /// SpecAccepted=False while a change to an already provisioned tenant is refused (the
     /// tenant keeps serving as it was), Paused=True while the annotation
     /// `tenantry.dev/paused: "true"` freezes it, Suspended while `spec.suspended` holds (False
-    /// once resumed), and QuotaExceeded (present when `spec.limits.storage` is or was set):
-    /// True while writes are refused because usage is above the quota.
+    /// once resumed), QuotaExceeded (present when `spec.limits.storage` is or was set):
+    /// True while writes are refused because usage is above the quota, and SchemaDrift
+    /// (after the first drift scan): True while the schema's tables, columns, constraints or
+    /// indexes differ from what its migration version creates, naming them; a report only,
+    /// Ready does not depend on it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -418,6 +421,10 @@ pub mod condition {
     /// True while writes are refused because storage usage is above `spec.limits.storage`;
     /// False when within it (absent on tenants that never had a quota).
     pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+    /// True while the schema differs from the reference of its migration version (tables,
+    /// columns, constraints, indexes), naming what differs; False when it matches (absent
+    /// until the first drift scan). A report only: it does not touch `Ready`.
+    pub const SCHEMA_DRIFT: &str = "SchemaDrift";
     pub const STEPS: [&str; 4] = [
         ROLE_READY,
         SCHEMA_READY,

@@ -5,6 +5,7 @@
 
 pub mod crd;
 pub mod credentials;
+pub mod drift;
 pub mod limits;
 pub mod naming;
 pub mod plan;

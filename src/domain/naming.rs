@@ -120,6 +120,26 @@ impl fmt::Display for Ident {
     }
 }
 
+/// Prefix of the operator's own scratch tenants (the reference schemas of schema drift
+/// detection): `tenantry$`, which no tenant identifier can start with (`$` is outside
+/// [`IDENT_PATTERN`], so [`Ident::parse`] refuses it), while PostgreSQL takes it quoted.
+pub const SCRATCH_PREFIX: &str = "tenantry$";
+
+/// A scratch identifier of the operator's own, `tenantry$<stem>`: no tenant can take it, nor
+/// the roles derived from it ([`owner_role`], [`login_b`]), which contain the `$` too. `stem`
+/// must be a valid identifier tail (lowercase letters, digits, `_`), at most 40 bytes.
+pub fn scratch_ident(stem: &str) -> Ident {
+    assert!(
+        stem.len() <= 40
+            && !stem.is_empty()
+            && stem
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+        "scratch stem {stem:?}"
+    );
+    Ident(format!("{SCRATCH_PREFIX}{stem}"))
+}
+
 /// Quotes any string as a PostgreSQL identifier (`"a""b"`).
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -224,6 +244,22 @@ mod tests {
         assert!(oa.as_str().ends_with("_owner"));
         assert_ne!(oa, ob);
         assert!(Ident::parse("role", oa.as_str()).is_ok());
+    }
+
+    #[test]
+    fn scratch_names_are_out_of_every_tenants_reach() {
+        let s = scratch_ident("ref_0a1b");
+        assert_eq!(s.as_str(), "tenantry$ref_0a1b");
+        assert_eq!(s.to_string(), "\"tenantry$ref_0a1b\"");
+        for derived in [s.as_str(), owner_role(&s).as_str(), login_b(&s).as_str()] {
+            assert!(
+                matches!(
+                    Ident::parse("schema", derived),
+                    Err(NameError::Invalid { .. })
+                ),
+                "{derived} could be a tenant's"
+            );
+        }
     }
 
     #[test]

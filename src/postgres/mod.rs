@@ -3,6 +3,7 @@
 //! migrations and tearing tenants down. Identifiers arrive validated ([`Ident`]) and reach SQL
 //! quoted; values are bound parameters.
 
+pub mod fingerprint;
 pub mod lint;
 pub mod migrations;
 pub mod plan;

@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod crd;
 mod deletion;
+mod drift;
 mod e2e;
 mod examples;
 mod failures;

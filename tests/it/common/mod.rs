@@ -180,6 +180,9 @@ pub struct ControllerOpts {
     /// How often the operator measures storage usage (an hour unless a test needs it: a
     /// measurement writes every tenant's status.usage).
     pub usage_interval: Duration,
+    /// How often the operator scans for schema drift (never unless a test needs it: the first
+    /// scan writes every tenant's SchemaDrift condition).
+    pub drift_interval: Duration,
     /// A migration source watched for changes (`migrations` must be what it holds at start).
     pub source: Option<tenantry::controller::MigrationSource>,
 }
@@ -191,6 +194,7 @@ impl Default for ControllerOpts {
             migrations: MigrationSet::embedded(),
             rollout: Default::default(),
             usage_interval: Duration::from_secs(3600),
+            drift_interval: Duration::ZERO,
             source: None,
         }
     }
@@ -220,6 +224,7 @@ impl RunningController {
             leader: None,
             rollout: opts.rollout,
             usage_interval: opts.usage_interval,
+            drift_interval: opts.drift_interval,
             migration_source: opts.source,
             // The rollout is reported on the TenantRollout `tenantry` of the test's namespace.
             rollout_object: Some((ns.name.clone(), ROLLOUT.into())),
