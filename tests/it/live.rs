@@ -143,8 +143,29 @@ async fn a_configmap_change_rolls_out_without_a_restart_and_an_applied_change_is
     assert_eq!(first.tenants.done, 3, "{first:?}");
     assert!(first.source.contains(CM) && first.source.ends_with("+ demo set"));
 
-    // A new migration in the ConfigMap: rolled out by the running operator.
+    // A new migration in the ConfigMap: rolled out by the running operator; `kubectl wait`
+    // waits for it.
     put_migrations(&ns, &[PRIORITY]).await;
+    let waited = tokio::task::spawn_blocking({
+        let ns = ns.name.clone();
+        move || {
+            kubectl(&[
+                "wait",
+                "-n",
+                &ns,
+                &format!("tenantrollout/{ROLLOUT}"),
+                "--for=jsonpath={.status.completedVersion}=3",
+                "--timeout=60s",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        waited.status.success(),
+        "kubectl wait: {}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
     let done = wait_rollout(&ns, "version 3 complete", |s| {
         s.completed_version == Some(3)
     })
