@@ -557,6 +557,18 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// `--migrations-configmap NAME` (in `default_namespace`) or `NAMESPACE/NAME`.
+fn configmap_source(cm: &str, default_namespace: &str) -> anyhow::Result<controller::SourceKind> {
+    let (namespace, name) = cm.split_once('/').unwrap_or((default_namespace, cm));
+    if name.is_empty() || namespace.is_empty() || name.contains('/') {
+        anyhow::bail!("--migrations-configmap {cm:?}: expected NAME or NAMESPACE/NAME");
+    }
+    Ok(controller::SourceKind::ConfigMap {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    })
+}
+
 /// Where the controller's migration set comes from, when it has a source to watch.
 fn migration_source(
     args: &ControllerArgs,
@@ -565,16 +577,7 @@ fn migration_source(
     let poll = std::time::Duration::from_secs(args.migrations_poll_secs);
     let kind = match (&args.migrations_dir, &args.migrations_configmap) {
         (Some(dir), _) => controller::SourceKind::Dir(dir.clone()),
-        (None, Some(cm)) => {
-            let (namespace, name) = match cm.split_once('/') {
-                Some((ns, name)) => (ns.to_string(), name.to_string()),
-                None => (own_namespace.to_string(), cm.clone()),
-            };
-            if name.is_empty() || namespace.is_empty() || name.contains('/') {
-                anyhow::bail!("--migrations-configmap {cm:?}: expected NAME or NAMESPACE/NAME");
-            }
-            controller::SourceKind::ConfigMap { namespace, name }
-        }
+        (None, Some(cm)) => configmap_source(cm, own_namespace)?,
         (None, None) => return Ok(None),
     };
     Ok(Some(controller::MigrationSource {
@@ -594,12 +597,8 @@ async fn load_set(args: &SetArgs, kube: Option<&KubeArgs>) -> anyhow::Result<Mig
         Some(k) => k.client().await?,
         None => kube_client(None, None).await?,
     };
-    let (namespace, name) = match cm.split_once('/') {
-        Some((ns, name)) => (ns.to_string(), name.to_string()),
-        None => (client.default_namespace().to_string(), cm.clone()),
-    };
     let source = controller::MigrationSource {
-        kind: controller::SourceKind::ConfigMap { namespace, name },
+        kind: configmap_source(cm, client.default_namespace())?,
         demo: args.demo_migrations,
         poll: std::time::Duration::from_secs(10),
     };

@@ -983,19 +983,7 @@ impl Run<'_> {
                 ..
             }) => {
                 self.b.status_mut().migration_version = version;
-                Err(Failure {
-                    mark: Mark::Step(condition::MIGRATIONS_APPLIED),
-                    reason: "MigrationFailed",
-                    phase: Phase::Failed,
-                    event: before
-                        .is_none_or(|c| c.message != message)
-                        .then_some(Warning {
-                            reason: "MigrationFailed",
-                            action: "Migrate",
-                        }),
-                    message,
-                    then: Then::Requeue(REQUEUE_MIGRATION_FAILED),
-                })
+                Err(migration_failed(before, message))
             }
             Ok(Migrated {
                 version,
@@ -1111,20 +1099,7 @@ impl Run<'_> {
                 Ok((version, Some(Hold::Locked)))
             }
             Err(Error::Migration(e)) if !e.is_transient() => {
-                let message = e.to_string();
-                Err(Failure {
-                    mark: Mark::Step(condition::MIGRATIONS_APPLIED),
-                    reason: "MigrationFailed",
-                    phase: Phase::Failed,
-                    event: before
-                        .is_none_or(|c| c.message != message)
-                        .then_some(Warning {
-                            reason: "MigrationFailed",
-                            action: "Migrate",
-                        }),
-                    message,
-                    then: Then::Requeue(REQUEUE_MIGRATION_FAILED),
-                })
+                Err(migration_failed(before, e.to_string()))
             }
             Err(e) => Err(Failure::error(condition::MIGRATIONS_APPLIED, e)),
         }
@@ -1409,6 +1384,24 @@ fn until_due(wait: Duration, due: Option<Timestamp>, now: Timestamp) -> Duration
     match due {
         Some(t) => wait.min(rotation::until(t, now) + Duration::from_millis(100)),
         None => wait,
+    }
+}
+
+/// A migration failed for a reason retrying will not fix: the tenant is Failed until a fixed
+/// set applies (a Warning Event when the message is news).
+fn migration_failed(before: Option<&crate::domain::crd::Condition>, message: String) -> Failure {
+    Failure {
+        mark: Mark::Step(condition::MIGRATIONS_APPLIED),
+        reason: "MigrationFailed",
+        phase: Phase::Failed,
+        event: before
+            .is_none_or(|c| c.message != message)
+            .then_some(Warning {
+                reason: "MigrationFailed",
+                action: "Migrate",
+            }),
+        message,
+        then: Then::Requeue(REQUEUE_MIGRATION_FAILED),
     }
 }
 
