@@ -225,6 +225,11 @@ impl Fleet {
         }
     }
 
+    /// The watched Tenant `key` as the watch shows it now.
+    pub fn get(&self, key: &ObjectRef<Tenant>) -> Option<std::sync::Arc<Tenant>> {
+        self.store.get(key)
+    }
+
     /// The highest migration version any watched Tenant reports.
     pub fn highest_version(&self) -> Option<i64> {
         let v = self.views.read().expect("fleet lock");

@@ -199,6 +199,22 @@ pub(super) fn judge(
             }
         }
     }
+    if let Some(top) = applied_up_to {
+        let known = |v: i64| current.migrations().iter().any(|m| m.version == v);
+        if let Some(m) = new
+            .migrations()
+            .iter()
+            .find(|m| m.version <= top && !known(m.version))
+        {
+            return Err(Refusal {
+                reason: "MigrationOutOfOrder",
+                message: format!(
+                    "migration {} ({}) is numbered below version {top}, which tenants already reached: it would run after later migrations on them but in order on new tenants; number it above {top}",
+                    m.version, m.description
+                ),
+            });
+        }
+    }
     if !lint.is_empty() {
         return Err(Refusal {
             reason: "LintFailed",
@@ -228,51 +244,63 @@ struct Target {
     names: Names,
 }
 
-/// Whether the rollout migrates `t`: provisioned (Ready, or failed at its migrations), not
-/// suspended, paused or being deleted, and below `target`.
-fn target_of(t: &Tenant, target: Option<i64>) -> Option<Target> {
-    let status = t.status.as_ref()?;
-    let schema = status.schema.as_deref()?;
+/// Whether `t` is one of the rollout's tenants: provisioned (Ready, or failed at its
+/// migrations), not suspended, paused or being deleted.
+fn counts(t: &Tenant) -> bool {
+    let Some(status) = t.status.as_ref() else {
+        return false;
+    };
     let provisioned = status.phase == Phase::Ready
         || t.condition(tenant_condition::MIGRATIONS_APPLIED)
             .is_some_and(|c| c.reason == "MigrationFailed");
-    if !provisioned || t.metadata.deletion_timestamp.is_some() || t.is_suspended() || t.is_paused()
-    {
-        return None;
-    }
-    if status.migration_version >= target {
-        return None;
-    }
-    let names = Names::new(Ident::parse("schema", schema).ok()?);
-    Some(Target {
-        tenant: ObjectRef::from_obj(t),
-        label: format!("{}/{}", t.namespace().unwrap_or_default(), t.name_any()),
-        names,
-    })
-}
-
-/// Whether `t` counts in the rollout's total (provisioned and not suspended or paused).
-fn counts(t: &Tenant) -> bool {
-    t.status
-        .as_ref()
-        .is_some_and(|s| s.schema.is_some() && s.phase != Phase::Pending)
+    provisioned
+        && status.schema.is_some()
         && t.metadata.deletion_timestamp.is_none()
         && !t.is_suspended()
         && !t.is_paused()
 }
 
-/// Provisioned Tenants, and how many of them are at `target`.
-fn census(ctx: &Context, target: Option<i64>) -> (u64, u64) {
-    let mut total = 0;
-    let mut done = 0;
+fn label(t: &Tenant) -> String {
+    format!("{}/{}", t.namespace().unwrap_or_default(), t.name_any())
+}
+
+/// Whether the rollout migrates `t`: one of its tenants, below `target`.
+fn target_of(t: &Tenant, target: Option<i64>) -> Option<Target> {
+    let status = t.status.as_ref()?;
+    if !counts(t) || status.migration_version >= target {
+        return None;
+    }
+    let schema = status.schema.as_deref()?;
+    let names = Names::new(Ident::parse("schema", schema).ok()?);
+    Some(Target {
+        tenant: ObjectRef::from_obj(t),
+        label: label(t),
+        names,
+    })
+}
+
+/// The rollout's tenants as the watch shows them now: how many, and which are at the target.
+#[derive(Debug, Default)]
+struct Census {
+    total: u64,
+    at_target: HashSet<String>,
+}
+
+fn census(ctx: &Context, target: Option<i64>) -> Census {
+    let mut c = Census::default();
     for t in ctx.fleet.every_tenant().iter().filter(|t| counts(t)) {
-        total += 1;
+        c.total += 1;
         if t.status.as_ref().and_then(|s| s.migration_version) >= target {
-            done += 1;
+            c.at_target.insert(label(t));
         }
     }
-    (total, done)
+    c
 }
+
+/// Attempts of a tenant that keeps failing transiently (its own lock, typically) before the
+/// rollout leaves it to its own reconcile, which keeps retrying: the rollout then finishes
+/// without it and completes once its status shows the target.
+const ROLLOUT_ATTEMPTS: u32 = 5;
 
 /// Backoff before retry `attempt` (1-based) of a transient failure: 1 s doubling to 30 s.
 fn backoff(attempt: u32) -> Duration {
@@ -285,6 +313,9 @@ enum End {
     Complete,
     Failed,
     Halted,
+    /// Every tenant was tried; some keep failing transiently and were left to their own
+    /// reconciles.
+    Waiting,
     /// A new set replaced this one.
     Superseded,
 }
@@ -312,6 +343,27 @@ struct Report {
 }
 
 impl Report {
+    /// While idle: the counts follow the fleet; tenants now at the target leave the failure
+    /// lists; a rollout whose last tenants caught up through their own reconciles completes.
+    fn follow(&mut self, c: Census) {
+        if self.end == Some(End::Halted) {
+            return;
+        }
+        self.total = c.total;
+        self.done = c.at_target.len() as u64;
+        self.failed.retain(|t, _| !c.at_target.contains(t));
+        self.retrying.retain(|t, _| !c.at_target.contains(t));
+        if matches!(self.end, Some(End::Failed | End::Waiting))
+            && self.failed.is_empty()
+            && self.retrying.is_empty()
+            && self.done == self.total
+        {
+            self.end = Some(End::Complete);
+            self.completed = self.target;
+            self.finished_at = Some(now());
+        }
+    }
+
     fn status(&self) -> TenantRolloutStatus {
         let pending = self
             .total
@@ -439,19 +491,33 @@ fn version(v: Option<i64>) -> String {
 /// are not written again; transition times are kept from it).
 struct Publisher {
     api: Option<(Api<TenantRollout>, String)>,
+    /// Whether the object is known to exist (created, or found); looked for again before the
+    /// next write when not (a failed start, an object deleted by hand).
+    exists: std::sync::atomic::AtomicBool,
     last: Mutex<Option<TenantRolloutStatus>>,
 }
 
 impl Publisher {
     async fn new(client: &Client, object: Option<&(String, String)>) -> Self {
-        let Some((ns, name)) = object else {
-            return Self {
-                api: None,
-                last: Mutex::default(),
-            };
+        let me = Self {
+            api: object.map(|(ns, name)| (Api::namespaced(client.clone(), ns), name.clone())),
+            exists: Default::default(),
+            last: Mutex::default(),
         };
-        let api: Api<TenantRollout> = Api::namespaced(client.clone(), ns);
-        let existing = match api.get_opt(name).await {
+        me.ensure().await;
+        me
+    }
+
+    /// Finds or creates the object (remembering its status); false when it cannot now.
+    async fn ensure(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let Some((api, name)) = &self.api else {
+            return false;
+        };
+        if self.exists.load(Ordering::SeqCst) {
+            return true;
+        }
+        let found = match api.get_opt(name).await {
             Ok(Some(o)) => Some(o),
             Ok(None) => {
                 let mut o = TenantRollout::new(name, TenantRolloutSpec::default());
@@ -468,20 +534,25 @@ impl Publisher {
                         api.get_opt(name).await.ok().flatten()
                     }
                     Err(e) => {
-                        warn!(error = %e, "cannot create the TenantRollout {ns}/{name}; rollout progress is reported in logs and metrics only");
+                        warn!(error = %e, "cannot create the TenantRollout {name}; will try again");
                         None
                     }
                 }
             }
             Err(e) => {
-                warn!(error = %e, "cannot read the TenantRollout {ns}/{name}; rollout progress is reported in logs and metrics only");
+                warn!(error = %e, "cannot read the TenantRollout {name}; will try again");
                 None
             }
         };
-        Self {
-            api: existing.as_ref().map(|_| (api, name.clone())),
-            last: Mutex::new(existing.and_then(|o| o.status)),
+        let Some(o) = found else {
+            return false;
+        };
+        let mut last = self.last.lock().expect("publisher lock");
+        if last.is_none() {
+            *last = o.status;
         }
+        self.exists.store(true, Ordering::SeqCst);
+        true
     }
 
     /// The status last written (or found at start).
@@ -490,6 +561,9 @@ impl Publisher {
     }
 
     async fn publish(&self, mut status: TenantRolloutStatus) {
+        if !self.ensure().await {
+            return;
+        }
         let Some((api, name)) = &self.api else {
             return;
         };
@@ -523,7 +597,13 @@ impl Publisher {
             .await
         {
             Ok(_) => *self.last.lock().expect("publisher lock") = Some(status),
-            Err(e) => warn!(error = %e, "cannot write the TenantRollout status"),
+            Err(e) => {
+                if matches!(&e, kube::Error::Api(ae) if ae.code == 404) {
+                    self.exists
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+                warn!(error = %e, "cannot write the TenantRollout status")
+            }
         }
     }
 
@@ -549,14 +629,35 @@ impl Publisher {
 }
 
 /// Watches `source` (when there is one) and rolls out every accepted set, publishing on
-/// `object`. Runs on the leader until aborted.
+/// `object`. Runs on the leader until `stop` turns true (the lease is lost or the process
+/// shuts down: no tenant is started after that, and those in flight are rolled back).
 pub(super) async fn run(
+    ctx: Arc<Context>,
+    source: Option<MigrationSource>,
+    object: Option<(String, String)>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = run_until_stopped(ctx, source, object) => {}
+        _ = stop.wait_for(|stopped| *stopped) => {}
+    }
+}
+
+async fn run_until_stopped(
     ctx: Arc<Context>,
     source: Option<MigrationSource>,
     object: Option<(String, String)>,
 ) {
     ctx.fleet.ready().await;
     let publisher = Publisher::new(&ctx.client, object.as_ref()).await;
+    // Failures the Tenants report are about the set the TenantRollout last showed: when this
+    // process starts with another one, they do not count against it.
+    if publisher
+        .last()
+        .is_some_and(|s| s.set_digest != digest(&ctx.migrations()))
+    {
+        ctx.rollout.forget_earlier_failures();
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Candidate>(4);
     let describe = source
         .as_ref()
@@ -602,13 +703,10 @@ pub(super) async fn run(
                 _ = tick.tick() => {
                     if finished {
                         // Idle: the counts follow the fleet (Tenants provisioned since get
-                        // the whole set, deleted ones leave).
-                        let (total, done) = census(&ctx, set.latest());
-                        let mut r = report.lock().expect("report lock");
-                        if r.end != Some(End::Halted) {
-                            r.total = total;
-                            r.done = done;
-                        }
+                        // the whole set, deleted ones leave, tenants left to their own
+                        // reconciles catch up).
+                        let c = census(&ctx, set.latest());
+                        report.lock().expect("report lock").follow(c);
                     }
                     let status = report.lock().expect("report lock").status();
                     publisher.publish(status).await;
@@ -624,20 +722,30 @@ pub(super) async fn run(
                         return;
                     };
                     let judged = match candidate {
-                        Candidate::Refused { reason, message } => Err((None, Refusal { reason, message })),
+                        Candidate::Refused { reason, message } => {
+                            last_candidate = String::new();
+                            Err((None, Refusal { reason, message }))
+                        }
                         Candidate::Set(new) => {
                             let d = digest(&new);
+                            if d == digest(&set) {
+                                // Back to the running set: a refusal no longer applies.
+                                last_candidate = d;
+                                if refused.take().is_some() {
+                                    report.lock().expect("report lock").refused = None;
+                                }
+                                continue;
+                            }
                             if d == last_candidate {
                                 continue;
                             }
                             last_candidate = d.clone();
-                            if d == digest(&set) {
-                                // Back to the running set: the refusal no longer applies.
-                                refused = None;
-                                report.lock().expect("report lock").refused = None;
-                                continue;
+                            let mut applied_up_to = ctx.fleet.highest_version().max(ctx.rollout.highest_reached());
+                            // While tenants are being migrated, the running set's every
+                            // migration may be committing somewhere: none may change.
+                            if !finished || ctx.rollout.in_flight() > 0 {
+                                applied_up_to = applied_up_to.max(set.latest());
                             }
-                            let applied_up_to = ctx.fleet.highest_version().max(ctx.rollout.highest_reached());
                             match judge(&set, &new, applied_up_to, &lint(&new)) {
                                 Ok(()) => Ok(new),
                                 Err(r) => Err((Some(d), r)),
@@ -728,6 +836,9 @@ async fn watch_source(
             let mut tick = tokio::time::interval(source.poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last: Option<String> = None;
+            // A set is sent only once two reads in a row agree: a copy or a checkout in
+            // progress is never rolled out half-written.
+            let mut seen: Option<String> = None;
             loop {
                 tick.tick().await;
                 let candidate =
@@ -742,7 +853,9 @@ async fn watch_source(
                     Candidate::Set(s) => digest(s),
                     Candidate::Refused { message, .. } => message.clone(),
                 };
-                if last.as_ref() == Some(&key) {
+                let settled = seen.as_ref() == Some(&key);
+                seen = Some(key.clone());
+                if !settled || last.as_ref() == Some(&key) {
                     continue;
                 }
                 last = Some(key);
@@ -821,10 +934,21 @@ async fn execute(
                 queue.pop_front()
             };
             let Some(t) = next else { break };
-            match ctx
-                .rollout
-                .admit(ctx.fleet.progress(target), target, &ctx.metrics)
-            {
+            // Still one of the rollout's tenants? (Deleted, suspended, paused or migrated by
+            // its own reconcile since the rollout started: skipped.)
+            let Some(t) = ctx
+                .fleet
+                .get(&t.tenant)
+                .and_then(|now| target_of(&now, target))
+            else {
+                continue;
+            };
+            match ctx.rollout.admit(
+                t.names.schema.as_str(),
+                ctx.fleet.progress(target),
+                target,
+                &ctx.metrics,
+            ) {
                 Admission::Go(permit) => {
                     let ctx = &ctx;
                     let set = &set;
@@ -861,13 +985,17 @@ async fn execute(
         {
             break;
         }
-        let next_retry = retry.peek().map(|std::cmp::Reverse((at, _, _))| *at);
-        let wake_at = next_retry
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
-            .min(
-                Instant::now()
-                    + Duration::from_millis(if queue.is_empty() { 3_600_000 } else { 200 }),
-            );
+        // Wake for a due retry or a queued tenant only when one could start now; otherwise
+        // for an in-flight tenant's end (or the stop).
+        let can_start = !stopping && halted.is_none() && in_flight.len() < conc;
+        let far = Instant::now() + Duration::from_secs(3600);
+        let wake_at = if can_start {
+            let next_retry = retry.peek().map(|std::cmp::Reverse((at, _, _))| *at);
+            let queued = (!queue.is_empty()).then(|| Instant::now() + Duration::from_millis(200));
+            next_retry.into_iter().chain(queued).min().unwrap_or(far)
+        } else {
+            far
+        };
         tokio::select! {
             Some((t, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                 let mut r = report.lock().expect("report lock");
@@ -881,15 +1009,20 @@ async fn execute(
                     Outcome::Transient(message) => {
                         let n = attempts.entry(t.label.clone()).or_insert(0);
                         *n += 1;
-                        let wait = backoff(*n);
-                        r.retrying.insert(t.label.clone(), format!("{message} (attempt {n}, retrying in {}s)", wait.as_secs()));
                         // The Tenant reports it in its own conditions too.
                         if woken.insert(t.label.clone()) {
                             ctx.wake(t.tenant.clone());
                         }
-                        seq += 1;
-                        retry.push(std::cmp::Reverse((Instant::now() + wait, seq, 0)));
-                        retry_items.insert(seq, (t, *n));
+                        if *n >= ROLLOUT_ATTEMPTS {
+                            r.retrying.insert(t.label.clone(), format!("{message} (attempt {n}; left to the tenant's own reconcile, which retries it)"));
+                            ctx.wake(t.tenant.clone());
+                        } else {
+                            let wait = backoff(*n);
+                            r.retrying.insert(t.label.clone(), format!("{message} (attempt {n}, retrying in {}s)", wait.as_secs()));
+                            seq += 1;
+                            retry.push(std::cmp::Reverse((Instant::now() + wait, seq, 0)));
+                            retry_items.insert(seq, (t, *n));
+                        }
                     }
                     Outcome::Failed(message) => {
                         r.retrying.remove(&t.label);
@@ -917,10 +1050,12 @@ async fn execute(
         End::Superseded
     } else if halted.is_some() {
         End::Halted
-    } else if report.lock().expect("report lock").failed.is_empty() {
-        End::Complete
-    } else {
+    } else if !report.lock().expect("report lock").failed.is_empty() {
         End::Failed
+    } else if !report.lock().expect("report lock").retrying.is_empty() {
+        End::Waiting
+    } else {
+        End::Complete
     };
     {
         let mut r = report.lock().expect("report lock");
@@ -992,6 +1127,18 @@ mod tests {
         assert_eq!(judge(&current, &more, Some(2), &[]), Ok(()));
         let r = judge(&current, &more, Some(2), &["3_c.sql:1: rule: x".into()]).unwrap_err();
         assert_eq!(r.reason, "LintFailed");
+        // A migration slipped in below what tenants reached would run out of order on them.
+        let gap = set(&[("1_a.sql", "CREATE TABLE a ();"), ("3_c.sql", "SELECT 1;")]);
+        let filled = set(&[
+            ("1_a.sql", "CREATE TABLE a ();"),
+            ("2_b.sql", "CREATE TABLE b ();"),
+            ("3_c.sql", "SELECT 1;"),
+        ]);
+        assert_eq!(
+            judge(&gap, &filled, Some(3), &[]).unwrap_err().reason,
+            "MigrationOutOfOrder"
+        );
+        assert_eq!(judge(&gap, &filled, Some(1), &[]), Ok(()));
     }
 
     #[test]

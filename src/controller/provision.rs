@@ -1443,10 +1443,12 @@ async fn migrate(names: &Names, ctx: &Context) -> Result<Migrated, Error> {
     let permit = if applied.is_empty() {
         None
     } else {
-        match ctx
-            .rollout
-            .admit(ctx.fleet.progress(set.latest()), set.latest(), &ctx.metrics)
-        {
+        match ctx.rollout.admit(
+            names.schema.as_str(),
+            ctx.fleet.progress(set.latest()),
+            set.latest(),
+            &ctx.metrics,
+        ) {
             Admission::Go(permit) => Some(permit),
             Admission::Hold(hold, message) => {
                 return Ok(Migrated {

@@ -4,7 +4,7 @@
 //! process's own in-flight and failed migrations (which the watch may not show yet).
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
+    sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
     time::Duration,
 };
 
@@ -72,15 +72,18 @@ pub(super) struct Rollout {
     policy: RolloutPolicy,
     /// Tenants being migrated right now (for the canary).
     in_flight: AtomicUsize,
-    /// Tenants whose migration failed since this process started (or since the current set
-    /// was accepted).
-    failed: AtomicUsize,
-    /// Tenants this process brought to the target version since then.
-    done: AtomicUsize,
-    /// Set once a live set change restarted the counters: from then on this process's own
-    /// counts are the whole truth, and Tenants still reporting an earlier set's failure no
-    /// longer count against the new one. Until then (a restart), they do: a halt survives a
-    /// restart of the operator.
+    /// Which set the counts below are about: bumped by [`Rollout::restart`], so that a permit
+    /// of an earlier set that finishes after the change counts for nothing.
+    generation: AtomicU64,
+    /// Schemas whose migration failed since this process started (or since the current set
+    /// was accepted), and schemas this process brought to the target version since then.
+    /// Sets, not counters: a tenant retried by its reconcile and by the rollout counts once.
+    counts: std::sync::Mutex<Counts>,
+    /// Set once a live set change restarted the counts, or when the set loaded at start is
+    /// not the one the TenantRollout last reported: from then on this process's own counts
+    /// are the whole truth, and Tenants still reporting an earlier set's failure no longer
+    /// count against this one. Until then (a restart with the same set), they do: a halt
+    /// survives a restart of the operator.
     fresh: AtomicBool,
     /// The highest version this process brought a tenant to (`i64::MIN`: none).
     reached: AtomicI64,
@@ -91,22 +94,42 @@ pub(super) struct Rollout {
     failures: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
-/// An in-flight slot of the rollout, released when dropped.
+#[derive(Debug, Default)]
+struct Counts {
+    failed: std::collections::HashSet<String>,
+    done: std::collections::HashSet<String>,
+}
+
+/// An in-flight slot of the rollout for one schema, released when dropped.
 pub(super) struct Permit<'a> {
     rollout: &'a Rollout,
+    schema: String,
+    generation: u64,
 }
 
 impl Permit<'_> {
-    /// The migration failed for a reason retrying will not fix: it counts against the rollout.
-    pub fn failed(self) {
-        self.rollout.failed.fetch_add(1, Ordering::SeqCst);
+    fn current(&self) -> bool {
+        self.generation == self.rollout.generation.load(Ordering::SeqCst)
     }
 
-    /// The tenant reached the target version.
+    /// The migration failed for a reason retrying will not fix: it counts against the rollout
+    /// (once per schema).
+    pub fn failed(self) {
+        if self.current() {
+            let mut c = self.rollout.counts.lock().expect("rollout lock");
+            c.failed.insert(self.schema.clone());
+        }
+    }
+
+    /// The schema is at the target version.
     pub fn succeeded(self) {
-        self.rollout.done.fetch_add(1, Ordering::SeqCst);
-        let target = self.rollout.target.load(Ordering::SeqCst);
-        self.rollout.reached.fetch_max(target, Ordering::SeqCst);
+        if self.current() {
+            let mut c = self.rollout.counts.lock().expect("rollout lock");
+            c.failed.remove(&self.schema);
+            c.done.insert(self.schema.clone());
+            let target = self.rollout.target.load(Ordering::SeqCst);
+            self.rollout.reached.fetch_max(target, Ordering::SeqCst);
+        }
     }
 }
 
@@ -132,12 +155,22 @@ impl Rollout {
 
     /// A new set was accepted: its rollout starts from this process's own counts.
     pub fn restart(&self, target: Option<i64>) {
-        self.failed.store(0, Ordering::SeqCst);
-        self.done.store(0, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        *self.counts.lock().expect("rollout lock") = Counts::default();
         self.fresh.store(true, Ordering::SeqCst);
         self.failures.lock().expect("rollout lock").clear();
         self.target
             .store(target.unwrap_or(i64::MIN), Ordering::SeqCst);
+    }
+
+    /// The set loaded at start is not the one the failures Tenants report are about.
+    pub fn forget_earlier_failures(&self) {
+        self.fresh.store(true, Ordering::SeqCst);
+    }
+
+    /// Migrations running right now (the rollout's and reconciles').
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Records why the migration of `schema` failed, for its Tenant's next reconcile.
@@ -158,11 +191,12 @@ impl Rollout {
         Some(self.reached.load(Ordering::SeqCst)).filter(|v| *v != i64::MIN)
     }
 
-    /// Whether a tenant may migrate to `target` now, given the fleet's `progress` toward it
-    /// (kept from the watch, see [`super::fleet::Fleet::progress`]). Also reports the
-    /// rollout's progress in `metrics`.
+    /// Whether the tenant of `schema` may migrate to `target` now, given the fleet's
+    /// `progress` toward it (kept from the watch, see [`super::fleet::Fleet::progress`]).
+    /// Also reports the rollout's progress in `metrics`.
     pub fn admit(
         &self,
+        schema: &str,
         progress: Progress,
         target: Option<i64>,
         metrics: &Metrics,
@@ -172,15 +206,19 @@ impl Rollout {
             done,
             failed: failed_seen,
         } = progress;
-        let own_failed = self.failed.load(Ordering::SeqCst);
+        let (own_failed, own_done) = {
+            let c = self.counts.lock().expect("rollout lock");
+            (c.failed.len(), c.done.len())
+        };
         let failed = if self.fresh.load(Ordering::SeqCst) {
             own_failed
         } else {
             failed_seen.max(own_failed)
         };
-        let done = done.max(self.done.load(Ordering::SeqCst));
+        let done = done.max(own_done);
         metrics.rollout(target, total.saturating_sub(done), failed);
         let version = target.unwrap_or_default();
+        let generation = self.generation.load(Ordering::SeqCst);
         loop {
             let in_flight = self.in_flight.load(Ordering::SeqCst);
             if let Some((hold, message)) = held(self.policy, version, done, failed, in_flight) {
@@ -191,7 +229,11 @@ impl Rollout {
                 .compare_exchange(in_flight, in_flight + 1, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
-                return Admission::Go(Permit { rollout: self });
+                return Admission::Go(Permit {
+                    rollout: self,
+                    schema: schema.to_string(),
+                    generation,
+                });
             }
         }
     }
@@ -281,21 +323,74 @@ mod tests {
         let rollout = Rollout::new(CANARY, Some(3));
         let nobody_yet = Progress::default();
         let metrics = Metrics::default();
-        let Admission::Go(permit) = rollout.admit(nobody_yet, Some(3), &metrics) else {
+        let Admission::Go(permit) = rollout.admit("a", nobody_yet, Some(3), &metrics) else {
             panic!("the first tenant is the canary");
         };
         assert!(matches!(
-            rollout.admit(nobody_yet, Some(3), &metrics),
+            rollout.admit("a", nobody_yet, Some(3), &metrics),
             Admission::Hold(Hold::Pending, _)
         ));
         drop(permit);
-        let Admission::Go(permit) = rollout.admit(nobody_yet, Some(3), &metrics) else {
+        let Admission::Go(permit) = rollout.admit("a", nobody_yet, Some(3), &metrics) else {
             panic!("the slot was released");
         };
         permit.failed();
         assert!(matches!(
-            rollout.admit(nobody_yet, Some(3), &metrics),
+            rollout.admit("a", nobody_yet, Some(3), &metrics),
             Admission::Hold(Hold::Halted, _)
         ));
+    }
+
+    #[test]
+    fn a_tenant_counts_once_and_an_earlier_sets_permit_not_at_all() {
+        let nobody_yet = Progress::default();
+        let metrics = Metrics::default();
+        // The same tenant failing twice (its reconcile and the rollout) is one failure.
+        let halting = Rollout::new(
+            RolloutPolicy {
+                canary: 0,
+                max_failures: 2,
+            },
+            Some(3),
+        );
+        for _ in 0..2 {
+            let Admission::Go(p) = halting.admit("a", nobody_yet, Some(3), &metrics) else {
+                panic!("one failed tenant does not halt at 2");
+            };
+            p.failed();
+        }
+        assert!(matches!(
+            halting.admit("b", nobody_yet, Some(3), &metrics),
+            Admission::Go(_)
+        ));
+        // Succeeding twice is one of the canary's two places.
+        let canary = Rollout::new(
+            RolloutPolicy {
+                canary: 2,
+                max_failures: 0,
+            },
+            Some(3),
+        );
+        for _ in 0..2 {
+            let Admission::Go(p) = canary.admit("c", nobody_yet, Some(3), &metrics) else {
+                panic!("the canary has a free place");
+            };
+            p.succeeded();
+        }
+        let Admission::Go(d) = canary.admit("d", nobody_yet, Some(3), &metrics) else {
+            panic!("the canary's second place");
+        };
+        assert!(matches!(
+            canary.admit("e", nobody_yet, Some(3), &metrics),
+            Admission::Hold(Hold::Pending, _)
+        ));
+        // A permit of the set before a live change counts for nothing in the new one.
+        canary.restart(Some(4));
+        d.failed();
+        assert!(matches!(
+            canary.admit("e", nobody_yet, Some(4), &metrics),
+            Admission::Go(_)
+        ));
+        assert_eq!(canary.highest_reached(), Some(3));
     }
 }

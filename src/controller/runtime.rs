@@ -156,6 +156,9 @@ pub async fn run(
     };
     let lost = Arc::new(AtomicBool::new(false));
     let lost_flag = lost.clone();
+    // The rollout stops starting tenants the moment the lease is lost or shutdown begins,
+    // not once the controller has drained.
+    let (stop_rollout, rollout_stopped) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         let lease_lost = async {
             match lost_rx {
@@ -167,6 +170,7 @@ pub async fn run(
             _ = shutdown => {}
             true = lease_lost => lost_flag.store(true, Ordering::SeqCst),
         }
+        let _ = stop_rollout.send(true);
     };
 
     // The database may still be starting: keep trying, reporting not-ready meanwhile.
@@ -260,6 +264,7 @@ pub async fn run(
         ctx.clone(),
         settings.migration_source.clone(),
         settings.rollout_object.clone(),
+        rollout_stopped,
     ));
     controller
         .run(reconcile, error_policy, ctx)

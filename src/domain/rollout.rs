@@ -144,7 +144,8 @@ pub struct RefusedSet {
     /// Digest of the refused set (absent when it could not be read at all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_digest: Option<String>,
-    /// InvalidSet, LintFailed, ChecksumChanged, MigrationRemoved or SourceMissing.
+    /// InvalidSet, LintFailed, ChecksumChanged, MigrationRemoved, MigrationOutOfOrder or
+    /// SourceMissing.
     pub reason: String,
     pub message: String,
     /// When it was refused (RFC 3339).
