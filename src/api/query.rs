@@ -81,6 +81,10 @@ pub struct Column {
     pub cast_sql: String,
     pub nullable: bool,
     pub has_default: bool,
+    /// `GENERATED ALWAYS` (identity or generated column): PostgreSQL computes it, a write
+    /// naming it is refused.
+    #[serde(skip)]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -113,7 +117,8 @@ const CATALOG_SQL: &str = "SELECT c.relname::pg_catalog.text, a.attname::pg_cata
         pg_catalog.format_type(a.atttypid, a.atttypmod), pg_catalog.format_type(a.atttypid, -1),
         a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '',
         EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
-                AND i.indnatts = 1 AND i.indkey[0] = a.attnum)
+                AND i.indnatts = 1 AND i.indkey[0] = a.attnum),
+        a.attidentity = 'a' OR a.attgenerated <> ''
  FROM pg_catalog.pg_namespace n
  JOIN pg_catalog.pg_depend d
    ON d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND d.refobjid = n.oid
@@ -148,7 +153,8 @@ impl Catalog {
         for r in rows {
             let (table, column, type_sql, cast_sql) =
                 (r.string(0)?, r.string(1)?, r.string(2)?, r.string(3)?);
-            let (not_null, has_default, pk) = (r.bool(4)?, r.bool(5)?, r.bool(6)?);
+            let (not_null, has_default, pk, read_only) =
+                (r.bool(4)?, r.bool(5)?, r.bool(6)?, r.bool(7)?);
             if HIDDEN_TABLES.contains(&table.as_str()) {
                 continue;
             }
@@ -166,6 +172,7 @@ impl Catalog {
                 cast_sql,
                 nullable: !not_null,
                 has_default,
+                read_only,
             });
         }
         Ok(Self { tables })
@@ -860,6 +867,7 @@ mod tests {
             cast_sql: cast_sql.into(),
             nullable: true,
             has_default: false,
+            read_only: false,
         }
     }
 
