@@ -248,7 +248,16 @@ fn check_mass_change(
             ),
         ));
     }
-    let confirmed = headers.get(ALL_ROWS_HEADER).and_then(|v| v.to_str().ok()) == Some("true");
+    let confirmed = match headers.get(ALL_ROWS_HEADER) {
+        None => false,
+        Some(v) if v == "true" => true,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid-parameter",
+                format!("{ALL_ROWS_HEADER} takes only the value true"),
+            ))
+        }
+    };
     if q.filters.is_empty() && !confirmed {
         return Err(ApiError::bad_request(
             "unfiltered-change",
