@@ -186,7 +186,7 @@ fn up_to(max: u64) -> String {
 
 const DATE: &str = "(?:[1-9][0-9]{3}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))|(?:[1-9][0-9](?:0[48]|[2468][048]|[13579][26])|(?:[2468][048]|[13579][26])00)-02-29)";
 const TIME: &str = "(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\\.[0-9]{1,6})?)?";
-const ZONE: &str = "(?:Z|[+-](?:0[0-9]|1[0-5])(?::[0-5][0-9])?)";
+const ZONE: &str = "(?:Z|[+-](?:0[0-9]|1[0-5])(?::[0-5][0-9](?::[0-5][0-9])?)?)";
 const UUID: &str =
     "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}";
 
@@ -233,12 +233,99 @@ pub fn filter_pattern(col: &Column) -> String {
     format!("^(?:{like}{nulls}{truth}{compare})$")
 }
 
-/// Whether rows can be ordered by the column (PostgreSQL has no ordering of `json`).
+/// Whether rows can be ordered by the column: PostgreSQL has no ordering of `json`.
 pub fn orderable(col: &Column) -> bool {
-    match kind_of(&col.cast_sql).0 {
-        Kind::Json => col.cast_sql == "jsonb",
-        Kind::Other => false,
-        _ => true,
+    !matches!(col.cast_sql.as_str(), "json" | "json[]")
+}
+
+/// Whether `raw` (a filter's value, `op.value`) is in the column's filter grammar, the
+/// document's pattern for it: the API refuses what the document does not allow, so that
+/// what reaches PostgreSQL always converts.
+pub fn filter_allowed(col: &Column, raw: &str) -> bool {
+    compiled(&filter_pattern(col)).is_match(raw)
+}
+
+/// The regular expression of `pattern`, compiled once per process: patterns depend on the
+/// column's kind only, so there are few of them.
+fn compiled(pattern: &str) -> std::sync::Arc<regex::Regex> {
+    use std::{
+        collections::HashMap,
+        sync::{Arc, Mutex, OnceLock},
+    };
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<regex::Regex>>>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    cache
+        .entry(pattern.to_string())
+        .or_insert_with(|| Arc::new(regex::Regex::new(pattern).expect("a valid pattern")))
+        .clone()
+}
+
+/// Why `v` is not a value of `col` as its JSON schema ([`value_schema`]) states, if it is
+/// not. JSON null is left to the column's NOT NULL constraint.
+pub fn check_value(col: &Column, v: &Value) -> Result<(), String> {
+    let (kind, array) = kind_of(&col.cast_sql);
+    match (v, array) {
+        (Value::Null, _) => Ok(()),
+        (Value::Array(items), true) => items
+            .iter()
+            .try_for_each(|item| check_one(kind, col, item).map_err(|e| format!("an item {e}"))),
+        (_, true) => Err(format!("must be an array ({})", col.type_sql)),
+        (v, false) => check_one(kind, col, v),
+    }
+}
+
+/// Whether a JSON value holds U+0000 in a string or key, which PostgreSQL refuses to
+/// convert to text (and jsonb to store).
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+fn check_one(kind: Kind, col: &Column, v: &Value) -> Result<(), String> {
+    let ty = &col.type_sql;
+    let ok = match (kind, v) {
+        (_, Value::Null) => true,
+        (Kind::Int { min, max }, Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => (min..=max).contains(&i),
+            // 13105.0 is an integer to JSON. Past i64 a number is read as the nearest
+            // double: -9223372036854775809 reads as -2^63, which must not pass for bigint's
+            // minimum (written as an integer, that parses as an i64 above).
+            (None, Some(f)) => {
+                f.fract() == 0.0
+                    && f >= min as f64
+                    && f < -(min as f64)
+                    && !(min == i64::MIN && f == min as f64)
+            }
+            _ => false,
+        },
+        (Kind::Numeric | Kind::Float, Value::Number(_)) => true,
+        (Kind::Boolean, Value::Bool(_)) => true,
+        // PostgreSQL text cannot hold U+0000.
+        (Kind::Text, Value::String(s)) => {
+            !s.contains('\0')
+                && max_length(ty).is_none_or(|n| s.chars().count() as u64 <= n)
+        }
+        (Kind::Json, v) => !has_nul(v),
+        (Kind::Date | Kind::Timestamp | Kind::TimestampTz | Kind::Uuid, Value::String(s)) => {
+            let pattern = format!("^{}$", value_pattern(kind).expect("a string kind"));
+            compiled(&pattern).is_match(s)
+        }
+        (Kind::Other, _) => true,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "is not a value of type {ty} (see the column's schema in /v1/openapi.json)"
+        ))
     }
 }
 
@@ -275,7 +362,9 @@ pub fn value_schema(col: &Column) -> Value {
             s
         }
         Kind::Date | Kind::Timestamp | Kind::TimestampTz | Kind::Uuid => string(kind),
-        Kind::Json | Kind::Other => json!({}),
+        // PostgreSQL refuses \u0000 in a JSON value's strings and keys.
+        Kind::Json => json!({"$ref": "#/components/schemas/JsonValue"}),
+        Kind::Other => json!({}),
     };
     if array {
         let items = if one == json!({}) { one } else { nullable(one, true) };
@@ -472,6 +561,14 @@ pub fn tenant_document(tenant: &str, catalog: &Catalog, limits: &Limits) -> Valu
             );
         }
     }
+    schemas.insert(
+        "JsonValue".into(),
+        json!({"description": "Any JSON without \\u0000 in its strings or keys", "anyOf": [
+            {"type": ["null", "boolean", "number"]},
+            {"type": "string", "pattern": "^[^\\x00]*$"},
+            {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+            {"type": "object", "propertyNames": {"pattern": "^[^\\x00]*$"}, "additionalProperties": {"$ref": "#/components/schemas/JsonValue"}}]}),
+    );
     schemas.insert(
         "Catalog".into(),
         json!({"type": "object", "required": ["tables"], "properties": {"tables": {"type": "array", "items": {
