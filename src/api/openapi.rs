@@ -305,7 +305,12 @@ fn check_one(kind: Kind, col: &Column, v: &Value) -> Result<(), String> {
             }
             _ => false,
         },
-        (Kind::Numeric | Kind::Float, Value::Number(_)) => true,
+        // As the schema's exclusive bounds compare: in doubles.
+        (Kind::Numeric, Value::Number(n)) => match (numeric_bound(ty), n.as_f64()) {
+            (Some(b), Some(f)) => f > -b && f < b,
+            _ => true,
+        },
+        (Kind::Float, Value::Number(_)) => true,
         (Kind::Boolean, Value::Bool(_)) => true,
         // PostgreSQL text cannot hold U+0000.
         (Kind::Text, Value::String(s)) => {
@@ -607,4 +612,191 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
 /// A table name as a path segment (percent-encoded).
 fn path_segment(name: &str) -> String {
     percent_encoding::utf8_percent_encode(name, SEGMENT).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(name: &str, type_sql: &str, cast_sql: &str, nullable: bool) -> Column {
+        Column {
+            name: name.into(),
+            type_sql: type_sql.into(),
+            cast_sql: cast_sql.into(),
+            nullable,
+            has_default: false,
+            read_only: false,
+        }
+    }
+
+    fn full(pattern: &str) -> regex::Regex {
+        regex::Regex::new(&format!("^{pattern}$")).unwrap()
+    }
+
+    #[test]
+    fn integer_patterns_hold_exactly_the_type_range() {
+        for (ty, min, max) in [
+            ("smallint", i16::MIN as i64, i16::MAX as i64),
+            ("integer", i32::MIN as i64, i32::MAX as i64),
+            ("bigint", i64::MIN, i64::MAX),
+        ] {
+            let re = full(&value_pattern(kind_of(ty).0).unwrap());
+            for ok in [min, max, 0, -1, 1, max / 7, min / 3, max - 1, min + 1] {
+                assert!(re.is_match(&ok.to_string()), "{ty} {ok}");
+            }
+            let past = |v: i64, d: i128| (v as i128 + d).to_string();
+            for bad in [past(max, 1), past(min, -1), past(max, 10), "01".into(), "+1".into(), " 1".into(), "1.0".into(), "".into()] {
+                assert!(!re.is_match(&bad), "{ty} {bad}");
+            }
+        }
+        assert_eq!(up_to(9), "(?:0|[1-8]|9)");
+        let re = full(&up_to(300));
+        assert!((0..=300).all(|n| re.is_match(&n.to_string())));
+        assert!((301..2000).all(|n| !re.is_match(&n.to_string())));
+    }
+
+    #[test]
+    fn dates_are_calendar_dates() {
+        let re = full(&value_pattern(Kind::Date).unwrap());
+        for ok in ["2024-02-29", "2000-02-29", "1999-12-31", "2023-04-30", "infinity", "-infinity"] {
+            assert!(re.is_match(ok), "{ok}");
+        }
+        for bad in ["2023-02-29", "1900-02-29", "2023-04-31", "2023-13-01", "2023-00-10", "0999-01-01", "2023-1-1", "today"] {
+            assert!(!re.is_match(bad), "{bad}");
+        }
+        let re = full(&value_pattern(Kind::TimestampTz).unwrap());
+        for ok in ["2024-01-02T03:04:05Z", "2024-01-02 03:04", "2024-01-02T03:04:05.123456+05:30", "2024-01-02T03:04:05-15"] {
+            assert!(re.is_match(ok), "{ok}");
+        }
+        for bad in ["2024-01-02T24:00:00", "2024-01-02T03:04:05+16", "2024-01-02T03:04:05.1234567"] {
+            assert!(!re.is_match(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn filters_follow_the_column_type() {
+        let id = col("id", "bigint", "bigint", false);
+        for ok in ["eq.5", "gte.-9223372036854775808", "in.(1, \"2\",3)", "in.()", "is.null", "like.1*", "neq.0"] {
+            assert!(filter_allowed(&id, ok), "{ok}");
+        }
+        for bad in ["eq.abc", "eq. 5", "is.true", "eq.9223372036854775808", "in.(1,a)", "like.a\\", "between.1", "eq.5\0"] {
+            assert!(!filter_allowed(&id, bad), "{bad:?}");
+        }
+        let done = col("done", "boolean", "boolean", true);
+        assert!(filter_allowed(&done, "is.true") && filter_allowed(&done, "eq.false"));
+        assert!(!filter_allowed(&done, "eq.yes"));
+        let title = col("title", "text", "text", false);
+        for ok in ["eq.anything at all", "in.(\"a, b\",c)", "like.a\\*b", "eq."] {
+            assert!(filter_allowed(&title, ok), "{ok}");
+        }
+        for bad in ["eq.a\0b", "in.(\"a)", "is.false", "like.a\\"] {
+            assert!(!filter_allowed(&title, bad), "{bad:?}");
+        }
+        let doc = col("doc", "json", "json", true);
+        assert!(filter_allowed(&doc, "is.null") && !filter_allowed(&doc, "eq.{}"));
+        assert!(!orderable(&doc) && orderable(&title));
+    }
+
+    #[test]
+    fn body_values_must_be_of_the_column_type() {
+        use serde_json::json;
+        let small = col("n", "smallint", "smallint", true);
+        assert!(check_value(&small, &json!(32767)).is_ok());
+        assert!(check_value(&small, &json!(13105.0)).is_ok());
+        assert!(check_value(&small, &json!(32768)).is_err());
+        assert!(check_value(&small, &json!(1.5)).is_err());
+        assert!(check_value(&small, &json!("5")).is_err());
+        let big = col("n", "bigint", "bigint", true);
+        let past_min: Value = serde_json::from_str("-9223372036854775809").unwrap();
+        assert!(check_value(&big, &past_min).is_err());
+        assert!(check_value(&big, &json!(i64::MIN)).is_ok());
+        let code = col("c", "character varying(3)", "character varying", true);
+        assert!(check_value(&code, &json!("abc")).is_ok());
+        assert!(check_value(&code, &json!("abcd")).is_err());
+        assert!(check_value(&code, &json!({})).is_err());
+        assert!(check_value(&code, &json!(5)).is_err());
+        assert!(check_value(&code, &json!("a\u{0}")).is_err());
+        let day = col("d", "date", "date", true);
+        assert!(check_value(&day, &json!("2024-02-29")).is_ok());
+        let amount = col("a", "numeric(10,2)", "numeric", true);
+        assert!(check_value(&amount, &json!(99999999.99)).is_ok());
+        assert!(check_value(&amount, &json!(-99999999.995)).is_err());
+        assert!(check_value(&day, &json!("2023-02-29")).is_err());
+        let tags = col("t", "text[]", "text[]", true);
+        assert!(check_value(&tags, &json!(["a", null])).is_ok());
+        assert!(check_value(&tags, &json!(["a", 1])).is_err());
+        assert!(check_value(&tags, &json!("a")).is_err());
+        let doc = col("j", "jsonb", "jsonb", true);
+        assert!(check_value(&doc, &json!({"a": [1, "x"]})).is_ok());
+        assert!(check_value(&doc, &json!({"a": ["\u{0}"]})).is_err());
+    }
+
+    #[test]
+    fn the_tenant_document_has_a_path_per_table() {
+        let mut c = Catalog::default();
+        let mut id = col("id", "bigint", "bigint", false);
+        id.has_default = true;
+        id.read_only = true;
+        c.tables.insert(
+            "tasks".into(),
+            Table {
+                name: "tasks".into(),
+                columns: vec![
+                    id,
+                    col("title", "character varying(20)", "character varying", false),
+                    col("amount", "numeric(10,2)", "numeric", true),
+                ],
+                primary_key: Some("id".into()),
+            },
+        );
+        c.tables.insert(
+            "log entries".into(),
+            Table {
+                name: "log entries".into(),
+                columns: vec![col("at", "timestamp with time zone", "timestamp with time zone", true)],
+                primary_key: None,
+            },
+        );
+        let doc = tenant_document("acme", &c, &Limits::default());
+        let paths = doc["paths"].as_object().unwrap();
+        for p in ["/v1/tables/tasks", "/v1/tables/tasks/{id}", "/v1/tables/log%20entries", "/v1/tenant", "/v1/tables", "/v1/openapi.json"] {
+            assert!(paths.contains_key(p), "{p}: {:?}", paths.keys());
+        }
+        assert!(!paths.contains_key("/v1/tables/log%20entries/{id}"));
+        let s = &doc["components"]["schemas"];
+        assert_eq!(s["tasks.Row"]["properties"]["title"]["maxLength"], 20);
+        assert_eq!(s["tasks.Row"]["properties"]["amount"]["type"], json!(["number", "null"]));
+        assert_eq!(s["tasks.Row"]["properties"]["amount"]["exclusiveMaximum"], 99999999.995);
+        assert_eq!(s["tasks.Insert"]["required"], json!(["title"]));
+        assert!(s["tasks.Insert"]["properties"]["id"].is_null());
+        let get = &doc["paths"]["/v1/tables/tasks"]["get"];
+        let names: Vec<&str> = get["parameters"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["id", "title", "amount", "select", "order", "limit", "offset"]);
+        for status in ["200", "400", "401", "403", "404", "429", "503", "504"] {
+            assert!(get["responses"][status].is_object(), "{status}");
+        }
+        assert_eq!(
+            doc["paths"]["/v1/tables/tasks"]["post"]["responses"]["422"]["content"]["application/problem+json"]["schema"]["$ref"],
+            "#/components/schemas/Problem"
+        );
+        // Every pattern compiles in the Rust dialect the API checks with.
+        let text = doc.to_string();
+        assert!(text.contains("pattern"));
+        fn patterns(v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::Object(m) => m.iter().for_each(|(k, v)| match (k.as_str(), v) {
+                    ("pattern", Value::String(p)) => out.push(p.clone()),
+                    _ => patterns(v, out),
+                }),
+                Value::Array(a) => a.iter().for_each(|v| patterns(v, out)),
+                _ => {}
+            }
+        }
+        let mut all = Vec::new();
+        patterns(&doc, &mut all);
+        assert!(all.len() > 5);
+        for p in all {
+            regex::Regex::new(&p).unwrap();
+        }
+    }
 }
