@@ -187,19 +187,14 @@ fn up_to(max: u64) -> String {
 const DATE: &str = "(?:[1-9][0-9]{3}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))|(?:[1-9][0-9](?:0[48]|[2468][048]|[13579][26])|(?:[2468][048]|[13579][26])00)-02-29)";
 const TIME: &str = "(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\\.[0-9]{1,6})?)?";
 const ZONE: &str = "(?:Z|[+-](?:0[0-9]|1[0-5])(?::[0-5][0-9](?::[0-5][0-9])?)?)";
-const UUID: &str =
-    "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}";
+const UUID: &str = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}";
 
 /// A value of `kind` as the API reads it in a filter (and, for the kinds written as JSON
 /// strings, in a body): a regular expression in the subset that ECMA-262, Python and Rust
 /// read alike. `None`: the kind has no comparable text form (JSON, unknown types).
 pub fn value_pattern(kind: Kind) -> Option<String> {
     Some(match kind {
-        Kind::Int { min, max } => format!(
-            "(?:-?{}|{})",
-            up_to(max as u64),
-            min.to_string()
-        ),
+        Kind::Int { min, max } => format!("(?:-?{}|{})", up_to(max as u64), min),
         Kind::Numeric => "-?[0-9]{1,100}(?:\\.[0-9]{1,100})?".into(),
         Kind::Float => "-?[0-9]{1,15}(?:\\.[0-9]{1,15})?".into(),
         Kind::Boolean => "(?:true|false)".into(),
@@ -217,7 +212,11 @@ pub fn filter_pattern(col: &Column) -> String {
     let (kind, array) = kind_of(&col.cast_sql);
     let like = "(?:like|ilike)\\.(?:[^\\x00\\\\]|\\\\[^\\x00])*";
     let nulls = "|is\\.(?:null|notnull)";
-    let truth = if kind == Kind::Boolean && !array { "|is\\.(?:true|false)" } else { "" };
+    let truth = if kind == Kind::Boolean && !array {
+        "|is\\.(?:true|false)"
+    } else {
+        ""
+    };
     let compare = match (value_pattern(kind), array) {
         (Some(_), _) if kind == Kind::Text && !array => {
             let quoted = " *\"(?:[^\"\\\\\\x00]|\\\\[^\\x00])*\" *";
@@ -314,8 +313,7 @@ fn check_one(kind: Kind, col: &Column, v: &Value) -> Result<(), String> {
         (Kind::Boolean, Value::Bool(_)) => true,
         // PostgreSQL text cannot hold U+0000.
         (Kind::Text, Value::String(s)) => {
-            !s.contains('\0')
-                && max_length(ty).is_none_or(|n| s.chars().count() as u64 <= n)
+            !s.contains('\0') && max_length(ty).is_none_or(|n| s.chars().count() as u64 <= n)
         }
         (Kind::Json, v) => !has_nul(v),
         (Kind::Date | Kind::Timestamp | Kind::TimestampTz | Kind::Uuid, Value::String(s)) => {
@@ -346,9 +344,7 @@ fn nullable(mut schema: Value, nullable: bool) -> Value {
 /// The JSON schema of one value of `col`, as bodies carry it and answers show it.
 pub fn value_schema(col: &Column) -> Value {
     let (kind, array) = kind_of(&col.cast_sql);
-    let string = |kind: Kind| {
-        json!({"type": "string", "pattern": format!("^{}$", value_pattern(kind).unwrap())})
-    };
+    let string = |kind: Kind| json!({"type": "string", "pattern": format!("^{}$", value_pattern(kind).unwrap())});
     let one = match kind {
         Kind::Int { min, max } => json!({"type": "integer", "minimum": min, "maximum": max}),
         Kind::Numeric => match numeric_bound(&col.type_sql) {
@@ -372,7 +368,11 @@ pub fn value_schema(col: &Column) -> Value {
         Kind::Other => json!({}),
     };
     if array {
-        let items = if one == json!({}) { one } else { nullable(one, true) };
+        let items = if one == json!({}) {
+            one
+        } else {
+            nullable(one, true)
+        };
         nullable(json!({"type": "array", "items": items}), col.nullable)
     } else {
         nullable(one, col.nullable)
@@ -492,7 +492,8 @@ pub fn tenant_document(tenant: &str, catalog: &Catalog, limits: &Limits) -> Valu
     );
     let mut schemas = base["components"]["schemas"].as_object().unwrap().clone();
     for t in catalog.tables.values() {
-        let row_ref = json!({"$ref": format!("#/components/schemas/{}", component(&t.name, "Row"))});
+        let row_ref =
+            json!({"$ref": format!("#/components/schemas/{}", component(&t.name, "Row"))});
         schemas.insert(component(&t.name, "Row"), row_schema(t));
         schemas.insert(component(&t.name, "Insert"), insert_schema(t));
         schemas.insert(component(&t.name, "Patch"), patch_schema(t));
@@ -554,7 +555,9 @@ pub fn tenant_document(tenant: &str, catalog: &Catalog, limits: &Limits) -> Valu
             if id.get("type") == Some(&json!("string")) {
                 id["minLength"] = 1.into();
                 id["pattern"] = json!("^[^\\x00/]+$");
-                if let Some(p) = value_pattern(kind_of(&pk.cast_sql).0).filter(|_| kind_of(&pk.cast_sql).0 != Kind::Text) {
+                if let Some(p) = value_pattern(kind_of(&pk.cast_sql).0)
+                    .filter(|_| kind_of(&pk.cast_sql).0 != Kind::Text)
+                {
                     id["pattern"] = json!(format!("^{p}$"));
                 }
             }
@@ -597,7 +600,13 @@ pub fn tenant_document(tenant: &str, catalog: &Catalog, limits: &Limits) -> Valu
 fn component(table: &str, what: &str) -> String {
     let safe: String = table
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{safe}.{what}")
 }
@@ -645,7 +654,16 @@ mod tests {
                 assert!(re.is_match(&ok.to_string()), "{ty} {ok}");
             }
             let past = |v: i64, d: i128| (v as i128 + d).to_string();
-            for bad in [past(max, 1), past(min, -1), past(max, 10), "01".into(), "+1".into(), " 1".into(), "1.0".into(), "".into()] {
+            for bad in [
+                past(max, 1),
+                past(min, -1),
+                past(max, 10),
+                "01".into(),
+                "+1".into(),
+                " 1".into(),
+                "1.0".into(),
+                "".into(),
+            ] {
                 assert!(!re.is_match(&bad), "{ty} {bad}");
             }
         }
@@ -658,17 +676,42 @@ mod tests {
     #[test]
     fn dates_are_calendar_dates() {
         let re = full(&value_pattern(Kind::Date).unwrap());
-        for ok in ["2024-02-29", "2000-02-29", "1999-12-31", "2023-04-30", "infinity", "-infinity"] {
+        for ok in [
+            "2024-02-29",
+            "2000-02-29",
+            "1999-12-31",
+            "2023-04-30",
+            "infinity",
+            "-infinity",
+        ] {
             assert!(re.is_match(ok), "{ok}");
         }
-        for bad in ["2023-02-29", "1900-02-29", "2023-04-31", "2023-13-01", "2023-00-10", "0999-01-01", "2023-1-1", "today"] {
+        for bad in [
+            "2023-02-29",
+            "1900-02-29",
+            "2023-04-31",
+            "2023-13-01",
+            "2023-00-10",
+            "0999-01-01",
+            "2023-1-1",
+            "today",
+        ] {
             assert!(!re.is_match(bad), "{bad}");
         }
         let re = full(&value_pattern(Kind::TimestampTz).unwrap());
-        for ok in ["2024-01-02T03:04:05Z", "2024-01-02 03:04", "2024-01-02T03:04:05.123456+05:30", "2024-01-02T03:04:05-15"] {
+        for ok in [
+            "2024-01-02T03:04:05Z",
+            "2024-01-02 03:04",
+            "2024-01-02T03:04:05.123456+05:30",
+            "2024-01-02T03:04:05-15",
+        ] {
             assert!(re.is_match(ok), "{ok}");
         }
-        for bad in ["2024-01-02T24:00:00", "2024-01-02T03:04:05+16", "2024-01-02T03:04:05.1234567"] {
+        for bad in [
+            "2024-01-02T24:00:00",
+            "2024-01-02T03:04:05+16",
+            "2024-01-02T03:04:05.1234567",
+        ] {
             assert!(!re.is_match(bad), "{bad}");
         }
     }
@@ -676,10 +719,27 @@ mod tests {
     #[test]
     fn filters_follow_the_column_type() {
         let id = col("id", "bigint", "bigint", false);
-        for ok in ["eq.5", "gte.-9223372036854775808", "in.(1, \"2\",3)", "in.()", "is.null", "like.1*", "neq.0"] {
+        for ok in [
+            "eq.5",
+            "gte.-9223372036854775808",
+            "in.(1, \"2\",3)",
+            "in.()",
+            "is.null",
+            "like.1*",
+            "neq.0",
+        ] {
             assert!(filter_allowed(&id, ok), "{ok}");
         }
-        for bad in ["eq.abc", "eq. 5", "is.true", "eq.9223372036854775808", "in.(1,a)", "like.a\\", "between.1", "eq.5\0"] {
+        for bad in [
+            "eq.abc",
+            "eq. 5",
+            "is.true",
+            "eq.9223372036854775808",
+            "in.(1,a)",
+            "like.a\\",
+            "between.1",
+            "eq.5\0",
+        ] {
             assert!(!filter_allowed(&id, bad), "{bad:?}");
         }
         let done = col("done", "boolean", "boolean", true);
@@ -753,30 +813,57 @@ mod tests {
             "log entries".into(),
             Table {
                 name: "log entries".into(),
-                columns: vec![col("at", "timestamp with time zone", "timestamp with time zone", true)],
+                columns: vec![col(
+                    "at",
+                    "timestamp with time zone",
+                    "timestamp with time zone",
+                    true,
+                )],
                 primary_key: None,
             },
         );
         let doc = tenant_document("acme", &c, &Limits::default());
         let paths = doc["paths"].as_object().unwrap();
-        for p in ["/v1/tables/tasks", "/v1/tables/tasks/{id}", "/v1/tables/log%20entries", "/v1/tenant", "/v1/tables", "/v1/openapi.json"] {
+        for p in [
+            "/v1/tables/tasks",
+            "/v1/tables/tasks/{id}",
+            "/v1/tables/log%20entries",
+            "/v1/tenant",
+            "/v1/tables",
+            "/v1/openapi.json",
+        ] {
             assert!(paths.contains_key(p), "{p}: {:?}", paths.keys());
         }
         assert!(!paths.contains_key("/v1/tables/log%20entries/{id}"));
         let s = &doc["components"]["schemas"];
         assert_eq!(s["tasks.Row"]["properties"]["title"]["maxLength"], 20);
-        assert_eq!(s["tasks.Row"]["properties"]["amount"]["type"], json!(["number", "null"]));
-        assert_eq!(s["tasks.Row"]["properties"]["amount"]["exclusiveMaximum"], 99999999.995);
+        assert_eq!(
+            s["tasks.Row"]["properties"]["amount"]["type"],
+            json!(["number", "null"])
+        );
+        assert_eq!(
+            s["tasks.Row"]["properties"]["amount"]["exclusiveMaximum"],
+            99999999.995
+        );
         assert_eq!(s["tasks.Insert"]["required"], json!(["title"]));
         assert!(s["tasks.Insert"]["properties"]["id"].is_null());
         let get = &doc["paths"]["/v1/tables/tasks"]["get"];
-        let names: Vec<&str> = get["parameters"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["id", "title", "amount", "select", "order", "limit", "offset"]);
+        let names: Vec<&str> = get["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["id", "title", "amount", "select", "order", "limit", "offset"]
+        );
         for status in ["200", "400", "401", "403", "404", "429", "503", "504"] {
             assert!(get["responses"][status].is_object(), "{status}");
         }
         assert_eq!(
-            doc["paths"]["/v1/tables/tasks"]["post"]["responses"]["422"]["content"]["application/problem+json"]["schema"]["$ref"],
+            doc["paths"]["/v1/tables/tasks"]["post"]["responses"]["422"]["content"]
+                ["application/problem+json"]["schema"]["$ref"],
             "#/components/schemas/Problem"
         );
         // Every pattern compiles in the Rust dialect the API checks with.

@@ -1232,7 +1232,9 @@ mod tests {
         ] {
             // A column's type as the catalog formats it (`format_type`, which qualifies any
             // type that pg_catalog's does not come before) is data, not a name written here.
-            let text = sql.text.replace(r#""title" text"#, r#""title" <column type>"#);
+            let text = sql
+                .text
+                .replace(r#""title" text"#, r#""title" <column type>"#);
             assert_eq!(
                 unqualified_catalog_names(&text),
                 Vec::<String>::new(),

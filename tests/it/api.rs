@@ -442,8 +442,18 @@ async fn crud_round_trip_and_constraint_errors() {
             400,
             "invalid-body",
         ),
-        (json!({"project_id": pid, "title": {}}), "tasks", 400, "invalid-body"),
-        (json!({"project_id": pid, "title": null}), "tasks", 422, "not-null-violation"),
+        (
+            json!({"project_id": pid, "title": {}}),
+            "tasks",
+            400,
+            "invalid-body",
+        ),
+        (
+            json!({"project_id": pid, "title": null}),
+            "tasks",
+            422,
+            "not-null-violation",
+        ),
         (json!({"nope": 1}), "tasks", 400, "unknown-column"),
     ] {
         let (s, v, _) = api
