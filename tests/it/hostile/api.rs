@@ -1494,8 +1494,9 @@ async fn failing_requests_leave_no_prepared_statements_behind() {
     let sessions = s.api.data.inspect_idle().await.unwrap();
     assert!(!sessions.is_empty());
     for session in &sessions {
-        // The settings statement and, on the connection that read it, the catalog's.
-        assert!(session.prepared <= 2, "{sessions:?}");
+        // The settings statement, on the connection that read it the catalog's, and the
+        // INSERT the first (successful) request prepared: 30 failures of it add none.
+        assert!(session.prepared <= 3, "{sessions:?}");
     }
     s.no_idle_transactions().await;
 }
