@@ -304,12 +304,9 @@ fn check_one(kind: Kind, col: &Column, v: &Value) -> Result<(), String> {
             }
             _ => false,
         },
-        // As the schema's exclusive bounds compare: in doubles.
-        (Kind::Numeric, Value::Number(n)) => match (numeric_bound(ty), n.as_f64()) {
-            (Some(b), Some(f)) => f > -b && f < b,
-            _ => true,
-        },
-        (Kind::Float, Value::Number(_)) => true,
+        // numeric(p,s)'s bounds are PostgreSQL's to check, in decimal: a double's
+        // comparison at the boundary differs by a unit in the last place between parsers.
+        (Kind::Numeric | Kind::Float, Value::Number(_)) => true,
         (Kind::Boolean, Value::Bool(_)) => true,
         // PostgreSQL text cannot hold U+0000.
         (Kind::Text, Value::String(s)) => {
@@ -778,9 +775,6 @@ mod tests {
         assert!(check_value(&code, &json!("a\u{0}")).is_err());
         let day = col("d", "date", "date", true);
         assert!(check_value(&day, &json!("2024-02-29")).is_ok());
-        let amount = col("a", "numeric(10,2)", "numeric", true);
-        assert!(check_value(&amount, &json!(99999999.99)).is_ok());
-        assert!(check_value(&amount, &json!(-99999999.995)).is_err());
         assert!(check_value(&day, &json!("2023-02-29")).is_err());
         let tags = col("t", "text[]", "text[]", true);
         assert!(check_value(&tags, &json!(["a", null])).is_ok());

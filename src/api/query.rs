@@ -876,7 +876,9 @@ pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, Query
     Ok(sql)
 }
 
-/// `UPDATE` of the filtered rows with the columns of a JSON object; returns them.
+/// `UPDATE` of the filtered rows with the columns of a JSON object; returns them. The
+/// object is read into its columns' types (typmods included) whether or not a row matches:
+/// a value that can never be stored is refused even when no row would take it.
 pub fn update(
     schema: &str,
     table: &Table,
@@ -903,10 +905,11 @@ pub fn update(
     let wh = where_clause(&mut sql, table, filters, "_t")?;
     let t = qualified(schema, table);
     sql.text = format!(
-        "WITH _upd AS (UPDATE {t} AS _t SET {} FROM pg_catalog.json_to_record(CAST({p} AS pg_catalog.json)) AS _j({}){wh} RETURNING {})
-         SELECT coalesce(pg_catalog.json_agg(_upd), '[]'::pg_catalog.json)::pg_catalog.text FROM _upd",
-        set.join(", "),
+        "WITH _j AS MATERIALIZED (SELECT * FROM pg_catalog.json_to_record(CAST({p} AS pg_catalog.json)) AS _r({})),
+         _upd AS (UPDATE {t} AS _t SET {} FROM _j{wh} RETURNING {})
+         SELECT (SELECT coalesce(pg_catalog.json_agg(_upd), '[]'::pg_catalog.json) FROM _upd)::pg_catalog.text FROM _j",
         record_def(&cols),
+        set.join(", "),
         column_list(table, None, "_t")
     );
     Ok(sql)
