@@ -417,11 +417,22 @@ fn filter_params(t: &Table) -> Vec<Value> {
         .collect()
 }
 
+/// A `timestamptz` as answers show it: in the session's time zone, so a value written as
+/// `1000-01-01T07:57+10:12` comes back as `0999-12-31T21:45:00+00:00` (and one near the end
+/// of 9999 may come back in 10000).
+const ANSWERED_TIMESTAMPTZ: &str = "^(?:[0-9]{4,5}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\\.[0-9]{1,6})?[+-][0-9]{2}(?::[0-9]{2}){0,2}|infinity|-infinity)$";
+
 fn row_schema(t: &Table) -> Value {
     let props: Map<String, Value> = t
         .columns
         .iter()
-        .map(|c| (c.name.clone(), value_schema(c)))
+        .map(|c| {
+            let mut s = value_schema(c);
+            if kind_of(&c.cast_sql) == (Kind::TimestampTz, false) {
+                s["pattern"] = ANSWERED_TIMESTAMPTZ.into();
+            }
+            (c.name.clone(), s)
+        })
         .collect();
     json!({"type": "object", "properties": props, "additionalProperties": false})
 }
@@ -840,6 +851,13 @@ mod tests {
             99999999.995
         );
         assert_eq!(s["tasks.Insert"]["required"], json!(["title"]));
+        let answered = regex::Regex::new(
+            s["log_entries.Row"]["properties"]["at"]["pattern"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(answered.is_match("0999-12-31T21:45:00+00:00"));
         assert!(s["tasks.Insert"]["properties"]["id"].is_null());
         let get = &doc["paths"]["/v1/tables/tasks"]["get"];
         let names: Vec<&str> = get["parameters"]
