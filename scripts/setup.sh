@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and the dev stack need on a fresh Debian machine (idempotent):
 # PostgreSQL, etcd, curl/openssl, a kube-apiserver built from Debian's sources (cached;
-# skipped when KUBEBUILDER_ASSETS points at prebuilt binaries) and helm-python-sdk (the Helm
-# engine the chart tests use).
+# skipped when KUBEBUILDER_ASSETS points at prebuilt binaries), helm-python-sdk (the Helm
+# engine the chart tests use) and schemathesis (the API fuzz, tests/fuzz/run.sh).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -32,4 +32,13 @@ if ! "$venv/bin/python" -c 'import helm_python' 2>/dev/null; then
   echo "setup: installing helm-python-sdk into $venv" >&2
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q 'helm-python-sdk>=0.2,<0.3' >&2
+fi
+
+# schemathesis, pinned, from PyPI, in a venv outside the repository.
+venv=${TENANTRY_CACHE:-$HOME/.cache/tenantry}/schemathesis-venv
+schemathesis=4.32.5
+if [[ $("$venv/bin/schemathesis" --version 2>/dev/null) != *"version $schemathesis" ]]; then
+  echo "setup: installing schemathesis $schemathesis into $venv" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "schemathesis==$schemathesis" >&2
 fi

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, then integration and end-to-end tests against a throwaway
 # PostgreSQL cluster and a real kube-apiserver + etcd that the test binary starts itself; then
-# the isolation (hostile), provisioning and deletion suites again on PostgreSQL 16, 17 and 18.
-# Arguments are passed to the first `cargo test` (and skip the version runs).
+# the isolation (hostile), provisioning and deletion suites again on PostgreSQL 16, 17 and 18;
+# then the generated-input fuzz of the API (tests/fuzz/run.sh).
+# Arguments are passed to the first `cargo test` (and skip the version runs and the fuzz).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
@@ -13,4 +14,5 @@ if (($# == 0)); then
     echo "test: PostgreSQL $major ($pg_bin)" >&2
     PG_BIN=$pg_bin cargo test --locked --test it -- hostile:: provision:: deletion::
   done
+  tests/fuzz/run.sh
 fi

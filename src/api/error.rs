@@ -141,13 +141,13 @@ impl IntoResponse for ApiError {
 }
 
 /// A request that cannot become a statement: 404 when it names a table that does not exist,
-/// 400 otherwise, with the query error's kind and detail.
+/// 422 for a null in a NOT NULL column, 400 otherwise, with the query error's kind and detail.
 impl From<QueryError> for ApiError {
     fn from(e: QueryError) -> Self {
-        let status = if e.is_not_found() {
-            StatusCode::NOT_FOUND
-        } else {
-            StatusCode::BAD_REQUEST
+        let status = match e {
+            _ if e.is_not_found() => StatusCode::NOT_FOUND,
+            QueryError::NotNull(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::BAD_REQUEST,
         };
         ApiError::new(status, e.kind(), e.detail())
     }
@@ -217,6 +217,12 @@ fn database(
             1,
         ),
         c if c.starts_with("22") => ApiError::bad_request("invalid-value", detail),
+        // An operator or function that the column's type lacks (ordering json, IS TRUE on a
+        // number): the request asked for it, nothing ran.
+        "42883" | "42804" => ApiError::bad_request("unsupported-operation", detail),
+        // Program limits (a body nested too deeply for PostgreSQL's parser, too many
+        // parameters): the request is too complex, nothing ran.
+        c if c.starts_with("54") => ApiError::bad_request("too-complex", detail),
         c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57") => {
             tracing::warn!(error = %e, "database unavailable");
             ApiError::unavailable(

@@ -73,6 +73,16 @@ pub(super) async fn list_tables(
     Ok(Json(json!({ "tables": c.tables.values().collect::<Vec<_>>() })).into_response())
 }
 
+/// The tenant's own OpenAPI document: one path per table of its schema, typed rows.
+pub(super) async fn openapi(
+    State(state): State<AppState>,
+    t: TenantRequest,
+) -> Result<Response, ApiError> {
+    let (_slot, c) = slot_and_catalog(&state, &t).await?;
+    let doc = super::openapi::tenant_document(&t.entry.info.name, &c, &limits_of(&state, &t));
+    Ok(Json(doc).into_response())
+}
+
 /// The limits of the request's tenant: the API's, with the tenant's own statement timeout.
 fn limits_of(state: &AppState, t: &TenantRequest) -> Limits {
     state
@@ -238,7 +248,16 @@ fn check_mass_change(
             ),
         ));
     }
-    let confirmed = headers.get(ALL_ROWS_HEADER).and_then(|v| v.to_str().ok()) == Some("true");
+    let confirmed = match headers.get(ALL_ROWS_HEADER) {
+        None => false,
+        Some(v) if v == "true" => true,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid-parameter",
+                format!("{ALL_ROWS_HEADER} takes only the value true"),
+            ))
+        }
+    };
     if q.filters.is_empty() && !confirmed {
         return Err(ApiError::bad_request(
             "unfiltered-change",
@@ -343,6 +362,7 @@ mod tests {
                 cast_sql: "boolean".into(),
                 nullable: false,
                 has_default: false,
+                read_only: false,
             }],
             primary_key: None,
         };

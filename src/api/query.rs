@@ -27,6 +27,9 @@ pub enum QueryError {
     InvalidParameter(String),
     #[error("{0}")]
     InvalidBody(String),
+    /// A body sets a NOT NULL column to null (422, like PostgreSQL's own refusal).
+    #[error("{0}")]
+    NotNull(String),
 }
 
 impl QueryError {
@@ -40,6 +43,7 @@ impl QueryError {
             Self::InvalidOrder(_) => "invalid-order",
             Self::InvalidParameter(_) => "invalid-parameter",
             Self::InvalidBody(_) => "invalid-body",
+            Self::NotNull(_) => "not-null-violation",
         }
     }
 
@@ -56,7 +60,8 @@ impl QueryError {
             | Self::InvalidFilter(d)
             | Self::InvalidOrder(d)
             | Self::InvalidParameter(d)
-            | Self::InvalidBody(d) => d,
+            | Self::InvalidBody(d)
+            | Self::NotNull(d) => d,
         }
     }
 }
@@ -81,6 +86,10 @@ pub struct Column {
     pub cast_sql: String,
     pub nullable: bool,
     pub has_default: bool,
+    /// `GENERATED ALWAYS` (identity or generated column): PostgreSQL computes it, a write
+    /// naming it is refused.
+    #[serde(skip)]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -113,7 +122,8 @@ const CATALOG_SQL: &str = "SELECT c.relname::pg_catalog.text, a.attname::pg_cata
         pg_catalog.format_type(a.atttypid, a.atttypmod), pg_catalog.format_type(a.atttypid, -1),
         a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '',
         EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
-                AND i.indnatts = 1 AND i.indkey[0] = a.attnum)
+                AND i.indnatts = 1 AND i.indkey[0] = a.attnum),
+        a.attidentity = 'a' OR a.attgenerated <> ''
  FROM pg_catalog.pg_namespace n
  JOIN pg_catalog.pg_depend d
    ON d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND d.refobjid = n.oid
@@ -148,7 +158,8 @@ impl Catalog {
         for r in rows {
             let (table, column, type_sql, cast_sql) =
                 (r.string(0)?, r.string(1)?, r.string(2)?, r.string(3)?);
-            let (not_null, has_default, pk) = (r.bool(4)?, r.bool(5)?, r.bool(6)?);
+            let (not_null, has_default, pk, read_only) =
+                (r.bool(4)?, r.bool(5)?, r.bool(6)?, r.bool(7)?);
             if HIDDEN_TABLES.contains(&table.as_str()) {
                 continue;
             }
@@ -166,6 +177,7 @@ impl Catalog {
                 cast_sql,
                 nullable: !not_null,
                 has_default,
+                read_only,
             });
         }
         Ok(Self { tables })
@@ -265,6 +277,14 @@ fn parse_filter(table: &Table, column: &str, raw: &str) -> Result<Filter, QueryE
             )))
         }
     };
+    // The grammar the document states (`/v1/openapi.json`): what PostgreSQL would fail to
+    // convert, or apply to the column's type, is refused here with a clear reason.
+    if !super::openapi::filter_allowed(col, raw) {
+        return Err(QueryError::InvalidFilter(format!(
+            "filter {column}={raw:?} is not a filter on a {} column: values are written as the column's schema in /v1/openapi.json states; is.true and is.false apply to boolean columns only",
+            col.type_sql
+        )));
+    }
     Ok(Filter {
         column: col.name.clone(),
         op,
@@ -358,7 +378,14 @@ pub fn parse(
             "order" => {
                 for item in v.split(',') {
                     let mut parts = item.split('.');
-                    let column = table.column(parts.next().unwrap_or_default())?.name.clone();
+                    let col = table.column(parts.next().unwrap_or_default())?;
+                    if !super::openapi::orderable(col) {
+                        return Err(QueryError::InvalidOrder(format!(
+                            "rows cannot be ordered by {} ({}): PostgreSQL has no ordering of it",
+                            col.name, col.type_sql
+                        )));
+                    }
+                    let column = col.name.clone();
                     let mut o = Order {
                         column,
                         desc: false,
@@ -697,6 +724,70 @@ fn object_keys<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Vec<Stri
     Ok(keys)
 }
 
+/// Checks every value of a body against its column's type as the document states it
+/// ([`openapi::check_value`](super::openapi::check_value)): PostgreSQL's JSON conversion
+/// reads any scalar's text (`{}` into a text column is stored as the text `{}`, the string
+/// `"5"` into an integer column as 5), so without this a body's types would not mean what
+/// the document says. A body with a number beyond a double's range (`1e400`, which a
+/// `numeric` column may take) is left to PostgreSQL.
+fn check_body(table: &Table, body: &JsonBody) -> Result<(), QueryError> {
+    use serde_json::Value;
+    let v: Value = match serde_json::from_str(&body.text) {
+        Ok(v) => v,
+        Err(e) if e.to_string().contains("number out of range") => return Ok(()),
+        Err(e) => return Err(QueryError::InvalidBody(format!("invalid JSON: {e}"))),
+    };
+    let objects: Vec<&serde_json::Map<String, Value>> = match &v {
+        Value::Object(o) => vec![o],
+        Value::Array(a) => a.iter().filter_map(Value::as_object).collect(),
+        _ => Vec::new(),
+    };
+    for o in objects {
+        for (k, v) in o {
+            let c = table.column(k)?;
+            // Refused here, not only by PostgreSQL: a PATCH that matches no row would
+            // otherwise answer 200 to a body that can never be stored.
+            if v.is_null() && !c.nullable {
+                return Err(QueryError::NotNull(format!(
+                    "{k} is NOT NULL: it cannot be set to null"
+                )));
+            }
+            super::openapi::check_value(c, v)
+                .map_err(|e| QueryError::InvalidBody(format!("{k}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// The type a body's column is read as (`json_to_record`'s definition list): its own, but
+/// integers as `numeric`, since JSON's `13105.0` is an integer (checked by [`check_body`])
+/// that PostgreSQL's integer input refuses.
+fn read_type(c: &Column) -> String {
+    match super::openapi::kind_of(&c.cast_sql) {
+        (super::openapi::Kind::Int { .. }, false) => "pg_catalog.numeric".into(),
+        (super::openapi::Kind::Int { .. }, true) => "pg_catalog.numeric[]".into(),
+        _ => c.type_sql.clone(),
+    }
+}
+
+/// `json_to_record`'s definition list for `cols`.
+fn record_def(cols: &[&Column]) -> String {
+    cols.iter()
+        .map(|c| format!("{} {}", quote_ident(&c.name), read_type(c)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A body column's value, read from the record `_j`, in the column's type.
+fn read_value(c: &Column) -> String {
+    let v = format!("_j.{}", quote_ident(&c.name));
+    if read_type(c) == c.type_sql {
+        v
+    } else {
+        format!("CAST({v} AS {})", c.type_sql)
+    }
+}
+
 /// The columns one object's keys name, checked against the table, sorted and without
 /// repeats (PostgreSQL, like serde, takes a repeated key's last value).
 fn body_columns<'a>(table: &'a Table, keys: &[String]) -> Result<Vec<&'a Column>, QueryError> {
@@ -731,6 +822,7 @@ pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, Query
     if rows.is_empty() {
         return Err(QueryError::InvalidBody("nothing to insert".into()));
     }
+    check_body(table, body)?;
     // Groups of (columns, 1-based positions of the rows that carry exactly those keys).
     let mut groups: Vec<(Vec<&Column>, Vec<i64>)> = Vec::new();
     for (i, keys) in rows.iter().enumerate() {
@@ -758,13 +850,11 @@ pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, Query
     let mut outs = Vec::new();
     for (i, (cols, ords)) in groups.into_iter().enumerate() {
         let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
-        let src: Vec<String> = cols
-            .iter()
-            .map(|c| format!("_j.{}", quote_ident(&c.name)))
-            .collect();
+        let src: Vec<String> = cols.iter().map(|c| read_value(c)).collect();
+        let def = record_def(&cols);
         let o = sql.param(Bind::BigIntArray(ords));
         ctes.push(format!(
-            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM _body CROSS JOIN LATERAL pg_catalog.json_populate_record(NULL::{t}, _body.j) AS _j WHERE _body.ord = ANY(CAST({o} AS bigint[])) ORDER BY _body.ord RETURNING {returning})",
+            "_ins{i} AS (INSERT INTO {t} ({}) SELECT {} FROM _body CROSS JOIN LATERAL pg_catalog.json_to_record(_body.j) AS _j({def}) WHERE _body.ord = ANY(CAST({o} AS bigint[])) ORDER BY _body.ord RETURNING {returning})",
             names.join(", "),
             src.join(", "),
         ));
@@ -786,7 +876,9 @@ pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, Query
     Ok(sql)
 }
 
-/// `UPDATE` of the filtered rows with the columns of a JSON object; returns them.
+/// `UPDATE` of the filtered rows with the columns of a JSON object; returns them. The
+/// object is read into its columns' types (typmods included) whether or not a row matches:
+/// a value that can never be stored is refused even when no row would take it.
 pub fn update(
     schema: &str,
     table: &Table,
@@ -799,6 +891,7 @@ pub fn update(
         ));
     };
     let cols = body_columns(table, keys)?;
+    check_body(table, patch)?;
     let mut sql = Sql {
         text: String::new(),
         binds: Vec::new(),
@@ -807,13 +900,15 @@ pub fn update(
     let p = sql.param(Bind::JsonText(patch.text.clone()));
     let set: Vec<String> = cols
         .iter()
-        .map(|c| format!("{} = _j.{}", quote_ident(&c.name), quote_ident(&c.name)))
+        .map(|c| format!("{} = {}", quote_ident(&c.name), read_value(c)))
         .collect();
     let wh = where_clause(&mut sql, table, filters, "_t")?;
     let t = qualified(schema, table);
     sql.text = format!(
-        "WITH _upd AS (UPDATE {t} AS _t SET {} FROM pg_catalog.json_populate_record(NULL::{t}, CAST({p} AS pg_catalog.json)) AS _j{wh} RETURNING {})
-         SELECT coalesce(pg_catalog.json_agg(_upd), '[]'::pg_catalog.json)::pg_catalog.text FROM _upd",
+        "WITH _j AS MATERIALIZED (SELECT * FROM pg_catalog.json_to_record(CAST({p} AS pg_catalog.json)) AS _r({})),
+         _upd AS (UPDATE {t} AS _t SET {} FROM _j{wh} RETURNING {})
+         SELECT (SELECT coalesce(pg_catalog.json_agg(_upd), '[]'::pg_catalog.json) FROM _upd)::pg_catalog.text FROM _j",
+        record_def(&cols),
         set.join(", "),
         column_list(table, None, "_t")
     );
@@ -860,6 +955,7 @@ mod tests {
             cast_sql: cast_sql.into(),
             nullable: true,
             has_default: false,
+            read_only: false,
         }
     }
 
@@ -1079,6 +1175,8 @@ mod tests {
             "to_json",
             "json_populate_record",
             "json_populate_recordset",
+            "json_to_record",
+            "numeric",
             "json_array_elements",
             "row_number",
             "text",
@@ -1135,8 +1233,13 @@ mod tests {
             update("acme", &t, &q.filters, &body(r#"{"title": "y"}"#)).unwrap(),
             delete("acme", &t, &q.filters).unwrap(),
         ] {
+            // A column's type as the catalog formats it (`format_type`, which qualifies any
+            // type that pg_catalog's does not come before) is data, not a name written here.
+            let text = sql
+                .text
+                .replace(r#""title" text"#, r#""title" <column type>"#);
             assert_eq!(
-                unqualified_catalog_names(&sql.text),
+                unqualified_catalog_names(&text),
                 Vec::<String>::new(),
                 "{}",
                 sql.text

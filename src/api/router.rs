@@ -21,6 +21,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/tenant", get(handlers::get_tenant))
         .route("/v1/tables", get(handlers::list_tables))
+        .route("/v1/openapi.json", get(handlers::openapi))
         .route(
             "/v1/tables/{table}",
             get(handlers::list_rows)

@@ -86,9 +86,12 @@ fn resolve(state: &AppState, headers: &HeaderMap, token: Option<&str>) -> Result
     if let Some(name) = token.and_then(auth::peek_tenant) {
         consider("token", state.registry.by_name(&name), &name)?;
     }
-    found
-        .map(|(_, e)| e)
-        .ok_or_else(|| ApiError::bad_request("no-tenant", "the request names no tenant: use its host, an X-Tenant header or a token with a tenant claim"))
+    // Nothing names a tenant: the token is missing, or is not one of ours (it has no tenant
+    // claim). Either way the request is unauthenticated: 401, as when the tenant is named.
+    found.map(|(_, e)| e).ok_or_else(|| match token {
+        None => ApiError::unauthorized("a bearer token is required", "invalid_request"),
+        Some(_) => ApiError::unauthorized("the request names no tenant and the token has no tenant claim: use the tenant's host or an X-Tenant header, or a token the API issued", "invalid_token"),
+    })
 }
 
 impl FromRequestParts<AppState> for TenantRequest {

@@ -434,7 +434,25 @@ async fn crud_round_trip_and_constraint_errors() {
             json!({"project_id": "not a number", "title": "x"}),
             "tasks",
             400,
-            "invalid-value",
+            "invalid-body",
+        ),
+        (
+            json!({"project_id": "5", "title": "a string is not an integer"}),
+            "tasks",
+            400,
+            "invalid-body",
+        ),
+        (
+            json!({"project_id": pid, "title": {}}),
+            "tasks",
+            400,
+            "invalid-body",
+        ),
+        (
+            json!({"project_id": pid, "title": null}),
+            "tasks",
+            422,
+            "not-null-violation",
         ),
         (json!({"nope": 1}), "tasks", 400, "unknown-column"),
     ] {
@@ -471,6 +489,35 @@ async fn crud_round_trip_and_constraint_errors() {
     assert_eq!(s, 200);
     assert_eq!(doc["openapi"], "3.1.0");
     assert!(doc["paths"]["/v1/tables/{table}"]["get"].is_object());
+
+    // The tenant's own document: a path per table, rows typed from the columns.
+    let (s, doc, _) = api.call(Method::GET, "/v1/openapi.json", &h, None).await;
+    assert_eq!(s, 200, "{doc}");
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        schemas["tasks.Row"]["properties"]["project_id"],
+        json!({"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX})
+    );
+    assert_eq!(
+        schemas["tasks.Insert"]["required"],
+        json!(["project_id", "title"])
+    );
+    assert!(schemas["tasks.Insert"]["properties"]["id"].is_null());
+    assert!(doc["paths"]["/v1/tables/tasks/{id}"]["get"].is_object());
+    assert!(doc["paths"]["/v1/tables/{table}"].is_null());
+    let filter = doc["paths"]["/v1/tables/tasks"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "due_date")
+        .unwrap()["schema"]["pattern"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let re = regex::Regex::new(&filter).unwrap();
+    assert!(re.is_match("gte.2024-02-29") && !re.is_match("gte.2023-02-29"));
+    let (s, _, _) = api.call(Method::GET, "/v1/openapi.json", &[], None).await;
+    assert_eq!(s, 401);
 }
 
 /// (what, uri, headers, expected status)
