@@ -298,8 +298,19 @@ impl Run<'_> {
                 };
                 let verifier = state.and_then(|r| r.verifier.as_deref());
                 let fresh = fresh_password.as_deref().filter(|_| current == id);
-                self.credentials(&login, secret_name, verifier, fresh, ctx)
-                    .await?
+                let recorded = ids.record.password_digest.clone();
+                let (version, digest) = self
+                    .credentials(
+                        &login,
+                        secret_name,
+                        verifier,
+                        recorded.as_deref(),
+                        fresh,
+                        ctx,
+                    )
+                    .await?;
+                ids.record.password_digest = Some(digest);
+                version
             }
         };
         self.b.status_mut().credentials = Some(ids.record.clone());
@@ -561,12 +572,24 @@ impl Run<'_> {
             rotated_at: Some(&ids.record.rotated_at),
             request: ids.record.rotate_request.as_deref(),
         };
-        let issued =
-            credentials::ensure(self.tenant, &login, secret_name, None, Some(&password), ctx)
-                .await
-                .map_err(fail)?;
+        let issued = credentials::ensure(
+            self.tenant,
+            &login,
+            secret_name,
+            None,
+            None,
+            Some(&password),
+            ctx,
+        )
+        .await
+        .map_err(fail)?;
         let version = match issued {
-            Issued::Ready { version, .. } => version,
+            Issued::Ready {
+                version, digest, ..
+            } => {
+                ids.record.password_digest = Some(digest);
+                version
+            }
             Issued::Conflict(message) => {
                 return Err(Failure::conflict(
                     condition::CREDENTIALS_READY,
@@ -1259,34 +1282,40 @@ impl Run<'_> {
         self.b.set(condition::SCHEMA_DRIFT, status, reason, message);
     }
 
-    /// The credentials Secret. Returns its resourceVersion.
+    /// The credentials Secret. Returns its resourceVersion and the digest of its password.
     async fn credentials(
         &mut self,
         login: &Login<'_>,
         secret_name: &str,
         verifier: Option<&str>,
+        recorded_digest: Option<&str>,
         fresh_password: Option<&str>,
         ctx: &Context,
-    ) -> Result<Option<String>, Failure> {
+    ) -> Result<(Option<String>, String), Failure> {
         let issued = credentials::ensure(
             self.tenant,
             login,
             secret_name,
             verifier,
+            recorded_digest,
             fresh_password,
             ctx,
         )
         .await
         .map_err(|e| Failure::error(condition::CREDENTIALS_READY, e))?;
         match issued {
-            Issued::Ready { version, wrote } => {
+            Issued::Ready {
+                version,
+                wrote,
+                digest,
+            } => {
                 self.journal.extend(wrote);
                 self.b.ok(
                     condition::CREDENTIALS_READY,
                     "Issued",
                     format!("credentials in Secret {secret_name}"),
                 );
-                Ok(version)
+                Ok((version, digest))
             }
             Issued::Conflict(message) => Err(Failure::conflict(
                 condition::CREDENTIALS_READY,

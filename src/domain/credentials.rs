@@ -266,6 +266,78 @@ pub fn decide(
     verifier: Option<&str>,
     fresh_password: Option<&str>,
 ) -> Decision {
+    let check = verifier.map_or(PasswordCheck::Unknown, PasswordCheck::Verifier);
+    decide_checked(
+        tenant,
+        existing,
+        endpoint,
+        login,
+        jwt_key,
+        check,
+        fresh_password,
+    )
+}
+
+/// What is known about the identity's password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordCheck<'a> {
+    /// The stored SCRAM verifier (an admin that may read `pg_authid`).
+    Verifier(&'a str),
+    /// The [`password_digest`] recorded in the status when the operator last wrote the
+    /// Secret (any admin): a Secret whose password was changed since no longer matches it.
+    Digest {
+        recorded: &'a str,
+        jwt_key: &'a str,
+        identity: &'a str,
+    },
+    /// Nothing: the Secret's password is trusted.
+    Unknown,
+}
+
+impl PasswordCheck<'_> {
+    /// Whether what is known proves that `password` is not the identity's.
+    pub fn refutes(&self, password: &str) -> bool {
+        match *self {
+            Self::Verifier(v) => !scram::verify(password, v),
+            Self::Digest {
+                recorded,
+                jwt_key,
+                identity,
+            } => password_digest(jwt_key, identity, password) != recorded,
+            Self::Unknown => false,
+        }
+    }
+}
+
+/// HMAC-SHA256 (hex) of `identity` and `password` under the tenant's signing key: recorded in
+/// `status.credentials.passwordDigest` to notice a Secret whose password was changed without
+/// reading `pg_authid`. The password is random and the key secret, so the digest reveals
+/// nothing; only the operator (which holds the platform key) can compute it for a new password.
+pub fn password_digest(jwt_key: &str, identity: &str, password: &str) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(jwt_key.as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(b"tenantry.dev/password-digest:v1\0");
+    mac.update(identity.as_bytes());
+    mac.update(b"\0");
+    mac.update(password.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// [`decide`] with what is known about the password given as a [`PasswordCheck`].
+pub fn decide_checked(
+    tenant: &Tenant,
+    existing: Option<&Secret>,
+    endpoint: &Endpoint,
+    login: &Login,
+    jwt_key: &str,
+    check: PasswordCheck<'_>,
+    fresh_password: Option<&str>,
+) -> Decision {
     let jwt_key = jwt_key.to_string();
     let Some(secret) = existing else {
         return match fresh_password {
@@ -312,13 +384,11 @@ pub fn decide(
             jwt_key,
         };
     };
-    if let Some(v) = verifier {
-        if !scram::verify(&password, v) {
-            return Decision::Rotate {
-                reason: "Secret password does not match the role".into(),
-                jwt_key,
-            };
-        }
+    if check.refutes(&password) {
+        return Decision::Rotate {
+            reason: "Secret password does not match the role".into(),
+            jwt_key,
+        };
     }
     let material = Material { password, jwt_key };
     let want = desired(tenant, endpoint, login, &material);
@@ -454,6 +524,46 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_recorded_digest_refutes_a_changed_password_of_its_identity() {
+        let t = tenant();
+        let s = desired(&t, &ep(), &Login::app(&id()), &m("pw"));
+        let (k, user) = (key(), id().as_str().to_string());
+        let decide = |check: PasswordCheck<'_>| {
+            decide_checked(&t, Some(&s), &ep(), &Login::app(&id()), &k, check, None)
+        };
+        let digest = |recorded: &str| {
+            decide_checked(
+                &t,
+                Some(&s),
+                &ep(),
+                &Login::app(&id()),
+                &k,
+                PasswordCheck::Digest {
+                    recorded,
+                    jwt_key: &k,
+                    identity: &user,
+                },
+                None,
+            )
+        };
+        let rotate = Decision::Rotate {
+            reason: "Secret password does not match the role".into(),
+            jwt_key: key(),
+        };
+        // The digest of the Secret's password keeps it; that of another password rotates.
+        let same = password_digest(&k, &user, "pw");
+        assert_eq!(digest(&same), Decision::Keep);
+        assert_eq!(digest(&password_digest(&k, &user, "old")), rotate);
+        assert_eq!(digest("garbage"), rotate);
+        // Bound to the key and the identity.
+        assert_ne!(password_digest("other key", &user, "pw"), same);
+        assert_ne!(password_digest(&k, "other_role", "pw"), same);
+        assert_eq!(decide(PasswordCheck::Unknown), Decision::Keep);
+        let v = scram::verifier("other");
+        assert_eq!(decide(PasswordCheck::Verifier(&v)), rotate);
     }
 
     #[test]

@@ -474,7 +474,7 @@ async fn secret_templates_render_and_a_bad_one_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_urls_tls_parameters_reach_the_secret_and_libpq_takes_them() {
     let ns = TestNs::new().await;
-    let base = env().database_url.clone();
+    let base = admin_url().to_string();
     let sep = if base.contains('?') { '&' } else { '?' };
     // `prefer` against a server without TLS: libpq asks, is refused, and never opens the CA
     // file; so the URI must log in while carrying every parameter.

@@ -59,6 +59,91 @@ pub fn env() -> &'static Env {
     })
 }
 
+/// The admin URL the tests' operators use. `TENANTRY_TEST_ADMIN=createrole` makes it a role
+/// with only `CREATEROLE` that owns the database, as on RDS, Cloud SQL or a CloudNativePG
+/// application owner (created once per test binary); otherwise (`superuser`, the default) the
+/// stack's superuser. Assertions keep the superuser (`pg()`), so they see everything.
+pub fn admin_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let superuser = env().database_url.clone();
+        match std::env::var("TENANTRY_TEST_ADMIN").as_deref() {
+            Err(_) | Ok("" | "superuser") => superuser,
+            Ok("createrole") => std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(createrole_owner(&superuser))
+            })
+            .join()
+            .expect("creating the CREATEROLE admin"),
+            Ok(other) => panic!("TENANTRY_TEST_ADMIN={other}: expected superuser or createrole"),
+        }
+    })
+}
+
+/// The operator's admin role when it is not the stack's superuser (`TENANTRY_TEST_ADMIN`).
+pub fn admin_role() -> Option<String> {
+    let user = |url: &str| {
+        url.parse::<sqlx::postgres::PgConnectOptions>()
+            .expect("admin URL")
+            .get_username()
+            .to_string()
+    };
+    let admin = user(admin_url());
+    (admin != user(&env().database_url)).then_some(admin)
+}
+
+/// Revokes `role` from `member` as a superuser would mean it: every grant of it, whoever made
+/// it. (From PostgreSQL 16 a `REVOKE` only removes the grants its current user made, and an
+/// operator whose admin is not a superuser made them itself.)
+pub async fn revoke_role(pg: &PgPool, role: &str, member: &str) {
+    use sqlx::Executor;
+    let grantors: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT pg_get_userbyid(grantor)::text FROM pg_auth_members
+          WHERE roleid = $1::regrole AND member = $2::regrole",
+    )
+    .bind(format!("\"{role}\""))
+    .bind(format!("\"{member}\""))
+    .fetch_all(pg)
+    .await
+    .unwrap();
+    let mut conn = pg.acquire().await.unwrap();
+    for grantor in grantors {
+        conn.execute(
+            format!("SET ROLE \"{grantor}\"; REVOKE \"{role}\" FROM \"{member}\"; RESET ROLE")
+                .as_str(),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Creates a login with only `CREATEROLE`, makes it the database's owner and returns its URL.
+async fn createrole_owner(superuser: &str) -> String {
+    use sqlx::{Connection, Executor};
+    let opts: sqlx::postgres::PgConnectOptions = superuser.parse().expect("admin URL");
+    let db = opts.get_database().unwrap_or("postgres").to_string();
+    let admin = format!("matrix_admin_{}", random_suffix());
+    let password = random_suffix() + &random_suffix();
+    let mut c = sqlx::PgConnection::connect(superuser)
+        .await
+        .expect("connect");
+    c.execute(
+        format!(
+            "CREATE ROLE \"{admin}\" LOGIN CREATEROLE PASSWORD '{password}';
+             ALTER DATABASE \"{db}\" OWNER TO \"{admin}\";"
+        )
+        .as_str(),
+    )
+    .await
+    .expect("create the CREATEROLE admin");
+    let (host, port) = (opts.get_host().to_string(), opts.get_port());
+    eprintln!("test: the operators' admin is {admin}, CREATEROLE only, owner of {db}");
+    format!("postgres://{admin}:{password}@{host}:{port}/{db}")
+}
+
 /// Runs kubectl against the test apiserver from the repository root.
 pub fn kubectl(args: &[&str]) -> std::process::Output {
     kubectl_with(&env().kubeconfig, args)
@@ -190,7 +275,7 @@ pub struct ControllerOpts {
 impl Default for ControllerOpts {
     fn default() -> Self {
         Self {
-            database_url: env().database_url.clone(),
+            database_url: admin_url().to_string(),
             migrations: MigrationSet::embedded(),
             rollout: Default::default(),
             usage_interval: Duration::from_secs(3600),

@@ -930,16 +930,7 @@ async fn a_failed_transaction_leaves_no_poisoned_connection_in_the_pool() {
     s.as_owner("globex", WHOAMI).await;
     let (acme, globex) = (token(&s.ns, "acme").await, token(&s.ns, "globex").await);
     assert_eq!(s.whoami(&globex).await.0, s.schema("globex"));
-    s.pg.execute(
-        format!(
-            "REVOKE \"{}\" FROM \"{}\"",
-            s.schema("acme"),
-            gateway_role(&s.ns)
-        )
-        .as_str(),
-    )
-    .await
-    .unwrap();
+    revoke_role(&s.pg, &s.schema("acme"), &gateway_role(&s.ns)).await;
     let mut refused = Vec::new();
     for _ in 0..5 {
         let a = s
@@ -998,9 +989,7 @@ async fn a_refused_role_never_lets_the_statement_run_as_the_gateway() {
         assert_eq!(a.status, StatusCode::OK, "{}", a.text);
         assert!(a.text.contains("crown jewel"), "{}", a.text);
     }
-    s.pg.execute(format!("REVOKE \"{schema}\" FROM \"{gateway}\"").as_str())
-        .await
-        .unwrap();
+    revoke_role(&s.pg, &schema, &gateway).await;
     let refused =
         futures::future::join_all((0..16).map(|i| s.send(Method::GET, uris[i % 2], &acme, None)))
             .await;

@@ -429,6 +429,13 @@ async fn legacy_tenant(pg: &sqlx::PgPool, ns: &TestNs, name: &str, plant: &str) 
     );
     setup.push_str(plant);
     setup.push_str(";\nRESET ROLE; RESET search_path;");
+    // The old release's admin made these roles; one that is not a superuser holds ADMIN OPTION
+    // on the roles it created (PostgreSQL 16 grants it implicitly).
+    if let Some(admin) = admin_role() {
+        setup.push_str(&format!(
+            "GRANT \"{schema}\" TO \"{admin}\" WITH ADMIN OPTION;"
+        ));
+    }
     let mut conn = pg.acquire().await.unwrap();
     conn.execute(setup.as_str()).await.unwrap();
     drop(conn);
