@@ -61,6 +61,8 @@ struct Operator {
     envs: Vec<(String, String)>,
     log: PathBuf,
     proc: Option<Proc>,
+    /// How far the log was read, and how many lines matched, by needle.
+    scanned: BTreeMap<&'static str, (u64, usize)>,
 }
 
 impl Operator {
@@ -103,6 +105,55 @@ impl Operator {
             ],
             log: std::env::temp_dir().join(format!("tenantry-faults-{tag}-{}.log", ns.name)),
             proc: None,
+            scanned: BTreeMap::new(),
+        }
+    }
+
+    fn set_env(&mut self, key: &str, value: &str) {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.into(), value.into()));
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("running").0.id()
+    }
+
+    /// The exit status, once the process has ended by itself.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.proc.as_mut()?.0.try_wait().unwrap()?;
+        self.proc.take();
+        Some(status)
+    }
+
+    /// Lines of the log (every life) that contain `needle`, reading only what is new.
+    fn count(&mut self, needle: &'static str) -> usize {
+        use std::io::{Read, Seek, SeekFrom};
+        let (offset, seen) = self.scanned.get(needle).copied().unwrap_or_default();
+        let Ok(mut f) = std::fs::File::open(&self.log) else {
+            return 0;
+        };
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        let mut new = Vec::new();
+        f.read_to_end(&mut new).unwrap();
+        // Whole lines only: a line being written is read again next time.
+        let complete = new.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let text = String::from_utf8_lossy(&new[..complete]);
+        let seen = seen + text.lines().filter(|l| l.contains(needle)).count();
+        self.scanned
+            .insert(needle, (offset + complete as u64, seen));
+        seen
+    }
+
+    /// Waits until the log has more than `before` lines containing `needle`.
+    async fn wait_log(&mut self, needle: &'static str, before: usize, timeout: Duration) {
+        let start = Instant::now();
+        while self.count(needle) <= before {
+            assert!(
+                start.elapsed() < timeout,
+                "no {needle:?} in {} after {timeout:?}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -128,16 +179,74 @@ impl Operator {
         self.proc.take();
     }
 
-    /// One life: started (unless running), SIGKILLed after a random 100–1500 ms.
-    async fn live_and_die(&mut self, rng: &mut StdRng) -> Duration {
+    /// One life: started (unless running) and SIGKILLed at a random moment: one life in four
+    /// during start-up (50–800 ms after the spawn), the others 0–1500 ms after the life's
+    /// first commit, seen as a change of `probe` (a `pg_catalog` count over the namespace's
+    /// objects; bound `$1`: the namespace's schema prefix), so that kills land among
+    /// reconciles however slow the start is on a loaded machine. Returns when it was
+    /// killed, as text.
+    async fn live_and_die(
+        &mut self,
+        rng: &mut StdRng,
+        pg: &sqlx::PgPool,
+        probe: &str,
+        prefix: &str,
+    ) -> String {
+        let progress = || async {
+            sqlx::query_scalar::<_, i64>(probe)
+                .bind(prefix)
+                .fetch_one(pg)
+                .await
+                .unwrap()
+        };
+        let before = progress().await;
         if self.proc.is_none() {
             self.start();
         }
-        let delay = Duration::from_millis(rng.random_range(100..=1500));
-        tokio::time::sleep(delay).await;
+        let during_start = rng.random_ratio(1, 4);
+        let when = if during_start {
+            let delay = Duration::from_millis(rng.random_range(50..=800));
+            tokio::time::sleep(delay).await;
+            format!("{delay:?} after the spawn")
+        } else {
+            let delay = Duration::from_millis(rng.random_range(0..=1500));
+            let waiting = Instant::now();
+            let mut committed = true;
+            while progress().await == before {
+                if waiting.elapsed() > Duration::from_secs(10) {
+                    committed = false;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(delay).await;
+            if committed {
+                format!("{delay:?} after the life's first commit")
+            } else {
+                format!("{delay:?} after 10 s without a commit")
+            }
+        };
         self.kill();
-        delay
+        when
     }
+}
+
+/// Progress of provisioning and deletion: the namespace's roles, and those of them that log
+/// in (a role created, dropped, or losing LOGIN changes it).
+const ROLES_PROBE: &str = "SELECT count(*) + count(*) FILTER (WHERE rolcanlogin) \
+     FROM pg_catalog.pg_roles WHERE pg_catalog.starts_with(rolname::text, $1)";
+
+/// Progress of the rollout: schemas where migration 2 committed.
+const ROLLOUT_PROBE: &str = "SELECT count(*) FROM pg_catalog.pg_class c \
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE pg_catalog.starts_with(n.nspname::text, $1) AND c.relname = 'second'";
+
+/// `all` split into `lives` waves of nearly equal size (none empty while there are at least
+/// as many tenants as lives).
+fn waves(all: &[String], lives: usize) -> Vec<&[String]> {
+    (0..lives)
+        .map(|w| &all[w * all.len() / lives..(w + 1) * all.len() / lives])
+        .collect()
 }
 
 /// The migration set of these tests, as a directory.
@@ -387,26 +496,33 @@ async fn sigkilled_while_provisioning_every_tenant_converges_with_no_orphan() {
     );
     // The Tenants arrive in waves, one before each start, so that every life has work.
     let all = names("p", tenants);
-    let waves: Vec<&[String]> = all.chunks(tenants.div_ceil(kills)).collect();
+    let waves = waves(&all, kills);
+    let pg = pg().await;
+    let prefix = ns.schema("");
     let mut mid_work = 0;
-    for i in 0..kills {
-        for n in waves.get(i).copied().unwrap_or_default() {
+    for (i, wave) in waves.iter().enumerate() {
+        for n in wave.iter() {
             ns.create(tenant(n, DeletionPolicy::Retain)).await;
         }
-        let lived = op.live_and_die(&mut rng).await;
+        let lived = op.live_and_die(&mut rng, &pg, ROLES_PROBE, &prefix).await;
         let f = fleet(&ns).await;
         let ready = f.values().filter(|t| t.is_ready()).count();
-        if ready < f.len() {
+        let schemas: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_catalog.pg_namespace WHERE pg_catalog.starts_with(nspname::text, $1)",
+        )
+        .bind(ns.schema(""))
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+        // A Tenant with its schema but not Ready was cut off half-way.
+        if schemas as usize > ready {
             mid_work += 1;
         }
         eprintln!(
-            "provisioning kill {}: SIGKILL after {lived:?}, {ready}/{} Ready",
+            "provisioning kill {}: SIGKILL {lived}; {schemas} schemas, {ready}/{} Tenants Ready",
             i + 1,
             f.len()
         );
-    }
-    for n in waves.iter().skip(kills).flat_map(|w| w.iter()) {
-        ns.create(tenant(n, DeletionPolicy::Retain)).await;
     }
     op.start();
     let took = wait_fleet(
@@ -417,7 +533,7 @@ async fn sigkilled_while_provisioning_every_tenant_converges_with_no_orphan() {
     )
     .await;
     eprintln!(
-        "provisioning: {kills} SIGKILLs ({mid_work} with Tenants not Ready), {tenants} Tenants \
+        "provisioning: {kills} SIGKILLs ({mid_work} with a Tenant half-provisioned), {tenants} Tenants \
          all Ready {took:?} after the last restart"
     );
     assert!(mid_work > 0, "no kill landed while work was outstanding");
@@ -426,7 +542,6 @@ async fn sigkilled_while_provisioning_every_tenant_converges_with_no_orphan() {
     let problems = footprint_problems(&ns, &expected).await;
     eprintln!("provisioning: {} leftovers or gaps", problems.len());
     assert!(problems.is_empty(), "{problems:#?}");
-    let pg = pg().await;
     for n in &all {
         assert_eq!(history(&pg, &ns.schema(n)).await, [1], "{n}: migrated once");
     }
@@ -476,32 +591,26 @@ async fn sigkilled_while_deleting_finalizers_are_released_and_each_policy_holds(
     }
 
     // Deleted in waves, one before each start.
-    let waves: Vec<&[String]> = all.chunks(tenants.div_ceil(kills)).collect();
+    let prefix = ns.schema("");
     let mut mid_work = 0;
-    for i in 0..kills {
-        for n in waves.get(i).copied().unwrap_or_default() {
+    let mut deleted = 0;
+    for (i, wave) in waves(&all, kills).into_iter().enumerate() {
+        for n in wave {
             ns.tenants()
                 .delete(n, &DeleteParams::default())
                 .await
                 .unwrap();
         }
-        let lived = op.live_and_die(&mut rng).await;
-        let left = fleet(&ns).await.len();
-        let deleted = all.len().min((i + 1) * tenants.div_ceil(kills));
-        if left > all.len() - deleted {
+        deleted += wave.len();
+        let lived = op.live_and_die(&mut rng, &pg, ROLES_PROBE, &prefix).await;
+        let held = fleet(&ns).await.len() - (all.len() - deleted);
+        if held > 0 {
             mid_work += 1;
         }
         eprintln!(
-            "deletion kill {}: SIGKILL after {lived:?}, {} of {deleted} deleted Tenants still held by their finalizer",
-            i + 1,
-            left - (all.len() - deleted)
+            "deletion kill {}: SIGKILL {lived}; {held} of {deleted} deleted Tenants still held by their finalizer",
+            i + 1
         );
-    }
-    for n in waves.iter().skip(kills).flat_map(|w| w.iter()) {
-        ns.tenants()
-            .delete(n, &DeleteParams::default())
-            .await
-            .unwrap();
     }
     op.start();
     let took = wait_fleet(&ns, "every Tenant gone", Duration::from_secs(90), |f| {
@@ -656,9 +765,10 @@ async fn sigkilled_during_a_rollout_no_tenant_is_half_or_twice_migrated() {
     // The running operator picks the new set up from its directory; it and every later life
     // are killed while the set rolls out.
     write_migrations(dir.path(), &ROLLOUT_SET);
+    let prefix = ns.schema("");
     let mut mid_work = 0;
     for i in 0..kills {
-        let lived = op.live_and_die(&mut rng).await;
+        let lived = op.live_and_die(&mut rng, &pg, ROLLOUT_PROBE, &prefix).await;
         let states = migrated(&pg, &schemas).await;
         let half: Vec<_> = states.iter().filter(|(_, m)| !m.consistent()).collect();
         assert!(
@@ -671,7 +781,7 @@ async fn sigkilled_during_a_rollout_no_tenant_is_half_or_twice_migrated() {
             mid_work += 1;
         }
         eprintln!(
-            "rollout kill {}: SIGKILL after {lived:?}, {done}/{} schemas at version 3",
+            "rollout kill {}: SIGKILL {lived}, {done}/{} schemas at version 3",
             i + 1,
             schemas.len()
         );
@@ -735,4 +845,246 @@ async fn sigkilled_during_a_rollout_no_tenant_is_half_or_twice_migrated() {
     let problems = footprint_problems(&ns, &expected).await;
     eprintln!("rollout: {} leftovers or gaps", problems.len());
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// A TCP proxy that can cut traffic the way a network partition does: once cut, nothing is
+/// forwarded on open connections and new ones are accepted but never answered, so a client
+/// waits for its own timeout rather than getting an instant error.
+struct Partition {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Partition {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        use tokio::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    if !*cut_rx.borrow() {
+                        let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let cut_off = tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                            _ = cut_rx.wait_for(|c| *c) => true,
+                        };
+                        if !cut_off {
+                            return;
+                        }
+                        // Both ends stay open and silent.
+                        let _held = outbound;
+                        std::future::pending::<()>().await;
+                    }
+                    let _held = inbound;
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+}
+
+/// The test apiserver's address (from its kubeconfig) and a kubeconfig that reaches it
+/// through `via` instead.
+fn apiserver_via(via: std::net::SocketAddr) -> (std::net::SocketAddr, tempfile::NamedTempFile) {
+    let text = std::fs::read_to_string(&env().kubeconfig).unwrap();
+    let server = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .expect("a server line in the test kubeconfig")
+        .trim()
+        .to_string();
+    let upstream = server
+        .parse()
+        .expect("the test apiserver listens on an IP:port");
+    let proxied = text.replace(
+        &format!("server: https://{server}"),
+        &format!("server: https://{via}"),
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), proxied).unwrap();
+    (upstream, file)
+}
+
+const LEASE: &str = "tenantry-operator";
+
+/// Waits until `identity` holds the lease; returns the Lease.
+async fn wait_holder(
+    leases: &Api<k8s_openapi::api::coordination::v1::Lease>,
+    identity: &str,
+    timeout: Duration,
+) -> k8s_openapi::api::coordination::v1::Lease {
+    let start = Instant::now();
+    loop {
+        if let Some(lease) = leases.get_opt(LEASE).await.ok().flatten() {
+            let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.clone());
+            if holder.as_deref() == Some(identity) {
+                return lease;
+            }
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{identity} did not acquire the lease within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn micros(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_terminated_or_killed_hands_over_without_two_writers() {
+    // Renew interval 1 s, renew deadline 3 s.
+    const DURATION: Duration = Duration::from_secs(4);
+    let ns = TestNs::new().await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    let candidate = |id: &str| {
+        let mut op = Operator::new(
+            &ns,
+            id,
+            &[
+                "--leader-election",
+                "--lease-namespace",
+                &ns.name,
+                "--lease-duration-secs",
+                &DURATION.as_secs().to_string(),
+            ],
+        );
+        op.set_env("POD_NAME", id);
+        op
+    };
+    const STANDING_BY: &str = "standing by; another replica leads";
+
+    // A leads with its apiserver traffic through a partition; B stands by.
+    let (upstream, _) = apiserver_via("127.0.0.1:1".parse().unwrap());
+    let partition = Partition::start(upstream).await;
+    let (_, kubeconfig) = apiserver_via(partition.addr);
+    let mut a = candidate("op-a");
+    a.set_env("KUBECONFIG", kubeconfig.path().to_str().unwrap());
+    a.start();
+    wait_holder(&leases, "op-a", Duration::from_secs(30)).await;
+    let mut b = candidate("op-b");
+    b.start();
+    b.wait_log(STANDING_BY, 0, Duration::from_secs(30)).await;
+    ns.create(Tenant::test("before")).await;
+    wait_ready(&ns, "before").await;
+
+    // Cut off, A must stop (it exits, so nothing of it writes any more) before B acquires.
+    partition.cut();
+    let cut = Instant::now();
+    let a_status = loop {
+        if let Some(status) = a.exited() {
+            break status;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "the cut-off leader did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let a_gone = std::time::SystemTime::now();
+    let stopped = cut.elapsed();
+    assert!(
+        !a_status.success(),
+        "a leader that lost its lease exits non-zero"
+    );
+    let lease = wait_holder(&leases, "op-b", Duration::from_secs(30)).await;
+    let took = cut.elapsed();
+    let acquired = lease.spec.unwrap().acquire_time.unwrap().0.as_microsecond();
+    let margin = acquired - micros(a_gone);
+    eprintln!(
+        "partition: the cut-off leader stopped {stopped:?} after the cut, {margin} µs before \
+         the standby acquired the lease ({took:?} after the cut)"
+    );
+    assert!(
+        margin > 0,
+        "the standby acquired the lease {} ms before the old leader stopped",
+        -margin / 1000
+    );
+    assert!(
+        took < DURATION + Duration::from_secs(3),
+        "takeover took {took:?}"
+    );
+
+    // SIGTERM: B, leading and reconciling, drains and releases the lease on its way out; C
+    // leads within 5 s.
+    ns.create(Tenant::test("middle")).await;
+    wait_ready(&ns, "middle").await;
+    let mut c = candidate("op-c");
+    c.start();
+    c.wait_log(STANDING_BY, 0, Duration::from_secs(30)).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &b.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let termed = Instant::now();
+    while b.exited().is_none() {
+        assert!(
+            termed.elapsed() < Duration::from_secs(10),
+            "SIGTERM did not stop the leader"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let holder = leases
+        .get(LEASE)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.holder_identity);
+    assert!(
+        matches!(holder.as_deref(), None | Some("op-c")),
+        "the lease was not released: held by {holder:?} after the leader exited"
+    );
+    wait_holder(&leases, "op-c", Duration::from_secs(5)).await;
+    eprintln!(
+        "SIGTERM: lease released, the standby led {:?} after the signal",
+        termed.elapsed()
+    );
+
+    // SIGKILL: C cannot release; D leads within the lease duration + 2 s.
+    let mut d = candidate("op-d");
+    d.start();
+    d.wait_log(STANDING_BY, 0, Duration::from_secs(30)).await;
+    c.kill();
+    let killed = Instant::now();
+    wait_holder(&leases, "op-d", DURATION + Duration::from_secs(2)).await;
+    eprintln!(
+        "SIGKILL: the standby led {:?} after the kill (lease duration {DURATION:?})",
+        killed.elapsed()
+    );
+    ns.create(Tenant::test("after")).await;
+    wait_ready(&ns, "after").await;
+
+    // A standby stops at once on SIGTERM, and leaves the lease alone.
+    let mut e = candidate("op-e");
+    e.start();
+    e.wait_log(STANDING_BY, 0, Duration::from_secs(30)).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &e.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let termed = Instant::now();
+    while e.exited().is_none() {
+        assert!(
+            termed.elapsed() < Duration::from_secs(5),
+            "SIGTERM did not stop the standby"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_holder(&leases, "op-d", Duration::from_secs(1)).await;
+    drop(d);
 }
