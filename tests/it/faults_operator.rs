@@ -561,7 +561,7 @@ async fn sigkilled_while_deleting_finalizers_are_released_and_each_policy_holds(
     );
     let all = names("d", tenants);
     let policy = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             DeletionPolicy::Delete
         } else {
             DeletionPolicy::Retain
@@ -893,9 +893,8 @@ impl Partition {
     }
 }
 
-/// The test apiserver's address (from its kubeconfig) and a kubeconfig that reaches it
-/// through `via` instead.
-fn apiserver_via(via: std::net::SocketAddr) -> (std::net::SocketAddr, tempfile::NamedTempFile) {
+/// The server line of the test apiserver's kubeconfig, and the address in it.
+fn apiserver() -> (String, std::net::SocketAddr) {
     let text = std::fs::read_to_string(&env().kubeconfig).unwrap();
     let server = text
         .lines()
@@ -903,16 +902,22 @@ fn apiserver_via(via: std::net::SocketAddr) -> (std::net::SocketAddr, tempfile::
         .expect("a server line in the test kubeconfig")
         .trim()
         .to_string();
-    let upstream = server
+    let addr = server
         .parse()
         .expect("the test apiserver listens on an IP:port");
+    (text, addr)
+}
+
+/// A kubeconfig for the test apiserver that reaches it through `via`.
+fn kubeconfig_via(via: std::net::SocketAddr) -> tempfile::NamedTempFile {
+    let (text, addr) = apiserver();
     let proxied = text.replace(
-        &format!("server: https://{server}"),
+        &format!("server: https://{addr}"),
         &format!("server: https://{via}"),
     );
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), proxied).unwrap();
-    (upstream, file)
+    file
 }
 
 const LEASE: &str = "tenantry-operator";
@@ -968,9 +973,8 @@ async fn a_leader_cut_off_terminated_or_killed_hands_over_without_two_writers() 
     const STANDING_BY: &str = "standing by; another replica leads";
 
     // A leads with its apiserver traffic through a partition; B stands by.
-    let (upstream, _) = apiserver_via("127.0.0.1:1".parse().unwrap());
-    let partition = Partition::start(upstream).await;
-    let (_, kubeconfig) = apiserver_via(partition.addr);
+    let partition = Partition::start(apiserver().1).await;
+    let kubeconfig = kubeconfig_via(partition.addr);
     let mut a = candidate("op-a");
     a.set_env("KUBECONFIG", kubeconfig.path().to_str().unwrap());
     a.start();
