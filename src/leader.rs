@@ -131,7 +131,8 @@ impl LeaderElector {
                 Ok(Err(e)) => warn!(error = %e, "leader election failed; retrying"),
                 Err(_) => warn!("leader election: the apiserver did not answer; retrying"),
             }
-            tokio::time::sleep(self.cfg.renew_every).await;
+            // At most a second: a standby leads within a second of the lease's expiry.
+            tokio::time::sleep(self.cfg.renew_every.min(Duration::from_secs(1))).await;
         }
     }
 
