@@ -180,10 +180,10 @@ impl Operator {
     }
 
     /// One life: started (unless running) and SIGKILLed at a random moment: one life in four
-    /// during start-up (50–800 ms after the spawn), the others 0–1500 ms after the life's
-    /// first commit, seen as a change of `probe` (a `pg_catalog` count over the namespace's
-    /// objects; bound `$1`: the namespace's schema prefix), so that kills land among
-    /// reconciles however slow the start is on a loaded machine. Returns when it was
+    /// during start-up (50–800 ms after the spawn); the others 0–500 ms after a random number
+    /// (1..=`span`; with nothing left to do, 100–1500 ms after the spawn) of commits of the life, seen as changes of `probe` (a `pg_catalog` count
+    /// over the namespace's objects; bound `$1`: the namespace's schema prefix), so that kills
+    /// land among reconciles however fast or slow the machine is. Returns when it was
     /// killed, as text.
     async fn live_and_die(
         &mut self,
@@ -191,6 +191,7 @@ impl Operator {
         pg: &sqlx::PgPool,
         probe: &str,
         prefix: &str,
+        span: i64,
     ) -> String {
         let progress = || async {
             sqlx::query_scalar::<_, i64>(probe)
@@ -208,23 +209,25 @@ impl Operator {
             let delay = Duration::from_millis(rng.random_range(50..=800));
             tokio::time::sleep(delay).await;
             format!("{delay:?} after the spawn")
+        } else if span <= 0 {
+            // Nothing left to commit: a moment among the idle reconciles.
+            let delay = Duration::from_millis(rng.random_range(100..=1500));
+            tokio::time::sleep(delay).await;
+            format!("{delay:?} after the spawn, nothing left to do")
         } else {
-            let delay = Duration::from_millis(rng.random_range(0..=1500));
+            let commits = rng.random_range(1..=span);
+            let delay = Duration::from_millis(rng.random_range(0..=500));
             let waiting = Instant::now();
-            let mut committed = true;
-            while progress().await == before {
+            let mut seen = 0;
+            while seen < commits {
                 if waiting.elapsed() > Duration::from_secs(10) {
-                    committed = false;
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                seen = (progress().await - before).abs();
             }
             tokio::time::sleep(delay).await;
-            if committed {
-                format!("{delay:?} after the life's first commit")
-            } else {
-                format!("{delay:?} after 10 s without a commit")
-            }
+            format!("{delay:?} after {seen} of {commits} commits (span {span})")
         };
         self.kill();
         when
@@ -504,7 +507,10 @@ async fn sigkilled_while_provisioning_every_tenant_converges_with_no_orphan() {
         for n in wave.iter() {
             ns.create(tenant(n, DeletionPolicy::Retain)).await;
         }
-        let lived = op.live_and_die(&mut rng, &pg, ROLES_PROBE, &prefix).await;
+        let span = 3 * wave.len() as i64;
+        let lived = op
+            .live_and_die(&mut rng, &pg, ROLES_PROBE, &prefix, span)
+            .await;
         let f = fleet(&ns).await;
         let ready = f.values().filter(|t| t.is_ready()).count();
         let schemas: i64 = sqlx::query_scalar(
@@ -602,7 +608,11 @@ async fn sigkilled_while_deleting_finalizers_are_released_and_each_policy_holds(
                 .unwrap();
         }
         deleted += wave.len();
-        let lived = op.live_and_die(&mut rng, &pg, ROLES_PROBE, &prefix).await;
+        // A Delete tenant counts 3 (two roles, one login), a Retain one 1 (its login).
+        let span = wave.len() as i64;
+        let lived = op
+            .live_and_die(&mut rng, &pg, ROLES_PROBE, &prefix, span)
+            .await;
         let held = fleet(&ns).await.len() - (all.len() - deleted);
         if held > 0 {
             mid_work += 1;
@@ -768,7 +778,16 @@ async fn sigkilled_during_a_rollout_no_tenant_is_half_or_twice_migrated() {
     let prefix = ns.schema("");
     let mut mid_work = 0;
     for i in 0..kills {
-        let lived = op.live_and_die(&mut rng, &pg, ROLLOUT_PROBE, &prefix).await;
+        let at_target: i64 = sqlx::query_scalar(ROLLOUT_PROBE)
+            .bind(&prefix)
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+        // A few schemas per life, so that the rollout spans many of them.
+        let span = (schemas.len() as i64 - at_target).min(5);
+        let lived = op
+            .live_and_die(&mut rng, &pg, ROLLOUT_PROBE, &prefix, span)
+            .await;
         let states = migrated(&pg, &schemas).await;
         let half: Vec<_> = states.iter().filter(|(_, m)| !m.consistent()).collect();
         assert!(
