@@ -552,8 +552,8 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        _ = ctrl_c => tracing::info!("interrupted (Ctrl-C)"),
+        _ = term => tracing::info!("SIGTERM received"),
     }
 }
 
@@ -840,7 +840,7 @@ impl Cli {
                 let rollout_object = (!args.rollout_name.is_empty())
                     .then(|| (own_namespace.clone(), args.rollout_name.clone()));
                 let args = *args;
-                Ok(controller::run(
+                let run = controller::run(
                     client,
                     admin,
                     migrations,
@@ -864,7 +864,17 @@ impl Cli {
                     telemetry::Metrics::default(),
                     shutdown_signal(),
                 )
-                .await?)
+                .await;
+                match run {
+                    Err(e @ controller::RunError::LeaseLost) => {
+                        // At once, without unwinding or formatting a backtrace: a standby may
+                        // acquire one renew interval after this replica stepped down, and
+                        // exiting closes every database session (open transactions roll back).
+                        tracing::error!("{e}");
+                        std::process::exit(1)
+                    }
+                    run => Ok(run?),
+                }
             }
         }
     }

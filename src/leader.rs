@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::MicroTime,
@@ -108,47 +110,112 @@ impl LeaderElector {
         }
     }
 
-    /// Waits until this candidate holds the lease.
-    pub async fn acquire(&self) {
+    /// Waits until this candidate holds the lease; returns when the winning attempt began
+    /// (the Lease's renewTime is no earlier: [`LeaderElector::keep`] counts from it). Each
+    /// attempt is bounded by the lease duration, so a hung request cannot stall the standby.
+    pub async fn acquire(&self) -> Instant {
         let mut last_holder = String::new();
         loop {
-            match self.try_acquire().await {
-                Ok(Attempt::Acquired) => {
+            let started = Instant::now();
+            match tokio::time::timeout(self.cfg.lease_duration, self.try_acquire()).await {
+                Ok(Ok(Attempt::Acquired)) => {
                     info!(lease = %self.cfg.name, identity = %self.cfg.identity, "became leader");
-                    return;
+                    return started;
                 }
-                Ok(Attempt::HeldBy(h)) => {
+                Ok(Ok(Attempt::HeldBy(h))) => {
                     if h != last_holder {
                         info!(lease = %self.cfg.name, holder = %h, "standing by; another replica leads");
                         last_holder = h;
                     }
                 }
-                Err(e) => warn!(error = %e, "leader election failed; retrying"),
+                Ok(Err(e)) => warn!(error = %e, "leader election failed; retrying"),
+                Err(_) => warn!("leader election: the apiserver did not answer; retrying"),
             }
-            tokio::time::sleep(self.cfg.renew_every).await;
+            // At most a second: a standby leads within a second of the lease's expiry.
+            tokio::time::sleep(self.cfg.renew_every.min(Duration::from_secs(1))).await;
         }
     }
 
-    /// Renews the lease until renewal fails for longer than the lease duration or another
-    /// candidate holds it; returns then (the caller must stop leading).
-    pub async fn keep(&self) {
-        let mut last_ok = tokio::time::Instant::now();
+    /// How long the leader keeps leading without a successful renewal, counted from when the
+    /// last successful renewal began: the lease duration less one renew interval. A standby
+    /// acquires only after the whole lease duration from the Lease's renewTime (which is no
+    /// earlier), so the leader has stopped for at least one renew interval by then (as long as
+    /// the two clocks agree within that).
+    pub fn renew_deadline(&self) -> Duration {
+        self.cfg
+            .lease_duration
+            .saturating_sub(self.cfg.renew_every)
+            .max(self.cfg.renew_every)
+    }
+
+    /// Renews the lease every renew interval (a failed renewal is retried sooner) until this
+    /// candidate can no longer be sure to hold it: another candidate holds it, or no renewal
+    /// succeeded within [`LeaderElector::renew_deadline`] of `renewed` (when the last
+    /// successful attempt began; a request that hangs counts as failed at the deadline).
+    /// Returns then: the caller must stop writing at once.
+    pub async fn keep(&self, mut renewed: Instant) {
+        let deadline = self.renew_deadline();
+        let mut wait = self.cfg.renew_every;
         loop {
-            tokio::time::sleep(self.cfg.renew_every).await;
-            match self.try_acquire().await {
-                Ok(Attempt::Acquired) => last_ok = tokio::time::Instant::now(),
-                Ok(Attempt::HeldBy(h)) => {
+            let give_up = renewed + deadline;
+            tokio::time::sleep_until((Instant::now() + wait).min(give_up)).await;
+            let started = Instant::now();
+            if started >= give_up {
+                warn!(deadline = ?deadline, "no lease renewal succeeded within the renew deadline; stepping down");
+                return;
+            }
+            match tokio::time::timeout_at(give_up, self.try_acquire()).await {
+                Ok(Ok(Attempt::Acquired)) => {
+                    renewed = started;
+                    wait = self.cfg.renew_every;
+                }
+                Ok(Ok(Attempt::HeldBy(h))) => {
                     warn!(holder = %h, "lost the lease");
                     return;
                 }
-                Err(e) => {
-                    warn!(error = %e, "lease renewal failed");
-                    // Give up before a standby may take over: never two leaders.
-                    if last_ok.elapsed() + self.cfg.renew_every >= self.cfg.lease_duration {
-                        return;
-                    }
+                Ok(Err(e)) => {
+                    warn!(error = %e, "lease renewal failed; retrying");
+                    wait = (self.cfg.renew_every / 4).max(Duration::from_millis(100));
+                }
+                Err(_) => {
+                    warn!(deadline = ?deadline, "lease renewal did not answer within the renew deadline; stepping down");
+                    return;
                 }
             }
+        }
+    }
+
+    /// Gives the lease up if this candidate holds it (holder cleared), so that a standby
+    /// takes over at its next attempt rather than after the lease duration. Best effort,
+    /// bounded by one renew interval; call it only once nothing more will be written.
+    pub async fn release(&self) {
+        let attempt = async {
+            let Some(mut lease) = self.api.get_opt(&self.cfg.name).await? else {
+                return Ok(false);
+            };
+            let Some(spec) = lease.spec.as_mut() else {
+                return Ok(false);
+            };
+            if spec.holder_identity.as_deref() != Some(self.cfg.identity.as_str()) {
+                return Ok(false);
+            }
+            spec.holder_identity = None;
+            spec.lease_duration_seconds = Some(1);
+            spec.renew_time = Some(MicroTime(Timestamp::now()));
+            // The resourceVersion rides along: a lease someone else took meanwhile stays theirs.
+            self.api
+                .replace(&self.cfg.name, &PostParams::default(), &lease)
+                .await?;
+            Ok::<_, kube::Error>(true)
+        };
+        let bound = self.cfg.renew_every.max(Duration::from_secs(1));
+        match tokio::time::timeout(bound, attempt).await {
+            Ok(Ok(true)) => info!(lease = %self.cfg.name, "released the lease"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "could not release the lease; a standby takes over once it expires")
+            }
+            Err(_) => warn!("releasing the lease timed out; a standby takes over once it expires"),
         }
     }
 }

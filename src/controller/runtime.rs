@@ -134,65 +134,105 @@ pub async fn run(
     .map_err(|e| RunError::Health(e.into()))?;
     info!(addr = %health, "health and metrics listening");
 
-    // With leader election, wait for the lease; keep renewing it in the background and stop
-    // reconciling the moment it is lost.
-    let lost_rx = match settings.leader.clone() {
+    // With leader election, wait for the lease (or for shutdown: a standby stops at once);
+    // keep renewing it in the background, and stop writing the moment it is lost.
+    // Shutdown is watched by its own task (standing by and leading both end on it).
+    let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+    let (drain_tx, drain) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+        let _ = drain_tx.send(());
+    });
+    let leading = match settings.leader.clone() {
         Some(cfg) => {
-            let elector = crate::leader::LeaderElector::new(client.clone(), cfg);
-            elector.acquire().await;
+            let elector = Arc::new(crate::leader::LeaderElector::new(client.clone(), cfg));
+            let renewed = tokio::select! {
+                at = elector.acquire() => at,
+                _ = stopping.wait_for(|s| *s) => {
+                    info!("stopped while standing by");
+                    return Ok(());
+                }
+            };
             standby.store(false, Ordering::SeqCst);
             metrics.set_leader(true);
             let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
-            tokio::spawn(async move {
-                elector.keep().await;
-                let _ = lost_tx.send(());
+            let keeper = tokio::spawn({
+                let elector = elector.clone();
+                async move {
+                    elector.keep(renewed).await;
+                    let _ = lost_tx.send(());
+                }
             });
-            Some(lost_rx)
+            Some(Leading {
+                elector,
+                keeper,
+                lost: lost_rx,
+            })
         }
         None => {
             metrics.set_leader(true);
             None
         }
     };
-    let lost = Arc::new(AtomicBool::new(false));
-    let lost_flag = lost.clone();
-    // The rollout stops starting tenants the moment the lease is lost or shutdown begins,
-    // not once the controller has drained.
+    let (lease_lost, leading) = match leading {
+        Some(Leading {
+            elector,
+            keeper,
+            lost,
+        }) => (Some(lost), Some((elector, keeper))),
+        None => (None, None),
+    };
+    let lease_lost = async move {
+        match lease_lost {
+            // Sent, or the keeper ended without sending: either way the lease is not ours.
+            Some(rx) => {
+                let _ = rx.await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(lease_lost);
+    // The rollout stops starting tenants the moment shutdown begins, not once the controller
+    // has drained.
     let (stop_rollout, rollout_stopped) = tokio::sync::watch::channel(false);
     let shutdown = async move {
-        let lease_lost = async {
-            match lost_rx {
-                Some(rx) => rx.await.is_ok(),
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = shutdown => {}
-            true = lease_lost => lost_flag.store(true, Ordering::SeqCst),
-        }
+        let _ = drain.await;
+        info!("shutting down: reconciles in flight finish first");
         let _ = stop_rollout.send(true);
     };
 
-    // The database may still be starting: keep trying, reporting not-ready meanwhile.
-    let mut delay = BOOTSTRAP_RETRY_FIRST;
-    loop {
-        match admin.bootstrap().await {
-            Ok(()) => break,
-            Err(e) => {
-                warn!(error = %e, "database not ready; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(BOOTSTRAP_RETRY_MAX);
+    // The database may still be starting: keep trying, reporting not-ready meanwhile. A
+    // lease lost meanwhile ends this too.
+    let prepare = async {
+        let mut delay = BOOTSTRAP_RETRY_FIRST;
+        loop {
+            match admin.bootstrap().await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(error = %e, "database not ready; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(BOOTSTRAP_RETRY_MAX);
+                }
             }
         }
-    }
-
-    if let Some((ns, name)) = &settings.gateway_secret {
-        ensure_gateway(&client, &admin, ns, name).await?;
-    }
-    let platform_key = {
+        if let Some((ns, name)) = &settings.gateway_secret {
+            ensure_gateway(&client, &admin, ns, name).await?;
+        }
         let (ns, name) = &settings.signing_key;
-        ensure_signing_key(&client, ns, name).await?
+        Ok::<_, RunError>(ensure_signing_key(&client, ns, name).await?)
     };
+    let platform_key = tokio::select! {
+        key = prepare => Some(key?),
+        _ = &mut lease_lost => return Err(RunError::LeaseLost),
+        _ = stopping.wait_for(|s| *s) => None,
+    };
+    let Some(platform_key) = platform_key else {
+        step_down(leading).await;
+        info!("controller stopped before it started");
+        return Ok(());
+    };
+    let synced_at_stop = synced.clone();
     // Our own reflector (rather than Controller::new) so readiness can follow the watch:
     // ready once the first full list has landed in the store.
     let (reader, writer) = reflector::store();
@@ -266,22 +306,63 @@ pub async fn run(
         settings.rollout_object.clone(),
         rollout_stopped,
     ));
-    controller
+    let run = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "reconcile did not complete");
             }
-        })
-        .await;
+        });
+    // A lost lease does not drain: dropping the controller cancels every reconcile in flight
+    // (their open transactions roll back when the process exits), because a standby may
+    // acquire one renew interval after the renew deadline and two leaders must never write.
+    // kube-runtime holds reconciles until the first full sync, and a graceful shutdown cuts
+    // the watch that would bring it: shut down before that, it would wait forever. Nothing
+    // was reconciled then, so there is nothing to drain.
+    let stopped_unsynced = {
+        let mut stopping = stopping.clone();
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            if synced_at_stop.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let lost = tokio::select! {
+        _ = run => false,
+        _ = &mut lease_lost => true,
+        _ = stopped_unsynced => false,
+    };
     usage.abort();
     if let Some(drift) = drift {
         drift.abort();
     }
     live.abort();
-    if lost.load(Ordering::SeqCst) {
+    if lost {
         return Err(RunError::LeaseLost);
     }
+    step_down(leading).await;
     info!("controller stopped");
     Ok(())
+}
+
+/// Hands the lease over, if this replica leads, once nothing more will be written (rather
+/// than let the standby wait for it to expire).
+async fn step_down(
+    leading: Option<(
+        Arc<crate::leader::LeaderElector>,
+        tokio::task::JoinHandle<()>,
+    )>,
+) {
+    if let Some((elector, keeper)) = leading {
+        keeper.abort();
+        elector.release().await;
+    }
+}
+
+/// What the leader holds while it leads.
+struct Leading {
+    elector: Arc<crate::leader::LeaderElector>,
+    keeper: tokio::task::JoinHandle<()>,
+    lost: tokio::sync::oneshot::Receiver<()>,
 }

@@ -10,6 +10,7 @@ mod drift;
 mod e2e;
 mod examples;
 mod failures;
+mod faults_operator;
 mod helm;
 mod hostile;
 mod limits;
