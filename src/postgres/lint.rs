@@ -30,7 +30,6 @@ pub const REINDEX: &str = "reindex-non-concurrent";
 pub const REFRESH: &str = "refresh-materialized-view-non-concurrent";
 pub const CONCURRENT_MIXED: &str = "concurrently-mixed";
 pub const CONCURRENT_UNNAMED: &str = "concurrent-index-unnamed";
-pub const CONCURRENT_RERUN: &str = "concurrent-index-not-rerunnable";
 pub const BAD_ALLOW: &str = "lint-allow-invalid";
 
 /// Every rule, in the order the README documents them.
@@ -38,7 +37,7 @@ pub const RULES: &[Rule] = &[
     Rule {
         id: CREATE_INDEX,
         catches: "CREATE [UNIQUE] INDEX without CONCURRENTLY on a table this file did not create",
-        fix: "use CREATE INDEX CONCURRENTLY IF NOT EXISTS <name> in a migration file of its own (it runs outside a transaction)",
+        fix: "use CREATE INDEX CONCURRENTLY <name> in a migration file of its own (it runs outside a transaction)",
         allowable: true,
     },
     Rule {
@@ -62,7 +61,7 @@ pub const RULES: &[Rule] = &[
     Rule {
         id: CONSTRAINT_INDEX,
         catches: "ALTER TABLE … ADD [CONSTRAINT …] UNIQUE, PRIMARY KEY or EXCLUDE (or ADD COLUMN … UNIQUE/PRIMARY KEY) without USING INDEX on a table this file did not create",
-        fix: "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS <name> in a file of its own, then ADD CONSTRAINT … UNIQUE USING INDEX (or PRIMARY KEY USING INDEX)",
+        fix: "CREATE UNIQUE INDEX CONCURRENTLY in a file of its own, then ADD CONSTRAINT … UNIQUE USING INDEX (or PRIMARY KEY USING INDEX)",
         allowable: true,
     },
     Rule {
@@ -105,12 +104,6 @@ pub const RULES: &[Rule] = &[
         id: CONCURRENT_UNNAMED,
         catches: "CREATE INDEX CONCURRENTLY without an index name",
         fix: "name the index: after a failed build the operator finds the INVALID index it left by that name and drops it before retrying",
-        allowable: false,
-    },
-    Rule {
-        id: CONCURRENT_RERUN,
-        catches: "CREATE INDEX CONCURRENTLY without IF NOT EXISTS, or DROP INDEX CONCURRENTLY without IF EXISTS",
-        fix: "write CREATE INDEX CONCURRENTLY IF NOT EXISTS <name> / DROP INDEX CONCURRENTLY IF EXISTS <name>",
         allowable: false,
     },
     Rule {
@@ -258,7 +251,6 @@ fn why(id: &str) -> &'static str {
         REFRESH => "it blocks every read of the view while it is recomputed",
         CONCURRENT_MIXED => "PostgreSQL refuses CONCURRENTLY inside a transaction block, and a file with other statements runs in one",
         CONCURRENT_UNNAMED => "an interrupted concurrent build leaves an INVALID index that a retry must find by name",
-        CONCURRENT_RERUN => "a file of CONCURRENTLY statements runs outside a transaction, so after a crash between a finished statement and the history row the file runs again, and this statement would then fail on what it already did",
         _ => "",
     }
 }
@@ -704,15 +696,6 @@ impl Statement {
                             "CREATE INDEX CONCURRENTLY without a name".to_string(),
                         ));
                     }
-                    if concurrently
-                        && self.concurrent_index_name().is_some()
-                        && !self.is(i + 2, "IF")
-                    {
-                        hits.push((
-                            CONCURRENT_RERUN,
-                            "CREATE INDEX CONCURRENTLY without IF NOT EXISTS".to_string(),
-                        ));
-                    }
                     let on = self
                         .tokens
                         .iter()
@@ -767,12 +750,6 @@ impl Statement {
                     }
                     None => hits.push((CLUSTER, "CLUSTER of every clustered table".to_string())),
                 }
-            }
-            "DROP" if self.is(1, "INDEX") && self.is(2, "CONCURRENTLY") && !self.is(3, "IF") => {
-                hits.push((
-                    CONCURRENT_RERUN,
-                    "DROP INDEX CONCURRENTLY without IF EXISTS".to_string(),
-                ));
             }
             "REINDEX" if !self.has_word("CONCURRENTLY") => {
                 hits.push((REINDEX, "REINDEX without CONCURRENTLY".to_string()));
@@ -1194,7 +1171,7 @@ mod tests {
             ids("CREATE TABLE t (x int); ALTER TABLE t RENAME TO u; CREATE INDEX i ON u (x)")
                 .is_empty()
         );
-        assert!(ids("CREATE INDEX CONCURRENTLY IF NOT EXISTS i ON t (x)").is_empty());
+        assert!(ids("CREATE INDEX CONCURRENTLY i ON t (x)").is_empty());
         assert!(
             ids("CREATE MATERIALIZED VIEW v AS SELECT 1 AS x; CREATE UNIQUE INDEX i ON v (x)")
                 .is_empty()
@@ -1336,17 +1313,11 @@ mod tests {
 
     #[test]
     fn concurrent_files_stand_alone_and_name_their_indexes() {
-        assert!(ids(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS i ON t (x);\nDROP INDEX CONCURRENTLY IF EXISTS j;"
-        )
-        .is_empty());
-        // A file outside a transaction may run again after a crash: each statement must too.
-        assert_eq!(
-            ids("CREATE UNIQUE INDEX CONCURRENTLY i ON t (x);\nDROP INDEX CONCURRENTLY j;"),
-            [CONCURRENT_RERUN, CONCURRENT_RERUN]
+        assert!(
+            ids("CREATE INDEX CONCURRENTLY i ON t (x);\nDROP INDEX CONCURRENTLY j;").is_empty()
         );
         assert_eq!(
-            ids("CREATE TABLE u (x int);\nCREATE INDEX CONCURRENTLY IF NOT EXISTS i ON t (x);"),
+            ids("CREATE TABLE u (x int);\nCREATE INDEX CONCURRENTLY i ON t (x);"),
             [CONCURRENT_MIXED]
         );
         assert_eq!(
@@ -1355,7 +1326,7 @@ mod tests {
         );
         // The mix cannot be allowed: PostgreSQL would refuse it anyway.
         assert_eq!(
-            ids("SELECT 1;\n-- tenantry:lint-allow concurrently-mixed because\nCREATE INDEX CONCURRENTLY IF NOT EXISTS i ON t (x);"),
+            ids("SELECT 1;\n-- tenantry:lint-allow concurrently-mixed because\nCREATE INDEX CONCURRENTLY i ON t (x);"),
             [BAD_ALLOW, CONCURRENT_MIXED]
         );
         assert!(runs_outside_transaction("CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS i ON t (x); REINDEX INDEX CONCURRENTLY j;"));
