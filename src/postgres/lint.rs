@@ -597,6 +597,21 @@ impl Statement {
         }
     }
 
+    /// The one unqualified index a `DROP INDEX CONCURRENTLY [IF EXISTS] name [CASCADE |
+    /// RESTRICT]` drops.
+    pub fn concurrent_drop_name(&self) -> Option<String> {
+        if !(self.is(0, "DROP") && self.is(1, "INDEX") && self.is(2, "CONCURRENTLY")) {
+            return None;
+        }
+        let i = if self.is(3, "IF") { 5 } else { 3 };
+        let name = name_of(&self.tokens.get(i)?.tok)?;
+        match self.tokens.get(i + 1).map(|t| &t.tok) {
+            None => Some(name),
+            Some(Tok::Word(w)) if w == "CASCADE" || w == "RESTRICT" => Some(name),
+            _ => None,
+        }
+    }
+
     /// The name of the index a `CREATE INDEX CONCURRENTLY` builds, if given.
     pub fn concurrent_index_name(&self) -> Option<String> {
         if !self.is(0, "CREATE") {
@@ -1309,6 +1324,19 @@ mod tests {
         assert!(ids("REINDEX (VERBOSE) INDEX CONCURRENTLY i").is_empty());
         assert_eq!(ids("REFRESH MATERIALIZED VIEW v"), [REFRESH]);
         assert!(ids("REFRESH MATERIALIZED VIEW CONCURRENTLY v").is_empty());
+    }
+
+    #[test]
+    fn the_index_a_concurrent_drop_names() {
+        let name = |sql: &str| split(sql)[0].concurrent_drop_name();
+        assert_eq!(name("DROP INDEX CONCURRENTLY i"), Some("i".into()));
+        assert_eq!(
+            name("drop index concurrently if exists \"I\" cascade"),
+            Some("I".into())
+        );
+        assert_eq!(name("DROP INDEX CONCURRENTLY s.i"), None);
+        assert_eq!(name("DROP INDEX CONCURRENTLY a, b"), None);
+        assert_eq!(name("DROP INDEX i"), None);
     }
 
     #[test]

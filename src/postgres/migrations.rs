@@ -633,22 +633,34 @@ async fn apply_outside_transaction(
         .as_str(),
     )
     .await?;
+    // Whether the schema has an index of that name: None, or whether it is valid.
+    let index_state = |index: String| {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT i.indisvalid FROM pg_catalog.pg_index i
+               JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2",
+        )
+        .bind(schema.as_str())
+        .bind(index)
+    };
     for s in &statements {
+        // The file runs outside a transaction, so it runs again from the top when the operator
+        // stopped (a crash, a lost lease) after a statement finished and before the history row
+        // was written: what an earlier run of the file already did is not done again.
         if let Some(index) = s.concurrent_index_name() {
+            let state = index_state(index.clone())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| m.failed(e))?;
+            if state == Some(true) {
+                tracing::info!(schema = schema.as_str(), index, version = m.version,
+                    "the index exists and is valid (built by an earlier run of this file): not built again");
+                continue;
+            }
             // A build interrupted earlier (a lock timeout, a cancel, a unique violation) leaves
             // an INVALID index of that name behind: drop it so the build starts afresh.
-            let invalid: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index i
-                   JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                  WHERE n.nspname = $1 AND c.relname = $2 AND NOT i.indisvalid)",
-            )
-            .bind(schema.as_str())
-            .bind(&index)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| m.failed(e))?;
-            if invalid {
+            if state == Some(false) {
                 tracing::warn!(schema = schema.as_str(), index, version = m.version,
                     "dropping the INVALID index an interrupted concurrent build left, before building it again");
                 sqlx::Executor::execute(
@@ -661,6 +673,21 @@ async fn apply_outside_transaction(
                 )
                 .await
                 .map_err(|e| m.failed(e))?;
+            }
+        }
+        if let Some(index) = s.concurrent_drop_name() {
+            let state = index_state(index.clone())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| m.failed(e))?;
+            if state.is_none() {
+                tracing::info!(
+                    schema = schema.as_str(),
+                    index,
+                    version = m.version,
+                    "the index is gone (dropped by an earlier run of this file): not dropped again"
+                );
+                continue;
             }
         }
         sqlx::Executor::execute(&mut *conn, &m.sql[s.start..s.end])

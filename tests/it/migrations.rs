@@ -274,6 +274,62 @@ async fn a_concurrent_index_file_runs_outside_a_transaction_and_recovers_from_a_
     .unwrap();
 }
 
+/// A file of CONCURRENTLY statements without `IF [NOT] EXISTS` runs again after the operator
+/// stopped between a finished statement and its history row (here: the index already built
+/// and the other already dropped, as that earlier run left them): it completes and is
+/// recorded once, instead of failing on what it already did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_file_interrupted_after_its_statements_runs_again_cleanly() {
+    let ns = TestNs::new().await;
+    provision(&ns, &["rerun"]).await;
+    let names = names(&ns, "rerun");
+    let schema = ns.schema("rerun");
+    let set = set_with(&[
+        (
+            "3_old_idx.sql",
+            "CREATE INDEX rerun_old_idx ON tasks (title);",
+        ),
+        (
+            "4_swap.sql",
+            "CREATE INDEX CONCURRENTLY rerun_new_idx ON tasks (title);\n\
+             DROP INDEX CONCURRENTLY rerun_old_idx;",
+        ),
+    ]);
+    assert!(!set.migrations()[3].transactional());
+    let admin = admin(500);
+    // The first three files; then what the interrupted run of file 4 did, by hand.
+    let first = set_with(&[(
+        "3_old_idx.sql",
+        "CREATE INDEX rerun_old_idx ON tasks (title);",
+    )]);
+    assert_eq!(admin.migrate(&names, &first).await.unwrap(), [3]);
+    let db = pg().await;
+    sqlx::Executor::execute(
+        &db,
+        format!(
+            "SET ROLE \"{owner}\"; CREATE INDEX rerun_new_idx ON \"{schema}\".tasks (title); \
+             DROP INDEX \"{schema}\".rerun_old_idx; RESET ROLE",
+            owner = names.owner.as_str()
+        )
+        .as_str(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(admin.migrate(&names, &set).await.unwrap(), [4]);
+    assert_eq!(history(&schema).await, [1, 2, 3, 4]);
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname LIKE 'rerun_%' ORDER BY 1",
+    )
+    .bind(&schema)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(indexes, ["rerun_new_idx"]);
+    assert_pool_clean(&admin).await;
+}
+
 /// What `plan` must not change: every history row and every object of the schemas.
 async fn snapshot(schemas: &[String]) -> Vec<String> {
     let db = pg().await;
