@@ -1664,7 +1664,13 @@ async fn migrate(names: &Names, ctx: &Context) -> Result<Migrated, Error> {
             failed: None,
         });
     }
-    if let Some(message) = ctx.rollout.take_failure(names.schema.as_str()) {
+    // A schema without history (a new one, or one whose history was lost) is not the
+    // rollout's: a failure the rollout recorded for it is dropped, and the run below says why.
+    if let Some(message) = ctx
+        .rollout
+        .take_failure(names.schema.as_str())
+        .filter(|_| !applied.is_empty())
+    {
         return Ok(Migrated {
             version: current,
             applied: Vec::new(),

@@ -486,7 +486,8 @@ async fn a_secret_full_of_garbage_is_repaired_and_reported() {
 /// this Tenant provisioned are reported (`OwnershipMarkChanged`, with the statement restoring
 /// the mark), never marked again by the operator; restoring the mark heals it. Deleted with
 /// `deletionPolicy: Delete`, what carries no mark of this Tenant is not dropped (nor its
-/// owner role, which owns it), with a Warning Event `KeptUnmarked`.
+/// owner role, which owns it); with `Retain`, an unmarked login is not locked; each time a
+/// Warning Event `KeptUnmarked` says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edited_marks_are_reported_never_remarked_and_never_dropped() {
     let ns = TestNs::new().await;
@@ -571,12 +572,44 @@ async fn edited_marks_are_reported_never_remarked_and_never_dropped() {
     assert!(ns.tenants().get("globex").await.unwrap().is_ready());
     assert_eq!(schema_comment(&pg, &globex).await, Some(globex_mark));
 
+    // Retain, with the app role's mark removed: the login is not locked (it is not this
+    // Tenant's to lock any more), and said so.
+    by_hand(&pg, &format!("COMMENT ON ROLE \"{globex}\" IS NULL")).await;
+    let t = wait_reason(&ns, "globex", "RoleReady", "OwnershipMarkChanged").await;
+    assert!(
+        cond(&t, "RoleReady").2.contains("removed"),
+        "{:?}",
+        cond(&t, "RoleReady")
+    );
+    delete_tenant(&ns, "globex").await;
+    wait_gone(&ns, "globex").await;
+    let note = wait_event(&ns, "globex", "Warning", "KeptUnmarked").await;
+    assert!(
+        note.contains(&format!("role {globex} was not locked")),
+        "{note}"
+    );
+    let can_login: bool = sqlx::query_scalar("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1")
+        .bind(&globex)
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert!(can_login, "an unmarked role was altered");
+    assert!(schema_exists(&pg, &globex).await);
+
     // What was kept is the administrator's now; this test cleans up after itself.
+    for schema in [&acme, &globex] {
+        let owner = format!("{schema}_owner");
+        by_hand(
+            &pg,
+            &format!(
+                "DROP SCHEMA \"{schema}\" CASCADE; DROP OWNED BY \"{owner}\"; DROP ROLE \"{owner}\""
+            ),
+        )
+        .await;
+    }
     by_hand(
         &pg,
-        &format!(
-            "DROP SCHEMA \"{acme}\" CASCADE; DROP OWNED BY \"{owner}\"; DROP ROLE \"{owner}\""
-        ),
+        &format!("DROP OWNED BY \"{globex}\"; DROP ROLE \"{globex}\""),
     )
     .await;
 }
