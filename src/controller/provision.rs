@@ -1606,7 +1606,14 @@ impl Run<'_> {
                 verdict: Ok(Action::requeue(requeue)),
                 verified: Some(verified),
             },
-            Err(failure) => failure.report(self.b, events),
+            Err(mut failure) => {
+                // Waiting for someone to resolve it (a conflict, a missing schema or history):
+                // looked at again at least every resync.
+                if let Then::Requeue(after) = failure.then {
+                    failure.then = Then::Requeue(after.min(self.resync));
+                }
+                failure.report(self.b, events)
+            }
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Out-of-band damage: what a superuser (or someone with the Secret's namespace) breaks by hand
-//! behind the operator's back is found at the next full verification (here `--resync-secs` 2),
+//! behind the operator's back is found at the next full verification (here `--resync-secs` 1),
 //! reported in a condition and an Event, and either repaired or left for a human with a clear
 //! reason — never silently, and never by dropping anything. The tenant's own credentials can
 //! cause none of it.
@@ -20,10 +20,10 @@ use crate::{
     hostile::{as_tenant, sqlstate},
 };
 
-/// A full verification every 2 s: damage in PostgreSQL is found within seconds.
+/// A full verification every second: damage in PostgreSQL is found within seconds.
 fn opts() -> ControllerOpts {
     ControllerOpts {
-        resync: Duration::from_secs(2),
+        resync: Duration::from_secs(1),
         ..ControllerOpts::default()
     }
 }
@@ -64,6 +64,18 @@ async fn wait_event(ns: &TestNs, name: &str, type_: &str, reason: &str) -> Strin
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Waits until the controller has run `n` more reconciles (of a tenant that is not Ready, each
+/// a full verification): what did not happen by then is not going to.
+async fn reconciles(ctl: &RunningController, n: u64) {
+    let start = ctl.metrics.reconciliations();
+    let m = ctl.metrics.clone();
+    eventually("more reconciles", Duration::from_secs(30), move || {
+        let m = m.clone();
+        async move { (m.reconciliations() >= start + n).then_some(()) }
+    })
+    .await;
 }
 
 /// A full reconcile now: any change to the Tenant, here an annotation nobody reads.
@@ -153,7 +165,27 @@ async fn add_member(uri: &str, email: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_roles_are_recreated_with_their_rights_and_reported() {
     let ns = TestNs::new().await;
-    let _ctl = RunningController::start_with(&ns, opts()).await;
+    dropped_app_role(&ns, opts()).await;
+}
+
+/// The same with an admin that has only CREATEROLE (as on managed services): it makes itself a
+/// member of the role it creates again, and gives the gateway its membership back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_roles_are_recreated_by_a_createrole_admin() {
+    let ns = TestNs::new().await;
+    let database_url = crate::suspend::createrole_admin(&ns).await;
+    dropped_app_role(
+        &ns,
+        ControllerOpts {
+            database_url,
+            ..opts()
+        },
+    )
+    .await;
+}
+
+async fn dropped_app_role(ns: &TestNs, opts: ControllerOpts) {
+    let ctl = RunningController::start_with(ns, opts).await;
     ns.create(Tenant::test("acme")).await;
     wait_ready(&ns, "acme").await;
     let pg = pg().await;
@@ -229,7 +261,7 @@ async fn dropped_roles_are_recreated_with_their_rights_and_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_schema_is_reported_and_recreated_only_on_request() {
     let ns = TestNs::new().await;
-    let _ctl = RunningController::start_with(&ns, opts()).await;
+    let ctl = RunningController::start_with(&ns, opts()).await;
     ns.create(Tenant::test("acme")).await;
     wait_ready(&ns, "acme").await;
     let pg = pg().await;
@@ -261,7 +293,7 @@ async fn a_dropped_schema_is_reported_and_recreated_only_on_request() {
     assert!(note.contains(&format!("owner role {owner}")), "{note}");
     assert!(role_exists(&pg, &owner).await);
     // Several verifications later, still no schema.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    reconciles(&ctl, 3).await;
     assert!(!schema_exists(&pg, &schema).await, "recreated unasked");
     let t = ns.tenants().get("acme").await.unwrap();
     assert_eq!(cond(&t, "SchemaReady").1, "SchemaMissing");
@@ -300,7 +332,7 @@ async fn a_dropped_schema_is_reported_and_recreated_only_on_request() {
         "{:?}",
         cond(&t, "SchemaReady")
     );
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    reconciles(&ctl, 3).await;
     assert!(
         !schema_exists(&pg, &schema).await,
         "recreated for a used value"
@@ -314,7 +346,7 @@ async fn a_dropped_schema_is_reported_and_recreated_only_on_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_history_stops_migrations_until_restored() {
     let ns = TestNs::new().await;
-    let _ctl = RunningController::start_with(&ns, opts()).await;
+    let ctl = RunningController::start_with(&ns, opts()).await;
     ns.create(Tenant::test("acme")).await;
     wait_ready(&ns, "acme").await;
     let pg = pg().await;
@@ -358,7 +390,7 @@ async fn a_dropped_history_stops_migrations_until_restored() {
     let note = wait_event(&ns, "acme", "Warning", "HistoryMissing").await;
     assert!(note.contains("Restore the table"), "{note}");
     // Several verifications later: nothing ran, nothing was dropped, the data is there.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    reconciles(&ctl, 3).await;
     let after = relations(&pg, &schema).await;
     let expected: Vec<_> = before
         .iter()
@@ -410,7 +442,7 @@ async fn a_secret_full_of_garbage_is_repaired_and_reported() {
     let ns = TestNs::new().await;
     // The repair is triggered by the Secret's watch; the condition says Repaired until the
     // next full verification, 3 s later.
-    let _ctl = RunningController::start_with(
+    let ctl = RunningController::start_with(
         &ns,
         ControllerOpts {
             resync: Duration::from_secs(3),
@@ -474,7 +506,7 @@ async fn a_secret_full_of_garbage_is_repaired_and_reported() {
     let rv = repaired.metadata.resource_version.clone();
     let t = wait_reason(&ns, "acme", "CredentialsReady", "Issued").await;
     assert!(t.is_ready());
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    reconciles(&ctl, 2).await;
     let now = ns.secrets().get("acme-db").await.unwrap();
     assert_eq!(
         now.metadata.resource_version, rv,
@@ -491,7 +523,7 @@ async fn a_secret_full_of_garbage_is_repaired_and_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edited_marks_are_reported_never_remarked_and_never_dropped() {
     let ns = TestNs::new().await;
-    let _ctl = RunningController::start_with(&ns, opts()).await;
+    let ctl = RunningController::start_with(&ns, opts()).await;
     ns.create(Tenant::test("acme").deleting()).await;
     ns.create(Tenant::test("globex")).await;
     wait_ready(&ns, "acme").await;
@@ -509,7 +541,7 @@ async fn edited_marks_are_reported_never_remarked_and_never_dropped() {
     let message = cond(&t, "RoleReady").2;
     let note = wait_event(&ns, "acme", "Warning", "OwnershipMarkChanged").await;
     assert_eq!(note, message);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    reconciles(&ctl, 3).await;
     assert_eq!(
         role_comment(&pg, &acme).await.as_deref(),
         Some("hand made"),
@@ -544,7 +576,7 @@ async fn edited_marks_are_reported_never_remarked_and_never_dropped() {
         message.contains(&format!("Tenant {}/globex", ns.name)),
         "{message}"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    reconciles(&ctl, 3).await;
     assert_eq!(schema_comment(&pg, &acme).await, Some(globex_mark.clone()));
     assert!(ns.tenants().get("globex").await.unwrap().is_ready());
 
