@@ -185,9 +185,9 @@ async fn dropped_roles_are_recreated_by_a_createrole_admin() {
 }
 
 async fn dropped_app_role(ns: &TestNs, opts: ControllerOpts) {
-    let ctl = RunningController::start_with(ns, opts).await;
+    let _ctl = RunningController::start_with(ns, opts).await;
     ns.create(Tenant::test("acme")).await;
-    wait_ready(&ns, "acme").await;
+    wait_ready(ns, "acme").await;
     let pg = pg().await;
     let schema = ns.schema("acme");
     let old_uri = secret_value(&ns.secrets().get("acme-db").await.unwrap(), "uri");
@@ -200,13 +200,13 @@ async fn dropped_app_role(ns: &TestNs, opts: ControllerOpts) {
         &format!("DROP OWNED BY \"{schema}\"; DROP ROLE \"{schema}\""),
     )
     .await;
-    let t = wait_reason(&ns, "acme", "RoleReady", "Recreated").await;
+    let t = wait_reason(ns, "acme", "RoleReady", "Recreated").await;
     eprintln!("damage: app role recreated after {:?}", dropped.elapsed());
     let (_, _, message) = cond(&t, "RoleReady");
     assert!(message.contains("dropped out of band"), "{message}");
-    let note = wait_event(&ns, "acme", "Warning", "RoleRecreated").await;
+    let note = wait_event(ns, "acme", "Warning", "RoleRecreated").await;
     assert!(note.contains(&format!("app role {schema}")), "{note}");
-    let t = wait_ready(&ns, "acme").await;
+    let t = wait_ready(ns, "acme").await;
     assert_eq!(t.status.as_ref().unwrap().phase, Phase::Ready);
     assert!(role_comment(&pg, &schema)
         .await
@@ -245,7 +245,7 @@ async fn dropped_app_role(ns: &TestNs, opts: ControllerOpts) {
         "42501"
     );
     let gw_member: bool = sqlx::query_scalar("SELECT pg_has_role($1, $2, 'MEMBER')")
-        .bind(gateway_role(&ns))
+        .bind(gateway_role(ns))
         .bind(&schema)
         .fetch_one(&pg)
         .await
