@@ -143,6 +143,7 @@ impl Operator {
             rollout: Default::default(),
             usage_interval: std::time::Duration::from_secs(60),
             drift_interval: Duration::ZERO,
+            resync: tenantry::controller::RESYNC,
             rollout_object: source
                 .as_ref()
                 .map(|_| (ns.to_string(), "tenantry".to_string())),
@@ -250,7 +251,7 @@ async fn raw_provision(
                     .await
                     .unwrap();
                 admin
-                    .ensure_schema(&names, &owner, &nothing, set, false)
+                    .ensure_schema(&names, &owner, &nothing, set, false, false)
                     .await
                     .unwrap();
                 admin.migrate(&names, set).await.unwrap();

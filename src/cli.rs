@@ -249,6 +249,14 @@ pub struct ControllerArgs {
     #[arg(long, env = "TENANTRY_DRIFT_INTERVAL_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=86400))]
     pub drift_interval_secs: u64,
 
+    /// Seconds a tenant waits at most for its next full verification against PostgreSQL and
+    /// its Secret (changes to the Tenant or its Secret are acted on at once; a conflict or a
+    /// failed migration is looked at again after 5 or 10 minutes when that is sooner): a role,
+    /// the schema or the migration history dropped out of band, or an ownership mark edited,
+    /// is found then at the latest.
+    #[arg(long, env = "TENANTRY_RESYNC_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub resync_secs: u64,
+
     /// Host written into credentials Secrets (default: the host of --database-url). Set it to
     /// the address applications use, e.g. a Service name.
     #[arg(long, env = "TENANTRY_TENANT_DB_HOST")]
@@ -858,6 +866,7 @@ impl Cli {
                         },
                         usage_interval: std::time::Duration::from_secs(args.usage_interval_secs),
                         drift_interval: std::time::Duration::from_secs(args.drift_interval_secs),
+                        resync: std::time::Duration::from_secs(args.resync_secs),
                         migration_source: source,
                         rollout_object,
                     },

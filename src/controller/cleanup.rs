@@ -110,11 +110,78 @@ async fn cleanup_database(
         .await
         .map_err(db(Stage::Cleanup))?;
     let role_ours = observed.role_holder(&owner) == Holder::ThisTenant;
-    let owner_ours = observed.owner_role_holder(&owner) == Holder::ThisTenant;
+    let mut owner_ours = observed.owner_role_holder(&owner) == Holder::ThisTenant;
     let schema_ours = observed.schema_holder(&owner) == Holder::ThisTenant;
     // The second login identity of credential rotation goes under either policy.
     let b_ours = observed.login_b_holder(&owner) == Holder::ThisTenant;
     let name = id.as_str();
+    // What exists without this Tenant's mark (removed or edited out of band, or never its
+    // own) is kept, and said so: deletion never drops it.
+    let mut kept: Vec<String> = [
+        (observed.role.is_some() && !role_ours, "role", names.app()),
+        (
+            observed.owner_role.is_some() && !owner_ours,
+            "owner role",
+            &names.owner,
+        ),
+        (observed.schema.is_some() && !schema_ours, "schema", id),
+        (
+            observed.login_b.is_some() && !b_ours,
+            "role",
+            &names.login_b,
+        ),
+    ]
+    .into_iter()
+    .filter(|(unmarked, _, _)| *unmarked)
+    .map(|(_, what, n)| format!("{what} {}", n.as_str()))
+    .collect();
+    let app_owns_schema = observed
+        .schema
+        .as_ref()
+        .is_some_and(|s| s.owner_role == names.app().as_str());
+    let delete = tenant.spec.deletion_policy == DeletionPolicy::Delete;
+    if delete && observed.schema.is_some() && !schema_ours && owner_ours {
+        // Dropping the owner role means DROP OWNED BY it, which would drop the unmarked
+        // schema it owns with everything in it.
+        owner_ours = false;
+        kept.push(format!(
+            "owner role {} (it owns that schema)",
+            names.owner.as_str()
+        ));
+    }
+    let role_ours = if delete && !schema_ours && app_owns_schema && role_ours {
+        kept.push(format!("role {name} (it owns that schema)"));
+        false
+    } else {
+        role_ours
+    };
+    // Reported for a tenant that was provisioned (for one that never was, what exists is
+    // someone else's from the start, and the Conflict said so).
+    let provisioned = tenant
+        .status
+        .as_ref()
+        .is_some_and(|s| s.schema.as_deref() == Some(name));
+    if !delete {
+        // Retain touches the login only.
+        kept.retain(|k| k == &format!("role {name}"));
+    }
+    if provisioned && !kept.is_empty() {
+        let verb = if kept.len() == 1 { "was" } else { "were" };
+        let what = if delete {
+            format!("{} {verb} not dropped", kept.join(", "))
+        } else {
+            format!("{} {verb} not locked (keeps LOGIN)", kept.join(", "))
+        };
+        events.push(Note::warning(
+            "KeptUnmarked",
+            "Delete",
+            format!(
+                "{what}: without this Tenant's ownership mark (removed or edited out of band), \
+                 or owning what is without it, nothing is ever altered or dropped. Drop or lock \
+                 it by hand if it should go"
+            ),
+        ));
+    }
     let b_note = if b_ours {
         format!(
             " and its second login identity {} was dropped",
@@ -173,18 +240,22 @@ async fn cleanup_database(
                     )
                     .await
                     .map_err(db(Stage::Cleanup))?;
+                let dropped: Vec<String> = [
+                    (schema_ours, format!("schema {name} with its data")),
+                    (role_ours, format!("role {name}")),
+                    (owner_ours, format!("owner role {}", names.owner.as_str())),
+                    (
+                        b_ours,
+                        format!("second login identity {}", names.login_b.as_str()),
+                    ),
+                ]
+                .into_iter()
+                .filter_map(|(ours, what)| ours.then_some(what))
+                .collect();
                 events.push(Note::normal(
                     "Deleted",
                     "Delete",
-                    format!(
-                        "dropped schema {name} with its data, role {name} and owner role {}{}",
-                        names.owner.as_str(),
-                        if b_ours {
-                            format!(" and second login identity {}", names.login_b.as_str())
-                        } else {
-                            String::new()
-                        }
-                    ),
+                    format!("dropped {}", dropped.join(", ")),
                 ));
             }
         }

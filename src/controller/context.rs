@@ -79,6 +79,8 @@ pub struct Context {
     pub(super) usage: UsageBook,
     /// The fleet's schema drift as last scanned (see [`super::drift`]).
     pub(super) drift: DriftBook,
+    /// How long a Ready tenant waits for its next full verification ([`super::Settings::resync`]).
+    pub(super) resync: Duration,
 }
 
 impl Context {
@@ -94,6 +96,7 @@ impl Context {
         rollout: RolloutPolicy,
         base_domain: Option<&str>,
         platform_key: Arc<[u8]>,
+        resync: Duration,
     ) -> Self {
         let reporter = Reporter {
             controller: "tenantry".into(),
@@ -114,6 +117,7 @@ impl Context {
             failures: Mutex::default(),
             usage: UsageBook::default(),
             drift: DriftBook::default(),
+            resync,
         }
     }
 
@@ -238,7 +242,8 @@ impl Context {
             && verified.migration_version == latest
             && status.migration_version == latest;
         let age = verified.at.elapsed();
-        (fresh && age < VERIFIED_FOR).then(|| VERIFIED_FOR - age)
+        let trusted = VERIFIED_FOR.min(self.resync);
+        (fresh && age < trusted).then(|| trusted - age)
     }
 }
 

@@ -125,9 +125,29 @@ pub(super) async fn ensure(
         }
     };
     let desired = contract::desired(tenant, endpoint, login, &material);
-    let written = apply_secret(&secrets, &desired)
+    let mut written = apply_secret(&secrets, &desired)
         .await
         .map_err(kube_err(Stage::Credentials))?;
+    // Keys someone else added are not ours to keep: server-side apply leaves fields of other
+    // field managers in place, and the Secret would never match again (a repair at every
+    // verification). A merge patch removes them.
+    let extra: serde_json::Map<String, serde_json::Value> = written
+        .data
+        .iter()
+        .flat_map(|d| d.keys())
+        .filter(|k| !desired.data.as_ref().is_some_and(|d| d.contains_key(*k)))
+        .map(|k| (k.clone(), serde_json::Value::Null))
+        .collect();
+    if !extra.is_empty() {
+        written = secrets
+            .patch(
+                secret_name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "data": extra })),
+            )
+            .await
+            .map_err(kube_err(Stage::Credentials))?;
+    }
     Ok(Issued::Ready {
         version: written.metadata.resource_version,
         wrote: Some(Note::normal(reason, "Provision", note)),

@@ -40,6 +40,12 @@ pub const WARNING: &[&str] = &[
     "OwnershipConverted",
     "QuotaExceeded",
     "SchemaDriftDetected",
+    "RoleRecreated",
+    "SchemaMissing",
+    "SchemaRecreated",
+    "HistoryMissing",
+    "OwnershipMarkChanged",
+    "KeptUnmarked",
 ];
 
 #[cfg(test)]

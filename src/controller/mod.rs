@@ -34,6 +34,6 @@ pub use context::Context;
 pub use error::{Error, Stage};
 pub use gateway::{ensure_gateway, GatewayError};
 pub use live::{MigrationSource, SourceKind};
-pub use reconcile::{error_policy, reconcile, FIELD_MANAGER};
+pub use reconcile::{error_policy, reconcile, FIELD_MANAGER, RESYNC};
 pub use rollout::RolloutPolicy;
 pub use runtime::{run, RunError, Settings};

@@ -13,18 +13,19 @@ use super::{
     credentials::{self, Issued},
     error::db,
     reconcile::{
-        now, Failure, Mark, Note, Report, Then, Warning, REQUEUE_CONFLICT,
-        REQUEUE_MIGRATION_FAILED, RESYNC,
+        now, Failure, Mark, Note, Report, Then, Warning, REQUEUE_CONFLICT, REQUEUE_MIGRATION_FAILED,
     },
     rollout::{Admission, Hold},
     Error, Stage,
 };
 use crate::{
     domain::{
-        crd::{condition, CredentialsStatus, Phase, Tenant, UsageStatus},
+        crd::{
+            condition, CredentialsStatus, Phase, Tenant, UsageStatus, RECREATE_SCHEMA_ANNOTATION,
+        },
         credentials::Login,
         limits::{format_bytes, over_quota, usage_worth_writing, TenantLimits, RESUME_PERCENT},
-        naming::Ident,
+        naming::{quote_literal, Ident},
         plan::{self, Plan},
         rotation, scram,
         state::{Holder, Observed, Owner},
@@ -55,6 +56,7 @@ pub(super) async fn apply(tenant: &Tenant, ctx: &Context) -> Report {
         previous_phase: tenant.status.as_ref().map(|s| s.phase),
         notices: Vec::new(),
         journal: Vec::new(),
+        resync: ctx.resync,
     };
     let end = run.pipeline(ctx).await;
     run.finish(end)
@@ -70,6 +72,8 @@ struct Run<'t> {
     /// Steps taken: published as one `Provisioned` Event on first provisioning, or one Event
     /// each otherwise (and before a failure).
     journal: Vec<Note>,
+    /// When a Ready or suspended tenant is looked at again ([`Context::resync`]).
+    resync: Duration,
 }
 
 /// How a pipeline that did not fail ended.
@@ -85,6 +89,15 @@ enum Done {
     /// `spec.suspended`: the app login is NOLOGIN and its sessions were ended; look again
     /// after this long.
     Suspended(Duration),
+}
+
+/// Which of the tenant's objects the status says this Tenant provisioned (so that one found
+/// missing or unmarked was dropped or changed out of band).
+#[derive(Debug, Clone, Copy, Default)]
+struct Provisioned {
+    schema: bool,
+    app: bool,
+    owner: bool,
 }
 
 /// The role or the schema, which a Tenant creates or adopts alike.
@@ -106,6 +119,13 @@ impl Object {
         match self {
             Object::Role => condition::ROLE_READY,
             Object::Schema => condition::SCHEMA_READY,
+        }
+    }
+
+    fn sql(self) -> &'static str {
+        match self {
+            Object::Role => "ROLE",
+            Object::Schema => "SCHEMA",
         }
     }
 }
@@ -154,15 +174,30 @@ impl Run<'_> {
             .observe_tenant(&names)
             .await
             .map_err(|e| Failure::error(condition::ROLE_READY, db(Stage::Role)(e)))?;
-        self.no_conflicts([
-            (Object::Role, id, observed.role_holder(owner)),
-            (
-                Object::Role,
-                &names.owner,
-                observed.owner_role_holder(owner),
-            ),
-            (Object::Schema, id, observed.schema_holder(owner)),
-        ])?;
+        let provisioned = self.provisioned(&names);
+        self.no_conflicts(
+            [
+                (
+                    Object::Role,
+                    id,
+                    observed.role_holder(owner),
+                    provisioned.app,
+                ),
+                (
+                    Object::Role,
+                    &names.owner,
+                    observed.owner_role_holder(owner),
+                    provisioned.owner,
+                ),
+                (
+                    Object::Schema,
+                    id,
+                    observed.schema_holder(owner),
+                    provisioned.schema,
+                ),
+            ],
+            owner,
+        )?;
 
         // The second login identity is only ever touched when it is this Tenant's.
         let b_holder = observed.login_b_holder(owner);
@@ -257,7 +292,11 @@ impl Run<'_> {
             // Recorded now, so that a later step's failure does not hide it.
             self.b.status_mut().credentials = Some(ids.record.clone());
         }
-        self.schema(&names, owner, &observed, ctx).await?;
+        // The app role made again (dropped out of band) gets its rights on the existing
+        // objects back with the schema step.
+        let app_recreated = fresh_password.is_some() && observed.schema.is_some();
+        self.schema(&names, owner, &observed, app_recreated, ctx)
+            .await?;
         {
             let s = self.b.status_mut();
             s.schema = Some(id.as_str().to_string());
@@ -704,7 +743,7 @@ impl Run<'_> {
                 ended, "ended sessions of a suspended tenant"
             );
         }
-        Done::Suspended(RESYNC)
+        Done::Suspended(self.resync)
     }
 
     /// Validates the spec (pure). Invalid specs wait for a change; nothing touches the
@@ -788,10 +827,64 @@ impl Run<'_> {
         ctx.retrigger_related(self.tenant, false);
     }
 
-    /// Stops, with nothing changed, when either role or the schema is someone else's.
-    fn no_conflicts(&self, holders: [(Object, &Ident, Holder); 3]) -> Result<(), Failure> {
-        for (object, name, holder) in holders {
+    /// Which of the tenant's objects the status says this Tenant provisioned.
+    fn provisioned(&self, names: &Names) -> Provisioned {
+        let Some(status) = self.tenant.status.as_ref() else {
+            return Provisioned::default();
+        };
+        let said = |v: &Option<String>, want: &Ident| v.as_deref() == Some(want.as_str());
+        Provisioned {
+            schema: said(&status.schema, &names.schema),
+            app: said(&status.role, names.app()),
+            owner: said(&status.owner_role, &names.owner),
+        }
+    }
+
+    /// Stops, with nothing changed, when either role or the schema is someone else's. When the
+    /// status says this Tenant provisioned the object, its mark was removed or changed out of
+    /// band: `OwnershipMarkChanged`, with the statement that restores it; the object is not
+    /// marked again, since whoever changed the mark may have meant it.
+    fn no_conflicts(
+        &self,
+        holders: [(Object, &Ident, Holder, bool); 3],
+        mark: &Owner,
+    ) -> Result<(), Failure> {
+        for (object, name, holder, provisioned) in holders {
             let what = object.what();
+            if provisioned && matches!(holder, Holder::Unmanaged | Holder::OtherTenant(_)) {
+                let now = match &holder {
+                    Holder::OtherTenant(o) => format!(
+                        "changed to name Tenant {}/{} (uid {})",
+                        o.namespace, o.name, o.uid
+                    ),
+                    _ => {
+                        "removed, or replaced by something that is not a tenantry mark".to_string()
+                    }
+                };
+                let message = format!(
+                    "the ownership mark (COMMENT) of {what} {}, which this Tenant provisioned, \
+                     was {now} out of band: the operator changes nothing on it, does not mark it \
+                     again and will not drop it at deletion. If it is still this tenant's, \
+                     restore the mark: COMMENT ON {} {name} IS {}",
+                    name.as_str(),
+                    object.sql(),
+                    quote_literal(&mark.comment()).unwrap_or_default(),
+                );
+                let before = self.tenant.condition(object.condition());
+                return Err(Failure {
+                    mark: Mark::Step(object.condition()),
+                    reason: "OwnershipMarkChanged",
+                    phase: Phase::Conflict,
+                    event: before
+                        .is_none_or(|c| c.message != message)
+                        .then_some(Warning {
+                            reason: "OwnershipMarkChanged",
+                            action: "Provision",
+                        }),
+                    message,
+                    then: Then::Requeue(REQUEUE_CONFLICT),
+                });
+            }
             let message = match holder {
                 Holder::Unmanaged => format!(
                     "{what} {} already exists and is not managed by tenantry; nothing was changed",
@@ -860,6 +953,40 @@ impl Run<'_> {
             )
             .await
             .map_err(|e| Failure::error(condition::ROLE_READY, db(Stage::Role)(e)))?;
+        let provisioned = self.provisioned(names);
+        let mut recreated = Vec::new();
+        if observed.owner_role.is_none() && provisioned.owner {
+            recreated.push(format!("owner role {}", names.owner.as_str()));
+        }
+        if observed.role.is_none() && provisioned.app {
+            recreated.push(if ids.current == id.as_str() {
+                format!(
+                    "app role {} (with a new password, written to the credentials Secret, and \
+                     its rights on the schema)",
+                    id.as_str()
+                )
+            } else {
+                format!(
+                    "app role {} (with its rights on the schema; the Secret's login {} is \
+                     its member again)",
+                    id.as_str(),
+                    ids.current
+                )
+            });
+        }
+        if !recreated.is_empty() {
+            let message = format!(
+                "{} did not exist (dropped out of band) and {} created again with this \
+                 Tenant's mark; sessions of the dropped role were lost",
+                recreated.join(" and "),
+                if recreated.len() == 1 { "was" } else { "were" }
+            );
+            info!(schema = id.as_str(), "{message}");
+            self.notices
+                .push(Note::warning("RoleRecreated", "Provision", message.clone()));
+            self.b.ok(condition::ROLE_READY, "Recreated", message);
+            return Ok(password);
+        }
         let (reason, verb) = if password.is_some() {
             self.journal.push(Note::normal(
                 "RoleCreated",
@@ -889,9 +1016,17 @@ impl Run<'_> {
         names: &Names,
         owner: &Owner,
         observed: &Observed,
+        app_recreated: bool,
         ctx: &Context,
     ) -> Result<(), Failure> {
         let id = names.app();
+        // A schema this Tenant provisioned that no longer exists: its data is gone. Not made
+        // again unless asked, so that the loss is never hidden behind an empty schema.
+        let recreate = if observed.schema.is_none() && self.provisioned(names).schema {
+            Some(self.schema_missing(id)?)
+        } else {
+            None
+        };
         let change = ctx
             .admin
             .ensure_schema(
@@ -902,6 +1037,7 @@ impl Run<'_> {
                 self.tenant
                     .annotations()
                     .contains_key(LEGACY_REVIEWED_ANNOTATION),
+                app_recreated,
             )
             .await
             .map_err(|e| Failure::error(condition::SCHEMA_READY, db(Stage::Schema)(e)))?;
@@ -977,6 +1113,24 @@ impl Run<'_> {
             }
             SchemaChange::Repaired | SchemaChange::Unchanged => false,
         };
+        if let Some(request) = recreate {
+            let message = format!(
+                "schema {} was missing (dropped out of band; its data is lost) and was created \
+                 again, empty, owned by role {}, as {RECREATE_SCHEMA_ANNOTATION}={request:?} \
+                 asked; the migrations are applied to it now",
+                id.as_str(),
+                names.owner.as_str()
+            );
+            info!(schema = id.as_str(), "schema recreated on request");
+            self.notices.push(Note::warning(
+                "SchemaRecreated",
+                "Provision",
+                message.clone(),
+            ));
+            self.b.status_mut().recreate_schema_request = Some(request);
+            self.b.ok(condition::SCHEMA_READY, "Recreated", message);
+            return Ok(());
+        }
         let (reason, verb) = if created {
             ("Created", "created")
         } else {
@@ -988,6 +1142,57 @@ impl Run<'_> {
             format!("schema {} {verb}", id.as_str()),
         );
         Ok(())
+    }
+
+    /// The provisioned schema is gone. With a `tenantry.dev/recreate-schema` value not acted
+    /// on before, returns it (the schema is created again, empty); otherwise stops with
+    /// `SchemaReady=False reason=SchemaMissing` and a Warning Event when that is news.
+    fn schema_missing(&self, id: &Ident) -> Result<String, Failure> {
+        let acted = self
+            .tenant
+            .status
+            .as_ref()
+            .and_then(|s| s.recreate_schema_request.as_deref());
+        let request = self.tenant.recreate_schema_request();
+        if let Some(r) = request.filter(|r| Some(*r) != acted) {
+            return Ok(r.to_string());
+        }
+        let version = self
+            .tenant
+            .status
+            .as_ref()
+            .and_then(|s| s.migration_version)
+            .map_or("none".to_string(), |v| v.to_string());
+        let stale = match request {
+            Some(r) => format!(
+                " (the annotation's value {r:?} was acted on before, for an earlier loss: set a \
+                 new value)"
+            ),
+            None => String::new(),
+        };
+        let message = format!(
+            "schema {} was provisioned by this Tenant (at migration version {version}) and no \
+             longer exists: it was dropped out of band and its data is gone. It is not created \
+             again on its own, so that the loss is not hidden behind an empty schema. Restore it \
+             from a backup (with its owner and ownership mark), or annotate the Tenant with \
+             {RECREATE_SCHEMA_ANNOTATION}=<a new value> to create it again, empty, and apply \
+             the migrations{stale}",
+            id.as_str()
+        );
+        let before = self.tenant.condition(condition::SCHEMA_READY);
+        Err(Failure {
+            mark: Mark::Step(condition::SCHEMA_READY),
+            reason: "SchemaMissing",
+            phase: Phase::Failed,
+            event: before
+                .is_none_or(|c| c.message != message)
+                .then_some(Warning {
+                    reason: "SchemaMissing",
+                    action: "Provision",
+                }),
+            message,
+            then: Then::Requeue(REQUEUE_CONFLICT),
+        })
     }
 
     /// Migrations, as the tenant's owner role, inside the schema. Returns the schema's version and,
@@ -1077,6 +1282,29 @@ impl Run<'_> {
                     format!("schema at migration version {v}"),
                 );
                 Ok((version, None))
+            }
+            Err(Error::Migration(MigrateError::HistoryMissing { message })) => {
+                let message = format!(
+                    "{message}; status.migrationVersion says {}",
+                    self.tenant
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.migration_version)
+                        .map_or("none".to_string(), |v| v.to_string())
+                );
+                Err(Failure {
+                    mark: Mark::Step(condition::MIGRATIONS_APPLIED),
+                    reason: "HistoryMissing",
+                    phase: Phase::Failed,
+                    event: before
+                        .is_none_or(|c| c.message != message)
+                        .then_some(Warning {
+                            reason: "HistoryMissing",
+                            action: "Migrate",
+                        }),
+                    message,
+                    then: Then::Requeue(REQUEUE_MIGRATION_FAILED),
+                })
             }
             Err(Error::Migration(MigrateError::UntrustedHistory { message })) => Err(Failure {
                 mark: Mark::Step(condition::MIGRATIONS_APPLIED),
@@ -1309,12 +1537,13 @@ impl Run<'_> {
                 wrote,
                 digest,
             } => {
+                // A repair says so in the condition too (until the next full verification).
+                let (reason, message) = match &wrote {
+                    Some(n) if n.reason == "CredentialsRepaired" => ("Repaired", n.note.clone()),
+                    _ => ("Issued", format!("credentials in Secret {secret_name}")),
+                };
                 self.journal.extend(wrote);
-                self.b.ok(
-                    condition::CREDENTIALS_READY,
-                    "Issued",
-                    format!("credentials in Secret {secret_name}"),
-                );
+                self.b.ok(condition::CREDENTIALS_READY, reason, message);
                 Ok((version, digest))
             }
             Issued::Conflict(message) => Err(Failure::conflict(
@@ -1379,7 +1608,11 @@ impl Run<'_> {
                 migration_version: version,
                 at: Instant::now(),
             },
-            requeue: until_due(held.map_or(RESYNC, Hold::requeue), next, Timestamp::now()),
+            requeue: until_due(
+                held.map_or(self.resync, Hold::requeue),
+                next,
+                Timestamp::now(),
+            ),
         }
     }
 
@@ -1402,7 +1635,14 @@ impl Run<'_> {
                 verdict: Ok(Action::requeue(requeue)),
                 verified: Some(verified),
             },
-            Err(failure) => failure.report(self.b, events),
+            Err(mut failure) => {
+                // Waiting for someone to resolve it (a conflict, a missing schema or history):
+                // looked at again at least every resync.
+                if let Then::Requeue(after) = failure.then {
+                    failure.then = Then::Requeue(after.min(self.resync));
+                }
+                failure.report(self.b, events)
+            }
         }
     }
 }
@@ -1460,7 +1700,13 @@ async fn migrate(names: &Names, ctx: &Context) -> Result<Migrated, Error> {
             failed: None,
         });
     }
-    if let Some(message) = ctx.rollout.take_failure(names.schema.as_str()) {
+    // A schema without history (a new one, or one whose history was lost) is not the
+    // rollout's: a failure the rollout recorded for it is dropped, and the run below says why.
+    if let Some(message) = ctx
+        .rollout
+        .take_failure(names.schema.as_str())
+        .filter(|_| !applied.is_empty())
+    {
         return Ok(Migrated {
             version: current,
             applied: Vec::new(),

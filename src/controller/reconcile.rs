@@ -48,8 +48,9 @@ pub(super) const REQUEUE_MIGRATION_LOCKED: Duration = Duration::from_secs(15);
 /// Pending migrations held back by a halted rollout.
 pub(super) const REQUEUE_ROLLOUT_HALTED: Duration = Duration::from_secs(60);
 /// A Ready tenant: the periodic resync catches drift nobody told us about (a role altered by
-/// hand).
-pub(super) const RESYNC: Duration = Duration::from_secs(3600);
+/// hand, a role, schema or history table dropped out of band); the default of
+/// `--resync-secs` ([`super::Settings::resync`]).
+pub const RESYNC: Duration = Duration::from_secs(3600);
 /// Backoff after an error: this long, doubling per consecutive failure, at most
 /// [`BACKOFF_MAX`].
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);

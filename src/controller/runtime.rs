@@ -85,6 +85,11 @@ pub struct Settings {
     pub usage_interval: Duration,
     /// How often the fleet is scanned for schema drift (`SchemaDrift`); zero: never.
     pub drift_interval: Duration,
+    /// How long a tenant waits at most for its next full verification against PostgreSQL and
+    /// its Secret (a Ready one, and one waiting for a conflict or a failure to be resolved):
+    /// damage done out of band (a role, the schema or the history table dropped, a mark
+    /// edited) is found then at the latest. Default [`super::reconcile::RESYNC`].
+    pub resync: Duration,
     /// Where the migration set comes from, watched for changes (`None`: the set given at
     /// start is the only one).
     pub migration_source: Option<super::live::MigrationSource>,
@@ -258,6 +263,7 @@ pub async fn run(
         settings.rollout,
         settings.base_domain.as_deref(),
         platform_key,
+        settings.resync,
     ));
     let tenant_stream = reflector(
         writer,

@@ -18,6 +18,10 @@ pub const FINALIZER: &str = "tenantry.dev/cleanup";
 /// work, no Secret writes, deletion waits — for manual work on its schema (Crossplane's
 /// `paused`). The API keeps serving it as it was.
 pub const PAUSED_ANNOTATION: &str = "tenantry.dev/paused";
+/// A provisioned tenant whose schema was dropped out of band (its data is gone) is left
+/// `SchemaMissing` until this annotation is set to a value not acted on before
+/// (`status.recreateSchemaRequest`): then the schema is created again, empty, and migrated.
+pub const RECREATE_SCHEMA_ANNOTATION: &str = "tenantry.dev/recreate-schema";
 
 /// Desired state of a Tenant, decided by the platform team. tenantry gives the Tenant a
 /// PostgreSQL schema owned by a dedicated role, runs the tenant migrations inside that schema
@@ -269,6 +273,12 @@ pub struct TenantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsStatus>,
 
+    /// The last `tenantry.dev/recreate-schema` annotation value acted on: the schema, dropped
+    /// out of band after it was provisioned, was created again (empty) for it. A schema lost
+    /// again is recreated only for a new value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreate_schema_request: Option<String>,
+
     /// One condition per provisioning step (RoleReady, SchemaReady, MigrationsApplied,
     /// CredentialsReady), Ready, Routable (no other Tenant shares its name or a host), and
     /// SpecAccepted=False while a change to an already provisioned tenant is refused (the
@@ -491,6 +501,15 @@ impl Tenant {
             .annotations
             .as_ref()
             .and_then(|a| a.get(rotation::ROTATE_ANNOTATION))
+            .map(String::as_str)
+    }
+
+    /// The value of the schema recreation annotation ([`RECREATE_SCHEMA_ANNOTATION`]).
+    pub fn recreate_schema_request(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(RECREATE_SCHEMA_ANNOTATION))
             .map(String::as_str)
     }
 

@@ -25,6 +25,7 @@ impl StatusBuilder {
             migration_version: previous_status.migration_version,
             usage: previous_status.usage.clone(),
             credentials: previous_status.credentials.clone(),
+            recreate_schema_request: previous_status.recreate_schema_request.clone(),
             conditions: Vec::new(),
         };
         Self {

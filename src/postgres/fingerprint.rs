@@ -381,7 +381,7 @@ impl Admin {
             &self.login_settings(Some(0), None),
         )
         .await?;
-        self.ensure_schema(names, mark, &nothing, set, false)
+        self.ensure_schema(names, mark, &nothing, set, false, false)
             .await?;
         let mut refs = References::new();
         refs.insert(None, self.reference_of(names).await?);

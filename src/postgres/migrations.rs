@@ -60,6 +60,10 @@ pub enum MigrateError {
     UnknownApplied { version: i64 },
     #[error("{message}")]
     UntrustedHistory { message: String },
+    /// The schema holds objects but no migration history (the table was dropped or emptied
+    /// out of band): which migrations were applied is unknown, so none is run.
+    #[error("{message}")]
+    HistoryMissing { message: String },
     /// A lock the migration needs (on a table, or the schema's migration lock) was not granted
     /// within the migration `lock_timeout`: typically the tenant's own transaction holds it.
     /// Nothing of the failed transaction is applied; retrying later helps.
@@ -329,6 +333,50 @@ pub async fn applied(conn: &mut PgConnection, names: &Names) -> Result<Vec<Appli
     .await?)
 }
 
+/// Whether the schema holds anything but the (empty) history table: a relation, a function or
+/// a type of its own. Catalog reads only.
+const HOLDS_OBJECTS: &str = "SELECT EXISTS (
+      SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid
+         AND c.relname <> ALL ($2::pg_catalog.name[]))
+    OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.pronamespace = n.oid)
+    OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace = n.oid
+                  AND t.typrelid = 0 AND t.typcategory <> 'A')
+  FROM pg_catalog.pg_namespace n WHERE n.nspname = $1";
+
+/// Refuses to migrate a schema whose history is gone (`applied` is empty) while it holds
+/// objects: the migrations would fail on what exists, or, written idempotently, run a second
+/// time over the tenant's data. Only asked when something would run.
+async fn history_present(
+    conn: &mut PgConnection,
+    names: &Names,
+    applied: &[Applied],
+) -> Result<(), MigrateError> {
+    if !applied.is_empty() {
+        return Ok(());
+    }
+    let holds: Option<bool> = sqlx::query_scalar(HOLDS_OBJECTS)
+        .bind(names.schema.as_str())
+        .bind(vec![
+            HISTORY_TABLE.to_string(),
+            format!("{HISTORY_TABLE}_pkey"),
+        ])
+        .fetch_optional(&mut *conn)
+        .await?;
+    if holds != Some(true) {
+        return Ok(());
+    }
+    let (schema, owner) = (names.schema.as_str(), names.owner.as_str());
+    Err(MigrateError::HistoryMissing {
+        message: format!(
+            "schema {schema} holds tables or other objects but its migration history \
+             ({schema}.{HISTORY_TABLE}) is missing or empty, so which migrations were applied \
+             is unknown: none is run (they would fail on, or run a second time over, what \
+             exists). Restore the table from a backup, or create it again as role {owner} with \
+             one row per migration the schema already has (see the README, What happens when)"
+        ),
+    })
+}
+
 /// Time limits of a migration run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -457,6 +505,7 @@ pub async fn migrate(
         tx.commit().await?;
         return Ok(Vec::new());
     }
+    history_present(&mut tx, names, &applied_before).await?;
     if pending.iter().any(|m| !m.transactional()) {
         tx.rollback().await?;
         conn.close_on_drop();
@@ -560,6 +609,9 @@ async fn migrate_in_runs(
     advisory_lock(conn, names, "pg_advisory_lock").await?;
     let applied_before = applied(conn, names).await?;
     let pending = set.pending(&applied_before)?;
+    if !pending.is_empty() {
+        history_present(conn, names, &applied_before).await?;
+    }
     let mut history = !applied_before.is_empty();
     let mut done = Vec::new();
     let mut i = 0;

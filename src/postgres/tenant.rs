@@ -297,7 +297,9 @@ impl Admin {
                 // The gateway acts as app roles only, never as a login identity.
                 stmts.push(format!("REVOKE {b} FROM {gw}"));
             }
-            if !state.member_of_app && observed.role.is_some() {
+            // The app role exists by now (created above when it was missing: dropped out of
+            // band, which took this membership with it).
+            if !state.member_of_app {
                 stmts.push(format!("GRANT {app} TO {b}"));
             }
         }
@@ -509,6 +511,10 @@ impl Admin {
     /// A schema of the old layout is converted only when it holds exactly what its applied
     /// migrations create ([`Admin::review_legacy`]), or when `reviewed` (an administrator
     /// looked at it); otherwise nothing changes and [`SchemaChange::HeldForReview`] says why.
+    ///
+    /// `app_recreated`: the app role was created again in this reconcile (dropped out of band,
+    /// which took its rights with it): its rights on what the schema already holds are granted
+    /// again, as the owner's default privileges gave them.
     pub async fn ensure_schema(
         &self,
         names: &Names,
@@ -516,6 +522,7 @@ impl Admin {
         observed: &Observed,
         set: &MigrationSet,
         reviewed: bool,
+        app_recreated: bool,
     ) -> Result<SchemaChange, Error> {
         let comment = mark(owner_mark)?;
         let (schema, app, own) = (&names.schema, names.app(), &names.owner);
@@ -544,15 +551,7 @@ impl Admin {
                 stmts.push(format!("REASSIGN OWNED BY {app} TO {own}"));
                 stmts.push(format!("ALTER SCHEMA {schema} OWNER TO {own}"));
                 stmts.extend(privileges(names));
-                stmts.push(format!(
-                    "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {app}"
-                ));
-                stmts.push(format!(
-                    "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {app}"
-                ));
-                stmts.push(format!(
-                    "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {app}"
-                ));
+                stmts.extend(existing_grants(names));
                 stmts.push(revoke_history(names));
             }
             Layout::Drifted => {
@@ -560,6 +559,10 @@ impl Admin {
                 stmts.extend(privileges(names));
             }
             Layout::Current => {}
+        }
+        if app_recreated && matches!(layout, Layout::Drifted | Layout::Current) {
+            stmts.extend(existing_grants(names));
+            stmts.push(revoke_history(names));
         }
         if mark_stale && layout != Layout::Missing {
             stmts.push(format!("COMMENT ON SCHEMA {schema} IS {comment}"));
@@ -766,6 +769,18 @@ fn privileges(names: &Names) -> Vec<String> {
             "ALTER DEFAULT PRIVILEGES FOR ROLE {own} IN SCHEMA {schema} \
              GRANT EXECUTE ON FUNCTIONS TO {app}"
         ),
+    ]
+}
+
+/// The app role's rights on what the schema already holds: what the owner's default
+/// privileges ([`privileges`]) give it on what the migrations create. Revoke the history table
+/// afterwards ([`revoke_history`]).
+fn existing_grants(names: &Names) -> Vec<String> {
+    let (schema, app) = (&names.schema, names.app());
+    vec![
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {app}"),
+        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {app}"),
+        format!("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {app}"),
     ]
 }
 

@@ -5,6 +5,7 @@ mod common;
 
 mod api;
 mod crd;
+mod damage;
 mod deletion;
 mod drift;
 mod e2e;

@@ -270,6 +270,8 @@ pub struct ControllerOpts {
     pub drift_interval: Duration,
     /// A migration source watched for changes (`migrations` must be what it holds at start).
     pub source: Option<tenantry::controller::MigrationSource>,
+    /// How long a Ready tenant waits for its next full verification (`--resync-secs`).
+    pub resync: Duration,
 }
 
 impl Default for ControllerOpts {
@@ -281,6 +283,7 @@ impl Default for ControllerOpts {
             usage_interval: Duration::from_secs(3600),
             drift_interval: Duration::ZERO,
             source: None,
+            resync: tenantry::controller::RESYNC,
         }
     }
 }
@@ -310,6 +313,7 @@ impl RunningController {
             rollout: opts.rollout,
             usage_interval: opts.usage_interval,
             drift_interval: opts.drift_interval,
+            resync: opts.resync,
             migration_source: opts.source,
             // The rollout is reported on the TenantRollout `tenantry` of the test's namespace.
             rollout_object: Some((ns.name.clone(), ROLLOUT.into())),
