@@ -17,7 +17,7 @@ use super::{
 };
 use crate::domain::{
     crd::Tenant,
-    credentials::{self as contract, Decision, Login, Material, PasswordCheck},
+    credentials::{self as contract, Decision, Login, Material},
     scram,
 };
 
@@ -29,24 +29,19 @@ pub(super) enum Issued {
     Ready {
         version: Option<String>,
         wrote: Option<Note>,
-        /// The [`contract::password_digest`] of the Secret's password, for the status.
-        digest: String,
     },
     /// A Secret of that name is not this Tenant's; it is left alone.
     Conflict(String),
 }
 
 /// Makes sure `tenant`'s Secret holds working credentials for `login`. `verifier` is the
-/// identity's stored SCRAM verifier when readable; `recorded_digest` the status's
-/// `passwordDigest` of this identity, if any (how an admin that cannot read verifiers notices
-/// a changed password); `fresh_password` is set when the identity got it in this reconcile
-/// (created, or rotated to).
+/// identity's stored SCRAM verifier when readable; `fresh_password` is set when the identity
+/// got it in this reconcile (created, or rotated to).
 pub(super) async fn ensure(
     tenant: &Tenant,
     login: &Login<'_>,
     secret_name: &str,
     verifier: Option<&str>,
-    recorded_digest: Option<&str>,
     fresh_password: Option<&str>,
     ctx: &Context,
 ) -> Result<Issued, Error> {
@@ -60,24 +55,14 @@ pub(super) async fn ensure(
         .get(&ObjectRef::new(secret_name).within(&ns))
         .map(|s| (*s).clone());
     let jwt_key = ctx.jwt_key(tenant);
-    let identity = login.user.as_str();
-    let check = match (verifier, recorded_digest) {
-        (Some(v), _) => PasswordCheck::Verifier(v),
-        (None, Some(recorded)) => PasswordCheck::Digest {
-            recorded,
-            jwt_key: &jwt_key,
-            identity,
-        },
-        (None, None) => PasswordCheck::Unknown,
-    };
     let decide = |existing: Option<&Secret>| {
-        contract::decide_checked(
+        contract::decide(
             tenant,
             existing,
             endpoint,
             login,
             &jwt_key,
-            check,
+            verifier,
             fresh_password,
         )
     };
@@ -96,11 +81,9 @@ pub(super) async fn ensure(
     };
     let (material, note) = match decision {
         Decision::Keep => {
-            let password = existing.as_ref().and_then(password).unwrap_or_default();
             return Ok(Issued::Ready {
                 version: existing.and_then(|s| s.metadata.resource_version),
                 wrote: None,
-                digest: contract::password_digest(&jwt_key, identity, &password),
             });
         }
         Decision::Conflict { message } => return Ok(Issued::Conflict(message)),
@@ -151,18 +134,7 @@ pub(super) async fn ensure(
     Ok(Issued::Ready {
         version: written.metadata.resource_version,
         wrote: Some(Note::normal(reason, "Provision", note)),
-        digest: contract::password_digest(&jwt_key, identity, &material.password),
     })
-}
-
-/// The password a Secret holds (`password` key, UTF-8, not empty).
-fn password(secret: &Secret) -> Option<String> {
-    secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("password"))
-        .and_then(|b| String::from_utf8(b.0.clone()).ok())
-        .filter(|p| !p.is_empty())
 }
 
 /// Writes `desired` with server-side apply as the operator's field manager, taking over any

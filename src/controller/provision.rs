@@ -337,19 +337,8 @@ impl Run<'_> {
                 };
                 let verifier = state.and_then(|r| r.verifier.as_deref());
                 let fresh = fresh_password.as_deref().filter(|_| current == id);
-                let recorded = ids.record.password_digest.clone();
-                let (version, digest) = self
-                    .credentials(
-                        &login,
-                        secret_name,
-                        verifier,
-                        recorded.as_deref(),
-                        fresh,
-                        ctx,
-                    )
-                    .await?;
-                ids.record.password_digest = Some(digest);
-                version
+                self.credentials(&login, secret_name, verifier, fresh, ctx)
+                    .await?
             }
         };
         self.b.status_mut().credentials = Some(ids.record.clone());
@@ -474,7 +463,14 @@ impl Run<'_> {
         let password_ok = match (&state.verifier, value(&secret, "password")) {
             (Some(v), Some(p)) => scram::verify(&p, v),
             (Some(_), None) => false,
-            (None, _) => true,
+            // Without the verifier, the digest written beside the password (if any) decides.
+            (None, Some(p)) => secret
+                .annotations()
+                .get(crate::domain::credentials::PASSWORD_DIGEST_ANNOTATION)
+                .is_none_or(|d| {
+                    *d == crate::domain::credentials::password_digest(other.as_str(), &p)
+                }),
+            (None, None) => true,
         };
         if !password_ok {
             return Ok(None);
@@ -611,24 +607,12 @@ impl Run<'_> {
             rotated_at: Some(&ids.record.rotated_at),
             request: ids.record.rotate_request.as_deref(),
         };
-        let issued = credentials::ensure(
-            self.tenant,
-            &login,
-            secret_name,
-            None,
-            None,
-            Some(&password),
-            ctx,
-        )
-        .await
-        .map_err(fail)?;
+        let issued =
+            credentials::ensure(self.tenant, &login, secret_name, None, Some(&password), ctx)
+                .await
+                .map_err(fail)?;
         let version = match issued {
-            Issued::Ready {
-                version, digest, ..
-            } => {
-                ids.record.password_digest = Some(digest);
-                version
-            }
+            Issued::Ready { version, .. } => version,
             Issued::Conflict(message) => {
                 return Err(Failure::conflict(
                     condition::CREDENTIALS_READY,
@@ -1510,33 +1494,27 @@ impl Run<'_> {
         self.b.set(condition::SCHEMA_DRIFT, status, reason, message);
     }
 
-    /// The credentials Secret. Returns its resourceVersion and the digest of its password.
+    /// The credentials Secret. Returns its resourceVersion.
     async fn credentials(
         &mut self,
         login: &Login<'_>,
         secret_name: &str,
         verifier: Option<&str>,
-        recorded_digest: Option<&str>,
         fresh_password: Option<&str>,
         ctx: &Context,
-    ) -> Result<(Option<String>, String), Failure> {
+    ) -> Result<Option<String>, Failure> {
         let issued = credentials::ensure(
             self.tenant,
             login,
             secret_name,
             verifier,
-            recorded_digest,
             fresh_password,
             ctx,
         )
         .await
         .map_err(|e| Failure::error(condition::CREDENTIALS_READY, e))?;
         match issued {
-            Issued::Ready {
-                version,
-                wrote,
-                digest,
-            } => {
+            Issued::Ready { version, wrote } => {
                 // A repair says so in the condition too (until the next full verification).
                 let (reason, message) = match &wrote {
                     Some(n) if n.reason == "CredentialsRepaired" => ("Repaired", n.note.clone()),
@@ -1544,7 +1522,7 @@ impl Run<'_> {
                 };
                 self.journal.extend(wrote);
                 self.b.ok(condition::CREDENTIALS_READY, reason, message);
-                Ok((version, digest))
+                Ok(version)
             }
             Issued::Conflict(message) => Err(Failure::conflict(
                 condition::CREDENTIALS_READY,

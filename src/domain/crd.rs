@@ -337,13 +337,6 @@ pub struct CredentialsStatus {
     /// annotation to any other value rotates the credentials once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotate_request: Option<String>,
-
-    /// HMAC-SHA256 (hex) of `identity` and the password the Secret was given, under the
-    /// tenant's signing key: a Secret whose password was changed since no longer matches it
-    /// and is repaired, with any admin (no `pg_authid` read needed). Reveals nothing about the
-    /// password.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password_digest: Option<String>,
 }
 
 /// Lifecycle phase of a Tenant.

@@ -203,9 +203,11 @@ pub fn credentials(endpoint: &Endpoint, login: &Login, m: &Material) -> BTreeMap
 /// The complete desired Secret for `tenant`, owned by it.
 pub fn desired(tenant: &Tenant, endpoint: &Endpoint, login: &Login, m: &Material) -> Secret {
     use crate::domain::rotation::{SECRET_REQUEST_ANNOTATION, SECRET_ROTATED_AT_ANNOTATION};
+    let digest = password_digest(login.user.as_str(), &m.password);
     let annotations: BTreeMap<String, String> = [
         (SECRET_ROTATED_AT_ANNOTATION, login.rotated_at),
         (SECRET_REQUEST_ANNOTATION, login.request),
+        (PASSWORD_DIGEST_ANNOTATION, Some(digest.as_str())),
     ]
     .into_iter()
     .filter_map(|(k, v)| Some((k.to_string(), v?.to_string())))
@@ -266,78 +268,6 @@ pub fn decide(
     verifier: Option<&str>,
     fresh_password: Option<&str>,
 ) -> Decision {
-    let check = verifier.map_or(PasswordCheck::Unknown, PasswordCheck::Verifier);
-    decide_checked(
-        tenant,
-        existing,
-        endpoint,
-        login,
-        jwt_key,
-        check,
-        fresh_password,
-    )
-}
-
-/// What is known about the identity's password.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PasswordCheck<'a> {
-    /// The stored SCRAM verifier (an admin that may read `pg_authid`).
-    Verifier(&'a str),
-    /// The [`password_digest`] recorded in the status when the operator last wrote the
-    /// Secret (any admin): a Secret whose password was changed since no longer matches it.
-    Digest {
-        recorded: &'a str,
-        jwt_key: &'a str,
-        identity: &'a str,
-    },
-    /// Nothing: the Secret's password is trusted.
-    Unknown,
-}
-
-impl PasswordCheck<'_> {
-    /// Whether what is known proves that `password` is not the identity's.
-    pub fn refutes(&self, password: &str) -> bool {
-        match *self {
-            Self::Verifier(v) => !scram::verify(password, v),
-            Self::Digest {
-                recorded,
-                jwt_key,
-                identity,
-            } => password_digest(jwt_key, identity, password) != recorded,
-            Self::Unknown => false,
-        }
-    }
-}
-
-/// HMAC-SHA256 (hex) of `identity` and `password` under the tenant's signing key: recorded in
-/// `status.credentials.passwordDigest` to notice a Secret whose password was changed without
-/// reading `pg_authid`. The password is random and the key secret, so the digest reveals
-/// nothing; only the operator (which holds the platform key) can compute it for a new password.
-pub fn password_digest(jwt_key: &str, identity: &str, password: &str) -> String {
-    use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(jwt_key.as_bytes())
-        .expect("HMAC takes a key of any length");
-    mac.update(b"tenantry.dev/password-digest:v1\0");
-    mac.update(identity.as_bytes());
-    mac.update(b"\0");
-    mac.update(password.as_bytes());
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// [`decide`] with what is known about the password given as a [`PasswordCheck`].
-pub fn decide_checked(
-    tenant: &Tenant,
-    existing: Option<&Secret>,
-    endpoint: &Endpoint,
-    login: &Login,
-    jwt_key: &str,
-    check: PasswordCheck<'_>,
-    fresh_password: Option<&str>,
-) -> Decision {
     let jwt_key = jwt_key.to_string();
     let Some(secret) = existing else {
         return match fresh_password {
@@ -384,7 +314,16 @@ pub fn decide_checked(
             jwt_key,
         };
     };
-    if check.refutes(&password) {
+    let refuted = match verifier {
+        Some(v) => !scram::verify(&password, v),
+        // Without the verifier: the digest the operator wrote beside the password, when the
+        // Secret has one (a Secret from before it has none, and is trusted).
+        None => secret
+            .annotations()
+            .get(PASSWORD_DIGEST_ANNOTATION)
+            .is_some_and(|d| *d != password_digest(login.user.as_str(), &password)),
+    };
+    if refuted {
         return Decision::Rotate {
             reason: "Secret password does not match the role".into(),
             jwt_key,
@@ -406,6 +345,24 @@ pub fn decide_checked(
     } else {
         Decision::Repair(material)
     }
+}
+
+/// Annotation of the credentials Secret: [`password_digest`] of the login and the password the
+/// operator wrote, in the same write. A Secret whose `password` was changed since (by hand, by
+/// a tool re-applying an old manifest) no longer matches it, which any admin can see — reading
+/// the role's verifier needs a superuser.
+pub const PASSWORD_DIGEST_ANNOTATION: &str = "tenantry.dev/password-digest";
+
+/// SHA-256 (hex) of a domain label, `identity` and `password`. The passwords the operator
+/// writes are 32 random characters, so the digest reveals nothing about them.
+pub fn password_digest(identity: &str, password: &str) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"tenantry.dev/password-digest:v1\0");
+    h.update(identity.as_bytes());
+    h.update(b"\0");
+    h.update(password.as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -527,43 +484,47 @@ mod tests {
     }
 
     #[test]
-    fn a_recorded_digest_refutes_a_changed_password_of_its_identity() {
+    fn the_digest_written_beside_the_password_refutes_a_changed_one() {
         let t = tenant();
-        let s = desired(&t, &ep(), &Login::app(&id()), &m("pw"));
-        let (k, user) = (key(), id().as_str().to_string());
-        let decide = |check: PasswordCheck<'_>| {
-            decide_checked(&t, Some(&s), &ep(), &Login::app(&id()), &k, check, None)
-        };
-        let digest = |recorded: &str| {
-            decide_checked(
-                &t,
-                Some(&s),
-                &ep(),
-                &Login::app(&id()),
-                &k,
-                PasswordCheck::Digest {
-                    recorded,
-                    jwt_key: &k,
-                    identity: &user,
-                },
-                None,
-            )
-        };
-        let rotate = Decision::Rotate {
-            reason: "Secret password does not match the role".into(),
-            jwt_key: key(),
-        };
-        // The digest of the Secret's password keeps it; that of another password rotates.
-        let same = password_digest(&k, &user, "pw");
-        assert_eq!(digest(&same), Decision::Keep);
-        assert_eq!(digest(&password_digest(&k, &user, "old")), rotate);
-        assert_eq!(digest("garbage"), rotate);
-        // Bound to the key and the identity.
-        assert_ne!(password_digest("other key", &user, "pw"), same);
-        assert_ne!(password_digest(&k, "other_role", "pw"), same);
-        assert_eq!(decide(PasswordCheck::Unknown), Decision::Keep);
-        let v = scram::verifier("other");
-        assert_eq!(decide(PasswordCheck::Verifier(&v)), rotate);
+        let user = id();
+        let login = Login::app(&user);
+        let mut s = desired(&t, &ep(), &login, &m("pw"));
+        let digest = s.annotations().get(PASSWORD_DIGEST_ANNOTATION).cloned();
+        assert_eq!(digest, Some(password_digest(id().as_str(), "pw")));
+        assert_eq!(
+            decide(&t, Some(&s), &ep(), &login, &key(), None, None),
+            Decision::Keep
+        );
+        // The password changed, the digest not: a new password.
+        s.data
+            .as_mut()
+            .unwrap()
+            .insert("password".into(), ByteString(b"guessed".to_vec()));
+        assert_eq!(
+            decide(&t, Some(&s), &ep(), &login, &key(), None, None),
+            Decision::Rotate {
+                reason: "Secret password does not match the role".into(),
+                jwt_key: key(),
+            }
+        );
+        // Bound to the login: the same password of another identity differs.
+        assert_ne!(
+            password_digest("other_role", "pw"),
+            password_digest(id().as_str(), "pw")
+        );
+        // A Secret without the digest (written before it existed) is trusted; it gains the
+        // digest at its next write.
+        s.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(PASSWORD_DIGEST_ANNOTATION);
+        let fixed = desired(&t, &ep(), &login, &m("guessed"));
+        s.data = fixed.data;
+        assert_eq!(
+            decide(&t, Some(&s), &ep(), &login, &key(), None, None),
+            Decision::Keep
+        );
     }
 
     #[test]

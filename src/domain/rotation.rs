@@ -310,12 +310,6 @@ pub fn decide(i: &Inputs) -> Decision {
             previous_identity: previous.as_ref().map(|(p, _)| p.clone()),
             previous_valid_until: previous.as_ref().map(|(_, t)| t.to_string()),
             rotate_request: handled,
-            // The digest belongs to its identity's password: a new identity gets its own when
-            // its Secret is written.
-            password_digest: record
-                .password_digest
-                .clone()
-                .filter(|_| record.identity == current),
         },
         current,
         rotate,
