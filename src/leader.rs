@@ -112,12 +112,13 @@ impl LeaderElector {
 
     /// Waits until this candidate holds the lease; returns when the winning attempt began
     /// (the Lease's renewTime is no earlier: [`LeaderElector::keep`] counts from it). Each
-    /// attempt is bounded by the lease duration, so a hung request cannot stall the standby.
+    /// attempt is bounded by the renew deadline, so a hung request cannot stall the standby and
+    /// a winning attempt leaves the new leader time to renew.
     pub async fn acquire(&self) -> Instant {
         let mut last_holder = String::new();
         loop {
             let started = Instant::now();
-            match tokio::time::timeout(self.cfg.lease_duration, self.try_acquire()).await {
+            match tokio::time::timeout(self.renew_deadline(), self.try_acquire()).await {
                 Ok(Ok(Attempt::Acquired)) => {
                     info!(lease = %self.cfg.name, identity = %self.cfg.identity, "became leader");
                     return started;
@@ -155,10 +156,21 @@ impl LeaderElector {
     /// Returns then: the caller must stop writing at once.
     pub async fn keep(&self, mut renewed: Instant) {
         let deadline = self.renew_deadline();
-        let mut wait = self.cfg.renew_every;
+        // After a failure, the next attempt comes sooner than the renew interval.
+        let mut retry: Option<Duration> = None;
         loop {
             let give_up = renewed + deadline;
-            tokio::time::sleep_until((Instant::now() + wait).min(give_up)).await;
+            // The next attempt: one renew interval after the last success began (or sooner
+            // after a failure), and in any case half a renew interval before the deadline,
+            // so that the request has time to answer.
+            let next = match retry {
+                Some(w) => Instant::now() + w,
+                None => renewed + self.cfg.renew_every,
+            };
+            let latest = give_up
+                .checked_sub(self.cfg.renew_every / 2)
+                .unwrap_or(give_up);
+            tokio::time::sleep_until(next.min(latest)).await;
             let started = Instant::now();
             if started >= give_up {
                 warn!(deadline = ?deadline, "no lease renewal succeeded within the renew deadline; stepping down");
@@ -167,7 +179,7 @@ impl LeaderElector {
             match tokio::time::timeout_at(give_up, self.try_acquire()).await {
                 Ok(Ok(Attempt::Acquired)) => {
                     renewed = started;
-                    wait = self.cfg.renew_every;
+                    retry = None;
                 }
                 Ok(Ok(Attempt::HeldBy(h))) => {
                     warn!(holder = %h, "lost the lease");
@@ -175,7 +187,7 @@ impl LeaderElector {
                 }
                 Ok(Err(e)) => {
                     warn!(error = %e, "lease renewal failed; retrying");
-                    wait = (self.cfg.renew_every / 4).max(Duration::from_millis(100));
+                    retry = Some((self.cfg.renew_every / 4).max(Duration::from_millis(100)));
                 }
                 Err(_) => {
                     warn!(deadline = ?deadline, "lease renewal did not answer within the renew deadline; stepping down");
