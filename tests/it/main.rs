@@ -10,6 +10,7 @@ mod drift;
 mod e2e;
 mod examples;
 mod failures;
+mod faults_infra;
 mod helm;
 mod hostile;
 mod limits;
