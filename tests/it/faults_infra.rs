@@ -324,7 +324,11 @@ async fn count_ready(ns: &TestNs, names: &[String]) -> usize {
     };
     list.items
         .iter()
-        .filter(|t| names.iter().any(|n| Some(n.as_str()) == t.metadata.name.as_deref()))
+        .filter(|t| {
+            names
+                .iter()
+                .any(|n| Some(n.as_str()) == t.metadata.name.as_deref())
+        })
         .filter(|t| t.is_ready())
         .count()
 }
@@ -388,14 +392,21 @@ async fn assert_fleet(stack: &Stack, ns: &TestNs, names: &[String]) {
         .keys()
         .filter(|k| !want.contains(k.as_str()))
         .collect();
-    assert!(leftovers.is_empty(), "marked objects without a Tenant: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "marked objects without a Tenant: {leftovers:?}"
+    );
     for name in names {
         let schema = ns.schema(name);
         let (mut s, mut r) = marked.get(name).cloned().unwrap_or_default();
         s.sort();
         r.sort();
-        assert_eq!(s, [schema.clone()], "schemas of {name}");
-        assert_eq!(r, [schema.clone(), format!("{schema}_owner")], "roles of {name}");
+        assert_eq!(s, std::slice::from_ref(&schema), "schemas of {name}");
+        assert_eq!(
+            r,
+            [schema.clone(), format!("{schema}_owner")],
+            "roles of {name}"
+        );
         let applied: i64 = sqlx::query_scalar(&format!(
             "SELECT count(*) FROM \"{schema}\".tenantry_migrations"
         ))
@@ -538,7 +549,7 @@ async fn postgres_restarted_under_api_load_is_503_then_served_again() {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
-                    let r = if i % 2 == 0 {
+                    let r = if i.is_multiple_of(2) {
                         let body = format!(r#"{{"name":"{n}:{i}"}}"#);
                         call(
                             port,
@@ -771,7 +782,11 @@ async fn apiserver_restarted_during_provisioning_converges_and_the_api_keeps_ser
     let replies = reader.await.unwrap();
     let down_for = back - down;
     for (n, r) in &replies {
-        assert_eq!(r.status, 200, "{n} while the apiserver was down: {}", r.body);
+        assert_eq!(
+            r.status, 200,
+            "{n} while the apiserver was down: {}",
+            r.body
+        );
         assert!(r.body.contains(&format!("\"{n}:seed\"")), "{n}: {}", r.body);
     }
     assert!(replies.len() >= 4, "{} requests", replies.len());
@@ -968,7 +983,11 @@ async fn slow_queries_exhaust_the_pool_into_bounded_503s_and_504s() {
             "wave {wave}: {}",
             patient.body
         );
-        assert!(patient.headers.contains_key("retry-after"), "{:?}", patient.headers);
+        assert!(
+            patient.headers.contains_key("retry-after"),
+            "{:?}",
+            patient.headers
+        );
         let w = worst.entry("pool-exhausted").or_default();
         *w = (*w).max(patient.took);
         let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
@@ -1029,7 +1048,10 @@ async fn slow_queries_exhaust_the_pool_into_bounded_503s_and_504s() {
         worst["pool-exhausted"] < Duration::from_millis(EXHAUST_ACQUIRE_MS + 1000),
         "{worst:?}"
     );
-    assert!(worst["too-many-requests"] < Duration::from_secs(1), "{worst:?}");
+    assert!(
+        worst["too-many-requests"] < Duration::from_secs(1),
+        "{worst:?}"
+    );
     let (first, last) = (rss[0], rss[WAVES - 1]);
     assert!(
         last < first * 3 / 2 + 20 * 1024,
