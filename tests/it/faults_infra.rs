@@ -471,7 +471,7 @@ async fn postgres_restarted_during_provisioning_converges() {
 }
 
 /// PostgreSQL stopped in immediate mode during a migration rollout (20 tenants, a new
-/// migration that adds a column and takes 0.2 s; at the first tenant migrated) and started
+/// migration that adds a column and takes 0.5 s; at the first tenant migrated) and started
 /// again 2 s later: the rollout completes, every tenant has the column and its history lists
 /// each migration exactly once (none half-migrated, none migrated twice).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -502,7 +502,7 @@ async fn postgres_restarted_during_a_rollout_completes_it_once_per_tenant() {
 
     std::fs::write(
         dir.path().join("3_priority.sql"),
-        "ALTER TABLE tasks ADD COLUMN priority int NOT NULL DEFAULT 0;\nSELECT pg_catalog.pg_sleep(0.2);\n",
+        "ALTER TABLE tasks ADD COLUMN priority int NOT NULL DEFAULT 0;\nSELECT pg_catalog.pg_sleep(0.5);\n",
     )
     .unwrap();
     let pg = admin_pool(stack).await;
