@@ -983,10 +983,10 @@ fn rss_kb(pid: u32) -> u64 {
 
 /// The exhaustion test's API timeouts.
 const EXHAUST_ACQUIRE_MS: u64 = 500;
-const EXHAUST_STATEMENT_MS: u64 = 1500;
+const EXHAUST_STATEMENT_MS: u64 = 2500;
 
 /// Pool exhaustion and slow queries, in waves against the API process (4 connections,
-/// 500 ms acquire timeout, 1.5 s statement timeout; a tenant's share is one request in
+/// 500 ms acquire timeout, 2.5 s statement timeout; a tenant's share is one request in
 /// flight): four tenants each fire 8 reads of a view that sleeps 10 s, then a fifth tenant
 /// asks. Each slow tenant's one admitted read is cancelled by PostgreSQL at the statement
 /// timeout (504 `statement-timeout`), its other 7 are refused at once (429), the fifth tenant
@@ -1074,15 +1074,28 @@ async fn slow_queries_exhaust_the_pool_into_bounded_503s_and_504s() {
             })
         }));
         let patient = async {
-            // Once the slow reads hold every connection.
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            let sessions: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE usename = $1",
-            )
-            .bind(&gateway)
-            .fetch_one(&pg)
-            .await
-            .unwrap();
+            // Once the slow reads hold every connection, sleeping in PostgreSQL.
+            let mut sessions;
+            let waiting = Instant::now();
+            loop {
+                let (all, sleeping): (i64, i64) = sqlx::query_as(
+                    "SELECT count(*), count(*) FILTER (WHERE wait_event = 'PgSleep')
+                       FROM pg_catalog.pg_stat_activity WHERE usename = $1",
+                )
+                .bind(&gateway)
+                .fetch_one(&pg)
+                .await
+                .unwrap();
+                sessions = all;
+                if sleeping == 4 {
+                    break;
+                }
+                assert!(
+                    waiting.elapsed() < Duration::from_millis(EXHAUST_STATEMENT_MS - 1000),
+                    "wave {wave}: the slow reads never held the 4 connections ({sleeping} sleeping)"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let r = call(
                 port,
                 "GET",
