@@ -7,6 +7,12 @@
 #       DATABASE_URL (admin, password auth over TCP) and KUBECONFIG. With --watch-pid, all of it
 #       is stopped as soon as process PID exits (used by the test binary).
 #   scripts/stack.sh stop DIR
+#   scripts/stack.sh stop-pg DIR | start-pg DIR
+#       Stops PostgreSQL in immediate mode (a crash: no checkpoint, every session cut) /
+#       starts it again on the same port and data directory (crash recovery), for fault tests.
+#   scripts/stack.sh stop-apiserver DIR | start-apiserver DIR
+#       Kills the kube-apiserver (SIGKILL; etcd keeps running) / starts it again on the same
+#       port, certificates and etcd, and waits until it is ready.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -77,13 +83,9 @@ start_apiserver() {
   openssl genrsa -out "$dir/k8s/sa.key" 2048 2>/dev/null
   openssl rsa -in "$dir/k8s/sa.key" -pubout -out "$dir/k8s/sa.pub" 2>/dev/null
   echo 'admintoken,admin,admin-uid,"system:masters"' >"$dir/k8s/tokens.csv"
-  "$assets/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" \
-    --secure-port="$api_port" --bind-address=127.0.0.1 --cert-dir="$dir/k8s/certs" \
-    --token-auth-file="$dir/k8s/tokens.csv" --authorization-mode=RBAC \
-    --service-account-key-file="$dir/k8s/sa.pub" --service-account-signing-key-file="$dir/k8s/sa.key" \
-    --service-account-issuer=https://kubernetes.default.svc --service-cluster-ip-range=10.96.0.0/16 \
-    >"$dir/k8s/apiserver.log" 2>&1 &
-  echo $! >"$dir/k8s/apiserver.pid"
+  # What `start-apiserver` needs to start it again on the same port.
+  echo "$etcd_port $api_port" >"$dir/k8s/ports"
+  run_apiserver "$dir"
   cat >"$dir/kubeconfig" <<KC
 apiVersion: v1
 kind: Config
@@ -104,8 +106,38 @@ contexts:
     namespace: default
 current-context: test
 KC
-  wait_for "kube-apiserver" 90 curl -skf -H "Authorization: Bearer admintoken" "https://127.0.0.1:$api_port/readyz"
   echo "KUBECONFIG=$dir/kubeconfig"
+}
+
+# Starts the kube-apiserver of DIR (ports from DIR/k8s/ports) and waits until it is ready.
+run_apiserver() {
+  local dir=$1 assets etcd_port api_port
+  assets=$("$here/test-apiserver.sh" assets)
+  read -r etcd_port api_port <"$dir/k8s/ports"
+  "$assets/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" \
+    --secure-port="$api_port" --bind-address=127.0.0.1 --cert-dir="$dir/k8s/certs" \
+    --token-auth-file="$dir/k8s/tokens.csv" --authorization-mode=RBAC \
+    --service-account-key-file="$dir/k8s/sa.pub" --service-account-signing-key-file="$dir/k8s/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc --service-cluster-ip-range=10.96.0.0/16 \
+    >>"$dir/k8s/apiserver.log" 2>&1 &
+  echo $! >"$dir/k8s/apiserver.pid"
+  wait_for "kube-apiserver" 90 curl -skf -H "Authorization: Bearer admintoken" "https://127.0.0.1:$api_port/readyz"
+}
+
+stop_apiserver() {
+  local dir=$1 pid
+  pid=$(cat "$dir/k8s/apiserver.pid")
+  kill -KILL "$pid" 2>/dev/null || true
+  # Gone, so that a restart can bind its port.
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+}
+
+stop_postgres() {
+  as_pg "$pgbin/pg_ctl" -D "$1/pg/data" -m immediate -w stop >/dev/null
+}
+
+start_postgres_again() {
+  as_pg "$pgbin/pg_ctl" -D "$1/pg/data" -l "$1/pg/server.log" -w -t 60 start >/dev/null
 }
 
 stop() {
@@ -139,8 +171,20 @@ case "${1:-}" in
   stop)
     stop "${2:?usage: stack.sh stop DIR}"
     ;;
+  stop-pg)
+    stop_postgres "${2:?usage: stack.sh stop-pg DIR}"
+    ;;
+  start-pg)
+    start_postgres_again "${2:?usage: stack.sh start-pg DIR}"
+    ;;
+  stop-apiserver)
+    stop_apiserver "${2:?usage: stack.sh stop-apiserver DIR}"
+    ;;
+  start-apiserver)
+    run_apiserver "${2:?usage: stack.sh start-apiserver DIR}"
+    ;;
   *)
-    echo "usage: $0 start DIR [--watch-pid PID] | stop DIR" >&2
+    echo "usage: $0 start DIR [--watch-pid PID] | stop DIR | stop-pg DIR | start-pg DIR | stop-apiserver DIR | start-apiserver DIR" >&2
     exit 2
     ;;
 esac

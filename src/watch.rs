@@ -4,13 +4,17 @@
 //! ready once all of them listed; a later relist of one namespace becomes `Apply`/`Delete`
 //! events for that namespace alone, so it never drops the others' objects.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use futures::{stream, Stream, StreamExt};
 use k8s_openapi::{api::core::v1::Secret, NamespaceResourceScope};
 use kube::{
     api::ObjectMeta,
     runtime::{
+        utils::Backoff,
         watcher::{self, watcher, Event},
         WatchStreamExt,
     },
@@ -64,8 +68,54 @@ fn slim<K: Resource>(obj: &mut K) {
     }
 }
 
+/// The longest a watch waits before retrying after an error. kube-runtime's default backoff
+/// grows to 30 s, and it also applies to the relist after `410 Expired`, which is how every
+/// watch resumes after an apiserver restart: the failures while the apiserver was down have
+/// grown the backoff by then, so Tenants created after its return stayed unseen by the
+/// operator and unroutable in the API for up to half a minute. One list per namespace every
+/// 5 s at most costs a recovering apiserver little.
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How a watch retries: 500 ms after an error, doubling per consecutive error up to
+/// [`WATCH_BACKOFF_MAX`], each wait shortened by up to a quarter at random so that many
+/// watches do not retry in step; back to 500 ms once the watch delivers again.
+#[derive(Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(500);
+
+    pub fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let wait = self.next.mul_f64(1.0 - rand::random::<f64>() / 4.0);
+        self.next = (self.next * 2).min(WATCH_BACKOFF_MAX);
+        Some(wait)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// Watches `K` in `namespaces` (all namespaces when empty), each watcher retrying with
-/// kube-runtime's default backoff.
+/// [`WatchBackoff`].
 pub fn namespaces<K>(
     client: Client,
     namespaces: &[String],
@@ -86,17 +136,17 @@ where
     namespaces.dedup();
     match namespaces.as_slice() {
         [] => watcher(Api::<K>::all(client), config)
-            .default_backoff()
+            .backoff(WatchBackoff::new())
             .modify(slim)
             .boxed(),
         [ns] => watcher(Api::<K>::namespaced(client, ns), config)
-            .default_backoff()
+            .backoff(WatchBackoff::new())
             .modify(slim)
             .boxed(),
         many => {
             let each = many.iter().enumerate().map(|(i, ns)| {
                 watcher(Api::<K>::namespaced(client.clone(), ns), config.clone())
-                    .default_backoff()
+                    .backoff(WatchBackoff::new())
                     .modify(slim)
                     .map(move |r| (i, r))
                     .boxed()
@@ -208,6 +258,19 @@ impl<K: Tombstone + Clone> Merge<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watches_retry_within_five_seconds_and_start_over_once_they_deliver() {
+        let mut b = WatchBackoff::new();
+        let waits: Vec<Duration> = (0..10).map(|_| b.next().unwrap()).collect();
+        assert!(waits[0] <= Duration::from_millis(500), "{waits:?}");
+        assert!(waits[0] >= Duration::from_millis(375), "{waits:?}");
+        assert!(waits[1] >= Duration::from_millis(750), "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= WATCH_BACKOFF_MAX), "{waits:?}");
+        assert!(waits[9] >= WATCH_BACKOFF_MAX.mul_f64(0.75), "{waits:?}");
+        b.reset();
+        assert!(b.next().unwrap() <= Duration::from_millis(500));
+    }
 
     #[test]
     fn stored_objects_lose_managed_fields_and_the_last_applied_copy_only() {

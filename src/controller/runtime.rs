@@ -284,6 +284,12 @@ pub async fn run(
     })
     .applied_objects();
     let controller = Controller::for_stream(tenant_stream, reader)
+        // The watches retry on their own (`watch::WatchBackoff`, at most 5 s); the controller
+        // backs off again on every error they pass on, by default growing to 30 s and pausing
+        // every trigger meanwhile. After an apiserver restart, whose watches fail for as long
+        // as it is down and then end with `410 Expired`, that kept new Tenants unseen for half
+        // a minute and more after its return.
+        .trigger_backoff(watch::WatchBackoff::new())
         .reconcile_on(tokio_stream_from(retriggered))
         .owns_stream(secret_stream)
         .with_config(

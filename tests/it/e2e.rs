@@ -8,12 +8,12 @@ use std::{
 
 use crate::common::*;
 
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+pub(crate) async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     http(port, "GET", path, &[], None).await
 }
 
 /// A minimal HTTP/1.1 client: status and the whole response text.
-async fn http(
+pub(crate) async fn http(
     port: u16,
     method: &str,
     path: &str,
@@ -46,7 +46,7 @@ async fn http(
     Some((code, buf))
 }
 
-fn spawn_logged(args: &[&str], envs: &[(&str, &str)], log_name: &str) -> Proc {
+pub(crate) fn spawn_logged(args: &[&str], envs: &[(&str, &str)], log_name: &str) -> Proc {
     let log = std::fs::File::create(std::env::temp_dir().join(log_name)).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tenantry"));
     cmd.args(args)

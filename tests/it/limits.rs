@@ -53,7 +53,7 @@ async fn uri_of(ns: &TestNs, name: &str) -> String {
 }
 
 /// Runs `sql` as the owner role of `schema`, inside it (the platform's migrations' rights).
-async fn as_owner(pg: &sqlx::PgPool, schema: &str, sql: &str) {
+pub(crate) async fn as_owner(pg: &sqlx::PgPool, schema: &str, sql: &str) {
     pg.execute(
         format!(
             "BEGIN; SET LOCAL ROLE \"{schema}_owner\"; SET LOCAL search_path TO \"{schema}\";

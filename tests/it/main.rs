@@ -11,6 +11,7 @@ mod drift;
 mod e2e;
 mod examples;
 mod failures;
+mod faults_infra;
 mod faults_operator;
 mod helm;
 mod hostile;

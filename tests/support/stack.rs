@@ -11,6 +11,51 @@ use std::{
 pub struct Stack {
     pub database_url: String,
     pub kubeconfig: PathBuf,
+    /// The stack's directory, when this process started it (`None` for servers given from
+    /// outside, which the tests must not stop).
+    pub dir: Option<PathBuf>,
+}
+
+/// Fault injection on a stack this process started (`scripts/stack.sh stop-pg` and friends);
+/// each call blocks until done (a started server is ready).
+#[allow(dead_code)] // used by the integration tests, not by the benchmarks
+impl Stack {
+    fn script(&self, command: &str) {
+        let dir = self
+            .dir
+            .as_ref()
+            .expect("only a stack started by this process can be stopped and started");
+        let out = Command::new(repo().join("scripts/stack.sh"))
+            .arg(command)
+            .arg(dir)
+            .output()
+            .expect("running scripts/stack.sh");
+        assert!(
+            out.status.success(),
+            "scripts/stack.sh {command} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops PostgreSQL in immediate mode: every session is cut, nothing is checkpointed.
+    pub fn stop_postgres(&self) {
+        self.script("stop-pg");
+    }
+
+    /// Starts PostgreSQL again (crash recovery) on the same port; returns once it accepts.
+    pub fn start_postgres(&self) {
+        self.script("start-pg");
+    }
+
+    /// Kills the kube-apiserver (etcd keeps the objects).
+    pub fn stop_apiserver(&self) {
+        self.script("stop-apiserver");
+    }
+
+    /// Starts the kube-apiserver again on the same port; returns once it is ready.
+    pub fn start_apiserver(&self) {
+        self.script("start-apiserver");
+    }
 }
 
 /// The repository root.
@@ -48,6 +93,7 @@ pub fn start(prefix: &str) -> Stack {
     Stack {
         database_url: get("DATABASE_URL"),
         kubeconfig: get("KUBECONFIG").into(),
+        dir: Some(dir),
     }
 }
 

@@ -51,6 +51,7 @@ pub fn env() -> &'static Env {
             (Ok(database_url), Ok(kubeconfig)) => Env {
                 database_url,
                 kubeconfig: kubeconfig.into(),
+                dir: None,
             },
             _ => stack::start("tenantry-it-"),
         };
@@ -180,11 +181,17 @@ pub async fn pg() -> PgPool {
 pub struct TestNs {
     pub name: String,
     pub client: Client,
+    /// The kubeconfig of the apiserver the namespace is on.
+    pub kubeconfig: PathBuf,
 }
 
 impl TestNs {
     pub async fn new() -> Self {
-        let client = client().await;
+        Self::new_on(client().await, env().kubeconfig.clone()).await
+    }
+
+    /// A fresh namespace on another apiserver (a stack of a test's own).
+    pub async fn new_on(client: Client, kubeconfig: PathBuf) -> Self {
         let name = format!("t-{}", random_suffix());
         let ns = Namespace {
             metadata: ObjectMeta {
@@ -197,7 +204,11 @@ impl TestNs {
             .create(&PostParams::default(), &ns)
             .await
             .expect("create namespace");
-        Self { name, client }
+        Self {
+            name,
+            client,
+            kubeconfig,
+        }
     }
 
     pub fn tenants(&self) -> Api<Tenant> {
@@ -225,7 +236,10 @@ impl Drop for TestNs {
     fn drop(&mut self) {
         // Namespaces hold Tenants with finalizers; deleting is best effort, the stack is
         // thrown away with the test binary.
-        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+        let _ = kubectl_with(
+            &self.kubeconfig,
+            &["delete", "namespace", &self.name, "--wait=false"],
+        );
     }
 }
 
