@@ -11,7 +11,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
-cargo test --locked --lib --bins --tests "$@"
+# Four tests at a time: they mostly wait on PostgreSQL, the apiserver and the processes they
+# start (RUST_TEST_THREADS overrides).
+RUST_TEST_THREADS=${RUST_TEST_THREADS:-4} cargo test --locked --lib --bins --tests "$@"
 (($# == 0)) || exit 0
 
 # The matrix runs the integration test binary itself, two stacks at a time (each run starts
