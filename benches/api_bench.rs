@@ -249,6 +249,7 @@ pub async fn start_ours(
             acquire_timeout: Duration::from_secs(5),
             max_lifetime: lifetime,
             statement_cache: tenantry::api::pool::STATEMENT_CACHE,
+            home_wait: Duration::from_millis(arg("--home-wait-ms", 20)),
         },
         false,
     )

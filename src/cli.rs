@@ -477,6 +477,13 @@ pub struct ApiArgs {
     #[arg(long, env = "TENANTRY_POOL_STATEMENT_CACHE", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub pool_statement_cache: u64,
 
+    /// How long a request waits for a connection of its tenant's home group (a quarter of
+    /// the pool, chosen by the schema) before it takes any free one. Keeps each backend's
+    /// share of tenants, and so its memory and statement cache, to about a quarter; 0 takes
+    /// any free connection at once.
+    #[arg(long, env = "TENANTRY_POOL_HOME_WAIT_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub pool_home_wait_ms: u64,
+
     /// Largest accepted request body.
     #[arg(long, env = "TENANTRY_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
@@ -715,6 +722,7 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
             acquire_timeout: std::time::Duration::from_millis(args.pool_acquire_timeout_ms),
             max_lifetime: std::time::Duration::from_secs(args.pool_max_lifetime_secs),
             statement_cache: args.pool_statement_cache as usize,
+            home_wait: std::time::Duration::from_millis(args.pool_home_wait_ms),
         },
         args.allow_privileged_role,
     )

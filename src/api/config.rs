@@ -80,6 +80,9 @@ pub struct PoolConfig {
     pub max_lifetime: Duration,
     /// Prepared statements kept per connection (least recently used ones are closed).
     pub statement_cache: usize,
+    /// How long a request waits for a connection of its tenant's home group before taking
+    /// any group's (see [`super::pool`]); zero takes any free connection at once.
+    pub home_wait: Duration,
 }
 
 /// Why the shared pool could not be opened.

@@ -8,8 +8,11 @@
 //! its home group (a hash of its schema) whenever one of that group's connections is free,
 //! so a backend only ever prepares statements for, and caches the catalog of, about
 //! `1 / groups` of the tenants: with 1,000 tenants and 16 connections, each backend sees
-//! some 250 schemas instead of all 1,000. When the home group is busy and another group has
-//! a free connection, the request borrows it rather than wait.
+//! some 250 schemas instead of all 1,000. A request whose home group stays busy for longer
+//! than the home wait (`--pool-home-wait-ms`, 20 ms by default: far above a request's usual
+//! queueing, far below a slow statement) takes whichever connection of any group frees
+//! first, so a tenant that holds its whole home group with slow statements delays its
+//! group-mates by the home wait, no more.
 
 use std::{
     str::FromStr,
@@ -39,6 +42,9 @@ pub const STATEMENT_CACHE: usize = 4096;
 
 /// The name of the settings statement ([`super::tx::SETTINGS`]) on every connection.
 pub(super) const SETTINGS_STATEMENT: &str = "tenantry_settings";
+
+/// How long a request waits for its home group by default (`--pool-home-wait-ms`).
+pub const HOME_WAIT: Duration = Duration::from_millis(20);
 
 /// Connections per group (see the module documentation); a pool smaller than two groups is
 /// one group.
@@ -220,25 +226,8 @@ impl Pool {
     /// next free one. It returns to its group only when the lease says it ended cleanly (see
     /// [`Lease::clean`]).
     pub(super) async fn get(&self, key: &str) -> Result<Lease, ApiError> {
+        let (group, permit) = self.permit(home(key, self.inner.groups.len())).await?;
         let groups = &self.inner.groups;
-        let home = home(key, groups.len());
-        let order = (0..groups.len()).map(|i| (home + i) % groups.len());
-        let free = order
-            .into_iter()
-            .find_map(|g| Some((g, groups[g].permits.clone().try_acquire_owned().ok()?)));
-        let (group, permit) = match free {
-            Some(found) => found,
-            None => (
-                home,
-                tokio::time::timeout(
-                    self.inner.cfg.acquire_timeout,
-                    groups[home].permits.clone().acquire_owned(),
-                )
-                .await
-                .map_err(|_| pool_exhausted())?
-                .map_err(|_| pool_exhausted())?,
-            ),
-        };
         let reused = loop {
             let c = groups[group].idle.lock().expect("pool lock").pop();
             match c {
@@ -257,6 +246,52 @@ impl Pool {
             group,
             clean: false,
         })
+    }
+
+    /// A permit of group `home` if one is free or frees up within the home wait
+    /// ([`PoolConfig::home_wait`]), else the first permit any group frees (home first among
+    /// those free at once), all within the acquire timeout. The home wait keeps each
+    /// backend's share of the tenants at about `1 / groups` under steady load; it ends early
+    /// only when the home group stays taken (say by a tenant's slow statements), and then the
+    /// request is served by whichever connection frees first.
+    async fn permit(&self, home: usize) -> Result<(usize, OwnedSemaphorePermit), ApiError> {
+        let groups = &self.inner.groups;
+        let cfg = &self.inner.cfg;
+        if let Ok(p) = groups[home].permits.clone().try_acquire_owned() {
+            return Ok((home, p));
+        }
+        let deadline = tokio::time::Instant::now() + cfg.acquire_timeout;
+        let home_wait = if groups.len() == 1 {
+            cfg.acquire_timeout
+        } else {
+            cfg.home_wait.min(cfg.acquire_timeout)
+        };
+        if !home_wait.is_zero() {
+            match tokio::time::timeout(home_wait, groups[home].permits.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(p)) => return Ok((home, p)),
+                Ok(Err(_)) => return Err(pool_exhausted()),
+                Err(_) if groups.len() == 1 => return Err(pool_exhausted()),
+                Err(_) => {}
+            }
+        }
+        let n = groups.len();
+        let order = (0..n).map(|i| (home + i) % n);
+        if let Some(found) = order
+            .clone()
+            .find_map(|g| Some((g, groups[g].permits.clone().try_acquire_owned().ok()?)))
+        {
+            return Ok(found);
+        }
+        let waits = order.map(|g| {
+            let permits = groups[g].permits.clone();
+            Box::pin(async move { (g, permits.acquire_owned().await) })
+        });
+        match tokio::time::timeout_at(deadline, futures::future::select_all(waits)).await {
+            Ok(((g, Ok(p)), _, _)) => Ok((g, p)),
+            _ => Err(pool_exhausted()),
+        }
     }
 
     /// The login role and whether it is a superuser or bypasses row-level security.

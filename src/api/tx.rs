@@ -34,9 +34,11 @@ use crate::domain::naming::Ident;
 /// settings, so that it is parsed as the tenant), and the statement leave in one write
 /// ending in one `Sync`; PostgreSQL runs them as one implicit transaction. If the settings
 /// fail — say the role is refused — the server skips everything up to the `Sync`: the
-/// statement never runs as the gateway. A write ends with `Flush` instead, and its commit
-/// (the `Sync`) is sent only once its statement has answered, so that a request cancelled
-/// before then never commits: its connection is closed with the `Sync` unsent.
+/// statement never runs as the gateway. Reads and writes alike: a write commits at that
+/// `Sync` (or, failing, rolls back), as an autocommit statement would. A request dropped
+/// while its statement runs has its connection cancelled and closed (see [`Lease`]): a
+/// statement still running is cancelled and rolled back; one that already finished has
+/// committed, as with any client that hangs up after sending.
 ///
 /// The connection goes back to the pool only once the transaction has ended cleanly; see
 /// [`Lease`].
@@ -49,13 +51,13 @@ pub(super) async fn in_tenant(
 ) -> Result<Vec<Row>, ApiError> {
     let settings = TenantSettings::new(schema, read_only, sql.generic_plan, limits);
     let mut lease = pool.get(schema.as_str()).await?;
-    match run(&mut lease, &settings, read_only, sql, limits).await {
+    match run(&mut lease, &settings, sql, limits).await {
         // The connection lost the statement (26000: deallocated behind our back) or cannot
         // reuse its plan (0A000: result type changed): forget it and run the transaction once
         // more, preparing afresh. Neither ran the statement.
         Err(e) if lease.clean && stale_statement(&e) => {
             lease.conn().discard(&sql.text);
-            Ok(run(&mut lease, &settings, read_only, sql, limits).await?)
+            Ok(run(&mut lease, &settings, sql, limits).await?)
         }
         out => Ok(out?),
     }
@@ -134,12 +136,11 @@ const EXCHANGE_MARGIN: Duration = Duration::from_secs(5);
 async fn run(
     lease: &mut Lease,
     settings: &TenantSettings,
-    read_only: bool,
     sql: &Sql,
     limits: &Limits,
 ) -> Result<Vec<Row>, WireError> {
     let deadline = Duration::from_millis(limits.statement_timeout_ms) + EXCHANGE_MARGIN;
-    tokio::time::timeout(deadline, exchange(lease, settings, read_only, sql))
+    tokio::time::timeout(deadline, exchange(lease, settings, sql))
         .await
         .unwrap_or_else(|_| {
             Err(WireError::Io(std::io::Error::new(
@@ -152,7 +153,6 @@ async fn run(
 async fn exchange(
     lease: &mut Lease,
     settings: &TenantSettings,
-    read_only: bool,
     sql: &Sql,
 ) -> Result<Vec<Row>, WireError> {
     lease.clean = false;
@@ -180,18 +180,7 @@ async fn exchange(
         params: &params,
         types: &types,
     });
-    let out = if read_only {
-        conn.wire.sync(&steps).await
-    } else {
-        let out = conn.wire.flush(&steps).await;
-        if conn.wire.in_transaction() {
-            // The statement answered (rows or an error): commit, or roll back the failure.
-            let ended = conn.wire.end().await;
-            out.and_then(|rows| ended.map(|()| rows))
-        } else {
-            out
-        }
-    };
+    let out = conn.wire.sync(&steps).await;
     match &out {
         // The server answered: the transaction ended (committed or rolled back) and the
         // session is clean. A failed request may or may not have prepared its statement

@@ -5,9 +5,8 @@
 //! PostgreSQL runs every message before a `Sync` in one implicit transaction: settings made
 //! with `set_config(…, true)` hold until that `Sync` and no further, and once a message fails
 //! the server skips every later one up to the `Sync` — so a request whose settings fail
-//! never runs its statement. A read therefore costs one flight and two statements; a write
-//! ends with `Flush` instead, so that its commit (the `Sync`) is sent only once the statement
-//! has answered (see [`super::tx`]).
+//! never runs its statement. A request, read or write, therefore costs one flight and two
+//! statements; a write commits at the `Sync` (see [`super::tx`]).
 //!
 //! Message encoding and decoding, and the password exchanges (SCRAM-SHA-256, MD5,
 //! cleartext), are `postgres-protocol`'s, the crate tokio-postgres is built on; parameters
@@ -157,8 +156,6 @@ pub struct WireConn {
     /// Set while an exchange is under way, and for good once one failed half-way: the
     /// session can no longer be trusted to be between transactions.
     broken: bool,
-    /// A [`WireConn::flush`] left its transaction open for [`WireConn::end`].
-    open: bool,
     /// Where the session's server listens and the key that cancels its running statement.
     cancel: Option<CancelToken>,
 }
@@ -253,7 +250,6 @@ impl WireConn {
             read: BytesMut::with_capacity(8192),
             write: BytesMut::with_capacity(8192),
             broken: false,
-            open: false,
             cancel: None,
         };
         let user = config
@@ -367,14 +363,9 @@ impl WireConn {
     }
 
     /// Whether the session is gone, cannot be trusted (an exchange was interrupted or broke
-    /// the protocol), or is inside a transaction a [`WireConn::flush`] left open.
+    /// the protocol).
     pub fn is_broken(&self) -> bool {
-        self.broken || self.open
-    }
-
-    /// Whether a [`WireConn::flush`] left its transaction open for [`WireConn::end`].
-    pub fn in_transaction(&self) -> bool {
-        self.open
+        self.broken
     }
 
     /// Runs `steps` as one implicit transaction ended by `Sync`: committed if every step
@@ -387,53 +378,14 @@ impl WireConn {
             frontend::sync(&mut self.write);
             self.send().await?;
             let out = self.answers(steps).await?;
-            self.ready().await?;
-            out.map_err(WireError::Db)
-        }
-        .await;
-        self.settle(out)
-    }
-
-    /// Runs `steps` in an implicit transaction that stays open (ended by `Flush`, not
-    /// `Sync`) and returns the rows of the last `Execute`; [`WireConn::end`] then commits it
-    /// (or, after a failure, rolls it back). Dropping the connection in between rolls back.
-    pub async fn flush(&mut self, steps: &[Step<'_>]) -> Result<Vec<Row>, WireError> {
-        self.begin()?;
-        let out = async {
-            self.encode(steps)?;
-            frontend::flush(&mut self.write);
-            self.send().await?;
-            self.answers(steps).await?.map_err(WireError::Db)
-        }
-        .await;
-        // Succeeded or refused by the server, the transaction stays open until `end`.
-        let out = self.settle(out);
-        self.open = !self.broken;
-        out
-    }
-
-    /// Sends the `Sync` that ends a [`WireConn::flush`]: commits its transaction if it
-    /// succeeded (a commit can still fail, say on a deferred constraint), rolls it back if not.
-    pub async fn end(&mut self) -> Result<(), WireError> {
-        if !self.open {
-            return Err(WireError::Protocol("no open transaction to end".into()));
-        }
-        self.open = false;
-        self.broken = true;
-        let out = async {
-            frontend::sync(&mut self.write);
-            self.send().await?;
-            // A commit failure arrives as an error before ReadyForQuery.
-            let mut failed = None;
-            loop {
-                match self.next().await? {
-                    Message::ErrorResponse(body) => failed = Some(db_error(&body)?),
-                    Message::ReadyForQuery(body) if body.status() == b'I' => break,
-                    Message::ReadyForQuery(body) => return Err(left_in(body.status())),
-                    other => return Err(unexpected(&other)),
-                }
+            // A commit can fail at the `Sync` itself (a deferred constraint): the error
+            // arrives between the last answer and ReadyForQuery, and the transaction is
+            // rolled back.
+            let commit = self.ready().await?;
+            match (out, commit) {
+                (Ok(rows), None) => Ok(rows),
+                (Ok(_), Some(e)) | (Err(e), _) => Err(WireError::Db(e)),
             }
-            failed.map_or(Ok(()), |e| Err(WireError::Db(e)))
         }
         .await;
         self.settle(out)
@@ -442,7 +394,7 @@ impl WireConn {
     /// Marks the session untrusted for the length of an exchange: if the exchange's future
     /// is dropped half-way, it stays so and the connection is never reused.
     fn begin(&mut self) -> Result<(), WireError> {
-        if self.broken || self.open {
+        if self.broken {
             return Err(
                 io::Error::new(io::ErrorKind::NotConnected, "connection not reusable").into(),
             );
@@ -538,11 +490,19 @@ impl WireConn {
 
     /// Reads ReadyForQuery, which must find the session between transactions: after the
     /// last answer (or an error, past which the server skips everything) nothing else comes.
-    async fn ready(&mut self) -> Result<(), WireError> {
-        match self.next().await? {
-            Message::ReadyForQuery(body) if body.status() == b'I' => Ok(()),
-            Message::ReadyForQuery(body) => Err(left_in(body.status())),
-            other => Err(unexpected(&other)),
+    /// Reads up to ReadyForQuery, which must say idle; returns the error the server sent
+    /// before it, if any (a failed commit).
+    async fn ready(&mut self) -> Result<Option<DbError>, WireError> {
+        let mut failed = None;
+        loop {
+            match self.next().await? {
+                Message::ErrorResponse(body) if failed.is_none() => {
+                    failed = Some(db_error(&body)?);
+                }
+                Message::ReadyForQuery(body) if body.status() == b'I' => return Ok(failed),
+                Message::ReadyForQuery(body) => return Err(left_in(body.status())),
+                other => return Err(unexpected(&other)),
+            }
         }
     }
 

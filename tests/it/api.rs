@@ -82,6 +82,7 @@ impl Api {
             acquire_timeout: Duration::from_secs(5),
             max_lifetime: Duration::from_secs(600),
             statement_cache: api::pool::STATEMENT_CACHE,
+            home_wait: api::pool::HOME_WAIT,
         };
         Self::start_with_pool(ns, namespace, auth, limits, pool).await
     }
@@ -952,6 +953,7 @@ async fn refuses_to_serve_as_a_superuser() {
             acquire_timeout: Duration::from_secs(5),
             max_lifetime: Duration::from_secs(60),
             statement_cache: api::pool::STATEMENT_CACHE,
+            home_wait: api::pool::HOME_WAIT,
         },
         false,
     )
@@ -1171,6 +1173,7 @@ async fn evicted_statements_are_closed_on_the_server_and_prepared_again() {
         acquire_timeout: Duration::from_secs(5),
         max_lifetime: Duration::from_secs(600),
         statement_cache: 2,
+        home_wait: api::pool::HOME_WAIT,
     };
     let api = Api::start_with_pool(
         &ns,
