@@ -107,6 +107,7 @@ async fn slot_and_catalog(
             &t.schema,
             t.entry.info.migration_version,
             &limits_of(state, t),
+            slot.crowded(),
         )
         .await?;
     Ok((slot, c))
@@ -144,10 +145,11 @@ where
         return Err(ApiError::quota_exceeded(&info.name));
     }
     let limits = limits_of(state, &t);
-    let (_slot, c) = slot_and_catalog(state, &t).await?;
+    let (slot, c) = slot_and_catalog(state, &t).await?;
     let sql = build(t.schema.as_str(), c.table(&table)?, &limits)?;
     let read_only = access == Access::Read;
-    match in_tenant(&state.pool, &t.schema, read_only, &limits, &sql).await {
+    let crowded = slot.crowded();
+    match in_tenant(&state.pool, &t.schema, read_only, &limits, &sql, crowded).await {
         Err(e) if access == Access::Write && info.has_quota && e.kind == "permission-denied" => {
             Err(ApiError::quota_exceeded(&info.name))
         }

@@ -11,8 +11,11 @@
 //! some 250 schemas instead of all 1,000. A request whose home group stays busy for longer
 //! than the home wait (`--pool-home-wait-ms`, 20 ms by default: far above a request's usual
 //! queueing, far below a slow statement) takes whichever connection of any group frees
-//! first, so a tenant that holds its whole home group with slow statements delays its
-//! group-mates by the home wait, no more.
+//! first, so tenants that hold their home group with slow statements delay their
+//! group-mates by the home wait, no more. A request of a tenant that already has another in
+//! flight takes another group's free connection first: a busy tenant spreads over the pool
+//! instead of filling its home group, and its statements are prepared on more backends —
+//! one tenant's, where a borrowing quiet tenant would spread all of them.
 
 use std::{
     str::FromStr,
@@ -91,8 +94,9 @@ fn group_sizes(size: u32) -> Vec<u32> {
     (0..n).map(|i| size / n + u32::from(i < size % n)).collect()
 }
 
-/// The home group of tenant `key` among `n` groups (FNV-1a: stable across processes).
-fn home(key: &str, n: usize) -> usize {
+/// The home group of tenant `key` (its schema) among `n` groups (FNV-1a: stable across
+/// processes).
+pub fn home(key: &str, n: usize) -> usize {
     let h = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
@@ -102,10 +106,14 @@ fn home(key: &str, n: usize) -> usize {
 /// An idle connection's session, as [`Pool::inspect_idle`] finds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdleSession {
+    /// The pool group the connection belongs to (see [`home`]).
+    pub group: usize,
     pub current_user: String,
     pub search_path: String,
     /// Statements prepared on the server in this session.
     pub prepared: i64,
+    /// Their texts.
+    pub statements: Vec<String>,
 }
 
 /// One connection and its prepared statements.
@@ -221,12 +229,16 @@ impl Pool {
         Ok(Self { inner })
     }
 
-    /// A connection to run one transaction on for tenant `key`: one of its home group's, or
-    /// a free one of another group when the home group has none free, or the home group's
-    /// next free one. It returns to its group only when the lease says it ended cleanly (see
-    /// [`Lease::clean`]).
-    pub(super) async fn get(&self, key: &str) -> Result<Lease, ApiError> {
-        let (group, permit) = self.permit(home(key, self.inner.groups.len())).await?;
+    /// A connection to run one transaction on for tenant `key`: one of its home group's if
+    /// one is free or frees up within the home wait, else the first free of any group (see
+    /// [`Pool::permit`]). A request of a `crowded` tenant (another of its requests is in
+    /// flight) takes another group's free connection first: a busy tenant spreads over the
+    /// pool rather than queue the other tenants of its home group behind it. The connection
+    /// returns to its group only when the lease says it ended cleanly (see [`Lease::clean`]).
+    pub(super) async fn get(&self, key: &str, crowded: bool) -> Result<Lease, ApiError> {
+        let (group, permit) = self
+            .permit(home(key, self.inner.groups.len()), crowded)
+            .await?;
         let groups = &self.inner.groups;
         let reused = loop {
             let c = groups[group].idle.lock().expect("pool lock").pop();
@@ -248,36 +260,42 @@ impl Pool {
         })
     }
 
-    /// A permit of group `home` if one is free or frees up within the home wait
-    /// ([`PoolConfig::home_wait`]), else the first permit any group frees (home first among
-    /// those free at once), all within the acquire timeout. The home wait keeps each
-    /// backend's share of the tenants at about `1 / groups` under steady load; it ends early
-    /// only when the home group stays taken (say by a tenant's slow statements), and then the
-    /// request is served by whichever connection frees first.
-    async fn permit(&self, home: usize) -> Result<(usize, OwnedSemaphorePermit), ApiError> {
+    /// A permit for a request of a tenant whose home group is `home`, within the acquire
+    /// timeout. Not `crowded`: the home group's if one is free or frees up within the home
+    /// wait, else the first any group frees (home first among those free at once). The home
+    /// wait keeps each backend's share of the tenants at about `1 / groups` under steady
+    /// load; it runs out only when the home group stays taken (say by slow statements), and
+    /// the request is then served by whichever connection frees first. `crowded`: the first
+    /// free of the other groups, then of the home group, then the first any group frees.
+    async fn permit(
+        &self,
+        home: usize,
+        crowded: bool,
+    ) -> Result<(usize, OwnedSemaphorePermit), ApiError> {
         let groups = &self.inner.groups;
         let cfg = &self.inner.cfg;
-        if let Ok(p) = groups[home].permits.clone().try_acquire_owned() {
-            return Ok((home, p));
-        }
+        let n = groups.len();
         let deadline = tokio::time::Instant::now() + cfg.acquire_timeout;
-        let home_wait = if groups.len() == 1 {
-            cfg.acquire_timeout
-        } else {
-            cfg.home_wait.min(cfg.acquire_timeout)
-        };
-        if !home_wait.is_zero() {
-            match tokio::time::timeout(home_wait, groups[home].permits.clone().acquire_owned())
-                .await
-            {
-                Ok(Ok(p)) => return Ok((home, p)),
-                Ok(Err(_)) => return Err(pool_exhausted()),
-                Err(_) if groups.len() == 1 => return Err(pool_exhausted()),
-                Err(_) => {}
+        if !crowded {
+            if let Ok(p) = groups[home].permits.clone().try_acquire_owned() {
+                return Ok((home, p));
+            }
+            let home_wait = if n == 1 {
+                cfg.acquire_timeout
+            } else {
+                cfg.home_wait.min(cfg.acquire_timeout)
+            };
+            if !home_wait.is_zero() {
+                let wait = groups[home].permits.clone().acquire_owned();
+                match tokio::time::timeout(home_wait, wait).await {
+                    Ok(Ok(p)) => return Ok((home, p)),
+                    Err(_) if n > 1 => {}
+                    _ => return Err(pool_exhausted()),
+                }
             }
         }
-        let n = groups.len();
-        let order = (0..n).map(|i| (home + i) % n);
+        let first = if crowded { home + 1 } else { home };
+        let order = (0..n).map(|i| (first + i) % n);
         if let Some(found) = order
             .clone()
             .find_map(|g| Some((g, groups[g].permits.clone().try_acquire_owned().ok()?)))
@@ -296,7 +314,7 @@ impl Pool {
 
     /// The login role and whether it is a superuser or bypasses row-level security.
     pub(super) async fn login_role(&self) -> Result<(String, bool, bool), ApiError> {
-        let mut lease = self.get("").await?;
+        let mut lease = self.get("", false).await?;
         let rows = lease
             .conn()
             .wire
@@ -318,9 +336,9 @@ impl Pool {
     /// settings statement included: what the cache bounds). Runs nothing but a catalog
     /// query, as the gateway.
     pub async fn inspect_idle(&self) -> Result<Vec<IdleSession>, WireError> {
-        const INSPECT: &str = "SELECT current_user::pg_catalog.text, pg_catalog.current_setting('search_path'), (SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements)::pg_catalog.text";
+        const INSPECT: &str = "SELECT current_user::pg_catalog.text, pg_catalog.current_setting('search_path'), (SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements)::pg_catalog.text, (SELECT pg_catalog.string_agg(statement, pg_catalog.chr(30)) FROM pg_catalog.pg_prepared_statements)";
         let mut out = Vec::new();
-        for g in &self.inner.groups {
+        for (group, g) in self.inner.groups.iter().enumerate() {
             let idle: Vec<Conn> = std::mem::take(&mut *g.idle.lock().expect("pool lock"));
             let mut kept = Vec::new();
             let mut failed = None;
@@ -333,10 +351,17 @@ impl Pool {
                         let row = rows
                             .first()
                             .ok_or_else(|| WireError::Protocol("no row".into()))?;
+                        let statements = row.string(3).unwrap_or_default();
                         out.push(IdleSession {
+                            group,
                             current_user: row.string(0)?,
                             search_path: row.string(1)?,
                             prepared: row.string(2)?.parse().unwrap_or(-1),
+                            statements: statements
+                                .split('\u{1e}')
+                                .filter(|t| !t.is_empty())
+                                .map(str::to_string)
+                                .collect(),
                         });
                         kept.push(c);
                     }

@@ -823,6 +823,9 @@ pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, Query
         return Err(QueryError::InvalidBody("nothing to insert".into()));
     }
     check_body(table, body)?;
+    if single {
+        return insert_one(schema, table, body, &rows[0]);
+    }
     // Groups of (columns, 1-based positions of the rows that carry exactly those keys).
     let mut groups: Vec<(Vec<&Column>, Vec<i64>)> = Vec::new();
     for (i, keys) in rows.iter().enumerate() {
@@ -872,6 +875,35 @@ pub fn insert(schema: &str, table: &Table, body: &JsonBody) -> Result<Sql, Query
         "WITH {}, _all AS ({}) SELECT {answer} FROM _all",
         ctes.join(", "),
         outs.join(" UNION ALL ")
+    );
+    Ok(sql)
+}
+
+/// `INSERT` of one JSON object (its keys checked by [`insert`]): the object read into its
+/// columns' types by `json_to_record`, the created row returned as a JSON object. One row
+/// needs none of the grouping and ordering of an array's insert.
+fn insert_one(
+    schema: &str,
+    table: &Table,
+    body: &JsonBody,
+    keys: &[String],
+) -> Result<Sql, QueryError> {
+    let cols = body_columns(table, keys)?;
+    let mut sql = Sql {
+        text: String::new(),
+        binds: Vec::new(),
+        generic_plan: false,
+    };
+    let p = sql.param(Bind::JsonText(body.text.clone()));
+    let t = qualified(schema, table);
+    let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
+    let src: Vec<String> = cols.iter().map(|c| read_value(c)).collect();
+    sql.text = format!(
+        "WITH _ins AS (INSERT INTO {t} ({}) SELECT {} FROM pg_catalog.json_to_record(CAST({p} AS pg_catalog.json)) AS _j({}) RETURNING {}) SELECT coalesce((SELECT pg_catalog.to_json(_ins)::pg_catalog.text FROM _ins), 'null')",
+        names.join(", "),
+        src.join(", "),
+        record_def(&cols),
+        column_list(table, None, t.as_str()),
     );
     Ok(sql)
 }

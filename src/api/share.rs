@@ -35,6 +35,18 @@ pub(super) struct Slot {
     /// only ones, so the map's is the last exactly when no request of the tenant is left.
     sem: Option<Arc<Semaphore>>,
     held: bool,
+    /// Whether another request of the tenant held a slot when this one got it.
+    crowded: bool,
+}
+
+impl Slot {
+    /// Whether the tenant had another request in flight when this one got its slot: such a
+    /// request takes any free pool connection at once rather than wait for its home group
+    /// (see [`super::pool::Pool::get`]), so that a busy tenant spreads over the pool instead
+    /// of queueing its home group's other tenants behind it.
+    pub(super) fn crowded(&self) -> bool {
+        self.crowded
+    }
 }
 
 impl TenantSlots {
@@ -72,6 +84,7 @@ impl TenantSlots {
             key: key.to_string(),
             sem: Some(sem),
             held: false,
+            crowded: false,
         };
         let acquired = {
             let sem = slot.sem.as_ref().expect("semaphore");
@@ -79,6 +92,7 @@ impl TenantSlots {
                 Ok(Ok(permit)) => {
                     // Given back by hand in `Drop`, so that no permit holds an `Arc` clone.
                     permit.forget();
+                    slot.crowded = sem.available_permits() + 1 < share;
                     true
                 }
                 _ => false,

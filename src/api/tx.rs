@@ -20,7 +20,7 @@ use super::{
 use crate::domain::naming::Ident;
 
 /// Runs `sql` in one transaction as the tenant role with the tenant schema as search_path,
-/// and returns its rows.
+/// and returns its rows; `crowded` as for [`Pool::get`].
 ///
 /// Whose code runs in this session: the session user is the gateway role (refused by
 /// `connect` if it is a superuser or bypasses RLS), which is a member of every tenant role;
@@ -48,9 +48,10 @@ pub(super) async fn in_tenant(
     read_only: bool,
     limits: &Limits,
     sql: &Sql,
+    crowded: bool,
 ) -> Result<Vec<Row>, ApiError> {
     let settings = TenantSettings::new(schema, read_only, sql.generic_plan, limits);
-    let mut lease = pool.get(schema.as_str()).await?;
+    let mut lease = pool.get(schema.as_str(), crowded).await?;
     match run(&mut lease, &settings, sql, limits).await {
         // The connection lost the statement (26000: deallocated behind our back) or cannot
         // reuse its plan (0A000: result type changed): forget it and run the transaction once
@@ -226,6 +227,7 @@ impl CatalogCache {
         schema: &Ident,
         version: Option<i64>,
         limits: &Limits,
+        crowded: bool,
     ) -> Result<Arc<Catalog>, ApiError> {
         let key = schema.as_str();
         if let Some((v, c)) = self.entries.lock().expect("catalog lock").get(key) {
@@ -233,7 +235,15 @@ impl CatalogCache {
                 return Ok(c.clone());
             }
         }
-        let rows = in_tenant(pool, schema, true, limits, &Catalog::statement(key)).await?;
+        let rows = in_tenant(
+            pool,
+            schema,
+            true,
+            limits,
+            &Catalog::statement(key),
+            crowded,
+        )
+        .await?;
         let c = Arc::new(Catalog::from_rows(rows)?);
         self.entries
             .lock()

@@ -77,14 +77,7 @@ impl Api {
         auth: AuthConfig,
         limits: Limits,
     ) -> Self {
-        let pool = PoolConfig {
-            size: POOL_SIZE,
-            acquire_timeout: Duration::from_secs(5),
-            max_lifetime: Duration::from_secs(600),
-            statement_cache: api::pool::STATEMENT_CACHE,
-            home_wait: api::pool::HOME_WAIT,
-        };
-        Self::start_with_pool(ns, namespace, auth, limits, pool).await
+        Self::start_with_pool(ns, namespace, auth, limits, test_pool()).await
     }
 
     pub async fn start_with_pool(
@@ -213,6 +206,17 @@ pub fn token_with(tenant: &str, key: &[u8], exp_in: i64) -> String {
 }
 
 /// A valid token for the Tenant `name`, signed with the key from its Secret.
+/// The tests' pool: [`POOL_SIZE`] connections (one group), the default caches and waits.
+pub fn test_pool() -> PoolConfig {
+    PoolConfig {
+        size: POOL_SIZE,
+        acquire_timeout: Duration::from_secs(5),
+        max_lifetime: Duration::from_secs(600),
+        statement_cache: api::pool::STATEMENT_CACHE,
+        home_wait: api::pool::HOME_WAIT,
+    }
+}
+
 pub async fn token(ns: &TestNs, name: &str) -> String {
     let s = ns.secrets().get(&format!("{name}-db")).await.unwrap();
     token_with(name, secret_value(&s, "jwt-key").as_bytes(), 300)

@@ -8,13 +8,13 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::{Executor, PgPool};
 use tenantry::{
-    api::{auth::AuthConfig, Limits},
+    api::{auth::AuthConfig, pool::home, Limits, PoolConfig},
     domain::crd::Tenant,
     registry::Lookup,
 };
 
 use crate::{
-    api::{test_limits, token, Api, POOL_SIZE},
+    api::{test_limits, test_pool, token, Api, POOL_SIZE},
     common::*,
 };
 
@@ -99,7 +99,16 @@ impl Stage {
     }
 
     async fn with_limits(names: &[&str], auth: AuthConfig, limits: Limits) -> Self {
-        let ns = TestNs::new().await;
+        Self::in_ns(TestNs::new().await, names, auth, limits, test_pool()).await
+    }
+
+    async fn in_ns(
+        ns: TestNs,
+        names: &[&str],
+        auth: AuthConfig,
+        limits: Limits,
+        pool: PoolConfig,
+    ) -> Self {
         let ctl = RunningController::start(&ns).await;
         for n in names {
             ns.create(Tenant::test(n)).await;
@@ -107,7 +116,7 @@ impl Stage {
         for n in names {
             wait_ready(&ns, n).await;
         }
-        let api = Api::start_with_limits(&ns, Some(&ns.name), auth, limits).await;
+        let api = Api::start_with_pool(&ns, Some(&ns.name), auth, limits, pool).await;
         // Routable: known, Ready, with its key; asked of the registry, not with a request, so
         // that no catalog is read yet and stages with strict token rules need no token here.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1528,6 +1537,173 @@ async fn abandoned_requests_are_cancelled_in_postgresql() {
             dropped.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.no_idle_transactions().await;
+}
+
+/// A write whose commit fails — a deferred unique constraint, checked at the `Sync` that ends
+/// the request's one flight — is refused with 409 problem+json, commits nothing, and leaves
+/// its connection clean for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_failing_at_commit_is_refused_and_leaves_the_connection_clean() {
+    let s = Stage::new(&["acme"]).await;
+    s.as_owner(
+        "acme",
+        "CREATE TABLE codes_once (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            code text NOT NULL, CONSTRAINT code_once UNIQUE (code) DEFERRABLE INITIALLY DEFERRED)",
+    )
+    .await;
+    let acme = token(&s.ns, "acme").await;
+    let body = Some(r#"{"code": "a"}"#);
+    let a = s
+        .send(Method::POST, "/v1/tables/codes_once", &acme, body)
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    for _ in 0..3 {
+        let a = s
+            .send(Method::POST, "/v1/tables/codes_once", &acme, body)
+            .await;
+        assert_eq!(a.status, StatusCode::CONFLICT, "{}", a.text);
+        assert_eq!(a.problem(), "unique-violation");
+    }
+    assert_eq!(s.count("acme", "codes_once", "true").await, 1);
+    s.no_idle_transactions().await;
+    let a = s
+        .send(Method::GET, "/v1/tables/codes_once", &acme, None)
+        .await;
+    assert_eq!(a.column("code"), [json!("a")]);
+}
+
+/// The pool's groups: with two groups of four connections, each tenant's statements are
+/// prepared only on its home group's connections (each backend learns half of the tenants,
+/// not all); a home group held by other tenants' slow statements delays a tenant by the home
+/// wait only (it is then served by the other group); and a tenant with several requests in
+/// flight spreads them over the pool rather than fill its home group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_keep_to_their_home_group_and_a_held_group_costs_only_the_home_wait() {
+    const HOME_WAIT: Duration = Duration::from_millis(1500);
+    let ns = TestNs::new().await;
+    // Five tenants of group 0, three of group 1.
+    let mut by_group: [Vec<String>; 2] = Default::default();
+    for i in 0.. {
+        let name = format!("t{i}");
+        let g = home(&ns.schema(&name), 2);
+        if by_group[g].len() < [5, 3][g] {
+            by_group[g].push(name);
+        }
+        if by_group[0].len() == 5 && by_group[1].len() == 3 {
+            break;
+        }
+    }
+    let names: Vec<&str> = by_group.iter().flatten().map(String::as_str).collect();
+    let pool = PoolConfig {
+        size: 8,
+        acquire_timeout: Duration::from_secs(10),
+        home_wait: HOME_WAIT,
+        ..test_pool()
+    };
+    let limits = Limits {
+        tenant_max_concurrency: 4,
+        ..test_limits()
+    };
+    let auth = AuthConfig {
+        leeway_secs: 5,
+        ..AuthConfig::default()
+    };
+    let s = Stage::in_ns(ns, &names, auth, limits, pool).await;
+    assert_eq!(s.api.data.groups(), 2);
+    let (slow, mate) = (&by_group[0][..4], by_group[0][4].as_str());
+    for t in slow {
+        s.as_owner(
+            t,
+            "CREATE VIEW slow AS SELECT 1 AS id, pg_catalog.pg_sleep(4)::text AS slept",
+        )
+        .await;
+    }
+    let mut tokens = std::collections::HashMap::new();
+    for n in &names {
+        tokens.insert(*n, token(&s.ns, n).await);
+    }
+
+    // Rounds of one request per tenant at once: five on group 0's four connections.
+    for _ in 0..10 {
+        let answers = futures::future::join_all(
+            names
+                .iter()
+                .map(|n| s.send(Method::GET, "/v1/tables/projects", &tokens[n], None)),
+        )
+        .await;
+        for a in answers {
+            assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+        }
+    }
+    let idle = s.api.data.inspect_idle().await.unwrap();
+    let mut seen = [0, 0];
+    for session in &idle {
+        for text in &session.statements {
+            for (g, tenants) in by_group.iter().enumerate() {
+                for n in tenants {
+                    if text.contains(&format!("\"{}\".", s.schema(n))) {
+                        assert_eq!(
+                            session.group, g,
+                            "{n} (group {g}) prepared on a connection of group {}: {text}",
+                            session.group
+                        );
+                        seen[g] += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(seen.iter().all(|&n| n > 0), "{seen:?} {idle:?}");
+
+    let timed_mate = || async {
+        let asked = Instant::now();
+        let a = s
+            .send(Method::GET, "/v1/tables/projects", &tokens[mate], None)
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+        asked.elapsed()
+    };
+
+    // Four tenants of group 0, one slow request each: the group is theirs; the mate waits
+    // the home wait, then takes a connection of group 1.
+    let flood = futures::future::join_all(
+        slow.iter()
+            .map(|t| s.send(Method::GET, "/v1/tables/slow", &tokens[t.as_str()], None)),
+    );
+    let then_mate = async {
+        s.wait_gateway_waiting("PgSleep", 4, "the four slow requests never ran at once")
+            .await;
+        timed_mate().await
+    };
+    let (answers, took) = tokio::join!(flood, then_mate);
+    assert!(
+        took >= HOME_WAIT && took < HOME_WAIT + Duration::from_millis(2000),
+        "the group-mate took {took:?} (home wait {HOME_WAIT:?}, slow statements 4 s)"
+    );
+    for a in answers {
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+
+    // One tenant, four slow requests at once: the first takes its home group, the others
+    // group 1 first, so the mate finds its home group free.
+    let one = slow[0].as_str();
+    let flood = futures::future::join_all(
+        (0..4).map(|_| s.send(Method::GET, "/v1/tables/slow", &tokens[one], None)),
+    );
+    let then_mate = async {
+        s.wait_gateway_waiting("PgSleep", 4, "the four slow requests never ran at once")
+            .await;
+        timed_mate().await
+    };
+    let (answers, took) = tokio::join!(flood, then_mate);
+    assert!(
+        took < HOME_WAIT,
+        "the group-mate took {took:?}: the busy tenant filled its home group"
+    );
+    for a in answers {
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     }
     s.no_idle_transactions().await;
 }
