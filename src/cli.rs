@@ -477,10 +477,11 @@ pub struct ApiArgs {
     #[arg(long, env = "TENANTRY_POOL_STATEMENT_CACHE", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub pool_statement_cache: u64,
 
-    /// How long a request waits for a connection of its tenant's home group (a quarter of
-    /// the pool, chosen by the schema) before it takes any free one. Keeps each backend's
-    /// share of tenants, and so its memory and statement cache, to about a quarter; 0 takes
-    /// any free connection at once.
+    /// How long a request waits for a connection of its tenant's home group (the pool is
+    /// split into groups of four connections, a tenant's chosen by its schema) before it
+    /// takes any free one. Keeps each backend's share of tenants, and so its memory and
+    /// statement cache, to one group's; 0 takes any free connection at once. No effect below
+    /// 8 connections (one group); at or above the acquire timeout, nothing is borrowed.
     #[arg(long, env = "TENANTRY_POOL_HOME_WAIT_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub pool_home_wait_ms: u64,
 

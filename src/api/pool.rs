@@ -13,8 +13,8 @@
 //! queueing, far below a slow statement) takes whichever connection of any group frees
 //! first, so tenants that hold their home group with slow statements delay their
 //! group-mates by the home wait, no more. A request of a tenant that already has another in
-//! flight takes another group's free connection first: a busy tenant spreads over the pool
-//! instead of filling its home group, and its statements are prepared on more backends —
+//! flight takes a free connection of the least busy group: a busy tenant spreads over the
+//! pool instead of filling its home group, and its statements are prepared on more backends —
 //! one tenant's, where a borrowing quiet tenant would spread all of them.
 
 use std::{
@@ -48,6 +48,11 @@ pub(super) const SETTINGS_STATEMENT: &str = "tenantry_settings";
 
 /// How long a request waits for its home group by default (`--pool-home-wait-ms`).
 pub const HOME_WAIT: Duration = Duration::from_millis(20);
+
+/// Free connections another group must have for a request whose home group is full to take
+/// one at once rather than wait for home: under a light load, borrowing costs nothing and
+/// waiting would only add latency; under a saturated pool, no group has that many free.
+const SPARE: usize = 2;
 
 /// Connections per group (see the module documentation); a pool smaller than two groups is
 /// one group.
@@ -232,9 +237,9 @@ impl Pool {
     /// A connection to run one transaction on for tenant `key`: one of its home group's if
     /// one is free or frees up within the home wait, else the first free of any group (see
     /// [`Pool::permit`]). A request of a `crowded` tenant (another of its requests is in
-    /// flight) takes another group's free connection first: a busy tenant spreads over the
-    /// pool rather than queue the other tenants of its home group behind it. The connection
-    /// returns to its group only when the lease says it ended cleanly (see [`Lease::clean`]).
+    /// flight) takes a free connection of the least busy group: a busy tenant spreads over
+    /// the pool rather than fill its home group. The connection returns to its group only
+    /// when the lease says it ended cleanly (see [`Lease::clean`]).
     pub(super) async fn get(&self, key: &str, crowded: bool) -> Result<Lease, ApiError> {
         let (group, permit) = self
             .permit(home(key, self.inner.groups.len()), crowded)
@@ -261,51 +266,69 @@ impl Pool {
     }
 
     /// A permit for a request of a tenant whose home group is `home`, within the acquire
-    /// timeout. Not `crowded`: the home group's if one is free or frees up within the home
-    /// wait, else the first any group frees (home first among those free at once). The home
-    /// wait keeps each backend's share of the tenants at about `1 / groups` under steady
-    /// load; it runs out only when the home group stays taken (say by slow statements), and
-    /// the request is then served by whichever connection frees first. `crowded`: the first
-    /// free of the other groups, then of the home group, then the first any group frees.
+    /// timeout, counted from the call. A free one of the home group if there is one — for a
+    /// `crowded` tenant, first a free one of the group with the most free connections, home
+    /// winning ties — or of a group with [`SPARE`] free ones. Otherwise the request queues at
+    /// home; once the home wait has passed it
+    /// also takes the first connection any other group frees, keeping its place in the home
+    /// group's queue. The home wait keeps each backend's share of the tenants at about
+    /// `1 / groups` under steady load; it runs out only when the home group stays taken (say
+    /// by slow statements).
     async fn permit(
         &self,
         home: usize,
         crowded: bool,
     ) -> Result<(usize, OwnedSemaphorePermit), ApiError> {
+        type Wait = std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = (
+                            usize,
+                            Result<OwnedSemaphorePermit, tokio::sync::AcquireError>,
+                        ),
+                    > + Send,
+            >,
+        >;
         let groups = &self.inner.groups;
         let cfg = &self.inner.cfg;
         let n = groups.len();
         let deadline = tokio::time::Instant::now() + cfg.acquire_timeout;
-        if !crowded {
-            if let Ok(p) = groups[home].permits.clone().try_acquire_owned() {
-                return Ok((home, p));
-            }
-            let home_wait = if n == 1 {
-                cfg.acquire_timeout
-            } else {
-                cfg.home_wait.min(cfg.acquire_timeout)
-            };
-            if !home_wait.is_zero() {
-                let wait = groups[home].permits.clone().acquire_owned();
-                match tokio::time::timeout(home_wait, wait).await {
-                    Ok(Ok(p)) => return Ok((home, p)),
-                    Err(_) if n > 1 => {}
-                    _ => return Err(pool_exhausted()),
-                }
+        let order = (0..n).map(|i| (home + i) % n);
+        let free = |g: usize| groups[g].permits.available_permits();
+        let roomiest = order.clone().max_by_key(|&g| (free(g), g == home));
+        let first = if crowded { roomiest } else { Some(home) };
+        for g in first.into_iter().chain([home]) {
+            if let Ok(p) = groups[g].permits.clone().try_acquire_owned() {
+                return Ok((g, p));
             }
         }
-        let first = if crowded { home + 1 } else { home };
-        let order = (0..n).map(|i| (first + i) % n);
-        if let Some(found) = order
-            .clone()
-            .find_map(|g| Some((g, groups[g].permits.clone().try_acquire_owned().ok()?)))
-        {
-            return Ok(found);
+        // The home group is full. While another group has room to spare (a light load,
+        // when waiting would only add latency), take from it at once.
+        if let Some(g) = roomiest.filter(|&g| free(g) >= SPARE) {
+            if let Ok(p) = groups[g].permits.clone().try_acquire_owned() {
+                return Ok((g, p));
+            }
         }
-        let waits = order.map(|g| {
+        let home_permits = groups[home].permits.clone();
+        let mut at_home: Wait = Box::pin(async move { (home, home_permits.acquire_owned().await) });
+        let home_wait = if n == 1 {
+            cfg.acquire_timeout
+        } else {
+            cfg.home_wait.min(cfg.acquire_timeout)
+        };
+        match tokio::time::timeout(home_wait, &mut at_home).await {
+            Ok((g, Ok(p))) => return Ok((g, p)),
+            Err(_) if n > 1 => {}
+            _ => return Err(pool_exhausted()),
+        }
+        let mut waits = vec![at_home];
+        for g in order.skip(1) {
+            if let Ok(p) = groups[g].permits.clone().try_acquire_owned() {
+                return Ok((g, p));
+            }
             let permits = groups[g].permits.clone();
-            Box::pin(async move { (g, permits.acquire_owned().await) })
-        });
+            waits.push(Box::pin(async move { (g, permits.acquire_owned().await) }));
+        }
         match tokio::time::timeout_at(deadline, futures::future::select_all(waits)).await {
             Ok(((g, Ok(p)), _, _)) => Ok((g, p)),
             _ => Err(pool_exhausted()),
@@ -461,8 +484,8 @@ impl Inner {
     }
 }
 
-/// A leased connection. Dropped with `clean` unset — the request failed mid-transaction or
-/// was cancelled between `BEGIN` and the end of its transaction — the connection is closed,
+/// A leased connection. Dropped with `clean` unset — the request failed mid-exchange or was
+/// cancelled before the server's answer to its `Sync` — the connection is closed,
 /// never returned: it may be inside a transaction, with the tenant's role set, or with
 /// statements still in flight.
 pub(super) struct Lease {

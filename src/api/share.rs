@@ -41,9 +41,11 @@ pub(super) struct Slot {
 
 impl Slot {
     /// Whether the tenant had another request in flight when this one got its slot: such a
-    /// request takes any free pool connection at once rather than wait for its home group
-    /// (see [`super::pool::Pool::get`]), so that a busy tenant spreads over the pool instead
-    /// of queueing its home group's other tenants behind it.
+    /// request takes a free connection of the least busy pool group (see
+    /// [`super::pool::Pool::get`]), so that a busy tenant spreads over the pool instead of
+    /// filling its home group. (Counted on the tenant's current share: right after a live
+    /// change of `spec.api.maxConcurrency`, requests still in flight on the old share are not
+    /// counted.)
     pub(super) fn crowded(&self) -> bool {
         self.crowded
     }

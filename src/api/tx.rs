@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use axum::http::StatusCode;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::{
@@ -38,7 +39,8 @@ use crate::domain::naming::Ident;
 /// `Sync` (or, failing, rolls back), as an autocommit statement would. A request dropped
 /// while its statement runs has its connection cancelled and closed (see [`Lease`]): a
 /// statement still running is cancelled and rolled back; one that already finished has
-/// committed, as with any client that hangs up after sending.
+/// committed, as with any client that hangs up after sending; and a write whose connection
+/// breaks before the answer is refused with 502 `write-outcome-unknown`, not a "retry".
 ///
 /// The connection goes back to the pool only once the transaction has ended cleanly; see
 /// [`Lease`].
@@ -52,16 +54,30 @@ pub(super) async fn in_tenant(
 ) -> Result<Vec<Row>, ApiError> {
     let settings = TenantSettings::new(schema, read_only, sql.generic_plan, limits);
     let mut lease = pool.get(schema.as_str(), crowded).await?;
-    match run(&mut lease, &settings, sql, limits).await {
+    let out = match run(&mut lease, &settings, sql, limits).await {
         // The connection lost the statement (26000: deallocated behind our back) or cannot
         // reuse its plan (0A000: result type changed): forget it and run the transaction once
         // more, preparing afresh. Neither ran the statement.
         Err(e) if lease.clean && stale_statement(&e) => {
             lease.conn().discard(&sql.text);
-            Ok(run(&mut lease, &settings, sql, limits).await?)
+            run(&mut lease, &settings, sql, limits).await
         }
-        out => Ok(out?),
-    }
+        out => out,
+    };
+    out.map_err(|e| match e {
+        // The write and its commit were sent and no answer came back (the connection broke,
+        // or the exchange deadline passed): it may have committed. Not "retry": a retried
+        // POST could insert twice.
+        WireError::Io(_) if !read_only => {
+            tracing::warn!(error = %e, "write sent, no answer");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "write-outcome-unknown",
+                "the connection to the database was lost after the write was sent, so whether it committed is not known; read the rows before retrying",
+            )
+        }
+        e => e.into(),
+    })
 }
 
 /// 26000 (no such statement) or 0A000 (here: "cached plan must not change result type";

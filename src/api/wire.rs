@@ -488,8 +488,6 @@ impl WireConn {
         Ok(Ok(rows))
     }
 
-    /// Reads ReadyForQuery, which must find the session between transactions: after the
-    /// last answer (or an error, past which the server skips everything) nothing else comes.
     /// Reads up to ReadyForQuery, which must say idle; returns the error the server sent
     /// before it, if any (a failed commit).
     async fn ready(&mut self) -> Result<Option<DbError>, WireError> {

@@ -205,7 +205,6 @@ pub fn token_with(tenant: &str, key: &[u8], exp_in: i64) -> String {
     .unwrap()
 }
 
-/// A valid token for the Tenant `name`, signed with the key from its Secret.
 /// The tests' pool: [`POOL_SIZE`] connections (one group), the default caches and waits.
 pub fn test_pool() -> PoolConfig {
     PoolConfig {
@@ -217,6 +216,7 @@ pub fn test_pool() -> PoolConfig {
     }
 }
 
+/// A valid token for the Tenant `name`, signed with the key from its Secret.
 pub async fn token(ns: &TestNs, name: &str) -> String {
     let s = ns.secrets().get(&format!("{name}-db")).await.unwrap();
     token_with(name, secret_value(&s, "jwt-key").as_bytes(), 300)

@@ -880,6 +880,15 @@ impl Stage {
         .unwrap()
     }
 
+    /// The gateway's sessions on the server.
+    async fn gateway_sessions(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
+            .bind(gateway_role(&self.ns))
+            .fetch_one(&self.pg)
+            .await
+            .unwrap()
+    }
+
     /// Waits (30 s at most, then fails with `what`) until at least `n` gateway sessions wait
     /// on `on`.
     async fn wait_gateway_waiting(&self, on: &str, n: i64, what: &str) {
@@ -1010,7 +1019,8 @@ async fn a_refused_role_never_lets_the_statement_run_as_the_gateway() {
 }
 
 /// Attack: requests abandoned mid-statement (the client hangs up while PostgreSQL waits on a
-/// lock). Their writes must not commit, their connections must not come back to the pool
+/// lock). Their writes, still waiting, must be cancelled in PostgreSQL and so not commit,
+/// their connections must not come back to the pool
 /// inside the transaction, and they must not hold the pool's slots until the statement
 /// timeout while other tenants wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1559,6 +1569,7 @@ async fn a_write_failing_at_commit_is_refused_and_leaves_the_connection_clean() 
         .send(Method::POST, "/v1/tables/codes_once", &acme, body)
         .await;
     assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    let opened = s.api.data.opened();
     for _ in 0..3 {
         let a = s
             .send(Method::POST, "/v1/tables/codes_once", &acme, body)
@@ -1568,6 +1579,9 @@ async fn a_write_failing_at_commit_is_refused_and_leaves_the_connection_clean() 
     }
     assert_eq!(s.count("acme", "codes_once", "true").await, 1);
     s.no_idle_transactions().await;
+    // The connections that answered were kept, not replaced.
+    assert_eq!(s.api.data.opened(), opened);
+    assert!(!s.api.data.inspect_idle().await.unwrap().is_empty());
     let a = s
         .send(Method::GET, "/v1/tables/codes_once", &acme, None)
         .await;
@@ -1575,10 +1589,11 @@ async fn a_write_failing_at_commit_is_refused_and_leaves_the_connection_clean() 
 }
 
 /// The pool's groups: with two groups of four connections, each tenant's statements are
-/// prepared only on its home group's connections (each backend learns half of the tenants,
-/// not all); a home group held by other tenants' slow statements delays a tenant by the home
-/// wait only (it is then served by the other group); and a tenant with several requests in
-/// flight spreads them over the pool rather than fill its home group.
+/// prepared on its home group's connections while it has room (each backend learns half of
+/// the tenants, not all); a tenant with several requests in flight spreads them over the pool rather than
+/// fill its home group; a full home group delays a tenant by the home wait at most (then it
+/// takes the first connection any group frees); and the pool's size and acquire timeout
+/// hold across groups.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_keep_to_their_home_group_and_a_held_group_costs_only_the_home_wait() {
     const HOME_WAIT: Duration = Duration::from_millis(1500);
@@ -1598,7 +1613,7 @@ async fn tenants_keep_to_their_home_group_and_a_held_group_costs_only_the_home_w
     let names: Vec<&str> = by_group.iter().flatten().map(String::as_str).collect();
     let pool = PoolConfig {
         size: 8,
-        acquire_timeout: Duration::from_secs(10),
+        acquire_timeout: Duration::from_secs(3),
         home_wait: HOME_WAIT,
         ..test_pool()
     };
@@ -1616,7 +1631,8 @@ async fn tenants_keep_to_their_home_group_and_a_held_group_costs_only_the_home_w
     for t in slow {
         s.as_owner(
             t,
-            "CREATE VIEW slow AS SELECT 1 AS id, pg_catalog.pg_sleep(4)::text AS slept",
+            "CREATE VIEW slow AS SELECT 1 AS id, pg_catalog.pg_sleep(4)::text AS slept;
+             CREATE VIEW brief AS SELECT 1 AS id, pg_catalog.pg_sleep(2)::text AS slept",
         )
         .await;
     }
@@ -1625,15 +1641,12 @@ async fn tenants_keep_to_their_home_group_and_a_held_group_costs_only_the_home_w
         tokens.insert(*n, token(&s.ns, n).await);
     }
 
-    // Rounds of one request per tenant at once: five on group 0's four connections.
-    for _ in 0..10 {
-        let answers = futures::future::join_all(
-            names
-                .iter()
-                .map(|n| s.send(Method::GET, "/v1/tables/projects", &tokens[n], None)),
-        )
-        .await;
-        for a in answers {
+    // Requests one at a time (a pool with room everywhere): each on its home group.
+    for _ in 0..5 {
+        for n in &names {
+            let a = s
+                .send(Method::GET, "/v1/tables/projects", &tokens[n], None)
+                .await;
             assert_eq!(a.status, StatusCode::OK, "{}", a.text);
         }
     }
@@ -1666,28 +1679,9 @@ async fn tenants_keep_to_their_home_group_and_a_held_group_costs_only_the_home_w
         asked.elapsed()
     };
 
-    // Four tenants of group 0, one slow request each: the group is theirs; the mate waits
-    // the home wait, then takes a connection of group 1.
-    let flood = futures::future::join_all(
-        slow.iter()
-            .map(|t| s.send(Method::GET, "/v1/tables/slow", &tokens[t.as_str()], None)),
-    );
-    let then_mate = async {
-        s.wait_gateway_waiting("PgSleep", 4, "the four slow requests never ran at once")
-            .await;
-        timed_mate().await
-    };
-    let (answers, took) = tokio::join!(flood, then_mate);
-    assert!(
-        took >= HOME_WAIT && took < HOME_WAIT + Duration::from_millis(2000),
-        "the group-mate took {took:?} (home wait {HOME_WAIT:?}, slow statements 4 s)"
-    );
-    for a in answers {
-        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
-    }
-
-    // One tenant, four slow requests at once: the first takes its home group, the others
-    // group 1 first, so the mate finds its home group free.
+    // One tenant, four slow requests at once: the first takes its home group (0), the
+    // others the group with the most free connections, so both groups prepare its statement
+    // and the mate finds its home group free.
     let one = slow[0].as_str();
     let flood = futures::future::join_all(
         (0..4).map(|_| s.send(Method::GET, "/v1/tables/slow", &tokens[one], None)),
@@ -1705,5 +1699,97 @@ async fn tenants_keep_to_their_home_group_and_a_held_group_costs_only_the_home_w
     for a in answers {
         assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     }
+    let spread: Vec<usize> = s
+        .api
+        .data
+        .inspect_idle()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|i| {
+            i.statements
+                .iter()
+                .any(|t| t.contains(&format!("\"{}\".\"slow\"", s.schema(one))))
+        })
+        .map(|i| i.group)
+        .collect();
+    assert!(
+        spread.contains(&0) && spread.contains(&1),
+        "the busy tenant's statement was prepared in groups {spread:?}"
+    );
+
+    // Group 0 held by four tenants' slow requests, group 1 by three more (one free
+    // connection, less than a group must have spare to be borrowed from at once): the mate
+    // waits the home wait, then takes group 1's free connection.
+    let sleeping = |n: i64| s.wait_gateway_waiting("PgSleep", n, "the slow requests never ran");
+    let firsts = futures::future::join_all(
+        slow.iter()
+            .map(|t| s.send(Method::GET, "/v1/tables/slow", &tokens[t.as_str()], None)),
+    );
+    let seconds = async {
+        sleeping(4).await;
+        futures::future::join_all(
+            slow[..3]
+                .iter()
+                .map(|t| s.send(Method::GET, "/v1/tables/slow", &tokens[t.as_str()], None)),
+        )
+        .await
+    };
+    let then_mate = async {
+        sleeping(7).await;
+        timed_mate().await
+    };
+    let (firsts, seconds, took) = tokio::join!(firsts, seconds, then_mate);
+    assert!(
+        took >= HOME_WAIT && took < HOME_WAIT + Duration::from_millis(2000),
+        "the group-mate took {took:?} (home wait {HOME_WAIT:?}, slow statements 4 s)"
+    );
+    for a in firsts.iter().chain(&seconds) {
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+
+    // Every connection of both groups taken (the four tenants' second requests spread to
+    // group 1): the mate gets the first connection either group frees (the 2 s statements
+    // end before its acquire timeout of 3 s), or 503 at the acquire timeout (4 s ones).
+    for (view, served) in [("brief", true), ("slow", false)] {
+        let uri = format!("/v1/tables/{view}");
+        let flood =
+            futures::future::join_all(slow.iter().flat_map(|t| {
+                [0, 1].map(|_| s.send(Method::GET, &uri, &tokens[t.as_str()], None))
+            }));
+        let then_mate = async {
+            s.wait_gateway_waiting("PgSleep", 8, "the eight slow requests never ran at once")
+                .await;
+            let asked = Instant::now();
+            let a = s
+                .send(Method::GET, "/v1/tables/projects", &tokens[mate], None)
+                .await;
+            (a, asked.elapsed(), s.gateway_sessions().await)
+        };
+        let (answers, (m, took, sessions)) = tokio::join!(flood, then_mate);
+        assert!(sessions <= 8, "{sessions} gateway sessions on a pool of 8");
+        if served {
+            assert_eq!(m.status, StatusCode::OK, "{}", m.text);
+            assert!(
+                took < Duration::from_secs(3),
+                "the mate took {took:?} (statements 2 s, acquire timeout 3 s)"
+            );
+        } else {
+            assert_eq!(m.status, StatusCode::SERVICE_UNAVAILABLE, "{}", m.text);
+            assert_eq!(m.problem(), "pool-exhausted");
+            assert!(
+                took >= Duration::from_secs(3) && took < Duration::from_millis(3900),
+                "refused after {took:?} (acquire timeout 3 s)"
+            );
+        }
+        for a in answers {
+            assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+        }
+    }
     s.no_idle_transactions().await;
+    let idle = s.api.data.inspect_idle().await.unwrap();
+    for g in 0..2 {
+        let n = idle.iter().filter(|i| i.group == g).count();
+        assert!(n <= 4, "{n} connections in group {g}: {idle:?}");
+    }
 }
