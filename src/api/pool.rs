@@ -10,9 +10,10 @@
 //! `1 / groups` of the tenants: with 1,000 tenants and 16 connections, each backend sees
 //! some 250 schemas instead of all 1,000. A request whose home group stays busy for longer
 //! than the home wait (`--pool-home-wait-ms`, 20 ms by default: far above a request's usual
-//! queueing, far below a slow statement) takes whichever connection of any group frees
-//! first, so tenants that hold their home group with slow statements delay their
-//! group-mates by the home wait, no more. A request of a tenant that already has another in
+//! queueing, far below a slow statement) also takes whichever connection of another group
+//! frees first, keeping its place in its home group's queue: tenants that hold their home
+//! group with slow statements make their group-mates wait the home wait before the rest of
+//! the pool is theirs too. A request of a tenant that already has another in
 //! flight takes a free connection of the least busy group: a busy tenant spreads over the
 //! pool instead of filling its home group, and its statements are prepared on more backends —
 //! one tenant's, where a borrowing quiet tenant would spread all of them.
@@ -48,11 +49,6 @@ pub(super) const SETTINGS_STATEMENT: &str = "tenantry_settings";
 
 /// How long a request waits for its home group by default (`--pool-home-wait-ms`).
 pub const HOME_WAIT: Duration = Duration::from_millis(20);
-
-/// Free connections another group must have for a request whose home group is full to take
-/// one at once rather than wait for home: under a light load, borrowing costs nothing and
-/// waiting would only add latency; under a saturated pool, no group has that many free.
-const SPARE: usize = 2;
 
 /// Connections per group (see the module documentation); a pool smaller than two groups is
 /// one group.
@@ -268,8 +264,7 @@ impl Pool {
     /// A permit for a request of a tenant whose home group is `home`, within the acquire
     /// timeout, counted from the call. A free one of the home group if there is one — for a
     /// `crowded` tenant, first a free one of the group with the most free connections, home
-    /// winning ties — or of a group with [`SPARE`] free ones. Otherwise the request queues at
-    /// home; once the home wait has passed it
+    /// winning ties. Otherwise the request queues at home; once the home wait has passed it
     /// also takes the first connection any other group frees, keeping its place in the home
     /// group's queue. The home wait keeps each backend's share of the tenants at about
     /// `1 / groups` under steady load; it runs out only when the home group stays taken (say
@@ -298,13 +293,6 @@ impl Pool {
         let roomiest = order.clone().max_by_key(|&g| (free(g), g == home));
         let first = if crowded { roomiest } else { Some(home) };
         for g in first.into_iter().chain([home]) {
-            if let Ok(p) = groups[g].permits.clone().try_acquire_owned() {
-                return Ok((g, p));
-            }
-        }
-        // The home group is full. While another group has room to spare (a light load,
-        // when waiting would only add latency), take from it at once.
-        if let Some(g) = roomiest.filter(|&g| free(g) >= SPARE) {
             if let Ok(p) = groups[g].permits.clone().try_acquire_owned() {
                 return Ok((g, p));
             }
