@@ -14,8 +14,8 @@
 //! frees first, keeping its place in its home group's queue: tenants that hold their home
 //! group with slow statements make their group-mates wait the home wait before the rest of
 //! the pool is theirs too. A request of a tenant that already has another in
-//! flight takes a free connection of the least busy group: a busy tenant spreads over the
-//! pool instead of filling its home group, and its statements are prepared on more backends —
+//! flight takes a free connection of the least busy group, or the first any group frees: a
+//! busy tenant spreads over the pool instead of filling its home group, and its statements are prepared on more backends —
 //! one tenant's, where a borrowing quiet tenant would spread all of them.
 
 use std::{
@@ -264,7 +264,8 @@ impl Pool {
     /// A permit for a request of a tenant whose home group is `home`, within the acquire
     /// timeout, counted from the call. A free one of the home group if there is one — for a
     /// `crowded` tenant, first a free one of the group with the most free connections, home
-    /// winning ties. Otherwise the request queues at home; once the home wait has passed it
+    /// winning ties. Otherwise the request queues at home (a crowded one at every group at
+    /// once); once the home wait has passed it
     /// also takes the first connection any other group frees, keeping its place in the home
     /// group's queue. The home wait keeps each backend's share of the tenants at about
     /// `1 / groups` under steady load; it runs out only when the home group stays taken (say
@@ -299,8 +300,12 @@ impl Pool {
         }
         let home_permits = groups[home].permits.clone();
         let mut at_home: Wait = Box::pin(async move { (home, home_permits.acquire_owned().await) });
+        // A crowded tenant's request waits on every group at once: one tenant's many
+        // requests queued at home would leave the other groups' connections idle.
         let home_wait = if n == 1 {
             cfg.acquire_timeout
+        } else if crowded {
+            Duration::ZERO
         } else {
             cfg.home_wait.min(cfg.acquire_timeout)
         };
