@@ -117,8 +117,12 @@ pub fn kind_of(cast_sql: &str) -> (Kind, bool) {
             min: i32::MIN.into(),
             max: i32::MAX.into(),
         },
+        // Not -2^63: clients that read JSON numbers as doubles (JavaScript, Python's
+        // validators) read -9223372036854775809 and -9.223372036854776e18 as -2^63, numbers
+        // PostgreSQL rightly refuses as bigint. Without it the two readings agree on every
+        // number.
         "bigint" => Kind::Int {
-            min: i64::MIN,
+            min: i64::MIN + 1,
             max: i64::MAX,
         },
         "numeric" => Kind::Numeric,
@@ -194,7 +198,8 @@ const UUID: &str = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-
 /// read alike. `None`: the kind has no comparable text form (JSON, unknown types).
 pub fn value_pattern(kind: Kind) -> Option<String> {
     Some(match kind {
-        Kind::Int { min, max } => format!("(?:-?{}|{})", up_to(max as u64), min),
+        // The type's whole range, -2^63 included: a filter's text is read exactly.
+        Kind::Int { max, .. } => format!("(?:-?{}|-{})", up_to(max as u64), max as u64 + 1),
         Kind::Numeric => "-?[0-9]{1,100}(?:\\.[0-9]{1,100})?".into(),
         Kind::Float => "-?[0-9]{1,15}(?:\\.[0-9]{1,15})?".into(),
         Kind::Boolean => "(?:true|false)".into(),
@@ -293,14 +298,11 @@ fn check_one(kind: Kind, col: &Column, v: &Value) -> Result<(), String> {
         (_, Value::Null) => true,
         (Kind::Int { min, max }, Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
             (Some(i), _) => (min..=max).contains(&i),
-            // 13105.0 is an integer to JSON. Past i64 a number is read as the nearest
-            // double: -9223372036854775809 reads as -2^63, which must not pass for bigint's
-            // minimum (written as an integer, that parses as an i64 above).
+            // 13105.0 is an integer to JSON. A double converts exactly to i128 (saturating
+            // past it), and bigint's range leaves out -2^63, the one double that is also
+            // the nearest of numbers below the range (see `kind_of`).
             (None, Some(f)) => {
-                f.fract() == 0.0
-                    && f >= min as f64
-                    && f < -(min as f64)
-                    && !(min == i64::MIN && f == min as f64)
+                f.fract() == 0.0 && (min as i128..=max as i128).contains(&(f as i128))
             }
             _ => false,
         },
@@ -777,7 +779,15 @@ mod tests {
         let big = col("n", "bigint", "bigint", true);
         let past_min: Value = serde_json::from_str("-9223372036854775809").unwrap();
         assert!(check_value(&big, &past_min).is_err());
-        assert!(check_value(&big, &json!(i64::MIN)).is_ok());
+        assert!(check_value(&big, &json!(i64::MIN)).is_err());
+        assert!(check_value(&big, &json!(i64::MIN + 1)).is_ok());
+        assert!(check_value(&big, &json!(i64::MAX)).is_ok());
+        assert!(check_value(&big, &json!(-9.223372036854776e18)).is_err());
+        assert!(check_value(&big, &json!(9.223372036854776e18)).is_err());
+        assert!(check_value(&big, &json!(-9.223372036854775e18)).is_ok());
+        // Read exactly: serde_json's quick float parsing reads this as ...574.5.
+        let exact: Value = serde_json::from_str("-3642244945607574.0").unwrap();
+        assert!(check_value(&big, &exact).is_ok());
         let code = col("c", "character varying(3)", "character varying", true);
         assert!(check_value(&code, &json!("abc")).is_ok());
         assert!(check_value(&code, &json!("abcd")).is_err());

@@ -460,6 +460,21 @@ async fn crud_round_trip_and_constraint_errors() {
             "not-null-violation",
         ),
         (json!({"nope": 1}), "tasks", 400, "unknown-column"),
+        // An integer written as a double is read exactly (not ...574.5) and reaches
+        // PostgreSQL, whose foreign key refuses it.
+        (
+            json!({"project_id": pid, "title": "x", "assignee_id": -3642244945607574.0}),
+            "tasks",
+            409,
+            "foreign-key-violation",
+        ),
+        // -2^63 as a double: also the reading of numbers below bigint's range.
+        (
+            json!({"project_id": pid, "title": "x", "assignee_id": -9.223372036854776e18}),
+            "tasks",
+            400,
+            "invalid-body",
+        ),
     ] {
         let (s, v, _) = api
             .call(
@@ -501,7 +516,7 @@ async fn crud_round_trip_and_constraint_errors() {
     let schemas = &doc["components"]["schemas"];
     assert_eq!(
         schemas["tasks.Row"]["properties"]["project_id"],
-        json!({"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX})
+        json!({"type": "integer", "minimum": i64::MIN + 1, "maximum": i64::MAX})
     );
     assert_eq!(
         schemas["tasks.Insert"]["required"],
