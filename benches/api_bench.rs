@@ -273,6 +273,7 @@ pub async fn start_ours(
             tenant_max_concurrency: tenant_share,
             ..tenantry::api::Limits::default()
         },
+        server: "default".into(),
     };
     let answered = Arc::new(AtomicI64::new(0));
     let count = answered.clone();

@@ -148,6 +148,7 @@ impl Operator {
                 .as_ref()
                 .map(|_| (ns.to_string(), "tenantry".to_string())),
             migration_source: source,
+            default_server: "default".into(),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let metrics = Metrics::default();

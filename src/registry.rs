@@ -35,6 +35,9 @@ pub struct TenantInfo {
     pub hosts: Vec<String>,
     /// Schema and role (same name); `None` until provisioned.
     pub schema: Option<String>,
+    /// `status.server`: the server the tenant lives on (`None`: placed before servers were
+    /// recorded, on the default server).
+    pub server: Option<String>,
     pub ready: bool,
     pub migration_version: Option<i64>,
     pub secret_name: String,
@@ -64,6 +67,7 @@ impl TenantInfo {
             display_name: t.spec.display_name.clone().unwrap_or_else(|| t.name_any()),
             hosts: Claims::of(t).hosts,
             schema: status.and_then(|s| s.schema.clone()),
+            server: status.and_then(|s| s.server.clone()),
             // Ready as last reported, even while a spec edit (a new host, a display name) is
             // being reconciled: the schema cannot change, so serving it stays correct.
             ready: t

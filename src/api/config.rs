@@ -13,6 +13,9 @@ use super::{
 pub struct Settings {
     pub auth: AuthConfig,
     pub limits: Limits,
+    /// The server this API's pool connects to (`--server`): tenants placed on another one
+    /// are answered 503 `tenant-on-another-server`, never served from this pool.
+    pub server: String,
 }
 
 /// Bounds on what one request may ask for and cost.

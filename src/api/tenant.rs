@@ -110,6 +110,20 @@ impl FromRequestParts<AppState> for TenantRequest {
             auth::authorize_cached(token, &entry, &state.settings.auth, &state.tokens)?;
             return Err(ApiError::suspended(&info.name));
         }
+        if let Some(server) = info
+            .server
+            .as_ref()
+            .filter(|s| **s != state.settings.server)
+        {
+            return Err(ApiError::unavailable(
+                "tenant-on-another-server",
+                format!(
+                    "tenant {:?} lives on server {server:?}; this API serves server {:?} only",
+                    info.name, state.settings.server
+                ),
+                30,
+            ));
+        }
         let schema = match (&info.schema, info.ready) {
             (Some(s), true) => Ident::parse("schema", s).map_err(ApiError::internal)?,
             _ => {

@@ -104,8 +104,16 @@ async fn cleanup_database(
         tenant.metadata.uid.as_deref().unwrap_or_default(),
     );
     let names = Names::new(id.clone());
-    let observed = ctx
-        .admin
+    // Never placed: nothing can have been created but on the default server (before servers
+    // were recorded, a tenant failing early had no server in its status).
+    let admin = match ctx.servers.server_of(tenant) {
+        None => ctx.servers.default_admin().clone(),
+        Some(server) => ctx
+            .servers
+            .admin(&server)
+            .ok_or(Error::ServerUnavailable(server))?,
+    };
+    let observed = admin
         .observe_tenant(&names)
         .await
         .map_err(db(Stage::Cleanup))?;
@@ -195,13 +203,13 @@ async fn cleanup_database(
             if role_ours && schema_ours && tenant.is_over_quota() {
                 // The quota goes with the Tenant: a Tenant adopting the data later starts with
                 // its writes (and is measured, and refused, again if still over its own).
-                ctx.admin
+                admin
                     .set_writes(&names, &[names.app()], true)
                     .await
                     .map_err(db(Stage::Cleanup))?;
             }
             if role_ours {
-                ctx.admin
+                admin
                     .retain_tenant(&names, b_ours)
                     .await
                     .map_err(db(Stage::Cleanup))?;
@@ -213,7 +221,7 @@ async fn cleanup_database(
                     ),
                 ));
             } else if b_ours {
-                ctx.admin
+                admin
                     .drop_tenant_roles(
                         &names,
                         false,
@@ -228,7 +236,7 @@ async fn cleanup_database(
         }
         DeletionPolicy::Delete => {
             if role_ours || owner_ours || schema_ours || b_ours {
-                ctx.admin
+                admin
                     .drop_tenant_roles(
                         &names,
                         schema_ours,

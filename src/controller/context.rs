@@ -52,7 +52,10 @@ const VERIFIED_FOR: Duration = Duration::from_secs(300);
 /// Shared state of all reconciles.
 pub struct Context {
     pub client: Client,
+    /// The default server's admin (the operator's `--database-url`).
     pub admin: Admin,
+    /// Every server tenants are placed on, the default one included.
+    pub servers: super::servers::Servers,
     /// The migration set in force: replaced whole when the source's set changes and is
     /// accepted (see [`super::live`]). Read it once per step with [`Context::migrations`].
     migrations: std::sync::RwLock<Arc<MigrationSet>>,
@@ -97,6 +100,7 @@ impl Context {
         base_domain: Option<&str>,
         platform_key: Arc<[u8]>,
         resync: Duration,
+        servers: super::servers::Servers,
     ) -> Self {
         let reporter = Reporter {
             controller: "tenantry".into(),
@@ -106,6 +110,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             admin,
+            servers,
             rollout: Rollout::new(rollout, migrations.latest()),
             migrations: std::sync::RwLock::new(Arc::new(migrations)),
             metrics,
@@ -132,6 +137,21 @@ impl Context {
         *self.migrations.write().expect("migrations lock") = Arc::new(set);
         self.rollout.restart(target);
         self.metrics.set_migration_target(target);
+    }
+
+    /// `tenants` grouped by the server they live on (placed ones only), each as `key(t)`.
+    pub(super) fn by_server<T>(
+        &self,
+        tenants: &[Arc<Tenant>],
+        key: impl Fn(&Tenant) -> T,
+    ) -> std::collections::BTreeMap<String, Vec<T>> {
+        let mut out: std::collections::BTreeMap<String, Vec<T>> = Default::default();
+        for t in tenants {
+            if let Some(server) = self.servers.server_of(t) {
+                out.entry(server).or_default().push(key(t));
+            }
+        }
+        out
     }
 
     /// Asks the controller to reconcile `tenant`.

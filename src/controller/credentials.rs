@@ -43,11 +43,12 @@ pub(super) async fn ensure(
     secret_name: &str,
     verifier: Option<&str>,
     fresh_password: Option<&str>,
+    admin: &crate::postgres::Admin,
     ctx: &Context,
 ) -> Result<Issued, Error> {
     let ns = tenant.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let endpoint = ctx.admin.endpoint();
+    let endpoint = admin.endpoint();
     // The watch cache answers the common case (nothing to do) without an apiserver call; any
     // other verdict is confirmed on a live read, because the cache may lag our own writes.
     let mut existing = ctx
@@ -97,7 +98,7 @@ pub(super) async fn ensure(
         }
         Decision::Rotate { reason, jwt_key } => {
             let password = scram::generate_password();
-            ctx.admin
+            admin
                 .set_password(login.user, &password)
                 .await
                 .map_err(db(Stage::Credentials))?;

@@ -184,13 +184,25 @@ async fn scan_once(ctx: &Context) {
     };
     let schemas: Vec<String> = tenants.iter().map(|t| of(t).0).collect();
     let started = Instant::now();
-    let hashes = match ctx.admin.fingerprint_hashes(&schemas).await {
-        Ok(h) => h,
-        Err(e) => {
-            warn!(error = %e, "could not scan the fleet for schema drift; retrying at the next interval");
-            return;
+    // One scan per server, over the tenants placed there.
+    let mut hashes = crate::postgres::fingerprint::Scan::default();
+    let mut admins = HashMap::new();
+    for (server, schemas) in ctx.by_server(&tenants, |t| of(t).0) {
+        let Some(admin) = ctx.servers.admin(&server) else {
+            continue;
+        };
+        match admin.fingerprint_hashes(&schemas).await {
+            Ok(h) => {
+                for s in h.of.keys() {
+                    admins.insert(s.clone(), server.clone());
+                }
+                hashes.merge(h);
+            }
+            Err(e) => {
+                warn!(%server, error = %e, "could not scan the fleet for schema drift; retrying at the next interval");
+            }
         }
-    };
+    }
     let mut found: Vec<(String, Finding)> = Vec::new();
     let mut suspects: Vec<(String, Option<i64>)> = Vec::new();
     for t in &tenants {
@@ -204,9 +216,21 @@ async fn scan_once(ctx: &Context) {
         }
     }
     let mut read_again = 0;
-    if !suspects.is_empty() {
+    // Suspects read again on their own server.
+    let mut on: std::collections::BTreeMap<String, Vec<(String, Option<i64>)>> = Default::default();
+    for (schema, expected) in suspects {
+        if let Some(server) = admins.get(&schema) {
+            on.entry(server.clone())
+                .or_default()
+                .push((schema, expected));
+        }
+    }
+    for (server, suspects) in on {
+        let Some(admin) = ctx.servers.admin(&server) else {
+            continue;
+        };
         let names: Vec<String> = suspects.iter().map(|(s, _)| s.clone()).collect();
-        match ctx.admin.fingerprint_descriptors(&names).await {
+        match admin.fingerprint_descriptors(&names).await {
             Ok(mut scan) => {
                 for (schema, expected) in suspects {
                     let Some(theirs) = scan.of.remove(&schema) else {

@@ -44,6 +44,10 @@ pub enum Error {
     /// Deletion of a paused Tenant waits (an error keeps the finalizer in place).
     #[error("the Tenant is paused (annotation tenantry.dev/paused); its deletion waits until it is resumed")]
     Paused,
+    /// The tenant's server is not registered (its PostgresServer is gone or its admin Secret
+    /// unusable): its deletion waits.
+    #[error("server {0} is not registered (see kubectl get postgresserver {0}); the tenant's deletion waits for it")]
+    ServerUnavailable(String),
 }
 
 impl Error {
@@ -69,7 +73,7 @@ impl Error {
         match self {
             Error::Database { stage, .. } | Error::Kube { stage, .. } => stage.label(),
             Error::Migration(_) => Stage::Migrations.label(),
-            Error::Paused => Stage::Cleanup.label(),
+            Error::Paused | Error::ServerUnavailable(_) => Stage::Cleanup.label(),
             Error::Finalizer(e) => match &**e {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),

@@ -62,6 +62,9 @@ struct View {
     /// For a Tenant whose claims changed since its last reconcile: the Tenants that shared a
     /// claim with it before the change (their Routable condition may still blame it).
     formerly: HashMap<Key, Vec<Key>>,
+    /// The server of each placed Tenant, and how many Tenants each server holds.
+    placed: HashMap<Key, String>,
+    per_server: HashMap<String, usize>,
 }
 
 impl View {
@@ -83,16 +86,34 @@ impl View {
         }
         self.routing.set(key.clone(), claims);
         let now = Standing::of(t);
-        if let Some(old) = self.standing.insert(key, now) {
+        if let Some(old) = self.standing.insert(key.clone(), now) {
             self.uncount(old);
         }
         self.count(now);
+        let server = t.status.as_ref().and_then(|s| s.server.clone());
+        self.unplace(&key);
+        if let Some(server) = server {
+            *self.per_server.entry(server.clone()).or_default() += 1;
+            self.placed.insert(key, server);
+        }
+    }
+
+    fn unplace(&mut self, key: &Key) {
+        if let Some(old) = self.placed.remove(key) {
+            if let Some(n) = self.per_server.get_mut(&old) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_server.remove(&old);
+                }
+            }
+        }
     }
 
     fn remove(&mut self, t: &Tenant) {
         let key = routing::key(t);
         self.routing.remove(&key);
         self.formerly.remove(&key);
+        self.unplace(&key);
         if let Some(old) = self.standing.remove(&key) {
             self.uncount(old);
         }
@@ -164,6 +185,27 @@ impl Fleet {
                 v.live = v.relist.take().unwrap_or(empty)
             }
         }
+    }
+
+    /// How many watched Tenants each server holds (`status.server`).
+    pub fn per_server(&self) -> HashMap<String, usize> {
+        self.views
+            .read()
+            .expect("fleet lock")
+            .live
+            .per_server
+            .clone()
+    }
+
+    /// Whether the watch shows `tenant` placed (on any server).
+    pub fn placed(&self, tenant: &Key) -> Option<String> {
+        self.views
+            .read()
+            .expect("fleet lock")
+            .live
+            .placed
+            .get(tenant)
+            .cloned()
     }
 
     /// Why the API would not route to `tenant`: one message per other live Tenant claiming its

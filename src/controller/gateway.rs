@@ -91,14 +91,16 @@ pub async fn ensure_signing_key(
 
 /// Makes sure the API gateway role exists and its credentials Secret matches it. A Secret
 /// created beforehand by the platform supplies the password; otherwise one is generated.
+/// Returns the password (other servers' gateway roles get the same one), if there is a
+/// gateway role.
 pub async fn ensure_gateway(
     client: &Client,
     admin: &Admin,
     namespace: &str,
     name: &str,
-) -> Result<(), GatewayError> {
+) -> Result<Option<String>, GatewayError> {
     let Some(gw) = admin.gateway() else {
-        return Ok(());
+        return Ok(None);
     };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let existing = secrets.get_opt(name).await?;
@@ -109,13 +111,12 @@ pub async fn ensure_gateway(
         .filter(|p| !p.is_empty())
         .unwrap_or_else(scram::generate_password);
     admin.ensure_gateway(&password).await?;
-    let desired = desired(namespace, name, gw, admin.endpoint(), password);
-    if existing.as_ref().and_then(|s| s.data.as_ref()) == desired.data.as_ref() {
-        return Ok(());
+    let desired = desired(namespace, name, gw, admin.endpoint(), password.clone());
+    if existing.as_ref().and_then(|s| s.data.as_ref()) != desired.data.as_ref() {
+        apply_secret(&secrets, &desired).await?;
+        info!(role = gw.as_str(), secret = %format!("{namespace}/{name}"), "gateway credentials written");
     }
-    apply_secret(&secrets, &desired).await?;
-    info!(role = gw.as_str(), secret = %format!("{namespace}/{name}"), "gateway credentials written");
-    Ok(())
+    Ok(Some(password))
 }
 
 /// The gateway's credentials Secret (keys username, password, host, port, dbname, uri).

@@ -936,10 +936,11 @@ async fn execute(
             let Some(t) = next else { break };
             // Still one of the rollout's tenants? (Deleted, suspended, paused or migrated by
             // its own reconcile since the rollout started: skipped.)
-            let Some(t) = ctx
+            // (Or its server is not registered: its own reconcile reports that.)
+            let Some((t, admin)) = ctx
                 .fleet
                 .get(&t.tenant)
-                .and_then(|now| target_of(&now, target))
+                .and_then(|now| Some((target_of(&now, target)?, ctx.servers.admin_of(&now)?)))
             else {
                 continue;
             };
@@ -950,10 +951,9 @@ async fn execute(
                 &ctx.metrics,
             ) {
                 Admission::Go(permit) => {
-                    let ctx = &ctx;
                     let set = &set;
                     in_flight.push(async move {
-                        let result = ctx.admin.migrate(&t.names, set).await;
+                        let result = admin.migrate(&t.names, set).await;
                         let outcome = match result {
                             Ok(_) => {
                                 permit.succeeded();

@@ -28,6 +28,7 @@ mod provision;
 mod reconcile;
 mod rollout;
 mod runtime;
+mod servers;
 mod usage;
 
 pub use context::Context;

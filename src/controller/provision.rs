@@ -34,8 +34,38 @@ use crate::{
     postgres::{
         migrations::MigrateError,
         tenant::{Logins, Names, Review, SchemaChange},
+        Admin,
     },
 };
+
+/// Look again this soon at a tenant no server can take (or whose server is not registered).
+const REQUEUE_UNPLACED: Duration = Duration::from_secs(15);
+
+/// Writes `status.server` on its own, before anything is created on the server (a crash
+/// right after must not let the next reconcile pick another one).
+async fn write_placement(tenant: &Tenant, server: &str, ctx: &Context) -> Result<(), Error> {
+    let api: kube::Api<Tenant> =
+        kube::Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": <Tenant as kube::Resource>::api_version(&()),
+        "kind": <Tenant as kube::Resource>::kind(&()),
+        "status": { "server": server },
+    });
+    api.patch_status(
+        &tenant.name_any(),
+        &kube::api::PatchParams::apply(PLACEMENT_MANAGER).force(),
+        &kube::api::Patch::Apply(patch),
+    )
+    .await
+    .map_err(|source| Error::Kube {
+        stage: Stage::Status,
+        source,
+    })?;
+    Ok(())
+}
+
+/// Field manager of the placement write (the status's other fields are the reconcile's).
+const PLACEMENT_MANAGER: &str = "tenantry-placement";
 
 /// Look again this soon after a tenant was suspended: ends a session whose login raced the
 /// NOLOGIN.
@@ -52,6 +82,7 @@ pub(super) async fn apply(tenant: &Tenant, ctx: &Context) -> Report {
     }
     let mut run = Run {
         tenant,
+        admin: ctx.servers.admin_of(tenant),
         b: StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now()),
         previous_phase: tenant.status.as_ref().map(|s| s.phase),
         notices: Vec::new(),
@@ -65,6 +96,9 @@ pub(super) async fn apply(tenant: &Tenant, ctx: &Context) -> Report {
 /// One apply in progress: the status being built and the Events gathered so far.
 struct Run<'t> {
     tenant: &'t Tenant,
+    /// The admin of the tenant's server: known before anything is looked at in PostgreSQL
+    /// ([`Run::place`]).
+    admin: Option<Admin>,
     b: StatusBuilder,
     previous_phase: Option<Phase>,
     /// Events about the Tenant as a whole (routing, rollout), published first.
@@ -131,6 +165,108 @@ impl Object {
 }
 
 impl Run<'_> {
+    /// The admin of the tenant's server. Only after [`Run::place`] (or for a tenant placed
+    /// before this run).
+    fn admin(&self) -> &Admin {
+        self.admin.as_ref().expect("the tenant was placed first")
+    }
+
+    /// Which server the tenant lives on: `status.server` once chosen (never changed here),
+    /// the default server for a tenant provisioned before servers were recorded, otherwise
+    /// one picked by `spec.placement` and written to `status.server` before anything is
+    /// created. No server that can take it: condition Placed False, nothing created.
+    async fn place(&mut self, ctx: &Context) -> Result<(), Failure> {
+        let servers = &ctx.servers;
+        let placement = self.tenant.spec.placement.clone().unwrap_or_default();
+        let key = (
+            self.tenant.namespace().unwrap_or_default(),
+            self.tenant.name_any(),
+        );
+        let name = match servers.server_of(self.tenant) {
+            Some(name) => name,
+            None => {
+                let picked = servers.pick(&key, &placement, ctx.fleet.per_server(), |k| {
+                    ctx.fleet.placed(k).is_some()
+                });
+                let name = match picked {
+                    Ok(name) => name,
+                    Err(no) => {
+                        let message =
+                            format!("{no}; nothing is created until a server can take it");
+                        self.b
+                            .set(condition::PLACED, "False", no.reason(), message.clone());
+                        return Err(Failure {
+                            mark: Mark::NotReady,
+                            reason: no.reason(),
+                            phase: Phase::Pending,
+                            event: (self
+                                .tenant
+                                .condition(condition::PLACED)
+                                .map(|c| c.reason.as_str())
+                                != Some(no.reason()))
+                            .then_some(Warning {
+                                reason: "NoServer",
+                                action: "Place",
+                            }),
+                            message,
+                            then: Then::Requeue(REQUEUE_UNPLACED),
+                        });
+                    }
+                };
+                if let Err(e) = write_placement(self.tenant, &name, ctx).await {
+                    servers.unpick(&key);
+                    return Err(Failure::error(condition::ROLE_READY, e));
+                }
+                self.journal.push(Note::normal(
+                    "Placed",
+                    "Place",
+                    format!("placed on server {name}"),
+                ));
+                name
+            }
+        };
+        self.b.status_mut().server = Some(name.clone());
+        let Some(admin) = servers.admin(&name) else {
+            let message = format!(
+                "server {name} is not registered (no PostgresServer of that name, or its admin Secret is unusable): see kubectl get postgresserver {name}"
+            );
+            self.b.set(
+                condition::PLACED,
+                "False",
+                "ServerUnavailable",
+                message.clone(),
+            );
+            return Err(Failure {
+                mark: Mark::NotReady,
+                reason: "ServerUnavailable",
+                phase: Phase::Provisioning,
+                event: None,
+                message,
+                then: Then::Requeue(REQUEUE_UNPLACED),
+            });
+        };
+        self.admin = Some(admin);
+        let on = servers.candidate(&name, &ctx.fleet.per_server());
+        if on.is_some_and(|c| !crate::domain::server::satisfies(&placement, &c)) {
+            self.b.set(
+                condition::PLACED,
+                "False",
+                "PlacementChanged",
+                format!(
+                    "spec.placement no longer matches server {name}; tenants are not moved between servers: it stays on {name}"
+                ),
+            );
+        } else {
+            self.b.set(
+                condition::PLACED,
+                "True",
+                "Placed",
+                format!("on server {name}"),
+            );
+        }
+        Ok(())
+    }
+
     async fn pipeline(&mut self, ctx: &Context) -> Result<Done, Failure> {
         // Said again unless the quota stage below says otherwise (a run stopping before it
         // leaves the quota's state as it was, and so are the tenant's grants).
@@ -141,12 +277,13 @@ impl Run<'_> {
             // A refused change leaves the tenant as provisioned, but never keeps a previous
             // login alive past its grace period.
             Err(refused) if refused.mark == Mark::Refused => {
-                return Err(self.retire_despite_refusal(refused, ctx).await)
+                return Err(self.retire_despite_refusal(refused).await)
             }
             Err(invalid) => return Err(invalid),
         };
         let (id, owner, secret_name) = (&plan.ident, &plan.owner, plan.secret_name.as_str());
         Span::current().record("schema", id.as_str());
+        self.place(ctx).await?;
         self.routing(ctx);
 
         // Fast path: nothing relevant changed since a recent full verification (our own Secret
@@ -169,8 +306,8 @@ impl Run<'_> {
 
         // Read what exists, once, before changing anything: conflicts stop us with nothing done.
         let names = Names::new(id.clone());
-        let observed = ctx
-            .admin
+        let observed = self
+            .admin()
             .observe_tenant(&names)
             .await
             .map_err(|e| Failure::error(condition::ROLE_READY, db(Stage::Role)(e)))?;
@@ -209,7 +346,7 @@ impl Run<'_> {
             .identities(&names, &observed, &b_holder, &plan, secret_name, now, ctx)
             .await?;
         let fresh_password = self
-            .roles(&names, owner, &observed, &ids, &plan.limits, ctx)
+            .roles(&names, owner, &observed, &ids, &plan.limits)
             .await?;
         let ended = if self.tenant.is_suspended() {
             // After NOLOGIN is committed, so an ended session cannot log in again.
@@ -218,8 +355,8 @@ impl Run<'_> {
                 .into_iter()
                 .flatten()
             {
-                ended += ctx
-                    .admin
+                ended += self
+                    .admin()
                     .terminate(identity)
                     .await
                     .map_err(|e| Failure::error(condition::ROLE_READY, db(Stage::Role)(e)))?;
@@ -229,7 +366,7 @@ impl Run<'_> {
             None
         };
         if let Some(retired) = ids.retire.as_deref().and_then(|r| names.identity(r)) {
-            self.retired(retired, ctx).await?;
+            self.retired(retired).await?;
         }
         // A rotation happens before the schema and migration steps, so that neither a held
         // nor a failing migration holds it up.
@@ -488,7 +625,7 @@ impl Run<'_> {
     /// status alone (the refused spec is not read), only a role that is one of this tenant's
     /// two logins, carries this Tenant's mark and is not the Secret's current login. Before
     /// the end of the grace, the refusal is looked at again then.
-    async fn retire_despite_refusal(&mut self, mut refused: Failure, ctx: &Context) -> Failure {
+    async fn retire_despite_refusal(&mut self, mut refused: Failure) -> Failure {
         let Some(status) = self.tenant.status.as_ref() else {
             return refused;
         };
@@ -524,8 +661,12 @@ impl Run<'_> {
             &self.tenant.name_any(),
             self.tenant.metadata.uid.as_deref().unwrap_or_default(),
         );
+        // A server that is gone keeps the refusal as it is.
+        if self.admin.is_none() {
+            return refused;
+        }
         let fail = |e| Failure::error(condition::CREDENTIALS_READY, db(Stage::Credentials)(e));
-        let observed = match ctx.admin.observe_tenant(&names).await {
+        let observed = match self.admin().observe_tenant(&names).await {
             Ok(o) => o,
             Err(e) => return fail(e),
         };
@@ -535,10 +676,10 @@ impl Run<'_> {
             observed.login_b_holder(&owner) == Holder::ThisTenant
         };
         if ours {
-            if let Err(e) = ctx.admin.retire_login(retired).await {
+            if let Err(e) = self.admin().retire_login(retired).await {
                 return fail(e);
             }
-            if let Err(f) = self.retired(retired, ctx).await {
+            if let Err(f) = self.retired(retired).await {
                 return f;
             }
         }
@@ -551,9 +692,9 @@ impl Run<'_> {
 
     /// The previous identity's grace period is over: it lost LOGIN and its password in the
     /// role step; its sessions end now.
-    async fn retired(&mut self, retired: &Ident, ctx: &Context) -> Result<(), Failure> {
+    async fn retired(&mut self, retired: &Ident) -> Result<(), Failure> {
         let ended =
-            ctx.admin.terminate(retired).await.map_err(|e| {
+            self.admin().terminate(retired).await.map_err(|e| {
                 Failure::error(condition::CREDENTIALS_READY, db(Stage::Credentials)(e))
             })?;
         info!(
@@ -594,10 +735,10 @@ impl Run<'_> {
         let password = scram::generate_password();
         // The tenant's limits apply to a second identity made now (plan() validated them).
         let limits = TenantLimits::of(&self.tenant.spec.limits).unwrap_or_default();
-        let settings = ctx
-            .admin
+        let settings = self
+            .admin()
             .login_settings(limits.connections, limits.statement_timeout_ms);
-        ctx.admin
+        self.admin()
             .rotate_to(names, owner, observed, target, &password, &settings)
             .await
             .map_err(|e| fail(db(Stage::Credentials)(e)))?;
@@ -607,10 +748,17 @@ impl Run<'_> {
             rotated_at: Some(&ids.record.rotated_at),
             request: ids.record.rotate_request.as_deref(),
         };
-        let issued =
-            credentials::ensure(self.tenant, &login, secret_name, None, Some(&password), ctx)
-                .await
-                .map_err(fail)?;
+        let issued = credentials::ensure(
+            self.tenant,
+            &login,
+            secret_name,
+            None,
+            Some(&password),
+            self.admin(),
+            ctx,
+        )
+        .await
+        .map_err(fail)?;
         let version = match issued {
             Issued::Ready { version, .. } => version,
             Issued::Conflict(message) => {
@@ -902,7 +1050,6 @@ impl Run<'_> {
         observed: &Observed,
         ids: &rotation::Decision,
         limits: &TenantLimits,
-        ctx: &Context,
     ) -> Result<Option<String>, Failure> {
         let id = names.app();
         let password = observed.role.is_none().then(scram::generate_password);
@@ -923,10 +1070,10 @@ impl Run<'_> {
             b: ids.may_log_in(names.login_b.as_str(), suspended),
             retire,
         };
-        let settings = ctx
-            .admin
+        let settings = self
+            .admin()
             .login_settings(limits.connections, limits.statement_timeout_ms);
-        ctx.admin
+        self.admin()
             .ensure_roles(
                 names,
                 owner,
@@ -1011,8 +1158,8 @@ impl Run<'_> {
         } else {
             None
         };
-        let change = ctx
-            .admin
+        let change = self
+            .admin()
             .ensure_schema(
                 names,
                 owner,
@@ -1188,7 +1335,7 @@ impl Run<'_> {
     ) -> Result<(Option<i64>, Option<Hold>), Failure> {
         let before = self.tenant.condition(condition::MIGRATIONS_APPLIED);
         let own_failure = before.filter(|c| c.reason == "MigrationFailed");
-        match migrate(names, ctx).await {
+        match migrate(names, self.admin(), ctx).await {
             Ok(Migrated {
                 version,
                 failed: Some(message),
@@ -1377,19 +1524,19 @@ impl Run<'_> {
         if over {
             // Entering, or a table that got write rights since (a migration, a hand grant).
             if !was_over
-                || ctx
-                    .admin
+                || self
+                    .admin()
                     .writes_granted(names, &logins)
                     .await
                     .map_err(fail)?
             {
-                ctx.admin
+                self.admin()
                     .set_writes(names, &logins, false)
                     .await
                     .map_err(fail)?;
             }
         } else if was_over {
-            ctx.admin
+            self.admin()
                 .set_writes(names, &logins, true)
                 .await
                 .map_err(fail)?;
@@ -1509,6 +1656,7 @@ impl Run<'_> {
             secret_name,
             verifier,
             fresh_password,
+            self.admin(),
             ctx,
         )
         .await
@@ -1665,9 +1813,9 @@ struct Migrated {
 
 /// Applies pending migrations; returns the schema's version and the versions applied now.
 /// A schema already up to date costs one read and no transaction.
-async fn migrate(names: &Names, ctx: &Context) -> Result<Migrated, Error> {
+async fn migrate(names: &Names, admin: &Admin, ctx: &Context) -> Result<Migrated, Error> {
     let set = ctx.migrations();
-    let applied = ctx.admin.applied_migrations(names).await?;
+    let applied = admin.applied_migrations(names).await?;
     let pending = set.pending(&applied)?;
     let current = applied.iter().map(|(v, _)| *v).max();
     if pending.is_empty() {
@@ -1713,7 +1861,7 @@ async fn migrate(names: &Names, ctx: &Context) -> Result<Migrated, Error> {
             }
         }
     };
-    let result = ctx.admin.migrate(names, &set).await;
+    let result = admin.migrate(names, &set).await;
     match (permit, &result) {
         (Some(permit), Ok(_)) => permit.succeeded(),
         (Some(permit), Err(e)) if !e.is_transient() => permit.failed(),

@@ -96,6 +96,8 @@ pub struct Settings {
     /// The TenantRollout (namespace, name) the rollout is reported on (`None`: logs and
     /// metrics only).
     pub rollout_object: Option<(String, String)>,
+    /// The name the server behind the admin URL goes by (`status.server`, placements).
+    pub default_server: String,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -221,18 +223,20 @@ pub async fn run(
                 }
             }
         }
-        if let Some((ns, name)) = &settings.gateway_secret {
-            ensure_gateway(&client, &admin, ns, name).await?;
-        }
+        let gateway_password = match &settings.gateway_secret {
+            Some((ns, name)) => ensure_gateway(&client, &admin, ns, name).await?,
+            None => None,
+        };
         let (ns, name) = &settings.signing_key;
-        Ok::<_, RunError>(ensure_signing_key(&client, ns, name).await?)
+        let key = ensure_signing_key(&client, ns, name).await?;
+        Ok::<_, RunError>((key, gateway_password))
     };
-    let platform_key = tokio::select! {
+    let prepared = tokio::select! {
         key = prepare => Some(key?),
         _ = &mut lease_lost => return Err(RunError::LeaseLost),
         _ = stopping.wait_for(|s| *s) => None,
     };
-    let Some(platform_key) = platform_key else {
+    let Some((platform_key, gateway_password)) = prepared else {
         step_down(leading).await;
         info!("controller stopped before it started");
         return Ok(());
@@ -252,6 +256,7 @@ pub async fn run(
         ),
     )
     .touched_objects();
+    let admin_for_servers = admin.clone();
     let ctx = Arc::new(Context::new(
         client,
         admin,
@@ -264,7 +269,17 @@ pub async fn run(
         settings.base_domain.as_deref(),
         platform_key,
         settings.resync,
+        super::servers::Servers::new(
+            admin_for_servers,
+            settings.default_server.clone(),
+            settings.signing_key.0.clone(),
+        ),
     ));
+    // Placement needs the servers before the first reconcile.
+    ctx.servers.set_gateway_password(gateway_password);
+    ctx.servers
+        .refresh(&ctx.client, &std::collections::HashMap::new())
+        .await;
     let tenant_stream = reflector(
         writer,
         watch::namespaces::<Tenant>(
@@ -308,6 +323,8 @@ pub async fn run(
     );
     // The leader measures the fleet's storage usage; reconciles read it.
     let usage = tokio::spawn(super::usage::run(ctx.clone(), settings.usage_interval));
+    // And looks at the servers tenants are placed on.
+    let servers = tokio::spawn(super::servers::run(ctx.clone()));
     // And scans it for schema drift.
     let drift = (!settings.drift_interval.is_zero())
         .then(|| tokio::spawn(super::drift::run(ctx.clone(), settings.drift_interval)));
@@ -346,6 +363,7 @@ pub async fn run(
         _ = stopped_unsynced => false,
     };
     usage.abort();
+    servers.abort();
     if let Some(drift) = drift {
         drift.abort();
     }

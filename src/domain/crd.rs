@@ -39,6 +39,7 @@ pub const RECREATE_SCHEMA_ANNOTATION: &str = "tenantry.dev/recreate-schema";
     printcolumn = r#"{"name":"Ready", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].status", "description":"Whether the tenant is fully provisioned"}"#,
     printcolumn = r#"{"name":"Phase", "type":"string", "jsonPath":".status.phase", "description":"Lifecycle phase"}"#,
     printcolumn = r#"{"name":"Schema", "type":"string", "jsonPath":".status.schema", "description":"PostgreSQL schema of the tenant"}"#,
+    printcolumn = r#"{"name":"Server", "type":"string", "jsonPath":".status.server", "description":"PostgreSQL server of the tenant", "priority":1}"#,
     printcolumn = r#"{"name":"Migration", "type":"integer", "jsonPath":".status.migrationVersion", "description":"Latest applied migration version"}"#,
     printcolumn = r#"{"name":"Size", "type":"string", "jsonPath":".status.usage.size", "description":"Storage used by the schema (tables, indexes, TOAST), as last measured"}"#,
     printcolumn = r#"{"name":"Quota", "type":"string", "jsonPath":".spec.limits.storage", "description":"Storage quota (spec.limits.storage)", "priority":1}"#,
@@ -103,6 +104,15 @@ pub struct TenantSpec {
     /// back and the API serves it again. Status: phase `Suspended`, condition `Suspended`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspended: bool,
+
+    /// Which PostgreSQL server the tenant is created on: a PostgresServer by name (or
+    /// `default`, the operator's own `--database-url`), or the least-loaded of those whose
+    /// labels match a selector. Unset: the least-loaded server that is ready and not full.
+    /// Read when the tenant is first provisioned (`status.server` then records the choice,
+    /// which never changes by itself); changed later, it is reported (condition Placed)
+    /// but the tenant is not moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<super::server::PlacementSpec>,
 }
 
 /// How the tenantry API serves one tenant.
@@ -237,6 +247,11 @@ pub struct TenantStatus {
     /// PostgreSQL schema of the tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
+
+    /// The server the tenant lives on (a PostgresServer's name, or `default`): chosen once,
+    /// before anything is created, and never changed by the operator on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 
     /// The tenant's app role: it may read and write the tenant's tables and create nothing;
     /// the API switches to it. The Secret logs in as it or as its second login identity
@@ -435,6 +450,10 @@ pub mod condition {
     /// columns, constraints, indexes), naming what differs; False when it matches (absent
     /// until the first drift scan). A report only: it does not touch `Ready`.
     pub const SCHEMA_DRIFT: &str = "SchemaDrift";
+    /// True once the tenant has a server (`status.server`); False while no server can take
+    /// it (nothing is created meanwhile), or while `spec.placement` no longer matches the
+    /// server it is on (it stays there: tenants are not moved).
+    pub const PLACED: &str = "Placed";
     pub const STEPS: [&str; 4] = [
         ROLE_READY,
         SCHEMA_READY,

@@ -13,6 +13,7 @@ pub mod rollout;
 pub mod rotation;
 pub mod routing;
 pub mod scram;
+pub mod server;
 pub mod state;
 pub mod status;
 pub mod template;

@@ -19,6 +19,7 @@ impl StatusBuilder {
             phase: previous_status.phase,
             observed_generation: generation,
             schema: previous_status.schema.clone(),
+            server: previous_status.server.clone(),
             role: previous_status.role.clone(),
             owner_role: previous_status.owner_role.clone(),
             secret_name: previous_status.secret_name.clone(),

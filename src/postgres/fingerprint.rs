@@ -135,7 +135,8 @@ pub struct Scan<T> {
 }
 
 impl<T> Scan<T> {
-    fn merge(&mut self, other: Scan<T>) {
+    /// Adds another scan's findings (another batch, another server).
+    pub fn merge(&mut self, other: Scan<T>) {
         self.of.extend(other.of);
         self.busy.extend(other.busy);
     }

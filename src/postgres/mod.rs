@@ -288,6 +288,32 @@ impl Admin {
         Ok(())
     }
 
+    /// The admin of another server (`url`), with this one's settings: gateway role, time
+    /// limits, tenants' connection limit.
+    pub fn sibling(
+        &self,
+        url: &str,
+        max_connections: u32,
+        public_host: Option<String>,
+        public_port: Option<u16>,
+    ) -> Result<Self, sqlx::Error> {
+        let mut admin = Admin::new(url, max_connections, public_host, public_port)?;
+        admin.gateway = self.gateway.clone();
+        admin.timeouts = self.timeouts;
+        admin.connection_limit = self.connection_limit;
+        Ok(admin)
+    }
+
+    /// The server's version and the size of the database in bytes.
+    pub async fn describe(&self) -> Result<(String, i64), sqlx::Error> {
+        sqlx::query_as(
+            "SELECT pg_catalog.current_setting('server_version'), \
+             pg_catalog.pg_database_size(pg_catalog.current_database())",
+        )
+        .fetch_one(&self.pool)
+        .await
+    }
+
     /// Cheap liveness probe of the database.
     pub async fn ping(&self) -> bool {
         tokio::time::timeout(

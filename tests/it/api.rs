@@ -100,7 +100,11 @@ impl Api {
             signing_key: (ns.name.clone(), SIGNING_KEY_SECRET.into()),
         };
         let (registry, watch) = registry::watch(ns.client.clone(), &config);
-        let settings = Settings { auth, limits };
+        let settings = Settings {
+            auth,
+            limits,
+            server: "default".into(),
+        };
         let state = AppState::new(registry.clone(), data.clone(), settings);
         let router = api::router(state.clone());
         let ops = api::ops_router(state);

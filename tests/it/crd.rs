@@ -15,6 +15,11 @@ fn committed_crd_matches_the_generated_one() {
         committed == tenantry::cli::rollout_crd_yaml(),
         "crds/tenantrollout.yaml is stale: run `cargo run -- crd tenantrollout > crds/tenantrollout.yaml`"
     );
+    let committed = std::fs::read_to_string(repo().join("crds/postgresserver.yaml")).unwrap();
+    assert!(
+        committed == tenantry::cli::server_crd_yaml(),
+        "crds/postgresserver.yaml is stale: run `cargo run -- crd postgresserver > crds/postgresserver.yaml`"
+    );
 }
 
 #[test]

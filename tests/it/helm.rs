@@ -69,7 +69,7 @@ fn the_chart_readme_describes_every_value() {
 
 #[test]
 fn chart_crds_are_the_generated_ones() {
-    for file in ["tenant.yaml", "tenantrollout.yaml"] {
+    for file in ["tenant.yaml", "tenantrollout.yaml", "postgresserver.yaml"] {
         let chart = std::fs::read(repo().join("charts/tenantry/files/crds").join(file)).unwrap();
         let root = std::fs::read(repo().join("crds").join(file)).unwrap();
         assert!(
@@ -95,8 +95,11 @@ fn chart_crds_are_the_generated_ones() {
         .map(|d| whole(<Value as serde::Deserialize>::deserialize(d).unwrap()))
         .filter(|v| !v.is_null())
         .collect();
-    assert_eq!(rendered.len(), 2, "{out}");
-    for (file, rendered) in ["tenant.yaml", "tenantrollout.yaml"].iter().zip(&rendered) {
+    assert_eq!(rendered.len(), 3, "{out}");
+    for (file, rendered) in ["tenant.yaml", "tenantrollout.yaml", "postgresserver.yaml"]
+        .iter()
+        .zip(&rendered)
+    {
         let root = std::fs::read(repo().join("crds").join(file)).unwrap();
         let generated: Value = whole(serde_yaml::from_slice(&root).unwrap());
         assert_eq!(rendered["spec"], generated["spec"], "{file}");

@@ -121,6 +121,8 @@ pub fn install_crd(kubeconfig: &Path) {
             "crds/tenant.yaml",
             "-f",
             "crds/tenantrollout.yaml",
+            "-f",
+            "crds/postgresserver.yaml",
         ],
     );
     assert!(
@@ -135,6 +137,7 @@ pub fn install_crd(kubeconfig: &Path) {
             "--for=condition=Established",
             "crd/tenants.tenantry.dev",
             "crd/tenantrollouts.tenantry.dev",
+            "crd/postgresservers.tenantry.dev",
             "--timeout=60s",
         ],
     );

@@ -331,6 +331,7 @@ impl RunningController {
             migration_source: opts.source,
             // The rollout is reported on the TenantRollout `tenantry` of the test's namespace.
             rollout_object: Some((ns.name.clone(), ROLLOUT.into())),
+            default_server: "default".into(),
         };
         let client = ns.client.clone();
         let m = metrics.clone();
