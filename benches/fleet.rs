@@ -149,6 +149,7 @@ impl Operator {
                 .map(|_| (ns.to_string(), "tenantry".to_string())),
             migration_source: source,
             default_server: "default".into(),
+            server_selector: String::new(),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let metrics = Metrics::default();

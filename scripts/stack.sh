@@ -10,6 +10,10 @@
 #   scripts/stack.sh stop-pg DIR | start-pg DIR
 #       Stops PostgreSQL in immediate mode (a crash: no checkpoint, every session cut) /
 #       starts it again on the same port and data directory (crash recovery), for fault tests.
+#   scripts/stack.sh start-server DIR NAME [--watch-pid PID]
+#       Starts one more PostgreSQL cluster under DIR/servers/NAME (for tenants placed on
+#       several servers) and prints its DATABASE_URL and port; stopped with the stack. Its
+#       stop-pg/start-pg directory is DIR/servers/NAME.
 #   scripts/stack.sh stop-apiserver DIR | start-apiserver DIR
 #       Kills the kube-apiserver (SIGKILL; etcd keeps running) / starts it again on the same
 #       port, certificates and etcd, and waits until it is ready.
@@ -141,7 +145,11 @@ start_postgres_again() {
 }
 
 stop() {
-  local dir=$1
+  local dir=$1 server
+  for server in "$dir"/servers/*/; do
+    [[ -f $server/pg/data/postmaster.pid ]] &&
+      as_pg "$pgbin/pg_ctl" -D "$server/pg/data" -m immediate stop >/dev/null 2>&1 || true
+  done
   for f in "$dir"/k8s/apiserver.pid "$dir"/k8s/etcd.pid; do
     [[ -f $f ]] && kill "$(cat "$f")" 2>/dev/null || true
   done
@@ -171,6 +179,20 @@ case "${1:-}" in
   stop)
     stop "${2:?usage: stack.sh stop DIR}"
     ;;
+  start-server)
+    dir=${2:?usage: stack.sh start-server DIR NAME}
+    name=${3:?usage: stack.sh start-server DIR NAME}
+    [[ $name =~ ^[a-z0-9-]+$ ]] || { echo "stack: a server name is [a-z0-9-]+" >&2; exit 2; }
+    mkdir -p "$dir/servers/$name"
+    [[ $(id -u) == 0 ]] && chmod 755 "$dir/servers" "$dir/servers/$name"
+    start_postgres "$dir/servers/$name" >"$dir/servers/$name/env" || { stop "$dir"; exit 1; }
+    if [[ "${4:-}" == "--watch-pid" ]]; then
+      watched=${5:?--watch-pid needs a PID}
+      nohup bash -c "while kill -0 $watched 2>/dev/null; do sleep 1; done; '$here/stack.sh' stop '$dir'; rm -rf '$dir'" \
+        >/dev/null 2>&1 &
+    fi
+    cat "$dir/servers/$name/env"
+    ;;
   stop-pg)
     stop_postgres "${2:?usage: stack.sh stop-pg DIR}"
     ;;
@@ -184,7 +206,7 @@ case "${1:-}" in
     run_apiserver "${2:?usage: stack.sh start-apiserver DIR}"
     ;;
   *)
-    echo "usage: $0 start DIR [--watch-pid PID] | stop DIR | stop-pg DIR | start-pg DIR | stop-apiserver DIR | start-apiserver DIR" >&2
+    echo "usage: $0 start DIR [--watch-pid PID] | stop DIR | start-server DIR NAME | stop-pg DIR | start-pg DIR | stop-apiserver DIR | start-apiserver DIR" >&2
     exit 2
     ;;
 esac

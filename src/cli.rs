@@ -265,6 +265,12 @@ pub struct ControllerArgs {
     #[arg(long, env = "TENANTRY_DEFAULT_SERVER", default_value = crate::domain::server::DEFAULT_SERVER, value_parser = parse_server_name)]
     pub default_server: String,
 
+    /// Place tenants only on the PostgresServers whose labels match this selector
+    /// (`kubectl get -l` syntax, e.g. `env=prod`); empty: every PostgresServer. For several
+    /// operators (or environments) sharing one Kubernetes cluster.
+    #[arg(long, env = "TENANTRY_SERVER_SELECTOR", default_value = "")]
+    pub server_selector: String,
+
     /// Host written into credentials Secrets (default: the host of --database-url). Set it to
     /// the address applications use, e.g. a Service name.
     #[arg(long, env = "TENANTRY_TENANT_DB_HOST")]
@@ -529,6 +535,13 @@ pub struct ApiArgs {
     /// `tenant-on-another-server`.
     #[arg(long, env = "TENANTRY_SERVER", default_value = crate::domain::server::DEFAULT_SERVER, value_parser = parse_server_name)]
     pub server: String,
+
+    /// Servers this API keeps a pool open to, its own included: a tenant on another server is
+    /// served over a pool of --pool-size connections to it, opened at its first request, so
+    /// the API holds at most --pool-size × --max-servers connections. 1: its own server only
+    /// (other servers' tenants are answered 503 `tenant-on-another-server`).
+    #[arg(long, env = "TENANTRY_MAX_SERVERS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_servers: u32,
 }
 
 /// Builds a kube client from an explicit kubeconfig or by inference.
@@ -748,20 +761,26 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
         },
         server: args.server.clone(),
     };
-    let pool = api::connect(
-        &args.database_url,
-        api::PoolConfig {
-            size: args.pool_size,
-            acquire_timeout: std::time::Duration::from_millis(args.pool_acquire_timeout_ms),
-            max_lifetime: std::time::Duration::from_secs(args.pool_max_lifetime_secs),
-            statement_cache: args.pool_statement_cache as usize,
-            home_wait: std::time::Duration::from_millis(args.pool_home_wait_ms),
-        },
-        args.allow_privileged_role,
-    )
-    .await
-    .context("--database-url")?;
+    let pool_config = api::PoolConfig {
+        size: args.pool_size,
+        acquire_timeout: std::time::Duration::from_millis(args.pool_acquire_timeout_ms),
+        max_lifetime: std::time::Duration::from_secs(args.pool_max_lifetime_secs),
+        statement_cache: args.pool_statement_cache as usize,
+        home_wait: std::time::Duration::from_millis(args.pool_home_wait_ms),
+    };
+    let pool = api::connect(&args.database_url, pool_config, args.allow_privileged_role)
+        .await
+        .context("--database-url")?;
     let client = args.kube.client().await?;
+    let servers = (args.max_servers > 1).then(|| {
+        api::ServerPools::new(
+            client.clone(),
+            args.database_url.clone(),
+            pool_config,
+            args.allow_privileged_role,
+            args.max_servers as usize,
+        )
+    });
     let config = crate::registry::Config {
         namespaces: args.namespaces.clone(),
         base_domain: args.base_domain.clone(),
@@ -774,7 +793,7 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     let ops_listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("--metrics-listen {}", args.metrics_listen))?;
-    let state = api::AppState::new(registry, pool, settings);
+    let state = api::AppState::with_servers(registry, pool, servers, settings);
     let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
     let ops = tokio::spawn(api::serve_ops(ops_listener, state.clone(), async {
         let _ = ops_stopped.await;
@@ -912,6 +931,7 @@ impl Cli {
                         migration_source: source,
                         rollout_object,
                         default_server: args.default_server,
+                        server_selector: args.server_selector,
                     },
                     telemetry::Metrics::default(),
                     shutdown_signal(),

@@ -103,7 +103,7 @@ async fn slot_and_catalog(
     let c = state
         .catalogs
         .get(
-            &state.pool,
+            &t.pool,
             &t.schema,
             t.entry.info.migration_version,
             &limits_of(state, t),
@@ -149,7 +149,7 @@ where
     let sql = build(t.schema.as_str(), c.table(&table)?, &limits)?;
     let read_only = access == Access::Read;
     let crowded = slot.crowded();
-    match in_tenant(&state.pool, &t.schema, read_only, &limits, &sql, crowded).await {
+    match in_tenant(&t.pool, &t.schema, read_only, &limits, &sql, crowded).await {
         Err(e) if access == Access::Write && info.has_quota && e.kind == "permission-denied" => {
             Err(ApiError::quota_exceeded(&info.name))
         }

@@ -22,6 +22,8 @@ pub struct AppState(Arc<Shared>);
 pub struct Shared {
     pub registry: Registry,
     pub pool: Pool,
+    /// The pools of other servers (`None`: this API serves its own server only).
+    pub servers: Option<super::servers::ServerPools>,
     pub settings: Settings,
     pub metrics: ApiMetrics,
     pub(super) catalogs: CatalogCache,
@@ -39,12 +41,23 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(registry: Registry, pool: Pool, settings: Settings) -> Self {
+        Self::with_servers(registry, pool, None, settings)
+    }
+
+    /// Serving the tenants of other servers too, over `servers`.
+    pub fn with_servers(
+        registry: Registry,
+        pool: Pool,
+        servers: Option<super::servers::ServerPools>,
+        settings: Settings,
+    ) -> Self {
         let per_tenant = settings.limits.tenant_concurrency(pool.capacity());
         Self(Arc::new(Shared {
             slots: Arc::new(TenantSlots::new(per_tenant, SLOT_WAIT)),
             tokens: TokenCache::default(),
             registry,
             pool,
+            servers,
             settings,
             metrics: ApiMetrics::default(),
             catalogs: CatalogCache::default(),

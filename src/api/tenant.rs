@@ -17,6 +17,8 @@ use crate::{
 /// The request's tenant, resolved and authenticated.
 pub struct TenantRequest {
     pub entry: Entry,
+    /// The pool of the tenant's server.
+    pub pool: super::pool::Pool,
     pub schema: Ident,
     pub claims: Value,
 }
@@ -110,20 +112,6 @@ impl FromRequestParts<AppState> for TenantRequest {
             auth::authorize_cached(token, &entry, &state.settings.auth, &state.tokens)?;
             return Err(ApiError::suspended(&info.name));
         }
-        if let Some(server) = info
-            .server
-            .as_ref()
-            .filter(|s| **s != state.settings.server)
-        {
-            return Err(ApiError::unavailable(
-                "tenant-on-another-server",
-                format!(
-                    "tenant {:?} lives on server {server:?}; this API serves server {:?} only",
-                    info.name, state.settings.server
-                ),
-                30,
-            ));
-        }
         let schema = match (&info.schema, info.ready) {
             (Some(s), true) => Ident::parse("schema", s).map_err(ApiError::internal)?,
             _ => {
@@ -135,8 +123,32 @@ impl FromRequestParts<AppState> for TenantRequest {
             }
         };
         let claims = auth::authorize_cached(token, &entry, &state.settings.auth, &state.tokens)?;
+        // The tenant's server's pool, opened now for a server's first request (after the
+        // token: an anonymous caller opens no pool).
+        let pool = match entry
+            .info
+            .server
+            .as_ref()
+            .filter(|s| **s != state.settings.server)
+        {
+            None => state.pool.clone(),
+            Some(server) => match &state.servers {
+                Some(servers) => servers.get(server).await?,
+                None => {
+                    return Err(ApiError::unavailable(
+                        "tenant-on-another-server",
+                        format!(
+                        "tenant {:?} lives on server {server:?}; this API serves server {:?} only",
+                        entry.info.name, state.settings.server
+                    ),
+                        30,
+                    ))
+                }
+            },
+        };
         Ok(TenantRequest {
             entry,
+            pool,
             schema,
             claims,
         })

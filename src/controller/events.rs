@@ -5,6 +5,7 @@
 /// Reasons of Normal Events.
 pub const NORMAL: &[&str] = &[
     "Provisioned",
+    "Placed",
     "RoleCreated",
     "SchemaCreated",
     "MigrationsApplied",
@@ -46,6 +47,7 @@ pub const WARNING: &[&str] = &[
     "HistoryMissing",
     "OwnershipMarkChanged",
     "KeptUnmarked",
+    "NoServer",
 ];
 
 #[cfg(test)]

@@ -98,6 +98,9 @@ pub struct Settings {
     pub rollout_object: Option<(String, String)>,
     /// The name the server behind the admin URL goes by (`status.server`, placements).
     pub default_server: String,
+    /// The PostgresServers this operator places tenants on: those whose labels match this
+    /// selector (empty: all).
+    pub server_selector: String,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -273,6 +276,7 @@ pub async fn run(
             admin_for_servers,
             settings.default_server.clone(),
             settings.signing_key.0.clone(),
+            settings.server_selector.clone(),
         ),
     ));
     // Placement needs the servers before the first reconcile.

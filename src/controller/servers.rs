@@ -56,16 +56,19 @@ pub struct Servers {
     /// Where admin Secrets are looked up when `adminSecretRef.namespace` is unset.
     namespace: String,
     gateway_password: Mutex<Option<String>>,
+    /// Only the PostgresServers whose labels match (`--server-selector`; empty: all).
+    selector: String,
     known: RwLock<BTreeMap<String, Known>>,
     picks: Mutex<HashMap<Key, String>>,
 }
 
 impl Servers {
-    pub fn new(default: Admin, default_name: String, namespace: String) -> Self {
+    pub fn new(default: Admin, default_name: String, namespace: String, selector: String) -> Self {
         Self {
             default_name,
             default,
             namespace,
+            selector,
             gateway_password: Mutex::default(),
             known: RwLock::default(),
             picks: Mutex::default(),
@@ -170,7 +173,8 @@ impl Servers {
     /// reports each in its status. `loads`: the Tenants placed on each server.
     pub async fn refresh(&self, client: &Client, loads: &HashMap<String, usize>) {
         let api: Api<PostgresServer> = Api::all(client.clone());
-        let list = match api.list(&Default::default()).await {
+        let params = kube::api::ListParams::default().labels(&self.selector);
+        let list = match api.list(&params).await {
             Ok(l) => l,
             Err(e) => {
                 warn!(error = %e, "cannot list PostgresServers; keeping the servers known");

@@ -87,6 +87,35 @@ impl Api {
         limits: Limits,
         pool: PoolConfig,
     ) -> Self {
+        Self::start_serving(ns, namespace, auth, limits, pool, 1).await
+    }
+
+    /// An API with pools to up to `max_servers` servers (`tenantry api --max-servers`).
+    pub async fn start_with_servers(ns: &TestNs, max_servers: usize) -> Self {
+        let auth = AuthConfig {
+            leeway_secs: 5,
+            ..AuthConfig::default()
+        };
+        Self::start_serving(
+            ns,
+            Some(&ns.name),
+            auth,
+            test_limits(),
+            test_pool(),
+            max_servers,
+        )
+        .await
+    }
+
+    async fn start_serving(
+        ns: &TestNs,
+        namespace: Option<&str>,
+        auth: AuthConfig,
+        limits: Limits,
+        pool: PoolConfig,
+        max_servers: usize,
+    ) -> Self {
+        let pool_config = pool;
         let uri = gateway_uri(ns).await;
         let data = api::connect(&uri, pool, false).await.expect("gateway pool");
         // A gateway session of the tests' own, opened when a test asks for it.
@@ -105,7 +134,16 @@ impl Api {
             limits,
             server: "default".into(),
         };
-        let state = AppState::new(registry.clone(), data.clone(), settings);
+        let servers = (max_servers > 1).then(|| {
+            api::ServerPools::new(
+                ns.client.clone(),
+                uri.clone(),
+                pool_config,
+                false,
+                max_servers,
+            )
+        });
+        let state = AppState::with_servers(registry.clone(), data.clone(), servers, settings);
         let router = api::router(state.clone());
         let ops = api::ops_router(state);
         Self {

@@ -21,4 +21,5 @@ mod migrations;
 mod provision;
 mod rollout;
 mod rotation;
+mod servers;
 mod suspend;

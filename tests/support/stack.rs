@@ -97,6 +97,72 @@ pub fn start(prefix: &str) -> Stack {
     }
 }
 
+/// Another PostgreSQL server, in its own temporary directory, stopped when this process exits.
+#[allow(dead_code)] // used by the integration tests, not by the benchmarks
+pub struct Server {
+    /// Its superuser's URL.
+    pub url: String,
+    /// Its `scripts/stack.sh stop-pg`/`start-pg` directory.
+    pub dir: PathBuf,
+}
+
+#[allow(dead_code)]
+impl Server {
+    pub fn start(name: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("tenantry-server-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        let out = Command::new(repo().join("scripts/stack.sh"))
+            .arg("start-server")
+            .arg(&dir)
+            .arg(name)
+            .arg("--watch-pid")
+            .arg(std::process::id().to_string())
+            .output()
+            .expect("running scripts/stack.sh");
+        assert!(
+            out.status.success(),
+            "scripts/stack.sh start-server failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let url = text
+            .lines()
+            .find_map(|l| l.strip_prefix("DATABASE_URL="))
+            .expect("stack.sh printed no DATABASE_URL")
+            .to_string();
+        Self {
+            url,
+            dir: dir.join("servers").join(name),
+        }
+    }
+
+    fn script(&self, command: &str) {
+        let out = Command::new(repo().join("scripts/stack.sh"))
+            .arg(command)
+            .arg(&self.dir)
+            .output()
+            .expect("running scripts/stack.sh");
+        assert!(
+            out.status.success(),
+            "scripts/stack.sh {command} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops it in immediate mode (every session cut).
+    pub fn stop(&self) {
+        self.script("stop-pg");
+    }
+
+    /// Starts it again on the same port.
+    pub fn start_again(&self) {
+        self.script("start-pg");
+    }
+}
+
 /// Runs kubectl with `kubeconfig` from the repository root.
 pub fn kubectl_with(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
     Command::new("kubectl")

@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 pub type Env = stack::Stack;
 
 use stack::kubectl_with;
-pub use stack::repo;
+pub use stack::{repo, Server};
 
 /// The shared PostgreSQL + apiserver, started on first use; the CRD is installed.
 pub fn env() -> &'static Env {
@@ -122,7 +122,7 @@ pub async fn revoke_role(pg: &PgPool, role: &str, member: &str) {
 }
 
 /// Creates a login with only `CREATEROLE`, makes it the database's owner and returns its URL.
-async fn createrole_owner(superuser: &str) -> String {
+pub async fn createrole_owner(superuser: &str) -> String {
     use sqlx::{Connection, Executor};
     let opts: sqlx::postgres::PgConnectOptions = superuser.parse().expect("admin URL");
     let db = opts.get_database().unwrap_or("postgres").to_string();
@@ -272,6 +272,9 @@ pub struct RunningController {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The label that ties a test's PostgresServers to its namespace's controller.
+pub const SERVER_LABEL: &str = "tenantry.dev/test-namespace";
+
 pub struct ControllerOpts {
     pub database_url: String,
     pub migrations: MigrationSet,
@@ -332,6 +335,8 @@ impl RunningController {
             // The rollout is reported on the TenantRollout `tenantry` of the test's namespace.
             rollout_object: Some((ns.name.clone(), ROLLOUT.into())),
             default_server: "default".into(),
+            // PostgresServers are cluster-scoped: each test's controller sees only its own.
+            server_selector: format!("{SERVER_LABEL}={}", ns.name),
         };
         let client = ns.client.clone();
         let m = metrics.clone();
