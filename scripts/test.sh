@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, then integration and end-to-end tests against a throwaway
 # PostgreSQL cluster and a real kube-apiserver + etcd that the test binary starts itself; then
-# the version × admin matrix: the isolation (hostile), provisioning, API and deletion suites on
+# the version × admin matrix: the isolation (hostile), provisioning, API, deletion and servers suites on
 # PostgreSQL 15 (Debian), 16, 17 and 18, each with a superuser admin and with an admin that has
 # only CREATEROLE and owns the database (TENANTRY_TEST_ADMIN=createrole); beside it, the
 # generated-input fuzz of the API (tests/fuzz/run.sh) with FUZZ_EXAMPLES (default 1000) cases
@@ -38,7 +38,7 @@ for major in 15 16 17 18; do
     echo "test: PostgreSQL $major, $admin admin (${pg_bin:-Debian}; log $log)" >&2
     (
       [[ -z $pg_bin ]] || export PG_BIN=$pg_bin
-      TENANTRY_TEST_ADMIN=$admin "$it" hostile:: provision:: deletion:: api:: >"$log" 2>&1
+      TENANTRY_TEST_ADMIN=$admin "$it" hostile:: provision:: deletion:: api:: servers:: >"$log" 2>&1
     ) &
     pids+=("$!:$major-$admin:$log")
   done
