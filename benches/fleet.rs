@@ -12,6 +12,9 @@
 //!                                                 --cold adds the first 15 s after a start and recycling,
 //!                                                 --noisy (N > 50) the noisy-neighbour p99
 //!   cargo bench --bench fleet -- registry N       API registry: sync of N Tenants, RSS, Ready → routable
+//!   cargo bench --bench fleet -- placement N      N Tenants over three servers (the default and two
+//!                                                 PostgresServers): time to all Ready, tenants per server,
+//!                                                 vs N more all placed on the default server
 //!   cargo bench --bench fleet -- drift N          schema drift scan of N tenant schemas (raw provisioning, 1 %
 //!                                                 changed by hand): the one fingerprint query, the descriptors of
 //!                                                 the drifted ones, vs one query per schema; the references' build
@@ -158,6 +161,59 @@ impl Operator {
             controller::run(c, admin, migrations, settings, m, async move {
                 let _ = rx.await;
             })
+            .await
+            .unwrap();
+        });
+        Self {
+            stop: Some(tx),
+            task,
+            metrics,
+        }
+    }
+
+    /// An operator watching the Tenants of several namespaces.
+    async fn start_watching(
+        stack: &Stack,
+        client: &Client,
+        namespaces: &[&str],
+        concurrency: u16,
+    ) -> Self {
+        let gw = Ident::parse_role("bench_gateway").unwrap();
+        let admin = Admin::new(&stack.database_url, concurrency as u32, None, None)
+            .unwrap()
+            .with_gateway(Some(gw));
+        let ns = namespaces[0];
+        let settings = Settings {
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            concurrency,
+            health_addr: "127.0.0.1:0".parse().unwrap(),
+            gateway_secret: Some((ns.into(), "tenantry-gateway".into())),
+            signing_key: (ns.into(), "tenantry-signing-key".into()),
+            base_domain: None,
+            leader: None,
+            rollout: Default::default(),
+            usage_interval: std::time::Duration::from_secs(60),
+            drift_interval: Duration::ZERO,
+            resync: tenantry::controller::RESYNC,
+            rollout_object: None,
+            migration_source: None,
+            default_server: "default".into(),
+            server_selector: String::new(),
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let metrics = Metrics::default();
+        let (c, m) = (client.clone(), metrics.clone());
+        let task = tokio::spawn(async move {
+            controller::run(
+                c,
+                admin,
+                MigrationSet::embedded(),
+                settings,
+                m,
+                async move {
+                    let _ = rx.await;
+                },
+            )
             .await
             .unwrap();
         });
@@ -571,6 +627,116 @@ async fn drift(stack: &Stack, n: usize) -> Vec<String> {
     ]
 }
 
+/// `n` Tenants created at once over the default server and two PostgresServers, then `n` more
+/// all placed on the default server (the baseline: one server, same operator, same run).
+async fn placement(stack: &Stack, n: usize, conc: u16) -> Vec<String> {
+    use k8s_openapi::{api::core::v1::Secret, ByteString};
+    use tenantry::domain::server::{
+        PlacementSpec, PostgresServer, PostgresServerSpec, SecretKeyRef,
+    };
+    let client = client(stack).await;
+    let (spread, single) = ("bench-spread", "bench-single");
+    namespace(&client, spread).await;
+    namespace(&client, single).await;
+    let servers: Vec<stack::Server> = ["p2", "p3"].into_iter().map(stack::Server::start).collect();
+    let ps_api: Api<PostgresServer> = Api::all(client.clone());
+    for (name, s) in ["p2", "p3"].iter().zip(&servers) {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), spread);
+        let mut secret = Secret::default();
+        secret.metadata.name = Some(format!("{name}-admin"));
+        secret.data = Some([("uri".to_string(), ByteString(s.url.clone().into_bytes()))].into());
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+        let mut ps = PostgresServer::new(
+            name,
+            PostgresServerSpec {
+                admin_secret_ref: SecretKeyRef {
+                    namespace: Some(spread.into()),
+                    name: format!("{name}-admin"),
+                    key: None,
+                },
+                ..PostgresServerSpec::default()
+            },
+        );
+        ps.metadata.labels = None;
+        ps_api.create(&PostParams::default(), &ps).await.unwrap();
+    }
+    let op = Operator::start_watching(stack, &client, &[spread, single], conc).await;
+    // Both servers registered (Ready) before the first Tenant.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = ps_api
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|s| {
+                s.status.as_ref().is_some_and(|st| {
+                    st.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            })
+            .count();
+        if ready == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the PostgresServers did not become Ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ready = |t: &Tenant| t.condition("Ready").is_some_and(|c| c.status == "True");
+    let started = Instant::now();
+    create_tenants(&client, spread, n).await;
+    wait_for(&client, spread, n, ready).await;
+    let spread_took = started.elapsed();
+    let tenants: Api<Tenant> = Api::namespaced(client.clone(), spread);
+    let mut per: std::collections::BTreeMap<String, usize> = Default::default();
+    for t in tenants.list(&Default::default()).await.unwrap() {
+        let s = t.status.and_then(|s| s.server).unwrap_or_default();
+        *per.entry(s).or_default() += 1;
+    }
+    let even = n as f64 / 3.0;
+    let worst = per
+        .values()
+        .map(|c| (*c as f64 - even).abs() / even * 100.0)
+        .fold(0.0, f64::max);
+    // The baseline: as many again, all on the default server.
+    let api: Api<Tenant> = Api::namespaced(client.clone(), single);
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let mut t = Tenant::test(&format!("t{i:05}"));
+                t.spec.placement = Some(PlacementSpec {
+                    server: Some("default".into()),
+                    selector: None,
+                });
+                api.create(&PostParams::default(), &t).await.unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    wait_for(&client, single, n, ready).await;
+    let single_took = started.elapsed();
+    op.stop().await;
+    vec![
+        format!(
+            "| {n} Tenants over 3 servers → all Ready | {:.2} s | {n} on the default server alone: {:.2} s | {:.2}× | per server {per:?}; farthest from even: {worst:.1} % |",
+            spread_took.as_secs_f64(),
+            single_took.as_secs_f64(),
+            ratio(spread_took, single_took)
+        ),
+    ]
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -601,6 +767,11 @@ fn main() {
             }
             "api" => println!("{}", api_bench::api_bench(&stack, n, conc).await),
             "registry" => println!("{}", api_bench::registry_bench(&stack, n).await),
+            "placement" => {
+                for l in placement(&stack, n, conc).await {
+                    println!("{l}");
+                }
+            }
             "drift" => {
                 for l in drift(&stack, n).await {
                     println!("{l}");
