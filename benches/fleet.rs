@@ -653,7 +653,6 @@ async fn placement(stack: &Stack, n: usize, conc: u16) -> Vec<String> {
             name,
             PostgresServerSpec {
                 admin_secret_ref: SecretKeyRef {
-                    namespace: Some(spread.into()),
                     name: format!("{name}-admin"),
                     key: None,
                 },

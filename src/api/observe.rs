@@ -34,6 +34,8 @@ struct RouteLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabel {
     state: &'static str,
+    /// The PostgreSQL server of the pool (`--server` for the API's own).
+    server: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -196,12 +198,20 @@ fn as_problem(res: Response) -> Response {
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let m = &state.metrics;
     m.tenants.set(state.registry.len() as i64);
-    let idle = state.pool.num_idle() as i64;
-    let size = state.pool.size() as i64;
-    m.pool.get_or_create(&PoolLabel { state: "idle" }).set(idle);
-    m.pool
-        .get_or_create(&PoolLabel { state: "in_use" })
-        .set(size - idle);
+    let mut pools = vec![(state.settings.server.clone(), state.pool.clone())];
+    if let Some(servers) = &state.servers {
+        pools.extend(servers.opened());
+    }
+    for (server, pool) in pools {
+        let idle = pool.num_idle() as i64;
+        let size = pool.size() as i64;
+        let label = |state| PoolLabel {
+            state,
+            server: server.clone(),
+        };
+        m.pool.get_or_create(&label("idle")).set(idle);
+        m.pool.get_or_create(&label("in_use")).set(size - idle);
+    }
     let mut out = String::new();
     encode(&mut out, &m.registry).expect("writing to a String cannot fail");
     (

@@ -125,12 +125,14 @@ impl FromRequestParts<AppState> for TenantRequest {
         let claims = auth::authorize_cached(token, &entry, &state.settings.auth, &state.tokens)?;
         // The tenant's server's pool, opened now for a server's first request (after the
         // token: an anonymous caller opens no pool).
-        let pool = match entry
+        // A tenant without `status.server` was provisioned before servers were recorded: on
+        // the operator's default server, which is this API's own only if named so.
+        let server = entry
             .info
             .server
-            .as_ref()
-            .filter(|s| **s != state.settings.server)
-        {
+            .as_deref()
+            .unwrap_or(crate::domain::server::DEFAULT_SERVER);
+        let pool = match Some(server).filter(|s| *s != state.settings.server) {
             None => state.pool.clone(),
             Some(server) => match &state.servers {
                 Some(servers) => servers.get(server).await?,

@@ -65,6 +65,10 @@ struct View {
     /// The server of each placed Tenant, and how many Tenants each server holds.
     placed: HashMap<Key, String>,
     per_server: HashMap<String, usize>,
+    /// The Tenants claiming each schema name (its status's, else its spec's or the derived
+    /// one): on different servers two could otherwise share one.
+    schema_of: HashMap<Key, String>,
+    by_schema: HashMap<String, Vec<Key>>,
 }
 
 impl View {
@@ -90,11 +94,29 @@ impl View {
             self.uncount(old);
         }
         self.count(now);
+        self.unclaim(&key);
+        let schema = claimed_schema(t);
+        self.by_schema
+            .entry(schema.clone())
+            .or_default()
+            .push(key.clone());
+        self.schema_of.insert(key.clone(), schema);
         let server = t.status.as_ref().and_then(|s| s.server.clone());
         self.unplace(&key);
         if let Some(server) = server {
             *self.per_server.entry(server.clone()).or_default() += 1;
             self.placed.insert(key, server);
+        }
+    }
+
+    fn unclaim(&mut self, key: &Key) {
+        if let Some(old) = self.schema_of.remove(key) {
+            if let Some(keys) = self.by_schema.get_mut(&old) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    self.by_schema.remove(&old);
+                }
+            }
         }
     }
 
@@ -114,6 +136,7 @@ impl View {
         self.routing.remove(&key);
         self.formerly.remove(&key);
         self.unplace(&key);
+        self.unclaim(&key);
         if let Some(old) = self.standing.remove(&key) {
             self.uncount(old);
         }
@@ -133,6 +156,21 @@ impl View {
         }
         self.failed -= usize::from(s.failed);
     }
+}
+
+/// The schema a Tenant has or would get: its status's, else its spec's, else the derived one.
+fn claimed_schema(t: &Tenant) -> String {
+    use kube::ResourceExt;
+    t.status
+        .as_ref()
+        .and_then(|s| s.schema.clone())
+        .or_else(|| t.spec.schema.clone())
+        .unwrap_or_else(|| {
+            crate::domain::naming::default_schema_name(
+                &t.namespace().unwrap_or_default(),
+                &t.name_any(),
+            )
+        })
 }
 
 /// The live view and, while the watch relists, the next one. Like the reflector's store, a
@@ -185,6 +223,19 @@ impl Fleet {
                 v.live = v.relist.take().unwrap_or(empty)
             }
         }
+    }
+
+    /// The other watched Tenants claiming `schema`, with their servers (if placed).
+    pub fn schema_rivals(&self, me: &Key, schema: &str) -> Vec<(Key, Option<String>)> {
+        let v = self.views.read().expect("fleet lock");
+        v.live
+            .by_schema
+            .get(schema)
+            .into_iter()
+            .flatten()
+            .filter(|k| *k != me)
+            .map(|k| (k.clone(), v.live.placed.get(k).cloned()))
+            .collect()
     }
 
     /// How many watched Tenants each server holds (`status.server`).

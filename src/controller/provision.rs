@@ -5,7 +5,10 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
-use kube::{runtime::controller::Action, ResourceExt};
+use kube::{
+    runtime::{controller::Action, reflector::ObjectRef},
+    ResourceExt,
+};
 use tracing::{info, Span};
 
 use super::{
@@ -80,10 +83,14 @@ pub(super) async fn apply(tenant: &Tenant, ctx: &Context) -> Report {
     if let Some(report) = super::reconcile::paused(tenant) {
         return report;
     }
+    let mut b = StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now());
+    // Recorded by any status write (a tenant of an operator without servers gets its server
+    // written even when this run stops early).
+    b.status_mut().server = ctx.servers.server_of(tenant);
     let mut run = Run {
         tenant,
         admin: ctx.servers.admin_of(tenant),
-        b: StatusBuilder::new(tenant.status.as_ref(), tenant.metadata.generation, now()),
+        b,
         previous_phase: tenant.status.as_ref().map(|s| s.phase),
         notices: Vec::new(),
         journal: Vec::new(),
@@ -175,7 +182,7 @@ impl Run<'_> {
     /// the default server for a tenant provisioned before servers were recorded, otherwise
     /// one picked by `spec.placement` and written to `status.server` before anything is
     /// created. No server that can take it: condition Placed False, nothing created.
-    async fn place(&mut self, ctx: &Context) -> Result<(), Failure> {
+    async fn place(&mut self, id: &Ident, ctx: &Context) -> Result<(), Failure> {
         let servers = &ctx.servers;
         let placement = self.tenant.spec.placement.clone().unwrap_or_default();
         let key = (
@@ -185,9 +192,42 @@ impl Run<'_> {
         let name = match servers.server_of(self.tenant) {
             Some(name) => name,
             None => {
-                let picked = servers.pick(&key, &placement, ctx.fleet.per_server(), |k| {
-                    ctx.fleet.placed(k).is_some()
-                });
+                // A schema name is one tenant's on every server: another Tenant claiming it
+                // that is placed already, or comes first, keeps it.
+                let rivals = ctx.fleet.schema_rivals(&key, id.as_str());
+                if let Some((rival, on)) = rivals.iter().find(|(k, on)| on.is_some() || *k < key) {
+                    let message = format!(
+                        "schema {id} is claimed by Tenant {}/{}{}; choose another spec.schema",
+                        rival.0,
+                        rival.1,
+                        on.as_ref()
+                            .map(|s| format!(" (on server {s})"))
+                            .unwrap_or_default()
+                    );
+                    return Err(Failure {
+                        mark: Mark::NotReady,
+                        reason: "Conflict",
+                        phase: Phase::Conflict,
+                        event: (self.previous_phase != Some(Phase::Conflict)).then_some(Warning {
+                            reason: "Conflict",
+                            action: "Place",
+                        }),
+                        message,
+                        then: Then::Requeue(REQUEUE_CONFLICT),
+                    });
+                }
+                let picked = servers.pick(
+                    &key,
+                    &placement,
+                    || ctx.fleet.per_server(),
+                    |k| {
+                        ctx.fleet.placed(k).is_some()
+                            || ctx
+                                .fleet
+                                .get(&ObjectRef::<Tenant>::new(&k.1).within(&k.0))
+                                .is_none()
+                    },
+                );
                 let name = match picked {
                     Ok(name) => name,
                     Err(no) => {
@@ -215,7 +255,11 @@ impl Run<'_> {
                 };
                 if let Err(e) = write_placement(self.tenant, &name, ctx).await {
                     servers.unpick(&key);
-                    return Err(Failure::error(condition::ROLE_READY, e));
+                    let mut f = Failure::error(condition::ROLE_READY, e);
+                    // No step condition: a tenant with one counts as worked on before servers
+                    // were recorded (see `Servers::server_of`).
+                    f.mark = Mark::NotReady;
+                    return Err(f);
                 }
                 self.journal.push(Note::normal(
                     "Placed",
@@ -230,16 +274,12 @@ impl Run<'_> {
             let message = format!(
                 "server {name} is not registered (no PostgresServer of that name, or its admin Secret is unusable): see kubectl get postgresserver {name}"
             );
-            self.b.set(
-                condition::PLACED,
-                "False",
-                "ServerUnavailable",
-                message.clone(),
-            );
+            // Everything else stays as it was: a server not seen now (its PostgresServer
+            // deleted, the list failing) takes no tenant out of service.
             return Err(Failure {
-                mark: Mark::NotReady,
+                mark: Mark::Unplaced,
                 reason: "ServerUnavailable",
-                phase: Phase::Provisioning,
+                phase: self.previous_phase.unwrap_or_default(),
                 event: None,
                 message,
                 then: Then::Requeue(REQUEUE_UNPLACED),
@@ -283,7 +323,7 @@ impl Run<'_> {
         };
         let (id, owner, secret_name) = (&plan.ident, &plan.owner, plan.secret_name.as_str());
         Span::current().record("schema", id.as_str());
-        self.place(ctx).await?;
+        self.place(id, ctx).await?;
         self.routing(ctx);
 
         // Fast path: nothing relevant changed since a recent full verification (our own Secret

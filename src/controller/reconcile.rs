@@ -130,6 +130,9 @@ pub(super) enum Mark {
     Refused,
     /// Paused True; everything else keeps what it said (nothing was looked at).
     Paused,
+    /// Placed False; everything else keeps what it said (the tenant's server is not known
+    /// now: its tenant keeps being served as it was).
+    Unplaced,
 }
 
 /// What the controller does after a failure.
@@ -227,6 +230,7 @@ impl Failure {
             Mark::NotReady => b.not_ready(self.reason, self.message, self.phase),
             Mark::Refused => b.refuse(self.reason, self.message),
             Mark::Paused => b.pause(self.message),
+            Mark::Unplaced => b.unplaced(self.reason, self.message),
         }
         Report {
             events,

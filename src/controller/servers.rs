@@ -40,9 +40,11 @@ const POOL: u32 = 4;
 /// One PostgresServer as last looked at.
 #[derive(Clone)]
 struct Known {
-    /// Set once the admin Secret held a URL; kept while the server is unreachable.
+    /// Set once the admin Secret held a URL and the server was prepared; kept while the
+    /// server is unreachable.
     admin: Option<Admin>,
-    url: Option<String>,
+    /// What the admin was made from: the URL, and the host and port given to tenants.
+    made_of: Option<(String, Option<String>, Option<u16>)>,
     labels: BTreeMap<String, String>,
     capacity: Option<u32>,
     ready: bool,
@@ -63,6 +65,7 @@ pub struct Servers {
 }
 
 impl Servers {
+    /// `namespace`: the operator's, where admin Secrets are read.
     pub fn new(default: Admin, default_name: String, namespace: String, selector: String) -> Self {
         Self {
             default_name,
@@ -142,17 +145,18 @@ impl Servers {
     }
 
     /// Picks the server of the new tenant `key` and remembers the pick until the Tenant watch
-    /// shows it (`placed`: what the watch shows for a Tenant). One pick at a time, so that
-    /// Tenants created together spread.
+    /// shows it placed, or gone (`settled`). One pick at a time, the loads read under the same
+    /// lock, so that Tenants created together spread.
     pub fn pick(
         &self,
         key: &Key,
         placement: &PlacementSpec,
-        mut loads: HashMap<String, usize>,
-        placed: impl Fn(&Key) -> bool,
+        loads: impl Fn() -> HashMap<String, usize>,
+        settled: impl Fn(&Key) -> bool,
     ) -> Result<String, NoServer> {
         let mut picks = self.picks.lock().expect("servers lock");
-        picks.retain(|k, _| !placed(k));
+        picks.retain(|k, _| !settled(k));
+        let mut loads = loads();
         if let Some(name) = picks.get(key) {
             return Ok(name.clone());
         }
@@ -248,14 +252,16 @@ impl Servers {
                 return status;
             }
         };
+        let made_of = (url.clone(), ps.spec.host.clone(), ps.spec.port);
         let existing = self
             .known
             .read()
             .expect("servers lock")
             .get(&name)
-            .filter(|k| k.url.as_deref() == Some(url.as_str()))
+            .filter(|k| k.made_of.as_ref() == Some(&made_of))
             .and_then(|k| k.admin.clone());
-        let admin = match existing {
+        let fresh = existing.is_none();
+        let mut admin = match existing {
             Some(a) => a,
             None => match self
                 .default
@@ -280,10 +286,15 @@ impl Servers {
             port: ep.port,
             dbname: ep.dbname.clone(),
         });
-        match self.prepare(&admin).await {
+        // A new admin (a new server, or its Secret, host or port changed) prepares the server
+        // first; then each look is one query.
+        let looked = match fresh {
+            true => self.prepare(&name, &mut admin).await,
+            false => admin.describe().await,
+        };
+        match looked {
             Ok((version, bytes)) => {
-                let fresh = self.admin(&name).is_none();
-                self.set(&name, ps, Some(admin), Some(url), true);
+                self.set(&name, ps, Some(admin), Some(made_of), true);
                 if fresh {
                     info!(server = %name, %version, "PostgreSQL server registered");
                 }
@@ -295,7 +306,10 @@ impl Servers {
                 ready(&mut status, true, "Reachable", msg);
             }
             Err(e) => {
-                self.set(&name, ps, Some(admin), Some(url), false);
+                // An admin never prepared is not kept (the next look prepares it).
+                let keep = (!fresh).then_some(admin);
+                let made = keep.as_ref().map(|_| made_of);
+                self.set(&name, ps, keep, made, false);
                 status.version = previous.version.clone();
                 ready(
                     &mut status,
@@ -308,30 +322,35 @@ impl Servers {
         status
     }
 
-    /// Prepares a server like the default one (public schema locked, gateway role), then
-    /// reads its version and database size.
-    async fn prepare(&self, admin: &Admin) -> Result<(String, i64), sqlx::Error> {
-        let mut a = admin.clone();
-        a.bootstrap().await?;
+    /// Prepares a server like the default one (public schema locked, the gateway role with
+    /// this server's own password), then reads its version and database size.
+    async fn prepare(&self, name: &str, admin: &mut Admin) -> Result<(String, i64), sqlx::Error> {
+        admin.bootstrap().await?;
         let password = self.gateway_password.lock().expect("servers lock").clone();
         if let Some(p) = password {
-            a.ensure_gateway(&p).await?;
+            admin
+                .ensure_gateway(&crate::domain::credentials::server_gateway_password(
+                    &p, name,
+                ))
+                .await?;
         }
-        a.describe().await
+        admin.describe().await
     }
 
+    /// Records what was found. `admin: None` keeps the admin known (a Secret that turned
+    /// unusable, or a server not reachable, leaves its tenants served by the admin they had).
     fn set(
         &self,
         name: &str,
         ps: &PostgresServer,
         admin: Option<Admin>,
-        url: Option<String>,
+        made_of: Option<(String, Option<String>, Option<u16>)>,
         ready: bool,
     ) {
         let mut known = self.known.write().expect("servers lock");
         let entry = known.entry(name.to_string()).or_insert(Known {
             admin: None,
-            url: None,
+            made_of: None,
             labels: BTreeMap::new(),
             capacity: None,
             ready: false,
@@ -341,7 +360,7 @@ impl Servers {
         entry.ready = ready;
         if admin.is_some() {
             entry.admin = admin;
-            entry.url = url;
+            entry.made_of = made_of;
         }
     }
 
@@ -351,10 +370,7 @@ impl Servers {
         ps: &PostgresServer,
     ) -> Result<String, (&'static str, String)> {
         let r = &ps.spec.admin_secret_ref;
-        let ns = r
-            .namespace
-            .clone()
-            .unwrap_or_else(|| self.namespace.clone());
+        let ns = self.namespace.clone();
         let key = r.key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
         let secret = match secrets.get_opt(&r.name).await {

@@ -73,6 +73,22 @@ pub fn derive_jwt_key(platform_key: &[u8], uid: &str) -> String {
     URL_SAFE_NO_PAD.encode(okm)
 }
 
+/// The gateway role's password on server `server` other than the default one: HKDF-SHA256 of
+/// the gateway's password (the default server's), with the server's name as context, as 43
+/// URL-safe base64 characters. The operator sets it, the API derives it from its own login:
+/// what one server learns (a server asking for a cleartext password sees it) opens no other.
+pub fn server_gateway_password(gateway_password: &str, server: &str) -> String {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(
+        Some(b"tenantry.dev/gateway-password"),
+        gateway_password.as_bytes(),
+    );
+    let mut okm = [0u8; 32];
+    hk.expand(format!("v1:{server}").as_bytes(), &mut okm)
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    URL_SAFE_NO_PAD.encode(okm)
+}
+
 /// The keys of every credentials Secret.
 pub const KEYS: [&str; 9] = [
     "host", "port", "dbname", "username", "password", "schema", "uri", "jdbc-uri", "jwt-key",
@@ -369,6 +385,16 @@ pub fn password_digest(identity: &str, password: &str) -> String {
 mod tests {
     use super::*;
     use kube::api::ObjectMeta;
+
+    #[test]
+    fn each_server_has_its_own_gateway_password() {
+        let a = server_gateway_password("secret", "db2");
+        assert_eq!(a.len(), 43);
+        assert_eq!(a, server_gateway_password("secret", "db2"));
+        assert_ne!(a, server_gateway_password("secret", "db3"));
+        assert_ne!(a, server_gateway_password("other", "db2"));
+        assert!(!a.contains("secret"));
+    }
 
     fn tenant() -> Tenant {
         let mut t = Tenant::test("acme").in_namespace("ns");

@@ -43,7 +43,8 @@ pub const SERVER_NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PostgresServerSpec {
-    /// The Secret holding the operator's admin connection URL for this server
+    /// The Secret (in the operator's namespace) holding the operator's admin connection URL
+    /// for this server
     /// (`postgresql://user:password@host:port/dbname?sslmode=...`), with the same privileges
     /// as the operator's `--database-url`: CREATEROLE (a superuser is not needed).
     pub admin_secret_ref: SecretKeyRef,
@@ -72,14 +73,12 @@ pub struct PostgresServerSpec {
     pub kind: ServerKind,
 }
 
-/// Where a Secret's key is.
+/// Where a Secret's key is: a Secret in the operator's own namespace (where namespace users,
+/// who could otherwise swap a server's admin URL, have no say).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
-    /// Namespace of the Secret. Defaults to the operator's namespace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    /// Name of the Secret.
+    /// Name of the Secret, in the operator's namespace.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key holding the connection URL. Default `uri`.

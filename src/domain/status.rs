@@ -121,6 +121,11 @@ impl StatusBuilder {
         self.keep_all_but(condition::SPEC_ACCEPTED, "False", reason, message);
     }
 
+    /// Placed False: the tenant's server is not known now; everything else stays as it was.
+    pub fn unplaced(&mut self, reason: &str, message: impl Into<String>) {
+        self.keep_all_but(condition::PLACED, "False", reason, message);
+    }
+
     /// Paused True: nothing is reconciled, so everything else stays as it was.
     pub fn pause(&mut self, message: impl Into<String>) {
         self.keep_all_but(condition::PAUSED, "True", "ReconcilePaused", message);

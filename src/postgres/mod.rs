@@ -108,6 +108,9 @@ pub struct Admin {
     /// Concurrent sessions each tenant's app role may open (-1: unlimited), so that one
     /// tenant cannot take every connection of the server.
     connection_limit: i32,
+    /// The TLS parameters set over the admin URL's for tenants ([`Admin::with_tenant_tls`]),
+    /// which other servers' admins ([`Admin::sibling`]) set too.
+    tenant_tls: Vec<(String, String)>,
 }
 
 /// Connection options for `url` with statement logging off: DDL carrying password verifiers
@@ -171,6 +174,7 @@ impl Admin {
             gateway: None,
             timeouts,
             connection_limit: DEFAULT_TENANT_CONNECTION_LIMIT,
+            tenant_tls: Vec::new(),
         })
     }
 
@@ -182,6 +186,7 @@ impl Admin {
     ) -> Result<Self, TlsParamError> {
         for (name, value) in params {
             self.endpoint.set_tls_param(name, value)?;
+            self.tenant_tls.push((name.to_string(), value.to_string()));
         }
         Ok(self)
     }
@@ -289,7 +294,7 @@ impl Admin {
     }
 
     /// The admin of another server (`url`), with this one's settings: gateway role, time
-    /// limits, tenants' connection limit.
+    /// limits, tenants' connection limit, the TLS parameters set for tenants.
     pub fn sibling(
         &self,
         url: &str,
@@ -301,6 +306,11 @@ impl Admin {
         admin.gateway = self.gateway.clone();
         admin.timeouts = self.timeouts;
         admin.connection_limit = self.connection_limit;
+        for (name, value) in &self.tenant_tls {
+            // Checked when this admin took them.
+            let _ = admin.endpoint.set_tls_param(name, value);
+        }
+        admin.tenant_tls = self.tenant_tls.clone();
         Ok(admin)
     }
 

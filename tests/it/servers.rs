@@ -15,12 +15,12 @@ use kube::{
 use serde_json::json;
 use sqlx::PgPool;
 use tenantry::domain::{
-    crd::Tenant,
+    crd::{Phase, Tenant},
     server::{LabelSelector, PlacementSpec, PostgresServer, PostgresServerSpec, SecretKeyRef},
 };
 
 use crate::{
-    api::{token, wait_routable, Api},
+    api::{gateway_uri, token, wait_routable, Api},
     common::*,
 };
 
@@ -80,7 +80,6 @@ async fn register(
         },
         spec: PostgresServerSpec {
             admin_secret_ref: SecretKeyRef {
-                namespace: Some(ns.name.clone()),
                 name: format!("{name}-admin"),
                 key: None,
             },
@@ -311,6 +310,55 @@ async fn tenants_spread_over_servers_and_each_lives_on_its_own() {
         events(&ns, "lost").await
     );
 
+    // A schema name is one tenant's across servers: a Tenant claiming another's is refused
+    // before it is placed, whatever server it asks for.
+    let (taken_by, taken_on) = where_.iter().find(|(_, s)| **s == s2.name).unwrap();
+    let mut dup = with_placement(Tenant::test("dup"), Some(&s3.name), &[]);
+    dup.spec.schema = Some(ns.schema(taken_by));
+    ns.create(dup).await;
+    let dup = wait_tenant(&ns, "dup", "Conflict", |t| {
+        t.status
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Conflict)
+    })
+    .await;
+    let ready = dup.condition("Ready").unwrap();
+    assert!(
+        ready.message.contains(&format!("{}/{taken_by}", ns.name))
+            && ready.message.contains(taken_on.as_str()),
+        "{ready:?}"
+    );
+    assert_eq!(placed(&dup), None);
+    assert!(!schema_on(&s3.pg, &ns.schema(taken_by)).await);
+
+    // Each server's gateway role has its own password: the default server's opens no other.
+    let gateway = gateway_uri(&ns).await;
+    let port = |url: &str| {
+        url.rsplit_once(':')
+            .unwrap()
+            .1
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let on_s2 = gateway.replace(
+        &format!(":{}/", port(&gateway)),
+        &format!(":{}/", port(&s2.server.url)),
+    );
+    let refused = <sqlx::PgConnection as sqlx::Connection>::connect(&on_s2).await;
+    assert!(
+        refused
+            .as_ref()
+            .err()
+            .and_then(|e| e.as_database_error())
+            .and_then(|e| e.code())
+            .as_deref()
+            == Some("28P01"),
+        "the default server's gateway password logs in on another server: {:?}",
+        refused.map(|_| ())
+    );
+
     // A full server is skipped: with none left, nothing is created until there is room.
     let s2_now = count[&s2.name] as u32 + 1;
     servers(&ns)
@@ -385,6 +433,16 @@ async fn tenants_spread_over_servers_and_each_lives_on_its_own() {
         .await
         .unwrap();
         assert_eq!(stored, 1, "{n} stored on {server}");
+    }
+    // One pool per server, each in the metrics.
+    let (_, metrics) = api.scrape().await;
+    for server in ["default", s2.name.as_str(), s3.name.as_str()] {
+        assert!(
+            metrics.contains(&format!(
+                "tenantry_api_pool_connections{{state=\"idle\",server=\"{server}\"}}"
+            )),
+            "{metrics}"
+        );
     }
     // ...and an API for its own server only refuses the others' tenants.
     let own_only = Api::start(&ns, Some(&ns.name)).await;
