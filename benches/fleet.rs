@@ -111,7 +111,7 @@ impl Operator {
         Self::start_live(
             stack,
             client,
-            ns,
+            &[ns],
             concurrency,
             concurrency as u32,
             migrations,
@@ -120,12 +120,13 @@ impl Operator {
         .await
     }
 
-    /// An operator with `connections` admin connections, watching `source` when given and
-    /// reporting on the TenantRollout `tenantry` of `ns`.
+    /// An operator with `connections` admin connections watching the Tenants of `namespaces`
+    /// (its own is the first), watching `source` when given and reporting on the
+    /// TenantRollout `tenantry` of its namespace.
     async fn start_live(
         stack: &Stack,
         client: &Client,
-        ns: &str,
+        namespaces: &[&str],
         concurrency: u16,
         connections: u32,
         migrations: MigrationSet,
@@ -135,8 +136,9 @@ impl Operator {
         let admin = Admin::new(&stack.database_url, connections, None, None)
             .unwrap()
             .with_gateway(Some(gw));
+        let ns = namespaces[0];
         let settings = Settings {
-            namespaces: vec![ns.into()],
+            namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
             concurrency,
             health_addr: "127.0.0.1:0".parse().unwrap(),
             gateway_secret: Some((ns.into(), "tenantry-gateway".into())),
@@ -161,59 +163,6 @@ impl Operator {
             controller::run(c, admin, migrations, settings, m, async move {
                 let _ = rx.await;
             })
-            .await
-            .unwrap();
-        });
-        Self {
-            stop: Some(tx),
-            task,
-            metrics,
-        }
-    }
-
-    /// An operator watching the Tenants of several namespaces.
-    async fn start_watching(
-        stack: &Stack,
-        client: &Client,
-        namespaces: &[&str],
-        concurrency: u16,
-    ) -> Self {
-        let gw = Ident::parse_role("bench_gateway").unwrap();
-        let admin = Admin::new(&stack.database_url, concurrency as u32, None, None)
-            .unwrap()
-            .with_gateway(Some(gw));
-        let ns = namespaces[0];
-        let settings = Settings {
-            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
-            concurrency,
-            health_addr: "127.0.0.1:0".parse().unwrap(),
-            gateway_secret: Some((ns.into(), "tenantry-gateway".into())),
-            signing_key: (ns.into(), "tenantry-signing-key".into()),
-            base_domain: None,
-            leader: None,
-            rollout: Default::default(),
-            usage_interval: std::time::Duration::from_secs(60),
-            drift_interval: Duration::ZERO,
-            resync: tenantry::controller::RESYNC,
-            rollout_object: None,
-            migration_source: None,
-            default_server: "default".into(),
-            server_selector: String::new(),
-        };
-        let (tx, rx) = oneshot::channel::<()>();
-        let metrics = Metrics::default();
-        let (c, m) = (client.clone(), metrics.clone());
-        let task = tokio::spawn(async move {
-            controller::run(
-                c,
-                admin,
-                MigrationSet::embedded(),
-                settings,
-                m,
-                async move {
-                    let _ = rx.await;
-                },
-            )
             .await
             .unwrap();
         });
@@ -435,7 +384,7 @@ async fn migrate(stack: &Stack, n: usize, conc: u16) -> Vec<String> {
     let op = Operator::start_live(
         stack,
         &client,
-        &ns,
+        &[&ns],
         conc,
         connections as u32,
         MigrationSet::embedded(),
@@ -662,7 +611,16 @@ async fn placement(stack: &Stack, n: usize, conc: u16) -> Vec<String> {
         ps.metadata.labels = None;
         ps_api.create(&PostParams::default(), &ps).await.unwrap();
     }
-    let op = Operator::start_watching(stack, &client, &[spread, single], conc).await;
+    let op = Operator::start_live(
+        stack,
+        &client,
+        &[spread, single],
+        conc,
+        conc as u32,
+        MigrationSet::embedded(),
+        None,
+    )
+    .await;
     // Both servers registered (Ready) before the first Tenant.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

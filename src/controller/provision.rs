@@ -193,11 +193,22 @@ impl Run<'_> {
             Some(name) => name,
             None => {
                 // A schema name is one tenant's on every server: another Tenant claiming it
-                // that is placed already, or comes first, keeps it.
+                // that is placed already, or comes first (and is neither invalid nor being
+                // deleted), keeps it.
                 let rivals = ctx.fleet.schema_rivals(&key, id.as_str());
-                if let Some((rival, on)) = rivals.iter().find(|(k, on)| on.is_some() || *k < key) {
+                let first = |k: &crate::domain::routing::Key| {
+                    *k < key
+                        && ctx
+                            .fleet
+                            .get(&ObjectRef::<Tenant>::new(&k.1).within(&k.0))
+                            .is_some_and(|t| {
+                                t.metadata.deletion_timestamp.is_none()
+                                    && t.status.as_ref().map(|s| s.phase) != Some(Phase::Invalid)
+                            })
+                };
+                if let Some((rival, on)) = rivals.iter().find(|(k, on)| on.is_some() || first(k)) {
                     let message = format!(
-                        "schema {id} is claimed by Tenant {}/{}{}; choose another spec.schema",
+                        "schema {id} belongs to Tenant {}/{}{}; choose another spec.schema",
                         rival.0,
                         rival.1,
                         on.as_ref()

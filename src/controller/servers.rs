@@ -34,8 +34,6 @@ use crate::{
 
 /// How often the leader looks at every PostgresServer.
 pub const REFRESH: Duration = Duration::from_secs(5);
-/// Connections of each PostgresServer's admin pool.
-const POOL: u32 = 4;
 
 /// One PostgresServer as last looked at.
 #[derive(Clone)]
@@ -265,8 +263,14 @@ impl Servers {
             Some(a) => a,
             None => match self
                 .default
-                .sibling(&url, POOL, ps.spec.host.clone(), ps.spec.port)
-            {
+                // As many connections as the default server's admin: a rollout runs as many
+                // migrations at once on each server.
+                .sibling(
+                    &url,
+                    self.default.pool_size(),
+                    ps.spec.host.clone(),
+                    ps.spec.port,
+                ) {
                 Ok(a) => a,
                 Err(e) => {
                     self.set(&name, ps, None, None, false);

@@ -285,6 +285,25 @@ async fn tenants_spread_over_servers_and_each_lives_on_its_own() {
         Some(s2.name.clone())
     );
 
+    // A placement changed later moves nothing: reported, and the tenant keeps serving.
+    ns.tenants()
+        .patch(
+            "named",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"placement": {"server": s2.name}}})),
+        )
+        .await
+        .unwrap();
+    let named = wait_tenant(&ns, "named", "Placed=False", |t| {
+        t.condition("Placed").is_some_and(|c| c.status == "False")
+    })
+    .await;
+    let c = named.condition("Placed").unwrap();
+    assert_eq!(c.reason, "PlacementChanged", "{c:?}");
+    assert!(c.message.contains(&s3.name), "{}", c.message);
+    assert_eq!(placed(&named), Some(s3.name.clone()));
+    assert_eq!(named.condition("Ready").unwrap().status, "True");
+
     // A server nobody registered: a clear condition, nothing created anywhere.
     ns.create(with_placement(Tenant::test("lost"), Some("nowhere"), &[]))
         .await;

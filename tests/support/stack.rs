@@ -25,16 +25,7 @@ impl Stack {
             .dir
             .as_ref()
             .expect("only a stack started by this process can be stopped and started");
-        let out = Command::new(repo().join("scripts/stack.sh"))
-            .arg(command)
-            .arg(dir)
-            .output()
-            .expect("running scripts/stack.sh");
-        assert!(
-            out.status.success(),
-            "scripts/stack.sh {command} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        script(command, dir);
     }
 
     /// Stops PostgreSQL in immediate mode: every session is cut, nothing is checkpointed.
@@ -97,6 +88,21 @@ pub fn start(prefix: &str) -> Stack {
     }
 }
 
+/// Runs `scripts/stack.sh COMMAND DIR` to completion.
+#[allow(dead_code)] // used by the integration tests, not by the benchmarks
+fn script(command: &str, dir: &Path) {
+    let out = Command::new(repo().join("scripts/stack.sh"))
+        .arg(command)
+        .arg(dir)
+        .output()
+        .expect("running scripts/stack.sh");
+    assert!(
+        out.status.success(),
+        "scripts/stack.sh {command} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Another PostgreSQL server, in its own temporary directory, stopped when this process exits.
 #[allow(dead_code)] // used by the integration tests, not by the benchmarks
 pub struct Server {
@@ -140,16 +146,7 @@ impl Server {
     }
 
     fn script(&self, command: &str) {
-        let out = Command::new(repo().join("scripts/stack.sh"))
-            .arg(command)
-            .arg(&self.dir)
-            .output()
-            .expect("running scripts/stack.sh");
-        assert!(
-            out.status.success(),
-            "scripts/stack.sh {command} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        script(command, &self.dir);
     }
 
     /// Stops it in immediate mode (every session cut).
