@@ -219,6 +219,17 @@ impl Context {
             .insert(uid, verified);
     }
 
+    /// Whether this process ever found `tenant` Ready (its status as read now may predate that:
+    /// the watch brings our own status writes a little after the next reconcile may start).
+    pub(super) fn verified_once(&self, tenant: &Tenant) -> bool {
+        tenant.uid().is_some_and(|uid| {
+            self.verified
+                .lock()
+                .expect("verified lock")
+                .contains_key(&uid)
+        })
+    }
+
     /// When `tenant` was fully verified recently and nothing it depends on changed since (spec
     /// generation, its Secret, the migration set, its status), the time left until a full
     /// check is due again. `b` holds the Routable condition computed just now.

@@ -92,6 +92,7 @@ pub(super) async fn apply(tenant: &Tenant, ctx: &Context) -> Report {
         admin: ctx.servers.admin_of(tenant),
         b,
         previous_phase: tenant.status.as_ref().map(|s| s.phase),
+        seen_ready: ctx.verified_once(tenant),
         notices: Vec::new(),
         journal: Vec::new(),
         resync: ctx.resync,
@@ -108,6 +109,8 @@ struct Run<'t> {
     admin: Option<Admin>,
     b: StatusBuilder,
     previous_phase: Option<Phase>,
+    /// This process found the tenant Ready before (whatever the status read now says).
+    seen_ready: bool,
     /// Events about the Tenant as a whole (routing, rollout), published first.
     notices: Vec<Note>,
     /// Steps taken: published as one `Provisioned` Event on first provisioning, or one Event
@@ -1758,7 +1761,7 @@ impl Run<'_> {
                     id.as_str()
                 ),
             ));
-        } else if self.previous_phase != Some(Phase::Ready) {
+        } else if self.previous_phase != Some(Phase::Ready) && !self.seen_ready {
             info!(schema = id.as_str(), "tenant provisioned");
             let steps = self
                 .journal
