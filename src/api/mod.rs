@@ -28,6 +28,6 @@ pub use handlers::ALL_ROWS_HEADER;
 pub use observe::ApiMetrics;
 pub use pool::Pool;
 pub use router::{ops_router, router, serve, serve_ops};
-pub use servers::{at_endpoint, ServerPools};
+pub use servers::ServerPools;
 pub use state::AppState;
 pub use tenant::TenantRequest;

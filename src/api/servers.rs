@@ -17,7 +17,7 @@ use std::{
 use kube::{Api, Client};
 
 use super::{
-    config::{connect, ConnectError, PoolConfig},
+    config::{connect, PoolConfig},
     error::ApiError,
     pool::Pool,
 };
@@ -141,10 +141,7 @@ impl ServerPools {
             .map_err(|e| format!("server {name:?}: {e}"))?;
         let pool = connect(&url, self.cfg, self.allow_privileged)
             .await
-            .map_err(|e| match e {
-                ConnectError::PrivilegedRole { .. } => format!("server {name:?}: {e}"),
-                e => format!("server {name:?}: {e}"),
-            })?;
+            .map_err(|e| format!("server {name:?}: {e}"))?;
         tracing::info!(server = name, host = %ep.host, port = ep.port, "opened the pool of another server");
         self.open
             .write()

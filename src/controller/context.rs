@@ -31,7 +31,7 @@ use crate::{
         crd::{condition, Phase, Tenant},
         status::StatusBuilder,
     },
-    postgres::{migrations::MigrationSet, Admin},
+    postgres::migrations::MigrationSet,
     telemetry::Metrics,
 };
 
@@ -52,9 +52,7 @@ const VERIFIED_FOR: Duration = Duration::from_secs(300);
 /// Shared state of all reconciles.
 pub struct Context {
     pub client: Client,
-    /// The default server's admin (the operator's `--database-url`).
-    pub admin: Admin,
-    /// Every server tenants are placed on, the default one included.
+    /// Every server tenants are placed on, the default one (`--database-url`) included.
     pub servers: super::servers::Servers,
     /// The migration set in force: replaced whole when the source's set changes and is
     /// accepted (see [`super::live`]). Read it once per step with [`Context::migrations`].
@@ -90,7 +88,6 @@ impl Context {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
-        admin: Admin,
         migrations: MigrationSet,
         metrics: Metrics,
         store: reflector::Store<Tenant>,
@@ -109,7 +106,6 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            admin,
             servers,
             rollout: Rollout::new(rollout, migrations.latest()),
             migrations: std::sync::RwLock::new(Arc::new(migrations)),

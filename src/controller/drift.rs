@@ -126,7 +126,7 @@ impl Context {
             }
         }
         let started = Instant::now();
-        match self.admin.build_references(set).await {
+        match self.servers.default_admin().build_references(set).await {
             Ok(refs) => {
                 let took = started.elapsed();
                 self.metrics.set_drift_reference(took);

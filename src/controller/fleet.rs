@@ -248,6 +248,11 @@ impl Fleet {
             .clone()
     }
 
+    /// The watched Tenant of `key` (namespace, name).
+    pub fn get_key(&self, key: &Key) -> Option<std::sync::Arc<Tenant>> {
+        self.get(&ObjectRef::new(&key.1).within(&key.0))
+    }
+
     /// Whether the watch shows `tenant` placed (on any server).
     pub fn placed(&self, tenant: &Key) -> Option<String> {
         self.views

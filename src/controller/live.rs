@@ -909,7 +909,7 @@ async fn execute(
     }
     info!(target = ?target, tenants = behind, "rollout started");
     let started = Instant::now();
-    let conc = ctx.admin.pool_size().max(1) as usize;
+    let conc = ctx.servers.default_admin().pool_size().max(1) as usize;
     let mut retry: BinaryHeap<std::cmp::Reverse<(Instant, u64, usize)>> = BinaryHeap::new();
     let mut retry_items: HashMap<u64, (Target, u32)> = HashMap::new();
     let mut seq = 0u64;

@@ -5,10 +5,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
-use kube::{
-    runtime::{controller::Action, reflector::ObjectRef},
-    ResourceExt,
-};
+use kube::{runtime::controller::Action, ResourceExt};
 use tracing::{info, Span};
 
 use super::{
@@ -31,6 +28,7 @@ use crate::{
         naming::{quote_literal, Ident},
         plan::{self, Plan},
         rotation, scram,
+        server::PlacementSpec,
         state::{Holder, Observed, Owner},
         status::StatusBuilder,
     },
@@ -47,24 +45,13 @@ const REQUEUE_UNPLACED: Duration = Duration::from_secs(15);
 /// Writes `status.server` on its own, before anything is created on the server (a crash
 /// right after must not let the next reconcile pick another one).
 async fn write_placement(tenant: &Tenant, server: &str, ctx: &Context) -> Result<(), Error> {
-    let api: kube::Api<Tenant> =
-        kube::Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": <Tenant as kube::Resource>::api_version(&()),
-        "kind": <Tenant as kube::Resource>::kind(&()),
-        "status": { "server": server },
-    });
-    api.patch_status(
-        &tenant.name_any(),
-        &kube::api::PatchParams::apply(PLACEMENT_MANAGER).force(),
-        &kube::api::Patch::Apply(patch),
+    super::reconcile::apply_status(
+        tenant,
+        serde_json::json!({ "server": server }),
+        PLACEMENT_MANAGER,
+        ctx,
     )
     .await
-    .map_err(|source| Error::Kube {
-        stage: Stage::Status,
-        source,
-    })?;
-    Ok(())
 }
 
 /// Field manager of the placement write (the status's other fields are the reconcile's).
@@ -187,7 +174,8 @@ impl Run<'_> {
     /// created. No server that can take it: condition Placed False, nothing created.
     async fn place(&mut self, id: &Ident, ctx: &Context) -> Result<(), Failure> {
         let servers = &ctx.servers;
-        let placement = self.tenant.spec.placement.clone().unwrap_or_default();
+        let default = PlacementSpec::default();
+        let placement = self.tenant.spec.placement.as_ref().unwrap_or(&default);
         let key = (
             self.tenant.namespace().unwrap_or_default(),
             self.tenant.name_any(),
@@ -201,13 +189,10 @@ impl Run<'_> {
                 let rivals = ctx.fleet.schema_rivals(&key, id.as_str());
                 let first = |k: &crate::domain::routing::Key| {
                     *k < key
-                        && ctx
-                            .fleet
-                            .get(&ObjectRef::<Tenant>::new(&k.1).within(&k.0))
-                            .is_some_and(|t| {
-                                t.metadata.deletion_timestamp.is_none()
-                                    && t.status.as_ref().map(|s| s.phase) != Some(Phase::Invalid)
-                            })
+                        && ctx.fleet.get_key(k).is_some_and(|t| {
+                            t.metadata.deletion_timestamp.is_none()
+                                && t.status.as_ref().map(|s| s.phase) != Some(Phase::Invalid)
+                        })
                 };
                 if let Some((rival, on)) = rivals.iter().find(|(k, on)| on.is_some() || first(k)) {
                     let message = format!(
@@ -232,15 +217,9 @@ impl Run<'_> {
                 }
                 let picked = servers.pick(
                     &key,
-                    &placement,
+                    placement,
                     || ctx.fleet.per_server(),
-                    |k| {
-                        ctx.fleet.placed(k).is_some()
-                            || ctx
-                                .fleet
-                                .get(&ObjectRef::<Tenant>::new(&k.1).within(&k.0))
-                                .is_none()
-                    },
+                    |k| ctx.fleet.placed(k).is_some() || ctx.fleet.get_key(k).is_none(),
                 );
                 let name = match picked {
                     Ok(name) => name,
@@ -284,7 +263,8 @@ impl Run<'_> {
             }
         };
         self.b.status_mut().server = Some(name.clone());
-        let Some(admin) = servers.admin(&name) else {
+        // Found when the run began for a tenant placed before it.
+        let Some(admin) = self.admin.take().or_else(|| servers.admin(&name)) else {
             let message = format!(
                 "server {name} is not registered (no PostgresServer of that name, or its admin Secret is unusable): see kubectl get postgresserver {name}"
             );
@@ -300,8 +280,7 @@ impl Run<'_> {
             });
         };
         self.admin = Some(admin);
-        let on = servers.candidate(&name, &ctx.fleet.per_server());
-        if on.is_some_and(|c| !crate::domain::server::satisfies(&placement, &c)) {
+        if servers.satisfies(&name, placement) == Some(false) {
             self.b.set(
                 condition::PLACED,
                 "False",

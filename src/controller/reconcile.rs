@@ -370,6 +370,18 @@ async fn write_status(tenant: &Tenant, status: TenantStatus, ctx: &Context) -> R
     if tenant.status.as_ref() == Some(&status) {
         return Ok(());
     }
+    let status = serde_json::to_value(status).expect("a status serializes");
+    apply_status(tenant, status, FIELD_MANAGER, ctx).await
+}
+
+/// Writes `status` (all of it, or some fields) by server-side apply as field manager
+/// `manager`.
+pub(super) async fn apply_status(
+    tenant: &Tenant,
+    status: serde_json::Value,
+    manager: &str,
+    ctx: &Context,
+) -> Result<(), Error> {
     let api: Api<Tenant> =
         Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
     let patch = json!({
@@ -379,7 +391,7 @@ async fn write_status(tenant: &Tenant, status: TenantStatus, ctx: &Context) -> R
     });
     api.patch_status(
         &tenant.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
+        &PatchParams::apply(manager).force(),
         &Patch::Apply(patch),
     )
     .await

@@ -259,10 +259,8 @@ pub async fn run(
         ),
     )
     .touched_objects();
-    let admin_for_servers = admin.clone();
     let ctx = Arc::new(Context::new(
         client,
-        admin,
         migrations,
         metrics,
         reader.clone(),
@@ -273,7 +271,7 @@ pub async fn run(
         platform_key,
         settings.resync,
         super::servers::Servers::new(
-            admin_for_servers,
+            admin,
             settings.default_server.clone(),
             settings.signing_key.0.clone(),
             settings.server_selector.clone(),

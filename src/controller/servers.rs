@@ -137,9 +137,19 @@ impl Servers {
         out
     }
 
-    /// The server `name` as placement sees it, if registered.
-    pub fn candidate(&self, name: &str, loads: &HashMap<String, usize>) -> Option<Candidate> {
-        self.candidates(loads).into_iter().find(|c| c.name == name)
+    /// Whether server `name` still satisfies `placement` (`None`: not registered). Asked by
+    /// every reconcile: no copy of the fleet's counts, one read lock at most.
+    pub fn satisfies(&self, name: &str, placement: &PlacementSpec) -> Option<bool> {
+        if placement.is_default() {
+            return Some(true);
+        }
+        if name == self.default_name {
+            return Some(server::satisfies(placement, name, &BTreeMap::new()));
+        }
+        let known = self.known.read().expect("servers lock");
+        known
+            .get(name)
+            .map(|k| server::satisfies(placement, name, &k.labels))
     }
 
     /// Picks the server of the new tenant `key` and remembers the pick until the Tenant watch

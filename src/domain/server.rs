@@ -303,14 +303,14 @@ pub fn pick(placement: &PlacementSpec, servers: &[Candidate]) -> Result<String, 
         })
 }
 
-/// Whether a tenant on `server` still satisfies `placement` (a changed placement asks for a
-/// move).
-pub fn satisfies(placement: &PlacementSpec, server: &Candidate) -> bool {
-    placement.server.as_ref().is_none_or(|n| *n == server.name)
+/// Whether a tenant on server `name` (with `labels`) still satisfies `placement` (a changed
+/// placement asks for a move).
+pub fn satisfies(placement: &PlacementSpec, name: &str, labels: &BTreeMap<String, String>) -> bool {
+    placement.server.as_ref().is_none_or(|n| n == name)
         && placement
             .selector
             .as_ref()
-            .is_none_or(|sel| matches(sel, &server.labels).unwrap_or(false))
+            .is_none_or(|sel| matches(sel, labels).unwrap_or(false))
 }
 
 #[cfg(test)]
@@ -396,7 +396,8 @@ mod tests {
             }),
         };
         assert_eq!(pick(&eu_shared, &servers).unwrap(), "eu-1");
-        assert!(satisfies(&eu_shared, &servers[1]) && !satisfies(&eu_shared, &servers[2]));
+        let fits = |s: &Candidate| satisfies(&eu_shared, &s.name, &s.labels);
+        assert!(fits(&servers[1]) && !fits(&servers[2]));
         let none = PlacementSpec {
             server: None,
             selector: Some(LabelSelector {

@@ -62,25 +62,14 @@ pub fn start(prefix: &str) -> Stack {
         .tempdir()
         .expect("temp dir")
         .keep();
-    let out = Command::new(repo().join("scripts/stack.sh"))
-        .arg("start")
-        .arg(&dir)
-        .arg("--watch-pid")
-        .arg(std::process::id().to_string())
-        .output()
-        .expect("running scripts/stack.sh");
-    assert!(
-        out.status.success(),
-        "scripts/stack.sh start failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("stack.sh printed no {k}"))
-            .to_string()
-    };
+    let pid = std::process::id().to_string();
+    let text = stack_sh(&[
+        "start".as_ref(),
+        dir.as_os_str(),
+        "--watch-pid".as_ref(),
+        pid.as_ref(),
+    ]);
+    let get = |k: &str| env_value(&text, k);
     Stack {
         database_url: get("DATABASE_URL"),
         kubeconfig: get("KUBECONFIG").into(),
@@ -88,19 +77,32 @@ pub fn start(prefix: &str) -> Stack {
     }
 }
 
-/// Runs `scripts/stack.sh COMMAND DIR` to completion.
-#[allow(dead_code)] // used by the integration tests, not by the benchmarks
-fn script(command: &str, dir: &Path) {
+/// Runs `scripts/stack.sh` with `args` to completion; returns what it printed.
+fn stack_sh(args: &[&std::ffi::OsStr]) -> String {
     let out = Command::new(repo().join("scripts/stack.sh"))
-        .arg(command)
-        .arg(dir)
+        .args(args)
         .output()
         .expect("running scripts/stack.sh");
     assert!(
         out.status.success(),
-        "scripts/stack.sh {command} failed:\n{}",
+        "scripts/stack.sh {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of `KEY=value` in what `stack.sh` printed.
+fn env_value(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("stack.sh printed no {key}"))
+        .to_string()
+}
+
+/// Runs `scripts/stack.sh COMMAND DIR` to completion.
+#[allow(dead_code)] // used by the integration tests, not by the benchmarks
+fn script(command: &str, dir: &Path) {
+    stack_sh(&[command.as_ref(), dir.as_os_str()]);
 }
 
 /// Another PostgreSQL server, in its own temporary directory, stopped when this process exits.
@@ -120,25 +122,15 @@ impl Server {
             .tempdir()
             .expect("temp dir")
             .keep();
-        let out = Command::new(repo().join("scripts/stack.sh"))
-            .arg("start-server")
-            .arg(&dir)
-            .arg(name)
-            .arg("--watch-pid")
-            .arg(std::process::id().to_string())
-            .output()
-            .expect("running scripts/stack.sh");
-        assert!(
-            out.status.success(),
-            "scripts/stack.sh start-server failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let url = text
-            .lines()
-            .find_map(|l| l.strip_prefix("DATABASE_URL="))
-            .expect("stack.sh printed no DATABASE_URL")
-            .to_string();
+        let pid = std::process::id().to_string();
+        let text = stack_sh(&[
+            "start-server".as_ref(),
+            dir.as_os_str(),
+            name.as_ref(),
+            "--watch-pid".as_ref(),
+            pid.as_ref(),
+        ]);
+        let url = env_value(&text, "DATABASE_URL");
         Self {
             url,
             dir: dir.join("servers").join(name),
